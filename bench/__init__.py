@@ -1,0 +1,1 @@
+"""lorafn bench package."""
