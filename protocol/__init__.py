@@ -1,1 +1,1 @@
-"""lorafn protocol package."""
+"""The wire contract of lorafn: NATS subjects, stream definitions, messages and error codes."""

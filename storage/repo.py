@@ -1,0 +1,406 @@
+"""Every SQL statement of lorafn. Keyword-only async functions over an AsyncSession; callers own the
+transaction (`async with session.begin():`). Routes and handlers never build queries."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import selectinload
+
+from storage.errors import AlreadyExists, NotFound
+from storage.models import (
+    Adapter,
+    AdapterVersion,
+    ApiKey,
+    DemandBucket,
+    Invocation,
+    InvocationStatus,
+    Residency,
+    Tenant,
+    Tier,
+    VersionStatus,
+    Worker,
+)
+from storage.settings import DatabaseSettings
+
+API_KEY_PREFIX = "lfn_"
+
+
+def create_engine(settings: DatabaseSettings) -> AsyncEngine:
+    """The process's async engine (created in main/lifespan, disposed on exit)."""
+    return create_async_engine(settings.url, pool_size=settings.pool_size, pool_pre_ping=True)
+
+
+def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return async_sessionmaker(engine, expire_on_commit=False)
+
+
+# -- tenants and keys ------------------------------------------------------------------------------
+
+
+async def create_tenant(session: AsyncSession, *, name: str) -> Tenant:
+    """Create a tenant; AlreadyExists if the name is taken."""
+    if await get_tenant(session, name=name, missing_ok=True) is not None:
+        raise AlreadyExists("tenant", name)
+    tenant = Tenant(name=name)
+    session.add(tenant)
+    await session.flush()
+    return tenant
+
+
+async def get_or_create_tenant(session: AsyncSession, *, name: str) -> Tenant:
+    """The tenant called `name`, created if new (race-free)."""
+    await session.execute(insert(Tenant).values(id=uuid.uuid4(), name=name).on_conflict_do_nothing())
+    tenant = await get_tenant(session, name=name)
+    assert tenant is not None
+    return tenant
+
+
+async def get_tenant(session: AsyncSession, *, name: str, missing_ok: bool = False) -> Tenant | None:
+    """The tenant called `name`; NotFound unless missing_ok."""
+    tenant = await session.scalar(select(Tenant).where(Tenant.name == name))
+    if tenant is None and not missing_ok:
+        raise NotFound("tenant", name)
+    return tenant
+
+
+def hash_api_key(key: str) -> str:
+    """Keys are 192-bit random tokens, so one round of SHA-256 is enough (no password stretching)."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+async def create_api_key(session: AsyncSession, *, tenant: Tenant, label: str | None = None) -> str:
+    """Make a new key for `tenant` and return it in clear; only its hash is stored."""
+    prefix = secrets.token_hex(6)
+    key = f"{API_KEY_PREFIX}{prefix}_{secrets.token_urlsafe(24)}"
+    session.add(ApiKey(tenant_id=tenant.id, prefix=prefix, key_hash=hash_api_key(key), label=label))
+    await session.flush()
+    return key
+
+
+async def authenticate(session: AsyncSession, *, key: str) -> Tenant | None:
+    """The tenant a key belongs to, or None for an unknown, malformed or revoked key."""
+    if not key.startswith(API_KEY_PREFIX):
+        return None
+    prefix, _, _ = key[len(API_KEY_PREFIX) :].partition("_")
+    row = await session.scalar(
+        select(ApiKey).options(selectinload(ApiKey.tenant)).where(ApiKey.prefix == prefix, ApiKey.revoked_at.is_(None))
+    )
+    if row is None or not hmac.compare_digest(row.key_hash, hash_api_key(key)):
+        return None
+    return row.tenant
+
+
+async def revoke_api_key(session: AsyncSession, *, key: str) -> bool:
+    """Revoke a key; True if it existed and was active."""
+    prefix = key[len(API_KEY_PREFIX) :].partition("_")[0] if key.startswith(API_KEY_PREFIX) else ""
+    result = await session.execute(
+        update(ApiKey)
+        .where(ApiKey.prefix == prefix, ApiKey.key_hash == hash_api_key(key), ApiKey.revoked_at.is_(None))
+        .values(revoked_at=func.now())
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+# -- adapters and versions -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VersionFacts:
+    """What the registry records about a validated adapter version."""
+
+    sha256: str
+    max_rank: int
+    ranks: dict[str, int]
+    lora_alpha: float
+    use_rslora: bool
+    target_modules: list[str]
+    num_layers: int
+    base_model: str | None
+    dtype: str
+    bytes: int
+    object_key: str
+
+
+async def register_version(
+    session: AsyncSession, *, tenant: Tenant, name: str, facts: VersionFacts
+) -> tuple[Adapter, AdapterVersion, bool]:
+    """Create the adapter if new, its version if new, and make the version current.
+
+    Returns (adapter, version, created) where created is False when this exact content was already a
+    version of the adapter (re-upload is idempotent).
+    """
+    await session.execute(
+        insert(Adapter).values(id=uuid.uuid4(), tenant_id=tenant.id, name=name).on_conflict_do_nothing()
+    )
+    adapter = await session.scalar(
+        select(Adapter).where(Adapter.tenant_id == tenant.id, Adapter.name == name).with_for_update()
+    )
+    assert adapter is not None
+    version = await session.scalar(
+        select(AdapterVersion).where(AdapterVersion.adapter_id == adapter.id, AdapterVersion.sha256 == facts.sha256)
+    )
+    created = version is None
+    if version is None:
+        version = AdapterVersion(
+            adapter_id=adapter.id,
+            sha256=facts.sha256,
+            max_rank=facts.max_rank,
+            ranks=facts.ranks,
+            lora_alpha=facts.lora_alpha,
+            use_rslora=facts.use_rslora,
+            target_modules=facts.target_modules,
+            num_layers=facts.num_layers,
+            base_model=facts.base_model,
+            dtype=facts.dtype,
+            bytes=facts.bytes,
+            object_key=facts.object_key,
+            status=VersionStatus.ready,
+        )
+        session.add(version)
+        await session.flush()
+    adapter.current_version_id = version.id
+    await session.flush()
+    return adapter, version, created
+
+
+async def get_adapter(session: AsyncSession, *, tenant: Tenant, name: str) -> Adapter:
+    """A tenant's adapter with its current version loaded; NotFound otherwise."""
+    adapter = await session.scalar(
+        select(Adapter)
+        .options(selectinload(Adapter.current_version))
+        .where(Adapter.tenant_id == tenant.id, Adapter.name == name)
+    )
+    if adapter is None:
+        raise NotFound("adapter", f"{tenant.name}/{name}")
+    return adapter
+
+
+async def list_adapters(session: AsyncSession, *, tenant: Tenant | None = None) -> Sequence[Adapter]:
+    """Adapters (of one tenant, or all) with their tenant and current version, by name."""
+    query = (
+        select(Adapter)
+        .options(selectinload(Adapter.current_version), selectinload(Adapter.tenant))
+        .join(Tenant, Adapter.tenant_id == Tenant.id)
+        .order_by(Tenant.name, Adapter.name)
+    )
+    if tenant is not None:
+        query = query.where(Adapter.tenant_id == tenant.id)
+    return (await session.scalars(query)).all()
+
+
+async def list_versions(session: AsyncSession, *, adapter: Adapter) -> Sequence[AdapterVersion]:
+    return (
+        await session.scalars(
+            select(AdapterVersion).where(AdapterVersion.adapter_id == adapter.id).order_by(AdapterVersion.created_at)
+        )
+    ).all()
+
+
+async def delete_adapter(session: AsyncSession, *, tenant: Tenant, name: str) -> list[str]:
+    """Delete an adapter and its versions. Returns the sha256 of blobs no other version refers to."""
+    adapter = await get_adapter(session, tenant=tenant, name=name)
+    shas = set(
+        (await session.scalars(select(AdapterVersion.sha256).where(AdapterVersion.adapter_id == adapter.id))).all()
+    )
+    await session.execute(delete(Adapter).where(Adapter.id == adapter.id))
+    still_used = set(
+        (await session.scalars(select(AdapterVersion.sha256).where(AdapterVersion.sha256.in_(shas)))).all()
+    )
+    return sorted(shas - still_used)
+
+
+async def count_rows(session: AsyncSession) -> dict[str, int]:
+    """Row counts of the registry tables (for checks that nothing was written)."""
+    counts = {}
+    for model in (Tenant, ApiKey, Adapter, AdapterVersion, Worker, Residency, Invocation, DemandBucket):
+        counts[model.__tablename__] = int(await session.scalar(select(func.count()).select_from(model)) or 0)
+    return counts
+
+
+async def sha_is_referenced(session: AsyncSession, *, sha256: str) -> bool:
+    """True if any adapter version refers to this blob."""
+    n = await session.scalar(select(func.count()).select_from(AdapterVersion).where(AdapterVersion.sha256 == sha256))
+    return bool(n)
+
+
+# -- workers and residency -------------------------------------------------------------------------
+
+
+async def upsert_worker(
+    session: AsyncSession, *, worker_id: str, host: str, device: str, capacity: dict[str, Any],
+    state: dict[str, Any] | None = None,
+) -> None:
+    """Record a worker's heartbeat (insert on first sight)."""
+    now = datetime.now(UTC)
+    values = dict(
+        id=worker_id, host=host, device=device, capacity=capacity, state=state or {}, status="up",
+        last_heartbeat_at=now,
+    )
+    stmt = insert(Worker).values(**values, started_at=now)
+    await session.execute(
+        stmt.on_conflict_do_update(
+            index_elements=[Worker.id],
+            set_={k: stmt.excluded[k] for k in ("host", "device", "capacity", "state", "status", "last_heartbeat_at")},
+        )
+    )
+
+
+async def mark_worker_down(session: AsyncSession, *, worker_id: str) -> None:
+    """A worker that left or missed its heartbeats: its residency no longer counts."""
+    await session.execute(update(Worker).where(Worker.id == worker_id).values(status="down"))
+    await session.execute(delete(Residency).where(Residency.worker_id == worker_id))
+
+
+async def live_workers(session: AsyncSession) -> Sequence[Worker]:
+    return (await session.scalars(select(Worker).where(Worker.status == "up").order_by(Worker.id))).all()
+
+
+async def set_residency(
+    session: AsyncSession, *, version_id: uuid.UUID, worker_id: str, tier: Tier, pages: int = 0,
+    nbytes: int = 0, load_ms: float | None = None,
+) -> None:
+    """Record that a worker holds a version in `tier` (idempotent)."""
+    stmt = insert(Residency).values(
+        adapter_version_id=version_id, worker_id=worker_id, tier=tier, pages=pages, bytes=nbytes, load_ms=load_ms
+    )
+    await session.execute(
+        stmt.on_conflict_do_update(
+            index_elements=[Residency.adapter_version_id, Residency.worker_id, Residency.tier],
+            set_={"pages": stmt.excluded.pages, "bytes": stmt.excluded.bytes, "load_ms": stmt.excluded.load_ms},
+        )
+    )
+
+
+async def clear_residency(session: AsyncSession, *, version_id: uuid.UUID, worker_id: str, tier: Tier) -> None:
+    await session.execute(
+        delete(Residency).where(
+            Residency.adapter_version_id == version_id, Residency.worker_id == worker_id, Residency.tier == tier
+        )
+    )
+
+
+async def touch_residency(session: AsyncSession, *, version_id: uuid.UUID, worker_id: str) -> None:
+    """Mark a version used now on a worker (LRU eviction reads last_used_at)."""
+    await session.execute(
+        update(Residency)
+        .where(Residency.adapter_version_id == version_id, Residency.worker_id == worker_id)
+        .values(last_used_at=func.now())
+    )
+
+
+async def residency_of(session: AsyncSession, *, version_id: uuid.UUID) -> Sequence[Residency]:
+    return (await session.scalars(select(Residency).where(Residency.adapter_version_id == version_id))).all()
+
+
+async def worker_residency(session: AsyncSession, *, worker_id: str, tier: Tier) -> Sequence[Residency]:
+    """A worker's resident versions in a tier, least recently used first."""
+    return (
+        await session.scalars(
+            select(Residency)
+            .where(Residency.worker_id == worker_id, Residency.tier == tier)
+            .order_by(Residency.last_used_at.asc().nulls_first(), Residency.loaded_at)
+        )
+    ).all()
+
+
+# -- invocations ---------------------------------------------------------------------------------------
+
+
+async def create_invocation(
+    session: AsyncSession, *, invocation_id: str, tenant: Tenant, adapter: Adapter | None,
+    idempotency_key: str | None = None, request_hash: str | None = None,
+) -> Invocation:
+    inv = Invocation(
+        id=invocation_id,
+        tenant_id=tenant.id,
+        adapter_id=adapter.id if adapter else None,
+        adapter_version_id=adapter.current_version_id if adapter else None,
+        status=InvocationStatus.queued,
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
+    )
+    session.add(inv)
+    await session.flush()
+    return inv
+
+
+async def get_invocation(session: AsyncSession, *, invocation_id: str, tenant: Tenant | None = None) -> Invocation:
+    query = select(Invocation).where(Invocation.id == invocation_id)
+    if tenant is not None:
+        query = query.where(Invocation.tenant_id == tenant.id)
+    inv = await session.scalar(query)
+    if inv is None:
+        raise NotFound("invocation", invocation_id)
+    return inv
+
+
+async def find_idempotent_invocation(session: AsyncSession, *, tenant: Tenant, key: str) -> Invocation | None:
+    return await session.scalar(
+        select(Invocation).where(Invocation.tenant_id == tenant.id, Invocation.idempotency_key == key)
+    )
+
+
+async def update_invocation(session: AsyncSession, *, invocation_id: str, **fields: Any) -> None:
+    """Set status, timestamps, token counts, worker, attempts or error of an invocation."""
+    allowed = {"status", "started_at", "first_token_at", "finished_at", "prompt_tokens", "completion_tokens",
+               "worker_id", "attempts", "error"}
+    unknown = set(fields) - allowed
+    if unknown:
+        raise ValueError(f"cannot update invocation fields {sorted(unknown)}")
+    await session.execute(update(Invocation).where(Invocation.id == invocation_id).values(**fields))
+
+
+# -- demand history ------------------------------------------------------------------------------------
+
+
+async def record_demand(
+    session: AsyncSession, *, adapter_id: uuid.UUID, at: datetime, bucket_seconds: int = 60, count: int = 1
+) -> None:
+    """Add `count` invocations of an adapter to the bucket that contains `at`."""
+    epoch = int(at.timestamp())
+    start = datetime.fromtimestamp(epoch - epoch % bucket_seconds, UTC)
+    stmt = insert(DemandBucket).values(adapter_id=adapter_id, bucket_start=start, bucket_seconds=bucket_seconds,
+                                       count=count)
+    await session.execute(
+        stmt.on_conflict_do_update(
+            index_elements=[DemandBucket.adapter_id, DemandBucket.bucket_start, DemandBucket.bucket_seconds],
+            set_={"count": DemandBucket.count + stmt.excluded.count},
+        )
+    )
+
+
+async def demand_series(
+    session: AsyncSession, *, adapter_id: uuid.UUID, since: datetime, bucket_seconds: int = 60
+) -> list[tuple[datetime, int]]:
+    """(bucket start, count) of an adapter since `since`, oldest first; empty buckets are absent."""
+    rows = await session.execute(
+        select(DemandBucket.bucket_start, DemandBucket.count)
+        .where(
+            DemandBucket.adapter_id == adapter_id,
+            DemandBucket.bucket_seconds == bucket_seconds,
+            DemandBucket.bucket_start >= since,
+        )
+        .order_by(DemandBucket.bucket_start)
+    )
+    return [(r[0], int(r[1])) for r in rows]
+
+
+async def demand_totals(session: AsyncSession, *, since: datetime, bucket_seconds: int = 60) -> dict[uuid.UUID, int]:
+    """Invocations per adapter since `since`, aggregated in SQL."""
+    rows = await session.execute(
+        select(DemandBucket.adapter_id, func.sum(DemandBucket.count))
+        .where(DemandBucket.bucket_seconds == bucket_seconds, DemandBucket.bucket_start >= since)
+        .group_by(DemandBucket.adapter_id)
+    )
+    return {r[0]: int(r[1]) for r in rows}
