@@ -119,6 +119,7 @@ class StackEndpoints:
     s3_secret_key: str
     bucket: str
     launcher_pid: int
+    pids: dict[str, int] = field(default_factory=dict)
 
     def write(self, path: Path) -> None:
         _write_private(path, json.dumps(asdict(self), indent=2))
@@ -246,7 +247,7 @@ class ManagedProcess:
             try:
                 self.proc.wait(self.stop_timeout_s)
             except subprocess.TimeoutExpired:
-                log.warning("%s did not stop in %.0f s; killing it", self.name, self.stop_timeout_s)
+                log.info("%s did not stop in %.0f s; killing it", self.name, self.stop_timeout_s)
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
@@ -378,6 +379,10 @@ class LocalStack:
         proc.stop()
         self.processes.remove(proc)
         {"nats": self._restart_nats, "postgres": self._restart_postgres}[name]()
+
+    def dead(self) -> list[ManagedProcess]:
+        """Processes of the stack that exited on their own."""
+        return [p for p in self.processes if not p.alive()]
 
     def __enter__(self) -> LocalStack:
         self.start()
@@ -606,7 +611,7 @@ class LocalStack:
             "-master.volumeSizeLimitMB=256", "-volume.max=0", "-volume.preStopSeconds=0",
         ]
         proc = self._spawn(
-            ManagedProcess("s3", argv, self.state_dir / "s3.log", stop_signal=signal.SIGINT, stop_timeout_s=5.0)
+            ManagedProcess("s3", argv, self.state_dir / "s3.log", stop_signal=signal.SIGINT, stop_timeout_s=3.0)
         )
         wait_until(self._s3_ready, timeout_s=self.config.start_timeout_s, proc=proc, what="S3 API")
 
@@ -653,6 +658,7 @@ class LocalStack:
             s3_secret_key=c.s3_secret_key,
             bucket=self.config.bucket,
             launcher_pid=os.getpid(),
+            pids={p.name: p.pid for p in self.processes if p.pid is not None},
         )
 
 

@@ -151,3 +151,12 @@ def default_gguf_path() -> Path:
 def default_backbone_spec() -> BackboneSpec:
     """The architecture of the default backbone (SmolLM2-135M-Instruct), read from its GGUF metadata."""
     return BackboneSpec.from_gguf(default_gguf_path(), name=DEFAULT_BACKBONE_NAME)
+
+
+def resolve_backbone_spec(*, gguf: Path | None = None, hf_dir: Path | None = None) -> BackboneSpec:
+    """The spec of the configured backbone: a HF checkpoint dir, a GGUF file, or the default model."""
+    if hf_dir is not None:
+        return BackboneSpec.from_hf_dir(hf_dir)
+    if gguf is not None:
+        return BackboneSpec.from_gguf(gguf, name=Path(gguf).stem)
+    return default_backbone_spec()

@@ -47,6 +47,14 @@ class PushResult:
     target_modules: list[str]
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A validated adapter and its canonical blob, ready to be stored."""
+
+    adapter: ParsedAdapter
+    blob: bytes
+
+
 class Registry:
     """Adapter registry operations; holds no state beyond its collaborators."""
 
@@ -63,7 +71,7 @@ class Registry:
         self.spec = spec
         self.settings = settings
 
-    def prepare(self, source: Path | bytes | UploadFiles) -> tuple[ParsedAdapter, bytes]:
+    def prepare(self, source: Path | bytes | UploadFiles) -> Prepared:
         """Read and validate an upload and build its canonical blob. Touches no service."""
         files = (
             source
@@ -73,20 +81,21 @@ class Registry:
             )
         )
         adapter = validate(files, self.spec, max_rank=self.settings.max_rank)
-        return adapter, canonical_blob(adapter)
+        return Prepared(adapter, canonical_blob(adapter))
 
     async def push(
         self,
         *,
         tenant: str,
         name: str,
-        source: Path | bytes | UploadFiles,
+        source: Path | bytes | UploadFiles | Prepared,
         progress: ProgressCallback | None = None,
     ) -> PushResult:
         """Validate, store and register an adapter as the current version of `tenant/name`."""
         check_name("tenant", tenant)
         check_name("adapter", name)
-        adapter, blob = await asyncio.to_thread(self.prepare, source)
+        prepared = source if isinstance(source, Prepared) else await asyncio.to_thread(self.prepare, source)
+        adapter, blob = prepared.adapter, prepared.blob
         sha = blob_sha256(blob)
         _, created_blob = await asyncio.to_thread(self.store.put_blob, blob, progress=progress)
         facts = repo.VersionFacts(

@@ -1,0 +1,285 @@
+"""The `lorafn` command: run the local stack and manage adapters, keys and the schema."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+from rich.table import Table
+
+from lorafn.settings import LorafnSettings
+from lorafn.stack import LocalStack, StackConfig, StackError, free_stack_ports
+from protocol.subjects import InvalidName, split_qualified_name
+from storage import repo
+from storage.errors import AdapterInvalid, NotFound, StorageError
+
+app = typer.Typer(help="lorafn: serverless LoRA functions on one shared backbone.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+adapters_app = typer.Typer(help="Push, list and remove adapters.", no_args_is_help=True)
+keys_app = typer.Typer(help="Manage API keys.", no_args_is_help=True)
+app.add_typer(adapters_app, name="adapters")
+app.add_typer(keys_app, name="keys")
+
+console = Console()
+err = Console(stderr=True)
+
+StateDir = Annotated[Path | None, typer.Option("--state-dir", help="state directory of the local stack")]
+
+
+def _settings(state_dir: Path | None) -> LorafnSettings:
+    settings = LorafnSettings()
+    if state_dir is not None:
+        settings = settings.model_copy(update={"state_dir": state_dir})
+    return settings
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+@app.callback()
+def main_callback(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log more")] = False) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+@app.command()
+def up(
+    state_dir: StateDir = None,
+    workers: Annotated[int, typer.Option(min=0, max=64, help="worker processes to start")] = 1,
+    host: Annotated[str | None, typer.Option(help="address the servers bind to")] = None,
+    nats_port: Annotated[int | None, typer.Option(help="NATS client port")] = None,
+    nats_monitor_port: Annotated[int | None, typer.Option(help="NATS monitoring port")] = None,
+    postgres_port: Annotated[int | None, typer.Option(help="Postgres port")] = None,
+    s3_port: Annotated[int | None, typer.Option(help="S3 API port (SeaweedFS also takes the next 7)")] = None,
+    auto_ports: Annotated[bool, typer.Option("--auto-ports", help="pick free ports for every server")] = False,
+) -> None:
+    """Start NATS, Postgres and S3 (and the services) on this machine; Ctrl-C stops everything."""
+    from lorafn.bootstrap import bootstrap
+
+    settings = _settings(state_dir)
+    stack_settings = settings.stack.model_copy(
+        update={k: v for k, v in {"host": host, "nats_port": nats_port, "nats_monitor_port": nats_monitor_port,
+                                  "postgres_port": postgres_port, "s3_port": s3_port}.items() if v is not None}
+    )
+    ports = free_stack_ports(stack_settings.host) if auto_ports else stack_settings.ports()
+    stack = LocalStack(StackConfig(state_dir=settings.state_dir, host=stack_settings.host, ports=ports,
+                                   bucket=settings.object_store.bucket))
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    started = time.monotonic()
+    try:
+        with console.status("starting NATS, Postgres and S3 ..."):
+            endpoints = stack.start()
+            result = asyncio.run(bootstrap(endpoints, state_dir=stack.state_dir))
+    except StackError as e:
+        raise _fail(str(e)) from None
+    except BaseException as e:
+        stack.stop()
+        if isinstance(e, KeyboardInterrupt):
+            raise _fail("interrupted; everything that was started has been stopped", 130) from None
+        raise _fail(f"bootstrap failed: {e}; everything that was started has been stopped") from e
+
+    table = Table(title=f"lorafn stack up in {time.monotonic() - started:.1f} s", show_header=False)
+    table.add_row("NATS", f"nats://{stack.config.host}:{ports.nats} (JetStream; streams {', '.join(result.streams)})")
+    table.add_row("Postgres", f"{stack.config.host}:{ports.postgres} database lorafn")
+    table.add_row("S3", f"http://{endpoints.s3_endpoint} bucket {endpoints.bucket}")
+    table.add_row("state", str(stack.state_dir))
+    table.add_row("tenant", result.dev_tenant)
+    table.add_row("API key", result.dev_api_key)
+    table.add_row("workers", f"{workers} requested; the worker service is not part of this build yet")
+    console.print(table)
+    console.print("push an adapter: [bold]lorafn adapters push DIR --name dev/NAME[/]   stop: Ctrl-C")
+
+    exit_code = 0
+    while not stop.wait(0.5):
+        dead = stack.dead()
+        if dead:
+            names = ", ".join(p.name for p in dead)
+            err.print(f"[bold red]error:[/] {names} exited unexpectedly; stopping the stack (logs in {stack.state_dir})")
+            exit_code = 1
+            break
+    with console.status("stopping ..."):
+        stack.stop()
+    console.print("stopped: every process this stack started has exited")
+    raise typer.Exit(exit_code)
+
+
+@app.command()
+def migrate(
+    state_dir: StateDir = None,
+    revision: Annotated[str, typer.Argument(help="target revision")] = "head",
+    down: Annotated[bool, typer.Option("--down", help="downgrade to the revision instead")] = False,
+) -> None:
+    """Apply (or revert) database migrations."""
+    from storage.migrate import downgrade, upgrade
+
+    settings = _settings(state_dir).with_running_stack()
+    (downgrade if down else upgrade)(settings.database.url, revision)
+    console.print(f"database at revision {revision}")
+
+
+def _registry(settings: LorafnSettings):  # type: ignore[no-untyped-def]
+    from storage.backbone import resolve_backbone_spec
+    from storage.objectstore import ObjectStore
+    from storage.registry import Registry
+
+    engine = repo.create_engine(settings.database)
+    registry = Registry(
+        sessions=repo.session_factory(engine),
+        store=ObjectStore(settings.object_store),
+        spec=resolve_backbone_spec(gguf=settings.registry.backbone_gguf, hf_dir=settings.registry.backbone_hf_dir),
+        settings=settings.registry,
+    )
+    return engine, registry
+
+
+@adapters_app.command("push")
+def adapters_push(
+    source: Annotated[Path, typer.Argument(help="adapter directory, .tar.gz or .zip", exists=True)],
+    name: Annotated[str, typer.Option("--name", help="TENANT/NAME")],
+    state_dir: StateDir = None,
+) -> None:
+    """Validate an adapter, store it in S3 and make it the current version of TENANT/NAME."""
+    try:
+        tenant, adapter_name = split_qualified_name(name)
+    except InvalidName as e:
+        raise _fail(f"{e} (expected TENANT/NAME)") from None
+    settings = _settings(state_dir).with_running_stack()
+
+    async def run() -> None:
+        engine, registry = _registry(settings)
+        try:
+            with console.status("validating ..."):
+                prepared = await asyncio.to_thread(registry.prepare, source)
+            with Progress(TextColumn("uploading"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                          console=console, transient=True) as bar:
+                task = bar.add_task("upload", total=len(prepared.blob))
+                result = await registry.push(tenant=tenant, name=adapter_name, source=prepared,
+                                             progress=lambda n: bar.advance(task, n))
+        finally:
+            await engine.dispose()
+        state = "new version" if result.created else "unchanged (same content)"
+        console.print(
+            f"[bold]{tenant}/{adapter_name}[/] {state}: version {result.version_id}\n"
+            f"  sha256 {result.sha256}\n  {result.bytes} bytes, max rank {result.max_rank}, "
+            f"modules {', '.join(result.target_modules)}, {prepared.adapter.num_layers} layers",
+            highlight=False,
+        )
+
+    try:
+        asyncio.run(run())
+    except AdapterInvalid as e:
+        raise _fail(f"adapter refused ({e.code}): {e}") from None
+    except StorageError as e:
+        raise _fail(str(e)) from None
+    except OSError as e:
+        raise _fail(f"cannot reach the stack ({e}); is `lorafn up` running?") from None
+
+
+@adapters_app.command("ls")
+def adapters_ls(
+    tenant: Annotated[str | None, typer.Option(help="only this tenant's adapters")] = None,
+    state_dir: StateDir = None,
+) -> None:
+    """List adapters and their current versions."""
+    settings = _settings(state_dir).with_running_stack()
+
+    async def run() -> None:
+        engine, registry = _registry(settings)
+        try:
+            rows = await registry.list(tenant=tenant)
+        finally:
+            await engine.dispose()
+        table = Table("adapter", "version", "sha256", "max rank", "modules", "bytes", "updated")
+        for a in rows:
+            v = a.current_version
+            table.add_row(
+                f"{a.tenant.name}/{a.name}",
+                str(v.id) if v else "-",
+                v.sha256[:16] if v else "-",
+                str(v.max_rank) if v else "-",
+                ",".join(v.target_modules) if v else "-",
+                str(v.bytes) if v else "-",
+                a.updated_at.strftime("%Y-%m-%d %H:%M:%S"),
+            )
+        console.print(table)
+
+    try:
+        asyncio.run(run())
+    except NotFound as e:
+        raise _fail(str(e)) from None
+    except OSError as e:
+        raise _fail(f"cannot reach the stack ({e}); is `lorafn up` running?") from None
+
+
+@adapters_app.command("rm")
+def adapters_rm(
+    name: Annotated[str, typer.Argument(help="TENANT/NAME")],
+    state_dir: StateDir = None,
+) -> None:
+    """Remove an adapter and every version of it."""
+    try:
+        tenant, adapter_name = split_qualified_name(name)
+    except InvalidName as e:
+        raise _fail(f"{e} (expected TENANT/NAME)") from None
+    settings = _settings(state_dir).with_running_stack()
+
+    async def run() -> list[str]:
+        engine, registry = _registry(settings)
+        try:
+            return await registry.remove(tenant=tenant, name=adapter_name)
+        finally:
+            await engine.dispose()
+
+    try:
+        removed = asyncio.run(run())
+    except NotFound as e:
+        raise _fail(str(e)) from None
+    console.print(f"removed {name} ({len(removed)} blob(s) deleted from the object store)")
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: Annotated[str, typer.Argument(help="tenant name (created if new)")],
+    label: Annotated[str | None, typer.Option(help="a note to tell keys apart")] = None,
+    state_dir: StateDir = None,
+) -> None:
+    """Create an API key for a tenant and print it (it is shown only once)."""
+    from protocol.subjects import check_name
+
+    try:
+        check_name("tenant", tenant)
+    except InvalidName as e:
+        raise _fail(str(e)) from None
+    settings = _settings(state_dir).with_running_stack()
+
+    async def run() -> str:
+        engine = repo.create_engine(settings.database)
+        try:
+            async with repo.session_factory(engine)() as session, session.begin():
+                t = await repo.get_or_create_tenant(session, name=tenant)
+                return await repo.create_api_key(session, tenant=t, label=label)
+        finally:
+            await engine.dispose()
+
+    console.print(asyncio.run(run()), highlight=False)
+
+
+def main() -> None:
+    app()
