@@ -19,7 +19,7 @@ from lorafn.settings import LorafnSettings
 from lorafn.stack import LocalStack, StackConfig, StackError, free_stack_ports
 from protocol.subjects import InvalidName, split_qualified_name
 from storage import repo
-from storage.errors import AdapterInvalid, NotFound, StorageError
+from storage.errors import AdapterInvalid, NotFound, StorageError, StorageUnavailable
 
 app = typer.Typer(help="lorafn: serverless LoRA functions on one shared backbone.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -186,10 +186,10 @@ def adapters_push(
         asyncio.run(run())
     except AdapterInvalid as e:
         raise _fail(f"adapter refused ({e.code}): {e}") from None
+    except StorageUnavailable as e:
+        raise _fail(f"{e}; is `lorafn up` running?") from None
     except StorageError as e:
         raise _fail(str(e)) from None
-    except OSError as e:
-        raise _fail(f"cannot reach the stack ({e}); is `lorafn up` running?") from None
 
 
 @adapters_app.command("ls")
@@ -224,8 +224,8 @@ def adapters_ls(
         asyncio.run(run())
     except NotFound as e:
         raise _fail(str(e)) from None
-    except OSError as e:
-        raise _fail(f"cannot reach the stack ({e}); is `lorafn up` running?") from None
+    except StorageUnavailable as e:
+        raise _fail(f"{e}; is `lorafn up` running?") from None
 
 
 @adapters_app.command("rm")

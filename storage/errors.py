@@ -179,3 +179,11 @@ class AlreadyExists(StorageError):
     def __init__(self, kind: str, name: str) -> None:
         super().__init__(f"{kind} {name!r} already exists")
         self.kind, self.name = kind, name
+
+
+class StorageUnavailable(StorageError):
+    """Postgres or the object store cannot be reached right now; the caller may retry later."""
+
+    def __init__(self, service: str, reason: str) -> None:
+        super().__init__(f"{service} is unavailable: {reason}")
+        self.service = service

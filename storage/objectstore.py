@@ -7,22 +7,37 @@ The SDK is synchronous; async callers use `asyncio.to_thread`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 from collections.abc import Callable
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 import urllib3
 from minio import Minio
 from minio.error import S3Error
 
-from storage.errors import ObjectCorrupted, ObjectMissing
+from storage.errors import ObjectCorrupted, ObjectMissing, StorageUnavailable
 from storage.settings import ObjectStoreSettings
 
 BLOB_PREFIX = "blobs/sha256/"
 _PART_SIZE = 16 << 20
 
 ProgressCallback = Callable[[int], None]
+T = TypeVar("T")
+
+
+def _translating(method: Callable[..., T]) -> Callable[..., T]:
+    """Turn transport failures (refused connections, timeouts) into StorageUnavailable."""
+
+    @functools.wraps(method)
+    def wrapper(*args: object, **kwargs: object) -> T:
+        try:
+            return method(*args, **kwargs)
+        except urllib3.exceptions.HTTPError as e:
+            raise StorageUnavailable("object store", str(e)) from e
+
+    return wrapper
 
 
 def blob_key(sha256: str) -> str:
@@ -48,7 +63,7 @@ class _ProgressReader(io.RawIOBase):
 
 
 class ObjectStore:
-    """Adapter blobs in one bucket of an S3-compatible store."""
+    """Adapter blobs in one bucket of an S3-compatible store. Connection failures raise StorageUnavailable."""
 
     def __init__(self, settings: ObjectStoreSettings) -> None:
         self.bucket = settings.bucket
@@ -65,6 +80,7 @@ class ObjectStore:
             ),
         )
 
+    @_translating
     def ensure_bucket(self) -> None:
         """Create the bucket if it does not exist (idempotent)."""
         if not self.client.bucket_exists(self.bucket):
@@ -74,6 +90,7 @@ class ObjectStore:
                 if e.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                     raise
 
+    @_translating
     def has_blob(self, sha256: str) -> bool:
         try:
             self.client.stat_object(self.bucket, blob_key(sha256))
@@ -83,6 +100,7 @@ class ObjectStore:
             raise
         return True
 
+    @_translating
     def put_blob(self, blob: bytes, *, progress: ProgressCallback | None = None) -> tuple[str, bool]:
         """Store `blob` under its sha256. Returns (sha256, created): False when it was already there."""
         sha = hashlib.sha256(blob).hexdigest()
@@ -102,6 +120,7 @@ class ObjectStore:
         )
         return sha, True
 
+    @_translating
     def get_blob(self, sha256: str) -> bytes:
         """Read the blob stored under `sha256` and check that it hashes to it."""
         key = blob_key(sha256)
@@ -121,10 +140,12 @@ class ObjectStore:
             raise ObjectCorrupted(key, expected=sha256, actual=actual)
         return data
 
+    @_translating
     def delete_blob(self, sha256: str) -> None:
         """Remove a blob (idempotent)."""
         self.client.remove_object(self.bucket, blob_key(sha256))
 
+    @_translating
     def list_blobs(self) -> list[str]:
         """sha256 of every blob in the bucket."""
         return [

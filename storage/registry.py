@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from protocol.subjects import check_name
@@ -26,6 +27,7 @@ from storage.adapter_format import (
     validate,
 )
 from storage.backbone import BackboneSpec
+from storage.errors import StorageUnavailable
 from storage.models import Adapter, AdapterVersion
 from storage.objectstore import ObjectStore, ProgressCallback, blob_key
 from storage.settings import RegistrySettings
@@ -45,6 +47,10 @@ class PushResult:
     bytes: int
     max_rank: int
     target_modules: list[str]
+
+
+def _unavailable(e: OperationalError) -> StorageUnavailable:
+    return StorageUnavailable("postgres", str(e.orig or e))
 
 
 @dataclass(frozen=True)
@@ -115,9 +121,11 @@ class Registry:
             async with self.sessions() as session, session.begin():
                 tenant_row = await repo.get_or_create_tenant(session, name=tenant)
                 _, version, created = await repo.register_version(session, tenant=tenant_row, name=name, facts=facts)
-        except BaseException:
+        except BaseException as e:
             if created_blob:
                 await self._remove_orphan(sha)
+            if isinstance(e, OperationalError):
+                raise _unavailable(e) from e
             raise
         log.info("pushed %s/%s version %s (sha256 %s, created=%s)", tenant, name, version.id, sha, created)
         return PushResult(
@@ -142,16 +150,22 @@ class Registry:
             log.warning("could not remove unregistered blob %s; it is harmless and can be collected", sha)
 
     async def list(self, *, tenant: str | None = None) -> list[Adapter]:
-        async with self.sessions() as session:
-            tenant_row = await repo.get_tenant(session, name=tenant) if tenant else None
-            return list(await repo.list_adapters(session, tenant=tenant_row))
+        try:
+            async with self.sessions() as session:
+                tenant_row = await repo.get_tenant(session, name=tenant) if tenant else None
+                return list(await repo.list_adapters(session, tenant=tenant_row))
+        except OperationalError as e:
+            raise _unavailable(e) from e
 
     async def remove(self, *, tenant: str, name: str) -> list[str]:
         """Delete `tenant/name` and every version of it; remove blobs nothing else refers to."""
-        async with self.sessions() as session, session.begin():
-            tenant_row = await repo.get_tenant(session, name=tenant)
-            assert tenant_row is not None
-            orphans = await repo.delete_adapter(session, tenant=tenant_row, name=name)
+        try:
+            async with self.sessions() as session, session.begin():
+                tenant_row = await repo.get_tenant(session, name=tenant)
+                assert tenant_row is not None
+                orphans = await repo.delete_adapter(session, tenant=tenant_row, name=name)
+        except OperationalError as e:
+            raise _unavailable(e) from e
         for sha in orphans:
             await asyncio.to_thread(self.store.delete_blob, sha)
         return orphans

@@ -1,0 +1,168 @@
+"""Repository functions against the real Postgres, and the migrations up and down."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import create_engine, inspect, select
+from sqlalchemy.exc import IntegrityError
+
+from storage import repo
+from storage.errors import AlreadyExists, NotFound
+from storage.migrate import downgrade, upgrade
+from storage.models import ApiKey, Base, InvocationStatus, Tier
+
+
+def facts(sha: str, rank: int = 8) -> repo.VersionFacts:
+    return repo.VersionFacts(
+        sha256=sha, max_rank=rank, ranks={"layers.0.q_proj": rank}, lora_alpha=16, use_rslora=False,
+        target_modules=["q_proj"], num_layers=1, base_model="base", dtype="F32", bytes=10, object_key=f"blobs/{sha}",
+    )
+
+
+async def test_api_keys_are_hashed_and_authenticate_their_tenant(sessions) -> None:
+    async with sessions() as session, session.begin():
+        acme = await repo.create_tenant(session, name="acme")
+        key = await repo.create_api_key(session, tenant=acme, label="ci")
+    async with sessions() as session:
+        tenant = await repo.authenticate(session, key=key)
+        assert tenant is not None and tenant.name == "acme"
+        assert await repo.authenticate(session, key=key + "x") is None
+        assert await repo.authenticate(session, key="not-a-key") is None
+        rows = await session.execute(select(ApiKey.key_hash))
+        stored = [r[0] for r in rows]
+    assert key not in stored and repo.hash_api_key(key) in stored
+    async with sessions() as session, session.begin():
+        assert await repo.revoke_api_key(session, key=key)
+    async with sessions() as session:
+        assert await repo.authenticate(session, key=key) is None
+
+
+async def test_tenant_names_are_unique_and_checked(sessions) -> None:
+    async with sessions() as session, session.begin():
+        await repo.create_tenant(session, name="acme")
+    async with sessions() as session, session.begin():
+        with pytest.raises(AlreadyExists):
+            await repo.create_tenant(session, name="acme")
+    with pytest.raises(IntegrityError):
+        async with sessions() as session, session.begin():
+            await repo.create_tenant(session, name="bad.name")
+    async with sessions() as session:
+        with pytest.raises(NotFound):
+            await repo.get_tenant(session, name="nobody")
+
+
+async def test_versions_list_and_tenant_isolation(sessions) -> None:
+    async with sessions() as session, session.begin():
+        acme = await repo.get_or_create_tenant(session, name="acme")
+        other = await repo.get_or_create_tenant(session, name="other")
+        _, v1, created = await repo.register_version(session, tenant=acme, name="a", facts=facts("1" * 64))
+        _, v1_again, created_again = await repo.register_version(session, tenant=acme, name="a", facts=facts("1" * 64))
+        await repo.register_version(session, tenant=other, name="b", facts=facts("2" * 64))
+    assert created and not created_again and v1.id == v1_again.id
+    async with sessions() as session:
+        acme = await repo.get_tenant(session, name="acme")
+        names = [a.name for a in await repo.list_adapters(session, tenant=acme)]
+        assert names == ["a"]
+        assert [f"{a.tenant.name}/{a.name}" for a in await repo.list_adapters(session)] == ["acme/a", "other/b"]
+        with pytest.raises(NotFound):
+            await repo.get_adapter(session, tenant=acme, name="b")
+
+
+async def test_residency_workers_and_lru_order(sessions) -> None:
+    async with sessions() as session, session.begin():
+        acme = await repo.get_or_create_tenant(session, name="acme")
+        _, v1, _ = await repo.register_version(session, tenant=acme, name="a", facts=facts("1" * 64))
+        _, v2, _ = await repo.register_version(session, tenant=acme, name="b", facts=facts("2" * 64))
+        await repo.upsert_worker(session, worker_id="w1", host="h", device="cpu", capacity={"pages": 100})
+        await repo.set_residency(session, version_id=v1.id, worker_id="w1", tier=Tier.device, pages=10, nbytes=100)
+        await repo.set_residency(session, version_id=v2.id, worker_id="w1", tier=Tier.device, pages=20, nbytes=200)
+        await repo.set_residency(session, version_id=v2.id, worker_id="w1", tier=Tier.device, pages=30, nbytes=300)
+    async with sessions() as session, session.begin():
+        await repo.touch_residency(session, version_id=v2.id, worker_id="w1")
+    async with sessions() as session:
+        lru = await repo.worker_residency(session, worker_id="w1", tier=Tier.device)
+        assert [r.adapter_version_id for r in lru] == [v1.id, v2.id]  # v1 never used: evicted first
+        assert lru[1].pages == 30  # upsert, not duplicate
+        assert [w.id for w in await repo.live_workers(session)] == ["w1"]
+    async with sessions() as session, session.begin():
+        await repo.upsert_worker(session, worker_id="w1", host="h", device="cpu", capacity={"pages": 100},
+                                 state={"queue": 3})
+        await repo.mark_worker_down(session, worker_id="w1")
+    async with sessions() as session:
+        assert await repo.live_workers(session) == []
+        assert await repo.residency_of(session, version_id=v1.id) == []
+
+
+async def test_invocations_idempotency_key_is_unique_per_tenant(sessions) -> None:
+    async with sessions() as session, session.begin():
+        acme = await repo.get_or_create_tenant(session, name="acme")
+        inv = await repo.create_invocation(session, invocation_id="inv1", tenant=acme, adapter=None,
+                                           idempotency_key="k1", request_hash="h")
+    assert inv.status == InvocationStatus.queued
+    async with sessions() as session, session.begin():
+        acme = await repo.get_tenant(session, name="acme")
+        found = await repo.find_idempotent_invocation(session, tenant=acme, key="k1")
+        assert found is not None and found.id == "inv1"
+        now = datetime.now(UTC)
+        await repo.update_invocation(session, invocation_id="inv1", status=InvocationStatus.succeeded,
+                                     started_at=now, finished_at=now, completion_tokens=5)
+    with pytest.raises(IntegrityError):
+        async with sessions() as session, session.begin():
+            acme = await repo.get_tenant(session, name="acme")
+            await repo.create_invocation(session, invocation_id="inv2", tenant=acme, adapter=None, idempotency_key="k1")
+    async with sessions() as session:
+        inv = await repo.get_invocation(session, invocation_id="inv1")
+        assert inv.status == InvocationStatus.succeeded and inv.completion_tokens == 5
+        with pytest.raises(ValueError, match="cannot update"):
+            await repo.update_invocation(session, invocation_id="inv1", tenant_id=uuid.uuid4())
+
+
+async def test_demand_history_buckets_and_totals(sessions) -> None:
+    async with sessions() as session, session.begin():
+        acme = await repo.get_or_create_tenant(session, name="acme")
+        a, _, _ = await repo.register_version(session, tenant=acme, name="a", facts=facts("1" * 64))
+        b, _, _ = await repo.register_version(session, tenant=acme, name="b", facts=facts("2" * 64))
+        t0 = datetime(2026, 1, 1, 12, 0, 5, tzinfo=UTC)
+        for dt, adapter in [(0, a), (10, a), (70, a), (20, b)]:
+            await repo.record_demand(session, adapter_id=adapter.id, at=t0 + timedelta(seconds=dt))
+        await repo.record_demand(session, adapter_id=b.id, at=t0, count=4)
+    async with sessions() as session:
+        series = await repo.demand_series(session, adapter_id=a.id, since=t0 - timedelta(hours=1))
+        assert series == [(datetime(2026, 1, 1, 12, 0, tzinfo=UTC), 2), (datetime(2026, 1, 1, 12, 1, tzinfo=UTC), 1)]
+        totals = await repo.demand_totals(session, since=t0 - timedelta(hours=1))
+        assert totals == {a.id: 3, b.id: 5}
+
+
+def test_migrations_upgrade_and_downgrade_cleanly(services) -> None:
+    url = services.database_url
+    # The session fixture migrated to head; go all the way down and back up on the real server.
+    downgrade(url, "base")
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            assert set(inspect(conn).get_table_names()) <= {"alembic_version"}
+            enums = conn.exec_driver_sql("SELECT typname FROM pg_type WHERE typtype = 'e'").scalars().all()
+            assert not {"tier", "invocation_status", "version_status"} & set(enums)
+        upgrade(url, "head")
+        with engine.connect() as conn:
+            tables = set(inspect(conn).get_table_names())
+        assert {t.name for t in Base.metadata.sorted_tables} <= tables
+        upgrade(url, "head")  # idempotent
+    finally:
+        engine.dispose()
+
+
+def test_models_and_migrations_agree(services) -> None:
+    """The schema the migrations build is exactly what the models declare (no forgotten revision)."""
+    engine = create_engine(services.database_url)
+    try:
+        with engine.connect() as conn:
+            diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
+    finally:
+        engine.dispose()
+    assert diff == []
