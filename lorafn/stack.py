@@ -138,8 +138,13 @@ def _write_private(path: Path, text: str) -> None:
 
 
 def port_is_free(host: str, port: int) -> bool:
-    """True if nothing listens on host:port (a bind succeeds)."""
+    """True if nothing listens on host:port: a server could bind it now.
+
+    SO_REUSEADDR, as the servers themselves use it: connections of a stopped server lingering in
+    TIME_WAIT do not keep the port taken, while a listening socket still does.
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:

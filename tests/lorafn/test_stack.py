@@ -1,0 +1,192 @@
+"""The local stack and the `lorafn` command, run as a user would: real processes, real ports, signals."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from minio import Minio
+
+from lorafn.stack import (
+    AlreadyRunning,
+    BinaryNotFound,
+    LocalStack,
+    PortInUse,
+    StackConfig,
+    StackEndpoints,
+    free_stack_ports,
+    port_is_free,
+)
+
+LORAFN = [sys.executable, "-m", "lorafn"]
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0); it has exited all the same.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_for(path: Path, proc: subprocess.Popen[str], timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"lorafn up exited early with {proc.returncode}: {proc.stdout.read() if proc.stdout else ''}")
+        time.sleep(0.2)
+    raise AssertionError(f"{path} did not appear in {timeout} s")
+
+
+@pytest.fixture
+def up_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], Path]]:
+    state = tmp_path / "state"
+    proc = subprocess.Popen(
+        [*LORAFN, "up", "--state-dir", str(state), "--auto-ports"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        yield proc, state
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def cli(*args: str, state: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*LORAFN, *args, "--state-dir", str(state)], capture_output=True, text=True, timeout=180)
+
+
+def test_up_push_and_ctrl_c_leaves_nothing_behind(up_process, make_peft_adapter) -> None:
+    proc, state = up_process
+    # The dev key is written by bootstrap, after migrations, bucket and streams: the stack is ready.
+    wait_for(state / "dev-api-key", proc)
+    endpoints = StackEndpoints.read(state / "stack.json")
+    assert set(endpoints.pids) == {"nats", "postgres", "s3"}
+    host = "127.0.0.1"
+    ports = [int(endpoints.nats_url.rsplit(":", 1)[1]), int(endpoints.database_url.split("@")[1].split(":")[1].split("/")[0]),
+             int(endpoints.s3_endpoint.rsplit(":", 1)[1])]
+    assert not any(port_is_free(host, p) for p in ports)
+
+    # Push a real PEFT adapter for the default backbone (all 30 layers) through the CLI.
+    adapter = make_peft_adapter(r=8, num_layers=30, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
+    pushed = cli("adapters", "push", str(adapter), "--name", "dev/demo", state=state)
+    assert pushed.returncode == 0, pushed.stdout + pushed.stderr
+    assert "new version" in pushed.stdout
+    sha = next(line.split()[-1] for line in pushed.stdout.splitlines() if "sha256" in line)
+    s3 = Minio(endpoints.s3_endpoint, access_key=endpoints.s3_access_key, secret_key=endpoints.s3_secret_key,
+               secure=False)
+    stored = s3.get_object(endpoints.bucket, f"blobs/sha256/{sha}").read()
+    assert hashlib.sha256(stored).hexdigest() == sha
+
+    again = cli("adapters", "push", str(adapter), "--name", "dev/demo", state=state)
+    assert again.returncode == 0 and "unchanged" in again.stdout
+    listed = cli("adapters", "ls", state=state)
+    assert listed.returncode == 0 and "dev/demo" in listed.stdout
+    refused = cli("adapters", "push", str(adapter.parent), "--name", "dev/demo2", state=state)
+    assert refused.returncode == 1 and "adapter refused" in refused.stderr
+    bad_name = cli("adapters", "push", str(adapter), "--name", "dev/has.dot", state=state)
+    assert bad_name.returncode == 1 and "invalid adapter name" in bad_name.stderr
+    removed = cli("adapters", "rm", "dev/demo", state=state)
+    assert removed.returncode == 0 and "1 blob(s) deleted" in removed.stdout
+    assert cli("adapters", "rm", "dev/demo", state=state).returncode == 1
+
+    # Ctrl-C: every process stops and every port is free again.
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "stopped" in out
+    for name, pid in endpoints.pids.items():
+        assert not pid_alive(pid), f"{name} (pid {pid}) survived Ctrl-C"
+    assert all(port_is_free(host, p) for p in ports)
+    assert not (state / "stack.json").exists()
+
+
+def test_second_start_on_the_same_state_dir_is_refused(up_process) -> None:
+    proc, state = up_process
+    wait_for(state / "dev-api-key", proc)
+    second = subprocess.run([*LORAFN, "up", "--state-dir", str(state), "--auto-ports"], capture_output=True,
+                            text=True, timeout=60)
+    assert second.returncode == 1
+    assert "already running" in second.stderr
+    assert proc.poll() is None  # the first stack is untouched
+    assert (state / "stack.json").exists()
+
+
+def test_port_already_taken_is_reported_and_nothing_is_left(tmp_path: Path) -> None:
+    ports = free_stack_ports()
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", ports.postgres))
+        blocker.listen()
+        stack = LocalStack(StackConfig(state_dir=tmp_path, ports=ports))
+        with pytest.raises(PortInUse) as info:
+            stack.start()
+    assert info.value.port == ports.postgres and "--postgres-port" in str(info.value)
+    assert stack.processes == []  # nothing was started: the ports are checked before any server
+    assert port_is_free("127.0.0.1", ports.nats)
+    # The lock was released: the same state dir can start again.
+    LocalStack(StackConfig(state_dir=tmp_path))._acquire_lock()
+
+
+def test_failure_midway_stops_what_was_started(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    stack = LocalStack(StackConfig(state_dir=tmp_path, ports=free_stack_ports()))
+
+    def broken_s3(binary: Path) -> None:
+        raise BinaryNotFound("weed", "simulated failure after NATS and Postgres started")
+
+    monkeypatch.setattr(stack, "_start_seaweedfs", broken_s3)
+    monkeypatch.setattr(stack, "_start_minio", broken_s3)
+    started: list[int] = []
+    real_spawn = stack._spawn
+
+    def spawn(proc):  # type: ignore[no-untyped-def]
+        real_spawn(proc)
+        started.append(proc.pid)
+        return proc
+
+    monkeypatch.setattr(stack, "_spawn", spawn)
+    with pytest.raises(BinaryNotFound):
+        stack.start()
+    assert len(started) == 2  # NATS and Postgres were running when S3 failed ...
+    assert not any(pid_alive(pid) for pid in started)  # ... and were stopped
+    assert all(port_is_free("127.0.0.1", p) for p in (stack.config.ports.nats, stack.config.ports.postgres))
+    # The state dir is free for the next start.
+    LocalStack(StackConfig(state_dir=tmp_path, ports=free_stack_ports()))._acquire_lock()
+
+
+def test_lock_is_held_per_state_dir(tmp_path: Path) -> None:
+    first = LocalStack(StackConfig(state_dir=tmp_path))
+    first._acquire_lock()
+    try:
+        with pytest.raises(AlreadyRunning):
+            LocalStack(StackConfig(state_dir=tmp_path))._acquire_lock()
+    finally:
+        first._release_lock()
+
+
+def test_stack_json_is_private(up_process) -> None:
+    proc, state = up_process
+    wait_for(state / "dev-api-key", proc)
+    for name in ("stack.json", "credentials.json", "dev-api-key", "nats.conf"):
+        assert (state / name).stat().st_mode & 0o077 == 0, name
+    data = json.loads((state / "stack.json").read_text())
+    assert data["database_url"].startswith("postgresql+psycopg://")
