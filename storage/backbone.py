@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from storage.gguf_file import GGUFFile
+
 # The seven projections of a Llama-family block that an adapter may adapt, in a fixed order.
 MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -67,6 +69,7 @@ class BackboneSpec:
     @classmethod
     def from_hf_config(cls, config: dict[str, Any], *, name: str | None = None) -> BackboneSpec:
         """Build from the dict of a Hugging Face Llama/Qwen2/Mistral `config.json`."""
+        config = normalize_hf_config(config)
         heads = int(config["num_attention_heads"])
         hidden = int(config["hidden_size"])
         return cls(
@@ -93,45 +96,58 @@ class BackboneSpec:
         return cls.from_hf_config(config, name=name)
 
     @classmethod
-    def from_gguf(cls, path: Path, *, name: str | None = None) -> BackboneSpec:
+    def from_gguf(cls, path: Path | str | GGUFFile, *, name: str | None = None) -> BackboneSpec:
         """Build from the metadata of a GGUF file (tensor data is not read)."""
-        from gguf import GGUFReader
-
-        reader = GGUFReader(str(path))
-        arch = str(reader.fields["general.architecture"].contents())
-
-        def field(key: str, default: Any = None) -> Any:
-            f = reader.fields.get(f"{arch}.{key}")
-            return default if f is None else f.contents()
-
-        heads = int(field("attention.head_count"))
-        hidden = int(field("embedding_length"))
-        vocab = field("vocab_size")
+        file = path if isinstance(path, GGUFFile) else GGUFFile.open(path)
+        heads = int(file.arch_field("attention.head_count"))
+        hidden = int(file.arch_field("embedding_length"))
+        vocab = file.arch_field("vocab_size")
         if vocab is None:
-            vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
-        tensor_names = {t.name for t in reader.tensors}
+            tokens = file.metadata.get("tokenizer.ggml.tokens")
+            vocab = tokens if isinstance(tokens, int) else len(tokens or ())
+        if vocab == 0:
+            vocab = file.tensors["token_embd.weight"].shape[0]
         rope_scaling = None
-        if field("rope.scaling.type") not in (None, "none"):
+        scaling_type = file.arch_field("rope.scaling.type")
+        if scaling_type not in (None, "none"):
             rope_scaling = {
-                "rope_type": str(field("rope.scaling.type")),
-                "factor": float(field("rope.scaling.factor", 1.0)),
+                "rope_type": str(scaling_type),
+                "factor": float(file.arch_field("rope.scaling.factor", 1.0)),
             }
         return cls(
-            name=name or DEFAULT_BACKBONE_NAME,
-            num_layers=int(field("block_count")),
+            name=name or str(file.metadata.get("general.name") or DEFAULT_BACKBONE_NAME),
+            num_layers=int(file.arch_field("block_count")),
             hidden_size=hidden,
-            intermediate_size=int(field("feed_forward_length")),
+            intermediate_size=int(file.arch_field("feed_forward_length")),
             num_heads=heads,
-            num_kv_heads=int(field("attention.head_count_kv", heads)),
-            head_dim=int(field("rope.dimension_count", hidden // heads)),
+            num_kv_heads=int(file.arch_field("attention.head_count_kv", heads)),
+            head_dim=int(
+                file.arch_field("attention.key_length", file.arch_field("rope.dimension_count", hidden // heads))
+            ),
             vocab_size=int(vocab),
-            max_position_embeddings=int(field("context_length", 8192)),
-            rope_theta=float(field("rope.freq_base", 10000.0)),
-            rms_norm_eps=float(field("attention.layer_norm_rms_epsilon", 1e-5)),
-            tie_word_embeddings="output.weight" not in tensor_names,
+            max_position_embeddings=int(file.arch_field("context_length", 8192)),
+            rope_theta=float(file.arch_field("rope.freq_base", 10000.0)),
+            rms_norm_eps=float(file.arch_field("attention.layer_norm_rms_epsilon", 1e-5)),
+            tie_word_embeddings="output.weight" not in file.tensors,
             rope_scaling=rope_scaling,
-            attention_bias="blk.0.attn_q.bias" in tensor_names,
+            attention_bias="blk.0.attn_q.bias" in file.tensors,
         )
+
+
+def normalize_hf_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A `config.json` dict with rotary settings under the classic keys `rope_theta` / `rope_scaling`.
+
+    transformers >= 5 writes them as one `rope_parameters` dict (`{"rope_type", "rope_theta", ...}`).
+    """
+    config = dict(config)
+    params = config.get("rope_parameters")
+    if isinstance(params, dict):
+        if "rope_theta" in params:
+            config.setdefault("rope_theta", params["rope_theta"])
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        if rope_type != "default" and not config.get("rope_scaling"):
+            config["rope_scaling"] = {k: v for k, v in params.items() if k != "rope_theta"}
+    return config
 
 
 def default_gguf_path() -> Path:

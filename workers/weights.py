@@ -19,14 +19,14 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from storage.backbone import DEFAULT_BACKBONE_NAME, BackboneSpec, default_gguf_path
-from workers.gguf_file import GGUFFile
+from storage.backbone import DEFAULT_BACKBONE_NAME, BackboneSpec, default_gguf_path, normalize_hf_config
+from storage.gguf_file import GGUFFile
 
 if TYPE_CHECKING:
     from workers.model import Backbone
@@ -177,43 +177,6 @@ def unpermute_rotary_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
 # GGUF
 
 
-def gguf_spec(file: GGUFFile, *, name: str | None = None) -> BackboneSpec:
-    """The `BackboneSpec` described by a GGUF file's metadata."""
-    heads = int(file.arch_field("attention.head_count"))
-    hidden = int(file.arch_field("embedding_length"))
-    vocab = file.arch_field("vocab_size")
-    if vocab is None:
-        tokens = file.metadata.get("tokenizer.ggml.tokens")
-        vocab = tokens if isinstance(tokens, int) else len(tokens or ())
-    if vocab == 0:
-        vocab = file.tensors["token_embd.weight"].shape[0]
-    rope_scaling = None
-    scaling_type = file.arch_field("rope.scaling.type")
-    if scaling_type not in (None, "none"):
-        rope_scaling = {
-            "rope_type": str(scaling_type),
-            "factor": float(file.arch_field("rope.scaling.factor", 1.0)),
-        }
-    return BackboneSpec(
-        name=name or str(file.metadata.get("general.name") or DEFAULT_BACKBONE_NAME),
-        num_layers=int(file.arch_field("block_count")),
-        hidden_size=hidden,
-        intermediate_size=int(file.arch_field("feed_forward_length")),
-        num_heads=heads,
-        num_kv_heads=int(file.arch_field("attention.head_count_kv", heads)),
-        head_dim=int(
-            file.arch_field("attention.key_length", file.arch_field("rope.dimension_count", hidden // heads))
-        ),
-        vocab_size=int(vocab),
-        max_position_embeddings=int(file.arch_field("context_length", 8192)),
-        rope_theta=float(file.arch_field("rope.freq_base", 10000.0)),
-        rms_norm_eps=float(file.arch_field("attention.layer_norm_rms_epsilon", 1e-5)),
-        tie_word_embeddings="output.weight" not in file.tensors,
-        rope_scaling=rope_scaling,
-        attention_bias="blk.0.attn_q.bias" in file.tensors,
-    )
-
-
 def _hf_name(gguf_name: str) -> str | None:
     """Hugging Face name of a GGUF tensor name, or None for tensors the model does not use."""
     if gguf_name in _GGUF_GLOBAL_NAMES:
@@ -236,7 +199,7 @@ def load_gguf(
     file = GGUFFile.open(path)
     if file.architecture not in _SUPPORTED_GGUF_ARCHS:
         raise UnsupportedArchitecture(file.architecture, _SUPPORTED_GGUF_ARCHS)
-    spec = gguf_spec(file, name=name)
+    spec = BackboneSpec.from_gguf(file, name=name)
     permute = file.architecture in _ROTARY_PERMUTED_ARCHS
     tensors: dict[str, torch.Tensor] = {}
     rope_freq_factors = None
@@ -262,23 +225,6 @@ def load_gguf(
 
 # ---------------------------------------------------------------------------------------------------------
 # Hugging Face checkpoint directories
-
-
-def normalize_hf_config(config: dict[str, Any]) -> dict[str, Any]:
-    """A `config.json` dict with rotary settings under the classic keys `rope_theta` / `rope_scaling`.
-
-    transformers >= 5 writes them as one `rope_parameters` dict (`{"rope_type", "rope_theta", ...}`),
-    which `BackboneSpec.from_hf_config` does not read.
-    """
-    config = dict(config)
-    params = config.get("rope_parameters")
-    if isinstance(params, dict):
-        if "rope_theta" in params:
-            config.setdefault("rope_theta", params["rope_theta"])
-        rope_type = params.get("rope_type", params.get("type", "default"))
-        if rope_type != "default" and not config.get("rope_scaling"):
-            config["rope_scaling"] = {k: v for k, v in params.items() if k != "rope_theta"}
-    return config
 
 
 def _safetensors_files(directory: Path) -> list[Path]:

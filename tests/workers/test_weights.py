@@ -13,14 +13,13 @@ from gguf import GGMLQuantizationType, GGUFWriter
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
-from storage.backbone import DEFAULT_BACKBONE_NAME, default_backbone_spec
-from workers.gguf_file import GGUFFile, GGUFFormatError
+from storage.backbone import DEFAULT_BACKBONE_NAME, BackboneSpec, default_backbone_spec
+from storage.gguf_file import GGUFFile, GGUFFormatError
 from workers.model import Backbone, rope_inv_freq
 from workers.weights import (
     CheckpointError,
     UnsupportedArchitecture,
     dequantize,
-    gguf_spec,
     load_checkpoint,
     load_gguf,
     load_hf_dir,
@@ -93,9 +92,15 @@ def test_unpermute_inverts_llama_cpp_permutation() -> None:
         assert torch.equal(restored, torch.from_numpy(weight))
 
 
-def test_gguf_reader_agrees_with_backbone_spec(gguf_path: Path) -> None:
+def test_gguf_reader_reads_the_default_backbone_spec(gguf_path: Path) -> None:
     file = GGUFFile.open(gguf_path)
-    assert gguf_spec(file, name=DEFAULT_BACKBONE_NAME) == default_backbone_spec()
+    spec = BackboneSpec.from_gguf(file, name=DEFAULT_BACKBONE_NAME)
+    assert spec == default_backbone_spec()
+    # SmolLM2-135M-Instruct's published architecture.
+    assert (spec.num_layers, spec.hidden_size, spec.intermediate_size) == (30, 576, 1536)
+    assert (spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.vocab_size) == (9, 3, 64, 49152)
+    assert spec.rope_theta == 100000.0 and spec.tie_word_embeddings and spec.rope_scaling is None
+    assert spec.rms_norm_eps == pytest.approx(1e-5)
     info = file.tensors["blk.0.attn_q.weight"]
     assert info.ggml_type == Q.Q4_1 and info.shape == (576, 576) and info.nbytes == 576 * 576 // 32 * 20
     assert file.tensors["token_embd.weight"].ggml_type == Q.Q8_0
@@ -227,3 +232,16 @@ def test_hf_dir_dtype_and_errors(tmp_path: Path) -> None:
         load_hf_dir(tmp_path)
     with pytest.raises(CheckpointError, match="neither"):
         load_checkpoint(tmp_path / "missing.bin")
+
+
+def test_hf_config_with_rope_parameters_keeps_theta_and_scaling() -> None:
+    config = {
+        "num_attention_heads": 4, "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
+        "vocab_size": 100, "num_key_value_heads": 2,
+        "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    }
+    spec = BackboneSpec.from_hf_config(config)
+    assert spec.rope_theta == 500000.0
+    assert spec.rope_scaling is not None and spec.rope_scaling["rope_type"] == "llama3"
+    assert spec.rope_scaling["factor"] == 8.0
