@@ -37,15 +37,23 @@ def object_store_settings(endpoints: StackEndpoints) -> ObjectStoreSettings:
     )
 
 
-async def bootstrap(endpoints: StackEndpoints, *, state_dir: Path) -> BootstrapResult:
-    """Idempotently prepare a fresh or existing stack for use."""
-    upgrade(endpoints.database_url)
-    ObjectStore(object_store_settings(endpoints)).ensure_bucket()
-    nc = await nats.connect(endpoints.nats_url, connect_timeout=5, max_reconnect_attempts=3)
+async def prepare_services(*, nats_url: str, database_url: str, object_store: ObjectStoreSettings) -> list[str]:
+    """Schema at head, the adapter bucket, the JetStream streams. Idempotent. Returns the stream names."""
+    upgrade(database_url)
+    ObjectStore(object_store).ensure_bucket()
+    nc = await nats.connect(nats_url, connect_timeout=5, max_reconnect_attempts=3)
     try:
-        streams = await ensure_streams(nc.jetstream())
+        return await ensure_streams(nc.jetstream())
     finally:
         await nc.drain()
+
+
+async def bootstrap(endpoints: StackEndpoints, *, state_dir: Path) -> BootstrapResult:
+    """Idempotently prepare a fresh or existing local stack for use, with a dev tenant and key."""
+    streams = await prepare_services(
+        nats_url=endpoints.nats_url, database_url=endpoints.database_url,
+        object_store=object_store_settings(endpoints),
+    )
     key = await _dev_key(DatabaseSettings(url=endpoints.database_url), state_dir / "dev-api-key")
     return BootstrapResult(streams=streams, dev_tenant=DEV_TENANT, dev_api_key=key)
 

