@@ -217,7 +217,7 @@ def adapters_ls(
     async def run() -> None:
         engine, registry = _registry(settings)
         try:
-            rows = await registry.list(tenant=tenant)
+            rows = await registry.list_adapters(tenant=tenant)
         finally:
             await engine.dispose()
         table = Table("adapter", "version", "sha256", "max rank", "modules", "bytes", "updated")

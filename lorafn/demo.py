@@ -46,7 +46,7 @@ async def _push_all(stack_dir: Path, work: Path, console: Console) -> None:
                 ms = (time.perf_counter() - t0) * 1000
                 table.add_row(f"{pushed.tenant}/{pushed.name}", str(rank), ",".join(pushed.target_modules),
                               str(pushed.bytes), pushed.sha256[:16], f"{ms:.0f}")
-            listed = await registry.list(tenant=result.dev_tenant)
+            listed = await registry.list_adapters(tenant=result.dev_tenant)
         finally:
             await engine.dispose()
         console.print(table)

@@ -154,7 +154,8 @@ def port_is_free(host: str, port: int) -> bool:
 
 def free_ports(host: str, count: int) -> list[int]:
     """`count` distinct ports that are free now (for tests and `--ports auto`)."""
-    socks, ports = [], []
+    socks: list[socket.socket] = []
+    ports: list[int] = []
     try:
         while len(ports) < count:
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -307,7 +308,9 @@ def _ensure_system_user(name: str) -> None:
 
 
 def _make_traversable(path: Path) -> None:
-    """Give others search (x) permission on every ancestor, so the Postgres account can reach its data."""
+    """Give others search (x) permission on `path` and every ancestor, so the Postgres account can reach it."""
+    if not path.exists():
+        return
     for parent in [path, *path.parents]:
         mode = parent.stat().st_mode
         if not mode & 0o001:
@@ -492,7 +495,11 @@ class LocalStack:
         if os.geteuid() == 0:
             user = POSTGRES_SYSTEM_USER
             _ensure_system_user(user)
+            # The account must reach its data and the server's binaries and libraries, wherever the
+            # checkout or the virtualenv lives (a private temp dir, a home directory).
             _make_traversable(self.state_dir)
+            _make_traversable(bin_dir)
+            _make_traversable(bin_dir.parent / "lib")
         if not (data / "PG_VERSION").exists():
             shutil.rmtree(data, ignore_errors=True)  # a half-done initdb from an interrupted first start
             data.mkdir(mode=0o700)

