@@ -35,8 +35,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import reduce
 from typing import Any, Literal
@@ -110,10 +109,6 @@ class AdapterNotLoaded(AdapterPoolError):
         self.key = key
 
 
-class AdapterFormatError(AdapterPoolError):
-    """A PEFT checkpoint cannot be parsed into LoRA weights (message names the key and the numbers)."""
-
-
 class PoolTooSmall(AdapterPoolError):
     """The capacity does not hold a single page."""
 
@@ -146,75 +141,6 @@ class ModuleLora:
 
 # (layer, module) -> weights; any subset of layers and of the seven projections.
 LoraWeights = dict[tuple[int, str], ModuleLora]
-
-_PEFT_KEY = re.compile(
-    r"^(?:base_model\.model\.)?(?P<name>(?:.*\.)?layers\.(?P<layer>\d+)\.(?:[^.]+\.)*(?P<module>[^.]+))"
-    r"\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$"
-)
-
-
-def _peft_pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
-    """PEFT's rank_pattern/alpha_pattern lookup (peft.utils.other.get_pattern_key): first key, in order,
-    that matches the end of the module name on a dot boundary, as a regex."""
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", name):
-            return patterns[key]
-    return default
-
-
-def lora_weights_from_peft(
-    state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any], spec: BackboneSpec
-) -> LoraWeights:
-    """Parse a PEFT LoRA state dict and its adapter_config into `LoraWeights`.
-
-    Keys look like ``base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight`` (optionally with
-    an adapter name, ``.lora_A.default.weight``). The scale of each module follows PEFT: r and alpha
-    are resolved through ``rank_pattern`` / ``alpha_pattern`` against the module name as PEFT sees it
-    (``model.layers.3.self_attn.q_proj``), falling back to ``r`` / ``lora_alpha``; scale is alpha / r,
-    or alpha / sqrt(r) when ``use_rslora``. Keys that are not LoRA matrices are ignored; LoRA matrices
-    of modules the backbone cannot adapt raise `UnknownModule`.
-    """
-    if config.get("use_dora"):
-        raise AdapterFormatError("DoRA adapters (use_dora=true) are not supported")
-    default_r = int(config.get("r", 8))
-    default_alpha = float(config.get("lora_alpha", 8))
-    rank_pattern: Mapping[str, Any] = config.get("rank_pattern") or {}
-    alpha_pattern: Mapping[str, Any] = config.get("alpha_pattern") or {}
-    rslora = bool(config.get("use_rslora", False))
-
-    found: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    names: dict[tuple[int, str], str] = {}
-    for key, tensor in state_dict.items():
-        m = _PEFT_KEY.match(key)
-        if m is None:
-            if ".lora_" in key:
-                raise AdapterFormatError(f"cannot parse LoRA key {key!r}")
-            continue
-        layer, module = int(m["layer"]), m["module"]
-        if module not in MODULES or layer >= spec.num_layers:
-            raise UnknownModule(module, layer, spec.num_layers)
-        found.setdefault((layer, module), {})[m["which"]] = tensor
-        names[(layer, module)] = m["name"]
-
-    weights: LoraWeights = {}
-    for (layer, module), pair in sorted(found.items()):
-        if set(pair) != {"A", "B"}:
-            raise AdapterFormatError(f"layer {layer} {module} has lora_{''.join(pair)} but not both A and B")
-        a, b = pair["A"], pair["B"]
-        name = names[(layer, module)]
-        r = int(_peft_pattern_value(rank_pattern, name, default_r))
-        alpha = float(_peft_pattern_value(alpha_pattern, name, default_alpha))
-        if a.shape[0] != r or b.shape[1] != r:
-            raise AdapterFormatError(
-                f"{name}: config rank {r} but lora_A has shape {tuple(a.shape)} and lora_B {tuple(b.shape)}"
-            )
-        scale = alpha / math.sqrt(r) if rslora else alpha / r
-        weights[(layer, module)] = ModuleLora(a=a, b=b, scale=scale)
-    return weights
-
-
-# ----------------------------------------------------------------------------------------- allocator
-
 
 Run = tuple[int, int]  # (first page, number of pages)
 

@@ -309,3 +309,11 @@ def test_real_peft_adapter_validates(make_peft_adapter) -> None:
     assert adapter.modules[(0, "k_proj")].alpha == 4
     assert adapter.use_rslora
     assert adapter.target_modules == list(SPEC.module_shapes())
+
+
+def test_keys_with_an_adapter_name_are_accepted() -> None:
+    named = {k.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight"): v
+             for k, v in lora_tensors().items()}
+    adapter = validate(UploadFiles(config=json.dumps(config()).encode(), weights=save_safetensors(named)), SPEC)
+    plain = validate(UploadFiles(config=json.dumps(config()).encode(), weights=save_safetensors(lora_tensors())), SPEC)
+    assert canonical_blob(adapter) == canonical_blob(plain)

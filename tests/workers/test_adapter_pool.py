@@ -19,7 +19,6 @@ from workers.adapter_pool import (
     PageAllocator,
     PoolFull,
     UnknownModule,
-    lora_weights_from_peft,
     simulate_churn,
 )
 
@@ -225,10 +224,13 @@ def test_churn_simulation_is_deterministic_and_meets_targets() -> None:
 
 
 @pytest.mark.parametrize("use_rslora", [False, True])
-def test_peft_adapter_matches_peft_delta(use_rslora: bool) -> None:
+def test_peft_adapter_matches_peft_delta(use_rslora: bool, tmp_path) -> None:
+    """A PEFT adapter read through the registry's format and loaded into the pool adds PEFT's delta."""
     from peft import LoraConfig, get_peft_model
-    from peft.utils import get_peft_model_state_dict
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from storage.adapter_format import read_upload, validate
+    from workers.adapters import lora_weights_from_parsed
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
@@ -247,10 +249,8 @@ def test_peft_adapter_matches_peft_delta(use_rslora: bool) -> None:
         if "lora_B" in name:
             torch.nn.init.normal_(p)
     model.eval()
-    state = get_peft_model_state_dict(model)
-    config = {"r": 8, "lora_alpha": 16, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
-              "use_rslora": use_rslora}
-    weights = lora_weights_from_peft(state, config, SPEC)
+    model.save_pretrained(tmp_path)
+    weights = lora_weights_from_parsed(validate(read_upload(tmp_path), SPEC))
     assert len(weights) == SPEC.num_layers * len(MODULES)
     if not use_rslora:
         assert weights[(1, "k_proj")].rank == 4 and weights[(0, "k_proj")].rank == 8
@@ -270,16 +270,3 @@ def test_peft_adapter_matches_peft_delta(use_rslora: bool) -> None:
             batch.apply(layer, m, x, y)
             torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
 
-
-def test_peft_keys_with_adapter_name_and_missing_half() -> None:
-    a, b = torch.randn(4, 64), torch.randn(64, 4)
-    state = {
-        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight": a,
-        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight": b,
-        "base_model.model.lm_head.weight": torch.zeros(1),
-    }
-    weights = lora_weights_from_peft(state, {"r": 4, "lora_alpha": 8}, SPEC)
-    assert list(weights) == [(0, "q_proj")] and weights[(0, "q_proj")].scale == 2.0
-    del state["base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight"]
-    with pytest.raises(Exception, match="not both"):
-        lora_weights_from_peft(state, {"r": 4}, SPEC)
