@@ -148,6 +148,42 @@ def migrate(
     console.print(f"database at revision {revision}")
 
 
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="the prompt (a user message for chat models)")],
+    adapter: Annotated[list[Path] | None, typer.Option("--adapter", "-a", help="PEFT adapter dir; repeatable",
+                                                       exists=True)] = None,
+    base: Annotated[bool, typer.Option("--base/--no-base", help="also run the bare backbone in the batch")] = True,
+    backbone: Annotated[Path | None, typer.Option(help=".gguf file or checkpoint dir (default: SmolLM2-135M)",
+                                                  exists=True)] = None,
+    max_tokens: Annotated[int, typer.Option(min=1, help="tokens to generate per request")] = 64,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 is greedy")] = 0.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="sampling seed (same seed, same tokens)")] = None,
+    chat: Annotated[bool, typer.Option("--chat/--raw", help="apply the chat template")] = True,
+) -> None:
+    """Run the engine locally, no services: one request per adapter, all in ONE batch."""
+    from storage.errors import AdapterInvalid
+    from workers.engine import PromptTooLong, SamplingParams
+    from workers.generate import generate_local
+
+    adapters: list[Path | None] = [*([None] if base or not adapter else []), *(adapter or [])]
+    params = SamplingParams(temperature=temperature, top_p=top_p, seed=seed, max_tokens=max_tokens)
+    started = time.monotonic()
+    try:
+        with console.status(f"generating for {len(adapters)} request(s) in one batch ..."):
+            outputs = generate_local(backbone, adapters, prompt, params, chat=chat)
+    except AdapterInvalid as e:
+        raise _fail(f"adapter refused ({e.code}): {e}") from None
+    except PromptTooLong as e:
+        raise _fail(str(e)) from None
+    for out in outputs:
+        title = "base model" if out.adapter is None else str(out.adapter)
+        console.rule(f"[bold]{title}[/] ({len(out.token_ids)} tokens, {out.finish_reason.value})")
+        console.print(out.text, highlight=False, markup=False)
+    console.print(f"[dim]{time.monotonic() - started:.1f} s including loading[/]")
+
+
 def _registry(settings: LorafnSettings):  # type: ignore[no-untyped-def]
     from storage.backbone import resolve_backbone_spec
     from storage.objectstore import ObjectStore
