@@ -37,7 +37,9 @@ class InvalidName(ValueError):
 
     def __init__(self, kind: str, value: str) -> None:
         super().__init__(
-            f"invalid {kind} name {value!r}: use 1 to 64 characters from [A-Za-z0-9_-]"
+            f"invalid {kind} name {value!r}: use 1 to 64 characters from [A-Za-z0-9_-], not starting with _"
+            if kind == "adapter" and value.startswith("_")
+            else f"invalid {kind} name {value!r}: use 1 to 64 characters from [A-Za-z0-9_-]"
         )
         self.kind = kind
         self.value = value

@@ -16,7 +16,7 @@ from pathlib import Path
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from protocol.subjects import check_name
+from protocol.subjects import InvalidName, check_name
 from storage import repo
 from storage.adapter_format import (
     ParsedAdapter,
@@ -100,6 +100,8 @@ class Registry:
         """Validate, store and register an adapter as the current version of `tenant/name`."""
         check_name("tenant", tenant)
         check_name("adapter", name)
+        if name.startswith("_"):
+            raise InvalidName("adapter", name)  # names starting with "_" are reserved (e.g. the base model)
         prepared = source if isinstance(source, Prepared) else await asyncio.to_thread(self.prepare, source)
         adapter, blob = prepared.adapter, prepared.blob
         sha = blob_sha256(blob)

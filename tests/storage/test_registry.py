@@ -158,3 +158,16 @@ def test_unreachable_object_store_is_reported_as_unavailable(object_store_settin
     dead = ObjectStore(object_store_settings.model_copy(update={"endpoint": "127.0.0.1:1"}))
     with pytest.raises(StorageUnavailable, match="object store is unavailable"):
         dead.put_blob(b"x")
+
+
+async def test_reserved_and_invalid_names_are_refused_before_anything_is_written(registry: Registry, store: ObjectStore,
+                                                                                sessions, make_peft_adapter) -> None:
+    from protocol.subjects import InvalidName
+
+    path = make_peft_adapter(r=4, seed=7)
+    for tenant, name in [("acme", "_base"), ("acme", "a.b"), ("ac me", "a"), ("acme", "")]:
+        with pytest.raises(InvalidName):
+            await registry.push(tenant=tenant, name=name, source=path)
+    assert store.list_blobs() == []
+    async with sessions() as session:
+        assert set((await repo.count_rows(session)).values()) == {0}

@@ -1,0 +1,220 @@
+"""Every message lorafn sends over NATS: small typed classes, msgpack on the wire.
+
+Each subject carries one message type (see protocol/subjects.py):
+
+| subject                                 | message              | from -> to                      |
+|-----------------------------------------|----------------------|---------------------------------|
+| `lora.invoke.<tenant>.<adapter>` (JS)   | `Invocation`         | gateway / any client -> workers |
+| `lora.reply.<invocation id>` (core)     | `TokenChunk`, then `InvocationResult` | worker -> caller |
+| `lora.result.<invocation id>` (JS)      | `InvocationResult`   | worker -> results stream        |
+| `lora.ctl.<worker id>.<verb>` (core req)| `ControlRequest` / `ControlReply` | scheduler -> worker |
+| `lora.evt.worker.<worker id>` (core)    | `Heartbeat`          | worker -> scheduler             |
+| `lora.evt.adapter.<event>` (core)       | `AdapterEvent`       | registry -> scheduler, workers  |
+
+Decoding ignores unknown fields, so a newer sender can add fields without breaking older readers;
+a missing or mistyped field raises `MessageInvalid`.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from typing import Any, ClassVar, Literal, Self
+
+import msgpack
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+# The base model's pseudo adapter name: an invocation with adapter=None runs the bare backbone, and is
+# published to lora.invoke.<tenant>.<BASE_ADAPTER>.
+BASE_ADAPTER = "_base"
+
+
+class MessageInvalid(ValueError):
+    """Bytes that do not decode to the expected message type."""
+
+    def __init__(self, message_type: str, reason: str) -> None:
+        super().__init__(f"invalid {message_type}: {reason}")
+        self.message_type = message_type
+
+
+class ErrorCode(enum.StrEnum):
+    """Why an invocation failed; the gateway maps each to an HTTP status."""
+
+    bad_request = "bad_request"  # 400: a parameter the worker cannot honour
+    prompt_too_long = "prompt_too_long"  # 400: prompt beyond the context window
+    not_found = "not_found"  # 404: adapter or version unknown
+    adapter_invalid = "adapter_invalid"  # 422: the stored adapter cannot be loaded
+    adapter_corrupted = "adapter_corrupted"  # 502: the object store returned bytes with the wrong hash
+    overloaded = "overloaded"  # 429: queue limits reached
+    unavailable = "unavailable"  # 503: a dependency is down
+    timeout = "timeout"  # 504: no worker answered in time
+    dead_letter = "dead_letter"  # 500: delivered max_deliver times, never completed
+    internal = "internal"  # 500: a bug
+
+
+class Message(BaseModel):
+    """Base of every wire message: immutable, msgpack-encoded, unknown fields ignored."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+    kind: ClassVar[str] = "message"
+
+    def encode(self) -> bytes:
+        return msgpack.packb(self.model_dump(mode="json"), use_bin_type=True)
+
+    @classmethod
+    def decode(cls, data: bytes) -> Self:
+        try:
+            raw = msgpack.unpackb(data, raw=False)
+        except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError) as e:
+            raise MessageInvalid(cls.__name__, f"not msgpack ({e})") from e
+        if not isinstance(raw, dict):
+            raise MessageInvalid(cls.__name__, f"expected a map, got {type(raw).__name__}")
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as e:
+            raise MessageInvalid(cls.__name__, e.errors(include_url=False).__repr__()) from e
+
+
+class Sampling(Message):
+    """Sampling parameters of one invocation (temperature 0 is greedy)."""
+
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    seed: int | None = None
+    max_tokens: int = Field(16, ge=1)
+    stop: list[str] = Field(default_factory=list, max_length=4)
+    stop_token_ids: list[int] = Field(default_factory=list)
+
+
+class ChatMessage(Message):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class Invocation(Message):
+    """One call of a function. Published to the invocations stream with `Nats-Msg-Id: <id>`."""
+
+    kind: ClassVar[str] = "invocation"
+    id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    tenant: str
+    adapter: str | None = None  # None: the bare backbone
+    version: str | None = None  # sha256 of the adapter version the gateway resolved
+    prompt: str | None = None  # a completion prompt ...
+    messages: list[ChatMessage] | None = None  # ... or a chat, with the backbone's chat template
+    sampling: Sampling = Field(default_factory=Sampling)
+    stream: bool = True  # send TokenChunks to the reply subject as they come
+    reply_to: str | None = None  # core subject of the caller, usually lora.reply.<id>
+    callback_url: str | None = None
+    submitted_at: float = Field(default_factory=time.time)  # unix seconds
+
+
+class TokenChunk(Message):
+    """Tokens of an invocation, in order. `index` counts tokens from 0, so a redelivered invocation that
+    generates again (same seed, same tokens) lets the caller drop what it has already seen."""
+
+    kind: ClassVar[str] = "chunk"
+    invocation_id: str
+    index: int = Field(ge=0)  # index of the first token of this chunk in the completion
+    token_ids: list[int]
+    text: str
+
+
+class Usage(Message):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class Timings(Message):
+    """Milliseconds from submission; None when the step never happened."""
+
+    queued_ms: float | None = None  # submitted -> a worker started it
+    load_ms: float | None = None  # time spent bringing the adapter to the device for this call
+    first_token_ms: float | None = None
+    total_ms: float | None = None
+
+
+class InvocationError(Message):
+    code: ErrorCode
+    message: str
+
+
+class InvocationResult(Message):
+    """The outcome of an invocation: the last message on the reply subject and the record in the
+    results stream (which makes retries idempotent)."""
+
+    kind: ClassVar[str] = "result"
+    invocation_id: str
+    status: Literal["succeeded", "failed"]
+    text: str = ""
+    token_ids: list[int] = Field(default_factory=list)
+    finish_reason: Literal["stop", "length", "abort"] | None = None
+    usage: Usage = Field(default_factory=Usage)
+    timings: Timings = Field(default_factory=Timings)
+    worker_id: str | None = None
+    adapter_tier: Literal["device", "host", "object"] | None = None  # where the adapter was on arrival
+    attempt: int = 1
+    error: InvocationError | None = None
+
+
+class ControlVerb(enum.StrEnum):
+    """Scheduler -> worker lifecycle verbs; each is idempotent."""
+
+    fetch = "fetch"  # object store -> host cache
+    load = "load"  # host cache -> device pool (fetching first if needed)
+    evict = "evict"  # device pool -> host cache (or drop the host copy with tier=host)
+    drain = "drain"  # stop taking new work
+
+
+class ControlRequest(Message):
+    kind: ClassVar[str] = "control"
+    verb: ControlVerb
+    tenant: str | None = None
+    adapter: str | None = None
+    version: str | None = None  # sha256 of the adapter version
+    tier: Literal["device", "host"] | None = None
+
+
+class ControlReply(Message):
+    ok: bool
+    tier: Literal["device", "host", "object"] | None = None  # where the adapter is after the command
+    load_ms: float | None = None
+    error: InvocationError | None = None
+
+
+class ResidentAdapter(Message):
+    tenant: str
+    adapter: str
+    version: str
+    tier: Literal["device", "host"]
+    pages: int = 0
+    bytes: int = 0
+    last_used: float | None = None  # unix seconds
+
+
+class Heartbeat(Message):
+    """A worker's state, published every second."""
+
+    kind: ClassVar[str] = "heartbeat"
+    worker_id: str
+    host: str
+    device: str
+    started_at: float
+    sent_at: float = Field(default_factory=time.time)
+    draining: bool = False
+    capacity: dict[str, Any] = Field(default_factory=dict)  # pool pages, page bytes, host cache bytes, ...
+    resident: list[ResidentAdapter] = Field(default_factory=list)
+    free_pages: int = 0
+    queue_depth: int = 0
+    running: int = 0
+    tokens_per_s: float = 0.0
+
+
+class AdapterEvent(Message):
+    """An adapter was pushed (new current version) or deleted."""
+
+    kind: ClassVar[str] = "adapter_event"
+    event: Literal["pushed", "deleted"]
+    tenant: str
+    adapter: str
+    version: str | None = None
