@@ -10,6 +10,7 @@ Each subject carries one message type (see protocol/subjects.py):
 | `lora.ctl.<worker id>.<verb>` (core req)| `ControlRequest` / `ControlReply` | scheduler -> worker |
 | `lora.evt.worker.<worker id>` (core)    | `Heartbeat`          | worker -> scheduler             |
 | `lora.evt.adapter.<event>` (core)       | `AdapterEvent`       | registry -> scheduler, workers  |
+| `lora.evt.invocation.started` (core)    | `InvocationStarted`  | worker -> scheduler, gateway    |
 
 Decoding ignores unknown fields, so a newer sender can add fields without breaking older readers;
 a missing or mistyped field raises `MessageInvalid`.
@@ -155,6 +156,18 @@ class InvocationResult(Message):
     adapter_tier: Literal["device", "host", "object"] | None = None  # where the adapter was on arrival
     attempt: int = 1
     error: InvocationError | None = None
+
+
+class InvocationStarted(Message):
+    """A worker admitted an invocation into its batch (published on lora.evt.invocation.started)."""
+
+    kind: ClassVar[str] = "started"
+    invocation_id: str
+    worker_id: str
+    attempt: int = 1
+    started_at: float = Field(default_factory=time.time)
+    adapter_tier: Literal["device", "host", "object"] | None = None  # where the adapter was on arrival
+    load_ms: float | None = None
 
 
 class ControlVerb(enum.StrEnum):

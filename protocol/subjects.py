@@ -21,6 +21,8 @@ REPLY_PREFIX = "lora.reply"
 CTL_PREFIX = "lora.ctl"
 WORKER_EVENT_PREFIX = "lora.evt.worker"
 ADAPTER_EVENT_PREFIX = "lora.evt.adapter"
+INVOCATION_EVENT_PREFIX = "lora.evt.invocation"
+BASE_CONSUMER = "invoke-base"
 
 INVOKE_ALL = f"{INVOKE_PREFIX}.>"
 RESULT_ALL = f"{RESULT_PREFIX}.>"
@@ -88,6 +90,18 @@ def worker_event(worker_id: str) -> str:
 def adapter_event(event: str) -> str:
     """Subject of an adapter lifecycle event (`pushed`, `deleted`, ...)."""
     return f"{ADAPTER_EVENT_PREFIX}.{check_name('event', event)}"
+
+
+def invocation_event(event: str) -> str:
+    """Subject of invocation lifecycle events (`started`)."""
+    return f"{INVOCATION_EVENT_PREFIX}.{check_name('event', event)}"
+
+
+def base_invocations() -> str:
+    """Filter of every tenant's invocations of the bare backbone (consumed by every worker)."""
+    from protocol.messages import BASE_ADAPTER
+
+    return f"{INVOKE_PREFIX}.*.{BASE_ADAPTER}"
 
 
 def consumer_name(tenant: str, adapter: str) -> str:
