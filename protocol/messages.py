@@ -25,9 +25,8 @@ from typing import Any, ClassVar, Literal, Self
 import msgpack
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-# The base model's pseudo adapter name: an invocation with adapter=None runs the bare backbone, and is
-# published to lora.invoke.<tenant>.<BASE_ADAPTER>.
-BASE_ADAPTER = "_base"
+# Re-exported: an invocation with adapter=None is published under lora.invoke.<tenant>.<BASE_ADAPTER>.
+from protocol.subjects import BASE_ADAPTER as BASE_ADAPTER
 
 
 class MessageInvalid(ValueError):

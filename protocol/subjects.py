@@ -22,6 +22,9 @@ CTL_PREFIX = "lora.ctl"
 WORKER_EVENT_PREFIX = "lora.evt.worker"
 ADAPTER_EVENT_PREFIX = "lora.evt.adapter"
 INVOCATION_EVENT_PREFIX = "lora.evt.invocation"
+# The base model's pseudo adapter name: invocations of the bare backbone go to lora.invoke.<tenant>._base.
+# Adapter names starting with "_" are reserved, so no adapter can take it.
+BASE_ADAPTER = "_base"
 BASE_CONSUMER = "invoke-base"
 
 INVOKE_ALL = f"{INVOKE_PREFIX}.>"
@@ -99,8 +102,6 @@ def invocation_event(event: str) -> str:
 
 def base_invocations() -> str:
     """Filter of every tenant's invocations of the bare backbone (consumed by every worker)."""
-    from protocol.messages import BASE_ADAPTER
-
     return f"{INVOKE_PREFIX}.*.{BASE_ADAPTER}"
 
 
