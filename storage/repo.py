@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import selectinload
@@ -404,3 +404,99 @@ async def demand_totals(session: AsyncSession, *, since: datetime, bucket_second
         .group_by(DemandBucket.adapter_id)
     )
     return {r[0]: int(r[1]) for r in rows}
+
+
+# -- health --------------------------------------------------------------------------------------------
+
+
+async def ping(session: AsyncSession) -> None:
+    """A round trip to the database (readiness checks); raises if it does not answer."""
+    await session.execute(select(1))
+
+
+# -- scheduler: warm state and invocation lifecycle ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResidencyRow:
+    """One adapter version a worker reports in a tier (from its heartbeat)."""
+
+    version_id: uuid.UUID
+    tier: Tier
+    pages: int = 0
+    nbytes: int = 0
+    last_used_at: datetime | None = None
+
+
+async def version_ids_by_sha(session: AsyncSession, *, shas: Sequence[str]) -> dict[str, uuid.UUID]:
+    """sha256 -> id of the adapter versions with that content (one of them when several adapters share it)."""
+    if not shas:
+        return {}
+    rows = await session.execute(
+        select(AdapterVersion.sha256, AdapterVersion.id).where(AdapterVersion.sha256.in_(list(set(shas))))
+    )
+    return {r[0]: r[1] for r in rows}
+
+
+async def sync_worker_residency(session: AsyncSession, *, worker_id: str, rows: Sequence[ResidencyRow]) -> None:
+    """Make a worker's residency exactly `rows`: upsert them, delete what it no longer holds."""
+    keep = {(r.version_id, r.tier) for r in rows}
+    existing = await session.execute(
+        select(Residency.adapter_version_id, Residency.tier).where(Residency.worker_id == worker_id)
+    )
+    for version_id, tier in existing:
+        if (version_id, tier) not in keep:
+            await clear_residency(session, version_id=version_id, worker_id=worker_id, tier=tier)
+    for r in rows:
+        stmt = insert(Residency).values(
+            adapter_version_id=r.version_id, worker_id=worker_id, tier=r.tier, pages=r.pages, bytes=r.nbytes,
+            last_used_at=r.last_used_at,
+        )
+        await session.execute(
+            stmt.on_conflict_do_update(
+                index_elements=[Residency.adapter_version_id, Residency.worker_id, Residency.tier],
+                set_={"pages": stmt.excluded.pages, "bytes": stmt.excluded.bytes,
+                      "last_used_at": stmt.excluded.last_used_at},
+            )
+        )
+
+
+async def mark_invocation_running(
+    session: AsyncSession, *, invocation_id: str, worker_id: str, attempt: int, started_at: datetime
+) -> None:
+    """An attempt of an invocation started on a worker (ignored once the invocation has finished)."""
+    await session.execute(
+        update(Invocation)
+        .where(Invocation.id == invocation_id,
+               Invocation.status.in_([InvocationStatus.queued, InvocationStatus.running]))
+        .values(status=InvocationStatus.running, worker_id=worker_id, attempts=attempt, started_at=started_at)
+    )
+
+
+async def finish_invocation(
+    session: AsyncSession, *, invocation_id: str, status: InvocationStatus, finished_at: datetime,
+    started_at: datetime | None = None, first_token_at: datetime | None = None, prompt_tokens: int | None = None,
+    completion_tokens: int | None = None, worker_id: str | None = None, attempts: int | None = None,
+    error: str | None = None,
+) -> None:
+    """Record an invocation's outcome; timestamps already set (started_at) are kept."""
+    values: dict[str, Any] = {
+        "status": status, "finished_at": finished_at, "first_token_at": first_token_at,
+        "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "error": error,
+        "started_at": func.coalesce(Invocation.started_at, started_at),
+    }
+    if worker_id is not None:
+        values["worker_id"] = worker_id
+    if attempts is not None:
+        values["attempts"] = attempts
+    await session.execute(update(Invocation).where(Invocation.id == invocation_id).values(**values))
+
+
+async def relax_commit(session: AsyncSession) -> None:
+    """Let this transaction's COMMIT return before its WAL record is flushed (synchronous_commit off).
+
+    For records whose loss in a Postgres crash is tolerable because the source of truth is elsewhere: an
+    invocation row (the invocation itself is durable in JetStream). Saves a disk flush per invocation on
+    the hot path; never used for the registry.
+    """
+    await session.execute(text("SET LOCAL synchronous_commit TO OFF"))

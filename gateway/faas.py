@@ -1,0 +1,132 @@
+"""The plain FaaS API: POST /v1/functions/<tenant>/<adapter>/invocations and GET /v1/invocations/<id>.
+
+Synchronous by default; `Prefer: respond-async` answers 202 at once. `X-Callback-Url` has the result
+POSTed there when it is ready (gateway/callbacks.py); `Idempotency-Key` makes a retried call return the
+first call's invocation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from pydantic import model_validator
+
+from gateway.auth import current_tenant
+from gateway.errors import BadRequest
+from gateway.invoker import Call, InvocationRequest, invocation_json, request_hash, result_json
+from gateway.openai_api import serve
+from gateway.params import (
+    DEFAULT_CHAT_MAX_TOKENS,
+    MessageParam,
+    SamplingParams,
+    chat_messages,
+    check_prompt_chars,
+)
+from gateway.state import GatewayState, gateway_of, remember_headers
+from protocol.messages import InvocationResult
+from storage.models import Tenant
+
+router = APIRouter()
+
+MAX_IDEMPOTENCY_KEY = 256  # the invocations.idempotency_key column
+
+
+class FunctionCall(SamplingParams):
+    """Body of a FaaS invocation: exactly one of `prompt` and `messages`, and sampling."""
+
+    prompt: str | None = None
+    messages: list[MessageParam] | None = None
+
+    @model_validator(mode="after")
+    def _one_input(self) -> FunctionCall:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("send exactly one of 'prompt' and 'messages'")
+        if self.messages is not None and not self.messages:
+            raise ValueError("'messages' must not be empty")
+        return self
+
+
+def check_callback_url(url: str, *, max_length: int) -> str:
+    """An absolute http(s) URL of bounded length, or BadRequest."""
+    if len(url) > max_length:
+        raise BadRequest(f"X-Callback-Url is {len(url)} characters long, the limit is {max_length}",
+                         param="X-Callback-Url", code="invalid_callback_url")
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):
+        raise BadRequest("X-Callback-Url must not contain whitespace or control characters",
+                         param="X-Callback-Url", code="invalid_callback_url")
+    try:
+        parts = urlsplit(url)
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError as e:
+        raise BadRequest(f"X-Callback-Url is not a valid URL: {e}", param="X-Callback-Url",
+                         code="invalid_callback_url") from e
+    if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+        raise BadRequest(f"X-Callback-Url must be an absolute http:// or https:// URL, got {url!r}",
+                         param="X-Callback-Url", code="invalid_callback_url")
+    return url
+
+
+def _prefers_async(request: Request) -> bool:
+    prefer = request.headers.get("prefer", "")
+    return any(p.strip().lower() == "respond-async" for p in prefer.replace(";", ",").split(","))
+
+
+@router.post("/v1/functions/{owner}/{adapter}/invocations")
+async def invoke_function(
+    owner: str, adapter: str, params: FunctionCall, request: Request, tenant: Tenant = Depends(current_tenant),
+    gw: GatewayState = Depends(gateway_of),
+) -> Any:
+    """Invoke `owner/adapter` (the caller's own) with a prompt or chat messages."""
+    options = gw.settings.gateway
+    callback = request.headers.get("x-callback-url")
+    if callback is not None:
+        check_callback_url(callback, max_length=options.callbacks.max_url_length)
+    key = request.headers.get("idempotency-key")
+    if key is not None and not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY:
+        raise BadRequest(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters", param="Idempotency-Key")
+    if params.messages is not None:
+        inv = InvocationRequest(None, chat_messages(params.messages, max_chars=options.http.max_prompt_chars),
+                                params.sampling(default_max_tokens=DEFAULT_CHAT_MAX_TOKENS))
+    else:
+        assert params.prompt is not None
+        check_prompt_chars(len(params.prompt), max_chars=options.http.max_prompt_chars, param="prompt")
+        inv = InvocationRequest(params.prompt, None, params.sampling(default_max_tokens=DEFAULT_CHAT_MAX_TOKENS))
+    target = await gw.target_of(owner, adapter, tenant)
+    if _prefers_async(request):
+        body = await request.body()
+        submission = await gw.invoker.submit(
+            target, inv, sync=False, stream=False, body_hash=request_hash(request.url.path.encode(), body),
+            idempotency_key=key, callback_url=callback,
+        )
+        headers = {"x-lorafn-invocation-id": submission.invocation_id,
+                   "Location": f"/v1/invocations/{submission.invocation_id}", "Preference-Applied": "respond-async"}
+        remember_headers(request, headers)
+        return JSONResponse({"id": submission.invocation_id, "object": "invocation", "status": submission.status},
+                            status_code=202, headers=headers)
+
+    def body_of(call: Call, result: InvocationResult) -> dict[str, Any]:
+        out = result_json(result)
+        out["id"] = call.invocation_id
+        return out
+
+    return await serve(request, gw, target, inv, stream=False, on_result=body_of, callback_url=callback)
+
+
+@router.get("/v1/invocations/{invocation_id}")
+async def get_invocation(
+    invocation_id: str, request: Request, tenant: Tenant = Depends(current_tenant),
+    gw: GatewayState = Depends(gateway_of),
+) -> Any:
+    """An invocation of the caller's: status, result or error, timestamps."""
+    view = await gw.invoker.lookup(tenant, invocation_id)
+    headers = {"x-lorafn-invocation-id": invocation_id}
+    if view.result is not None:
+        if view.result.adapter_tier is not None:
+            headers["x-lorafn-adapter-tier"] = view.result.adapter_tier
+        if view.result.timings.load_ms is not None:
+            headers["x-lorafn-load-ms"] = f"{view.result.timings.load_ms:.1f}"
+    remember_headers(request, headers)
+    return JSONResponse(invocation_json(view), headers=headers)

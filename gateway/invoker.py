@@ -1,0 +1,570 @@
+"""Publishing invocations to NATS and collecting what the workers send back.
+
+One `Invoker` per process. `submit` admits a request (429/503 before anything is written), records the
+invocations row, and publishes the `Invocation` to JetStream, awaiting the ack: an accepted invocation is
+never lost. A synchronous submission returns a `Call` that was subscribed to `lora.reply.<id>` BEFORE the
+publish and yields the worker's `InvocationStarted`, `TokenChunk`s (deduplicated by index: a redelivered
+invocation may resend tokens) and the final `InvocationResult`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig
+from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from gateway.bus import NatsLink
+from gateway.errors import (
+    IdempotencyMismatch,
+    InvocationNotFound,
+    InvocationTimeout,
+    Overloaded,
+    Unavailable,
+)
+from gateway.metrics import GatewayMetrics
+from gateway.settings import CallbackSettings, LimitSettings
+from protocol import subjects
+from protocol.messages import (
+    ChatMessage,
+    ErrorCode,
+    Invocation,
+    InvocationError,
+    InvocationResult,
+    InvocationStarted,
+    MessageInvalid,
+    Sampling,
+    TokenChunk,
+)
+from storage import repo
+from storage.errors import NotFound
+from storage.models import Adapter, InvocationStatus, Tenant
+from storage.models import Invocation as InvocationRow
+
+log = logging.getLogger(__name__)
+
+KIND_HEADER = "Lorafn-Kind"  # workers set it to "chunk" or "result" on the reply subject
+MSG_ID_HEADER = "Nats-Msg-Id"
+ID_PREFIX = "inv_"
+ID_RANDOM_BYTES = 16  # 22 URL-safe characters
+
+Event = InvocationStarted | TokenChunk | InvocationResult
+
+
+def new_invocation_id() -> str:
+    """A fresh id matching ^[A-Za-z0-9_-]{1,64}$ (a valid subject token)."""
+    return ID_PREFIX + secrets.token_urlsafe(ID_RANDOM_BYTES)
+
+
+def request_hash(*parts: bytes) -> str:
+    """Hash of what identifies a request for Idempotency-Key reuse (route and body)."""
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(len(part).to_bytes(8, "big"))
+        h.update(part)
+    return h.hexdigest()
+
+
+async def ensure_callback_bucket(js: JetStreamContext, settings: CallbackSettings) -> KeyValue:
+    """The key-value bucket of callback URLs (invocation id -> URL), created if missing."""
+    try:
+        return await js.key_value(settings.bucket)
+    except BucketNotFoundError:
+        return await js.create_key_value(KeyValueConfig(bucket=settings.bucket, ttl=settings.bucket_ttl_s))
+
+
+@dataclass(frozen=True)
+class Target:
+    """What an invocation calls: a tenant's adapter, or the bare backbone (adapter None)."""
+
+    tenant: Tenant
+    adapter: Adapter | None
+
+    @property
+    def adapter_name(self) -> str:
+        return self.adapter.name if self.adapter is not None else subjects.BASE_ADAPTER
+
+    @property
+    def subject(self) -> str:
+        return subjects.invoke(self.tenant.name, self.adapter_name)
+
+    @property
+    def label(self) -> str:
+        """`tenant/adapter` (metrics label); the base model is `tenant/_base`."""
+        return f"{self.tenant.name}/{self.adapter_name}"
+
+    @property
+    def version(self) -> str | None:
+        v = self.adapter.current_version if self.adapter is not None else None
+        return v.sha256 if v is not None else None
+
+
+@dataclass(frozen=True)
+class InvocationRequest:
+    """A validated request, protocol-shaped: a prompt or chat messages, and sampling."""
+
+    prompt: str | None
+    messages: list[ChatMessage] | None
+    sampling: Sampling
+
+
+@dataclass
+class Call:
+    """One synchronous invocation in flight: the worker's events, in order, deduplicated."""
+
+    invocation_id: str
+    label: str
+    deadline: float  # time.monotonic() after which the call times out
+    timeout_s: float
+    submitted: float = field(default_factory=time.monotonic)
+    tier: str | None = None
+    load_ms: float | None = None
+    first_token_at: float | None = None
+    _queue: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    _next_index: int = 0
+    _done: bool = False
+    _subs: list[Subscription] = field(default_factory=list)
+    _on_close: list[Any] = field(default_factory=list)
+
+    def headers(self) -> dict[str, str]:
+        """The x-lorafn-* headers known so far."""
+        h = {"x-lorafn-invocation-id": self.invocation_id}
+        if self.tier is not None:
+            h["x-lorafn-adapter-tier"] = self.tier
+        if self.load_ms is not None:
+            h["x-lorafn-load-ms"] = f"{self.load_ms:.1f}"
+        return h
+
+    def push(self, event: Event) -> None:
+        """Queue an event (called from NATS callbacks)."""
+        if not self._done:
+            self._queue.put_nowait(event)
+
+    async def on_reply(self, msg: Msg) -> None:
+        """A message on lora.reply.<id>: a TokenChunk, or the final InvocationResult."""
+        try:
+            kind = (msg.headers or {}).get(KIND_HEADER)
+            event: Event = InvocationResult.decode(msg.data) if kind == "result" else TokenChunk.decode(msg.data)
+        except MessageInvalid as e:
+            log.warning("invocation %s: dropped an undecodable reply (%s)", self.invocation_id, e)
+            return
+        self.push(event)
+
+    async def on_result(self, msg: Msg) -> None:
+        """A message on lora.result.<id> (replays wait on the results subject)."""
+        try:
+            self.push(InvocationResult.decode(msg.data))
+        except MessageInvalid as e:
+            log.warning("invocation %s: dropped an undecodable result (%s)", self.invocation_id, e)
+
+    def _note(self, event: Event) -> None:
+        if isinstance(event, InvocationStarted | InvocationResult):
+            self.tier = event.adapter_tier or self.tier
+        if isinstance(event, InvocationStarted) and event.load_ms is not None:
+            self.load_ms = event.load_ms
+        if isinstance(event, InvocationResult) and event.timings.load_ms is not None:
+            self.load_ms = event.timings.load_ms
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Started events, new token chunks, then the result (last). InvocationTimeout at the deadline."""
+        while not self._done:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise InvocationTimeout(self.invocation_id, self.timeout_s)
+            try:
+                event = await asyncio.wait_for(self._queue.get(), remaining)
+            except TimeoutError:
+                raise InvocationTimeout(self.invocation_id, self.timeout_s) from None
+            if isinstance(event, InvocationResult) and event.invocation_id != self.invocation_id:
+                continue
+            self._note(event)
+            if isinstance(event, TokenChunk):
+                if event.index < self._next_index:
+                    continue  # a redelivered generation resending tokens already passed on
+                self._next_index = event.index + len(event.token_ids)
+                if self.first_token_at is None:
+                    self.first_token_at = time.monotonic()
+            elif isinstance(event, InvocationResult):
+                self._done = True
+            yield event
+
+    async def result(self) -> InvocationResult:
+        """Wait for the final result (chunks are dropped: the result carries the whole text)."""
+        async for event in self.events():
+            if isinstance(event, InvocationResult):
+                return event
+        raise AssertionError("events() ends only after a result")  # pragma: no cover
+
+    async def close(self) -> None:
+        """Unsubscribe and release the call's admission slot (idempotent)."""
+        self._done = True
+        subs, self._subs = self._subs, []
+        for sub in subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        hooks, self._on_close = self._on_close, []
+        for hook in hooks:
+            hook()
+
+
+@dataclass(frozen=True)
+class Submission:
+    """An accepted invocation: a new one, or the first one of its Idempotency-Key (replay)."""
+
+    invocation_id: str
+    status: str
+    replay: bool
+    call: Call | None = None  # set for synchronous submissions
+
+
+@dataclass(frozen=True)
+class InvocationView:
+    """What GET /v1/invocations/<id> shows: the row, completed by the results stream."""
+
+    row: InvocationRow
+    result: InvocationResult | None
+
+    @property
+    def status(self) -> str:
+        if self.result is not None:
+            return self.result.status
+        return InvocationStatus(self.row.status).value
+
+
+def _iso(t: datetime | None) -> str | None:
+    return t.astimezone(UTC).isoformat() if t is not None else None
+
+
+class Invoker:
+    """Admission, recording and publishing of invocations; routing of replies to their calls."""
+
+    def __init__(
+        self,
+        *,
+        link: NatsLink,
+        sessions: async_sessionmaker[AsyncSession],
+        limits: LimitSettings,
+        callbacks: CallbackSettings,
+        metrics: GatewayMetrics,
+    ) -> None:
+        self.link = link
+        self.sessions = sessions
+        self.limits = limits
+        self.callbacks = callbacks
+        self.metrics = metrics
+        self.inflight = 0
+        self._calls: dict[str, Call] = {}
+        self._depths: dict[str, list[float]] = {}  # subject -> [depth, read at (monotonic)]
+        self._callback_urls: KeyValue | None = None
+        self._expiring: set[asyncio.Future[None]] = set()
+        link.on_connect(self._subscribe_events)
+
+    async def _subscribe_events(self, nc: Client, js: JetStreamContext) -> None:
+        self._callback_urls = await ensure_callback_bucket(js, self.callbacks)
+        await nc.subscribe(subjects.invocation_event("started"), cb=self._on_started)
+
+    async def _on_started(self, msg: Msg) -> None:
+        try:
+            event = InvocationStarted.decode(msg.data)
+        except MessageInvalid:
+            return
+        call = self._calls.get(event.invocation_id)
+        if call is not None:
+            call.push(event)
+
+    # -- admission -------------------------------------------------------------------------------
+
+    def _bus(self) -> tuple[Client, JetStreamContext]:
+        if not self.link.connected or self.link.nc is None or self.link.js is None:
+            raise Unavailable("nats", "not connected", self.limits.unavailable_retry_after_s)
+        return self.link.nc, self.link.js
+
+    async def _queue_depth(self, js: JetStreamContext, subject: str) -> list[float]:
+        now = time.monotonic()
+        entry = self._depths.get(subject)
+        if entry is None or now - entry[1] > self.limits.queue_check_interval_s:
+            info = await js.stream_info(subjects.INVOCATIONS_STREAM, subjects_filter=subject)
+            depth = (info.state.subjects or {}).get(subject, 0)
+            if len(self._depths) > 100_000:
+                self._depths.clear()
+            entry = self._depths[subject] = [float(depth), now]
+        return entry
+
+    async def _admit(self, js: JetStreamContext, target: Target) -> list[float]:
+        limits = self.limits
+        if self.inflight >= limits.max_inflight:
+            self.metrics.rejections.labels("gateway_busy").inc()
+            raise Overloaded("this gateway", self.inflight, limits.max_inflight, limits.retry_after_s)
+        try:
+            entry = await self._queue_depth(js, target.subject)
+        except (nats.errors.Error, TimeoutError) as e:
+            raise Unavailable("nats", f"cannot read the queue depth ({e!r})", limits.unavailable_retry_after_s) from e
+        if entry[0] >= limits.max_queue_per_adapter:
+            self.metrics.rejections.labels("queue_full").inc()
+            raise Overloaded(f"the queue of {target.label}", int(entry[0]), limits.max_queue_per_adapter,
+                             limits.retry_after_s)
+        return entry
+
+    # -- submission ------------------------------------------------------------------------------
+
+    async def _find_idempotent(self, session: AsyncSession, target: Target, key: str,
+                               body_hash: str) -> Submission | None:
+        row = await repo.find_idempotent_invocation(session, tenant=target.tenant, key=key)
+        if row is None:
+            return None
+        if row.request_hash != body_hash:
+            raise IdempotencyMismatch(key, row.id)
+        return Submission(row.id, InvocationStatus(row.status).value, replay=True)
+
+    async def _record(self, target: Target, invocation_id: str, key: str | None, body_hash: str) -> Submission | None:
+        """Insert the row; on an Idempotency-Key race return the winner's submission instead."""
+        try:
+            async with self.sessions() as session, session.begin():
+                # The invocation is durable in JetStream once published; its row may skip the WAL flush.
+                await repo.relax_commit(session)
+                await repo.create_invocation(
+                    session, invocation_id=invocation_id, tenant=target.tenant, adapter=target.adapter,
+                    idempotency_key=key, request_hash=body_hash,
+                )
+        except IntegrityError:
+            if key is None:
+                raise
+            async with self.sessions() as session:
+                found = await self._find_idempotent(session, target, key, body_hash)
+            if found is None:
+                raise
+            return found
+        return None
+
+    async def submit(
+        self,
+        target: Target,
+        request: InvocationRequest,
+        *,
+        sync: bool,
+        stream: bool,
+        body_hash: str,
+        idempotency_key: str | None = None,
+        callback_url: str | None = None,
+    ) -> Submission:
+        """Admit, record and publish an invocation (or find the first one of its Idempotency-Key)."""
+        nc, js = self._bus()
+        if idempotency_key is not None:
+            async with self.sessions() as session:
+                found = await self._find_idempotent(session, target, idempotency_key, body_hash)
+            if found is not None:
+                return await self._replay(found, target, sync)
+        entry = await self._admit(js, target)
+        invocation_id = new_invocation_id()
+        if callback_url is not None:  # before the row: a stray URL of an unused id expires harmlessly
+            await self._remember_callback(js, invocation_id, callback_url)
+        found = await self._record(target, invocation_id, idempotency_key, body_hash)
+        if found is not None:
+            return await self._replay(found, target, sync)
+        self.inflight += 1
+        self.metrics.inflight.inc()
+        call: Call | None = None
+        try:
+            if sync:
+                call = self._new_call(invocation_id, target)
+                call._subs.append(await nc.subscribe(subjects.reply(invocation_id), cb=call.on_reply))
+            message = Invocation(
+                id=invocation_id, tenant=target.tenant.name, adapter=target.adapter.name if target.adapter else None,
+                version=target.version, prompt=request.prompt, messages=request.messages,
+                sampling=request.sampling, stream=sync and stream,
+                reply_to=subjects.reply(invocation_id) if sync else None, callback_url=callback_url,
+            )
+            await self._publish(js, target, message)
+        except BaseException as e:
+            if call is not None:
+                await call.close()  # releases the slot
+            else:
+                self._release()
+            if isinstance(e, Exception):
+                await self._mark_failed(invocation_id, ErrorCode.unavailable, f"not published: {e!r}")
+            raise
+        entry[0] += 1  # this publish is pending now, until the next read of the stream
+        if call is None:
+            self._release()
+            self.metrics.invocations.labels(target.label, "queued").inc()
+        return Submission(invocation_id, InvocationStatus.queued.value, replay=False, call=call)
+
+    def _release(self) -> None:
+        self.inflight -= 1
+        self.metrics.inflight.dec()
+
+    def _new_call(self, invocation_id: str, target: Target) -> Call:
+        timeout = self.limits.sync_timeout_s
+        call = Call(invocation_id, target.label, deadline=time.monotonic() + timeout, timeout_s=timeout)
+        self._calls[invocation_id] = call
+
+        def forget() -> None:
+            self._calls.pop(invocation_id, None)
+            self._release()
+
+        # Safety net: a call nobody closes (a stream whose client vanished before it began) still gives its
+        # admission slot back shortly after its deadline.
+        timer = asyncio.get_running_loop().call_later(timeout + 5.0, self._expire, call)
+        call._on_close.append(forget)
+        call._on_close.append(timer.cancel)
+        return call
+
+    def _expire(self, call: Call) -> None:
+        task = asyncio.ensure_future(call.close())
+        self._expiring.add(task)
+        task.add_done_callback(self._expiring.discard)
+
+    async def _publish(self, js: JetStreamContext, target: Target, message: Invocation) -> None:
+        try:
+            await js.publish(
+                target.subject, message.encode(), timeout=self.limits.publish_timeout_s,
+                stream=subjects.INVOCATIONS_STREAM, headers={MSG_ID_HEADER: message.id},
+            )
+        except (nats.errors.Error, TimeoutError, OSError) as e:
+            raise Unavailable("nats", f"publishing the invocation failed ({e!r})",
+                              self.limits.unavailable_retry_after_s) from e
+
+    async def _mark_failed(self, invocation_id: str, code: ErrorCode, message: str) -> None:
+        """Best effort: a row whose publish failed must not stay queued for ever."""
+        try:
+            async with self.sessions() as session, session.begin():
+                await repo.update_invocation(
+                    session, invocation_id=invocation_id, status=InvocationStatus.failed,
+                    finished_at=datetime.now(UTC), error=f"{code.value}: {message}",
+                )
+        except Exception:
+            log.warning("could not mark invocation %s failed", invocation_id, exc_info=True)
+
+    async def _remember_callback(self, js: JetStreamContext, invocation_id: str, url: str) -> None:
+        try:
+            kv = self._callback_urls or await ensure_callback_bucket(js, self.callbacks)
+            await kv.put(invocation_id, url.encode())
+        except (nats.errors.Error, TimeoutError) as e:
+            raise Unavailable("nats", f"cannot record the callback URL ({e!r})",
+                              self.limits.unavailable_retry_after_s) from e
+
+    async def _replay(self, found: Submission, target: Target, sync: bool) -> Submission:
+        """The first invocation of an Idempotency-Key: async callers get its status; sync callers wait for
+        its result (already in the results stream, or when it arrives there). Nothing is generated again."""
+        if not sync:
+            view = await self.lookup(target.tenant, found.invocation_id)
+            return Submission(found.invocation_id, view.status, replay=True)
+        nc, _ = self._bus()
+        self.inflight += 1
+        self.metrics.inflight.inc()
+        call = self._new_call(found.invocation_id, target)
+        try:
+            call._subs.append(await nc.subscribe(subjects.result(found.invocation_id), cb=call.on_result))
+            recorded = await self._recorded_result(found.invocation_id)
+        except BaseException:
+            await call.close()
+            raise
+        if recorded is not None:
+            call.push(recorded)
+        return Submission(found.invocation_id, found.status, replay=True, call=call)
+
+    def observe(self, call: Call, result: InvocationResult) -> None:
+        """Record a finished synchronous call in the metrics."""
+        self.metrics.observe_result(call.label, result)
+        self.metrics.latency.labels(call.label).observe(time.monotonic() - call.submitted)
+        if call.first_token_at is not None:
+            self.metrics.ttft.labels(call.label).observe(call.first_token_at - call.submitted)
+        elif result.timings.first_token_ms is not None:
+            self.metrics.ttft.labels(call.label).observe(result.timings.first_token_ms / 1000.0)
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    async def _recorded_result(self, invocation_id: str) -> InvocationResult | None:
+        """The invocation's result in the results stream, if it is there (and NATS answers)."""
+        js = self.link.js
+        if js is None or not self.link.connected:
+            return None
+        try:
+            raw = await js.get_last_msg(subjects.RESULTS_STREAM, subjects.result(invocation_id))
+        except NotFoundError:
+            return None
+        except (nats.errors.Error, TimeoutError):
+            log.warning("could not read the result of %s from the results stream", invocation_id)
+            return None
+        try:
+            return InvocationResult.decode(raw.data or b"")
+        except MessageInvalid:
+            return None
+
+    async def lookup(self, tenant: Tenant, invocation_id: str) -> InvocationView:
+        """The invocation's row (of this tenant only) and its result if one is recorded."""
+        if not subjects.ID_PATTERN.match(invocation_id):
+            raise InvocationNotFound(invocation_id)
+        try:
+            async with self.sessions() as session:
+                row = await repo.get_invocation(session, invocation_id=invocation_id, tenant=tenant)
+        except NotFound:
+            raise InvocationNotFound(invocation_id) from None
+        # The result carries the output, so read it even for a terminal row (the row has no text).
+        return InvocationView(row, await self._recorded_result(invocation_id))
+
+
+def invocation_json(view: InvocationView) -> dict[str, Any]:
+    """The body of GET /v1/invocations/<id>."""
+    row, result = view.row, view.result
+    body: dict[str, Any] = {
+        "id": row.id,
+        "object": "invocation",
+        "status": view.status,
+        "result": None,
+        "error": None,
+        "submitted_at": _iso(row.submitted_at),
+        "started_at": _iso(row.started_at),
+        "first_token_at": _iso(row.first_token_at),
+        "finished_at": _iso(row.finished_at),
+    }
+    if result is not None:
+        body.update(result_json(result))
+        body.pop("id", None)
+        body["id"] = row.id
+    elif row.error:
+        code, sep, message = row.error.partition(": ")
+        body["error"] = {"code": code if sep and code in ErrorCode.__members__ else ErrorCode.internal.value,
+                         "message": message if sep else row.error}
+    return body
+
+
+def result_json(result: InvocationResult) -> dict[str, Any]:
+    """A result as the FaaS API shows it: {id, status, output|error, usage, timings}."""
+    usage = result.usage
+    body: dict[str, Any] = {
+        "id": result.invocation_id,
+        "status": result.status,
+        "result": None,
+        "error": None,
+        "usage": {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+                  "total_tokens": usage.prompt_tokens + usage.completion_tokens},
+        "timings": result.timings.model_dump(),
+        "adapter_tier": result.adapter_tier,
+        "attempt": result.attempt,
+    }
+    if result.status == "succeeded":
+        output = {"text": result.text, "finish_reason": result.finish_reason}
+        body["output"] = output
+        body["result"] = output
+    else:
+        error = result.error or InvocationError(code=ErrorCode.internal, message="the invocation failed")
+        body["error"] = {"code": error.code.value, "message": error.message}
+    return body

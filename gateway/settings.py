@@ -1,0 +1,105 @@
+"""The gateway's settings: one typed object, built in main (`python -m gateway`) and passed down.
+
+Environment variables use the prefix LORAFN_ and `__` between sections, e.g. LORAFN_GATEWAY__PORT,
+LORAFN_GATEWAY__MAX_QUEUE_PER_ADAPTER, LORAFN_NATS__URL, LORAFN_DATABASE__URL. Nothing below main reads
+the environment: tests build a GatewaySettings directly.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from protocol.settings import NatsSettings
+from storage.settings import DatabaseSettings, ObjectStoreSettings, RegistrySettings
+
+
+class HttpSettings(BaseModel):
+    """Where the gateway listens and what it accepts."""
+
+    host: str = Field("127.0.0.1", description="address uvicorn binds to")
+    port: int = Field(8000, ge=0, le=65535, description="port uvicorn binds to (0: any free port)")
+    max_body_bytes: int = Field(
+        1 << 20, ge=1024, description="largest request body of an invocation or any JSON call, in bytes"
+    )
+    max_prompt_chars: int = Field(
+        262_144,
+        ge=1,
+        description="prompts (all chat contents together) longer than this are refused with 400 before any "
+        "publish; shorter ones that still exceed the context window fail on the worker (prompt_too_long -> 400)",
+    )
+
+
+class LimitSettings(BaseModel):
+    """Admission control: when to answer 429 and how long callers should wait."""
+
+    max_queue_per_adapter: int = Field(
+        1000, ge=0, description="pending invocations of one adapter in the invocations stream before 429"
+    )
+    max_inflight: int = Field(1000, ge=0, description="invocations this gateway process handles at once before 429")
+    queue_check_interval_s: float = Field(
+        0.25, ge=0.0, description="how long a per-adapter queue depth read from the stream is reused"
+    )
+    retry_after_s: int = Field(1, ge=1, description="Retry-After of a 429")
+    unavailable_retry_after_s: int = Field(5, ge=1, description="Retry-After of a 503")
+    sync_timeout_s: float = Field(300.0, gt=0.0, description="a synchronous call waits this long for its result (504)")
+    publish_timeout_s: float = Field(5.0, gt=0.0, description="wait for the JetStream ack of a publish this long")
+
+
+class CacheSettings(BaseModel):
+    """Short-lived caches that keep the database off the invocation hot path."""
+
+    auth_ttl_s: float = Field(5.0, ge=0.0, description="seconds an API key lookup is reused (per key hash)")
+    adapter_ttl_s: float = Field(10.0, ge=0.0, description="seconds an adapter lookup is reused (AdapterEvent clears)")
+    max_entries: int = Field(100_000, ge=1, description="entries per cache before it is cleared")
+
+
+class CallbackSettings(BaseModel):
+    """Delivery of results to X-Callback-Url."""
+
+    max_url_length: int = Field(2048, ge=16, description="longest accepted callback URL")
+    max_attempts: int = Field(5, ge=1, le=100, description="deliveries of one callback before it is given up")
+    backoff_initial_s: float = Field(0.5, gt=0.0, description="delay before the first retry")
+    backoff_max_s: float = Field(60.0, gt=0.0, description="longest delay between retries")
+    timeout_s: float = Field(10.0, gt=0.0, description="HTTP timeout of one delivery")
+    consumer: str = Field("gateway-callbacks", description="durable consumer of the results stream")
+    bucket: str = Field(
+        "LORAFN_CALLBACKS", description="JetStream key-value bucket mapping invocation id -> callback URL"
+    )
+    bucket_ttl_s: float = Field(24 * 3600.0, gt=0.0, description="how long a callback URL is kept (as the results)")
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> CallbackSettings:
+        if self.backoff_initial_s > self.backoff_max_s:
+            raise ValueError(
+                f"backoff_initial_s ({self.backoff_initial_s}) exceeds backoff_max_s ({self.backoff_max_s})"
+            )
+        return self
+
+
+class GatewayOptions(BaseModel):
+    """The gateway's own section (LORAFN_GATEWAY__...)."""
+
+    http: HttpSettings = Field(default_factory=HttpSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
+    callbacks: CallbackSettings = Field(default_factory=CallbackSettings)
+    base_model_aliases: tuple[str, ...] = Field(
+        ("base",), description="model names besides the backbone's own that mean 'no adapter'"
+    )
+    nats_reconnect_wait_s: float = Field(1.0, gt=0.0, description="seconds between NATS (re)connection attempts")
+    startup_nats_wait_s: float = Field(
+        5.0, ge=0.0, description="how long startup waits for NATS before serving anyway (503 until connected)"
+    )
+
+
+class GatewaySettings(BaseSettings):
+    """Everything `python -m gateway` needs."""
+
+    model_config = SettingsConfigDict(env_prefix="LORAFN_", env_nested_delimiter="__", extra="ignore")
+
+    gateway: GatewayOptions = Field(default_factory=GatewayOptions)
+    nats: NatsSettings = Field(default_factory=NatsSettings)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    object_store: ObjectStoreSettings = Field(default_factory=ObjectStoreSettings)
+    registry: RegistrySettings = Field(default_factory=RegistrySettings)

@@ -1,0 +1,76 @@
+"""Health, readiness, and 503 with Retry-After while Postgres or NATS is unreachable; service resumes when
+NATS comes back (the client reconnects by itself)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import tempfile
+import time
+from typing import Any
+
+from lorafn.stack import find_binary, free_ports
+from protocol.settings import NatsSettings
+from storage import repo
+from storage.settings import DatabaseSettings
+from tests.gateway.conftest import GatewayFactory, Keys, Pushed, make_settings
+
+FN = "/v1/functions/acme/bot/invocations"
+
+
+async def test_health_and_ready(client: Any) -> None:
+    assert (await client.get("/healthz")).json() == {"status": "ok"}
+    ready = await client.get("/readyz")
+    assert ready.status_code == 200 and ready.json() == {"ready": True, "nats": True, "postgres": True}
+
+
+async def test_postgres_unreachable_is_503(gateway_factory: GatewayFactory, services: Any,
+                                           object_store_settings: Any, keys: Keys) -> None:
+    (port,) = free_ports("127.0.0.1", 1)
+    settings = make_settings(services, object_store_settings)
+    settings = settings.model_copy(update={"database": DatabaseSettings(url=f"postgresql://x@127.0.0.1:{port}/x")})
+    gw = await gateway_factory(settings=settings)
+    async with gw.client(headers=keys.auth()) as c:
+        r = await c.post(FN, json={"prompt": "hi"})
+        assert r.status_code == 503 and r.headers["retry-after"]
+        assert r.json()["error"]["code"] == "unavailable"
+        assert (await c.get("/v1/adapters")).status_code == 503
+        ready = await c.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["postgres"] is False
+        assert (await c.get("/healthz")).status_code == 200
+
+
+async def test_nats_unreachable_is_503_then_service_resumes(
+    gateway_factory: GatewayFactory, services: Any, object_store_settings: Any, keys: Keys, adapters: Pushed,
+    sessions: Any,
+) -> None:
+    (port,) = free_ports("127.0.0.1", 1)
+    settings = make_settings(services, object_store_settings)
+    options = settings.gateway.model_copy(update={"startup_nats_wait_s": 0.0, "nats_reconnect_wait_s": 0.2})
+    settings = settings.model_copy(update={"nats": NatsSettings(url=f"nats://127.0.0.1:{port}", connect_timeout_s=1),
+                                           "gateway": options})
+    gw = await gateway_factory(settings=settings)
+    async with gw.client(headers=keys.auth()) as c:
+        r = await c.post(FN, json={"prompt": "hi"})
+        assert r.status_code == 503 and r.headers["retry-after"] == "5"
+        assert "nats" in r.json()["error"]["message"]
+        ready = await c.get("/readyz")
+        assert ready.status_code == 503 and ready.json() == {"ready": False, "nats": False, "postgres": True}
+        async with sessions() as session:
+            assert (await repo.count_rows(session))["invocations"] == 0
+        binary = find_binary("nats-server")
+        assert binary is not None
+        with tempfile.TemporaryDirectory() as store:
+            proc = subprocess.Popen([str(binary), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", store],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                deadline = time.monotonic() + 20
+                while (await c.get("/readyz")).status_code != 200:
+                    assert time.monotonic() < deadline, "the gateway did not connect to NATS"
+                    await asyncio.sleep(0.1)
+                accepted = await c.post(FN, json={"prompt": "hi"}, headers={"Prefer": "respond-async"})
+                assert accepted.status_code == 202
+            finally:
+                await gw.stop()
+                proc.terminate()
+                proc.wait(10)
