@@ -93,7 +93,7 @@ def create_app(settings: GatewaySettings, *, registry: Any | None = None) -> Fas
                 return
 
         async def subscribe_adapter_events(nc: Client, js: JetStreamContext) -> None:
-            await nc.subscribe(f"{subjects.ADAPTER_EVENT_PREFIX}.*", cb=on_adapter_event)
+            await nc.subscribe(subjects.ADAPTER_EVENTS_ALL, cb=on_adapter_event)
 
         link.on_connect(subscribe_adapter_events)
         http = httpx.AsyncClient(follow_redirects=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from protocol import subjects
 from protocol.settings import NatsSettings
 from storage.settings import DatabaseSettings, ObjectStoreSettings, RegistrySettings
 
@@ -62,9 +63,9 @@ class CallbackSettings(BaseModel):
     backoff_initial_s: float = Field(0.5, gt=0.0, description="delay before the first retry")
     backoff_max_s: float = Field(60.0, gt=0.0, description="longest delay between retries")
     timeout_s: float = Field(10.0, gt=0.0, description="HTTP timeout of one delivery")
-    consumer: str = Field("gateway-callbacks", description="durable consumer of the results stream")
+    consumer: str = Field(subjects.CALLBACKS_CONSUMER, description="durable consumer of the results stream")
     bucket: str = Field(
-        "LORAFN_CALLBACKS", description="JetStream key-value bucket mapping invocation id -> callback URL"
+        subjects.CALLBACKS_BUCKET, description="JetStream key-value bucket mapping invocation id -> callback URL"
     )
     bucket_ttl_s: float = Field(24 * 3600.0, gt=0.0, description="how long a callback URL is kept (as the results)")
 

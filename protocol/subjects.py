@@ -28,6 +28,11 @@ BASE_ADAPTER = "_base"
 BASE_CONSUMER = "invoke-base"
 
 INVOKE_ALL = f"{INVOKE_PREFIX}.>"
+ADAPTER_EVENTS_ALL = f"{ADAPTER_EVENT_PREFIX}.*"
+# The gateway's durable delivery of X-Callback-Url: a key-value bucket (invocation id -> URL) and a
+# durable consumer of the results stream.
+CALLBACKS_BUCKET = "LORAFN_CALLBACKS"
+CALLBACKS_CONSUMER = "gateway-callbacks"
 RESULT_ALL = f"{RESULT_PREFIX}.>"
 WORKER_EVENTS_ALL = f"{WORKER_EVENT_PREFIX}.*"
 
