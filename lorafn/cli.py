@@ -102,19 +102,63 @@ def up(
     table.add_row("state", str(stack.state_dir))
     table.add_row("tenant", result.dev_tenant)
     table.add_row("API key", result.dev_api_key)
-    table.add_row("workers", f"{workers} requested; the worker service is not part of this build yet")
+    # The services run as child processes with the stack's endpoints in their environment; they are
+    # stopped before the servers they use (SIGTERM, wait, SIGKILL).
+    import importlib.util
+    import os
+    import sys
+
+    from lorafn.stack import ManagedProcess
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAFN_")}
+    env |= {
+        "LORAFN_NATS__URL": endpoints.nats_url,
+        "LORAFN_DATABASE__URL": endpoints.database_url,
+        "LORAFN_OBJECT_STORE__ENDPOINT": endpoints.s3_endpoint,
+        "LORAFN_OBJECT_STORE__ACCESS_KEY": endpoints.s3_access_key,
+        "LORAFN_OBJECT_STORE__SECRET_KEY": endpoints.s3_secret_key,
+        "LORAFN_OBJECT_STORE__BUCKET": endpoints.bucket,
+    }
+    logs = stack.state_dir / "logs"
+    logs.mkdir(exist_ok=True)
+    specs: list[tuple[str, str, dict[str, str]]] = [("scheduler", "scheduler", {})]
+    specs += [
+        (f"worker-{i}", "workers", {"LORAFN_WORKER_ID": f"local-w{i}",
+                                    "LORAFN_HOST_CACHE__DIRECTORY": str(stack.state_dir / "host-cache" / f"w{i}")})
+        for i in range(1, workers + 1)
+    ]
+    if importlib.util.find_spec("gateway.__main__") is not None:
+        specs.append(("gateway", "gateway", {}))
+    services: list[ManagedProcess] = []
+    try:
+        for name, module, extra in specs:
+            proc = ManagedProcess(name, [sys.executable, "-m", module], logs / f"{name}.log", env={**env, **extra},
+                                  stop_timeout_s=30.0 if module == "workers" else 10.0)
+            proc.start()
+            services.append(proc)
+    except OSError as e:
+        for proc in reversed(services):
+            proc.stop()
+        stack.stop()
+        raise _fail(f"could not start {name}: {e}") from None
+    table.add_row("services", ", ".join(p.name for p in services) + f" (logs in {logs})")
     console.print(table)
     console.print("push an adapter: [bold]lorafn adapters push DIR --name dev/NAME[/]   stop: Ctrl-C")
 
     exit_code = 0
     while not stop.wait(0.5):
-        dead = stack.dead()
+        dead = stack.dead() + [p for p in services if not p.alive()]
         if dead:
             names = ", ".join(p.name for p in dead)
             err.print(f"[bold red]error:[/] {names} exited unexpectedly; stopping the stack (logs in {stack.state_dir})")
             exit_code = 1
             break
     with console.status("stopping ..."):
+        for proc in reversed(services):
+            try:
+                proc.stop()
+            except Exception as e:
+                err.print(f"[bold red]error:[/] stopping {proc.name} failed: {e}")
         stack.stop()
     console.print("stopped: every process this stack started has exited")
     raise typer.Exit(exit_code)

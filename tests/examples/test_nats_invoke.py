@@ -1,0 +1,52 @@
+"""examples/nats_invoke.py, run as a script against a running worker (in-process, tiny backbone)."""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import secrets
+import sys
+from pathlib import Path
+
+import pytest
+
+from storage.settings import ObjectStoreSettings
+from workers.service import open_worker
+from workers.settings import WorkerSettings
+from workers.tiny import write_tiny_backbone
+
+pytestmark = pytest.mark.timeout(120)
+
+ROOT = Path(__file__).parents[2]
+
+
+async def test_example_invokes_the_base_model(services, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    backbone = await asyncio.to_thread(write_tiny_backbone, tmp_path / "backbone")
+    settings = WorkerSettings(
+        worker_id=f"ex-{secrets.token_hex(3)}",
+        nats={"url": services.nats_url},
+        object_store=ObjectStoreSettings(endpoint=services.s3_endpoint, access_key=services.s3_access_key,
+                                         secret_key=services.s3_secret_key),
+        backbone={"path": backbone},
+        engine={"kv_cache_bytes": 8 << 20, "adapter_pool_bytes": 1 << 20},
+        host_cache={"directory": tmp_path / "cache"},
+    )
+    stop = asyncio.Event()
+    async with open_worker(settings) as worker:
+        serving = asyncio.create_task(worker.run(stop))
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, str(ROOT / "examples" / "nats_invoke.py"), "--nats", services.nats_url,
+                "--tenant", "dev", "--chat", "--max-tokens", "12", "Hello there",
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT,
+            )
+            out, err = await asyncio.wait_for(proc.communicate(), 90)
+        finally:
+            stop.set()
+            await asyncio.wait_for(serving, 30)
+    text = out.decode()
+    assert proc.returncode == 0, (text, err.decode())
+    assert "queued: stream LORAFN_INVOCATIONS" in err.decode()
+    assert f"[succeeded on {settings.worker_id}:" in text and "12 completion tokens" in text
+    streamed, result_line = text.split("\n[succeeded")[0], text.strip().splitlines()[-1]
+    assert result_line.startswith("result: ") and ast.literal_eval(result_line[len("result: "):]) == streamed

@@ -1,0 +1,180 @@
+"""The host tier of a worker: canonical adapter blobs on local disk and in RAM, each with a byte budget.
+
+Blobs are content-addressed (their sha256 is their name), so a blob is either right or dropped: a disk
+copy that no longer hashes to its name is deleted on read and the caller fetches it again from the
+object store. Both levels are LRU; the disk is the larger, slower level and RAM holds the hottest
+blobs. Every method is synchronous and touches local files only: async callers use `asyncio.to_thread`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from protocol.subjects import NAME_PATTERN
+
+logger = logging.getLogger(__name__)
+
+_SHA_LEN = 64
+
+
+@dataclass(frozen=True)
+class CachedBlob:
+    """A blob of the host tier: its size and when it was last used (unix seconds)."""
+
+    sha256: str
+    bytes: int
+    last_used: float
+
+
+class HostCache:
+    """LRU blobs in RAM (`ram_bytes`) over LRU files in `directory` (`disk_bytes`). Thread-safe."""
+
+    def __init__(self, directory: Path, *, disk_bytes: int, ram_bytes: int) -> None:
+        self.directory = directory
+        self.disk_bytes = disk_bytes
+        self.ram_bytes = ram_bytes
+        self._lock = threading.Lock()
+        self._ram: OrderedDict[str, bytes] = OrderedDict()  # least recently used first
+        self._disk: OrderedDict[str, int] = OrderedDict()  # sha -> size, least recently used first
+        self._last_used: dict[str, float] = {}
+        directory.mkdir(parents=True, exist_ok=True)
+        self._index_disk()
+
+    def _index_disk(self) -> None:
+        """Adopt the blobs a previous process left in the directory (oldest access first)."""
+        files = [p for p in self.directory.iterdir() if p.is_file() and len(p.name) == _SHA_LEN]
+        for path in sorted(files, key=lambda p: p.stat().st_mtime):
+            self._disk[path.name] = path.stat().st_size
+            self._last_used[path.name] = path.stat().st_mtime
+        for victim in self._trim_disk():
+            with contextlib.suppress(FileNotFoundError):
+                (self.directory / victim).unlink()
+
+    # -- queries -----------------------------------------------------------------------------------------
+
+    def __contains__(self, sha256: object) -> bool:
+        with self._lock:
+            return sha256 in self._ram or sha256 in self._disk
+
+    def entries(self) -> list[CachedBlob]:
+        """Every cached blob, least recently used first."""
+        with self._lock:
+            sizes = {**self._disk, **{k: len(v) for k, v in self._ram.items()}}
+            return sorted(
+                (CachedBlob(k, n, self._last_used.get(k, 0.0)) for k, n in sizes.items()),
+                key=lambda b: b.last_used,
+            )
+
+    def usage(self) -> dict[str, int]:
+        """Bytes used and budgeted per level (reported in heartbeats)."""
+        with self._lock:
+            return {
+                "host_ram_bytes_used": sum(len(v) for v in self._ram.values()),
+                "host_ram_bytes": self.ram_bytes,
+                "host_disk_bytes_used": sum(self._disk.values()),
+                "host_disk_bytes": self.disk_bytes,
+            }
+
+    # -- get / put / drop --------------------------------------------------------------------------------
+
+    def get(self, sha256: str) -> bytes | None:
+        """The blob, from RAM or disk (promoted to RAM), or None; a damaged disk copy is dropped."""
+        self._check(sha256)
+        with self._lock:
+            blob = self._ram.get(sha256)
+            if blob is not None:
+                self._ram.move_to_end(sha256)
+                self._touch(sha256)
+                return blob
+            on_disk = sha256 in self._disk
+        if not on_disk:
+            return None
+        path = self.directory / sha256
+        try:
+            blob = path.read_bytes()
+        except FileNotFoundError:
+            blob = None
+        if blob is None or hashlib.sha256(blob).hexdigest() != sha256:
+            logger.warning("host cache: dropping damaged or vanished disk copy of %s", sha256)
+            self.drop(sha256)
+            return None
+        with self._lock:
+            if sha256 in self._disk:
+                self._disk.move_to_end(sha256)
+            self._remember_in_ram(sha256, blob)
+            self._touch(sha256)
+        with contextlib.suppress(OSError):
+            os.utime(path)
+        return blob
+
+    def put(self, sha256: str, blob: bytes) -> None:
+        """Keep a verified blob on disk and in RAM (idempotent), evicting least recently used blobs."""
+        self._check(sha256)
+        path = self.directory / sha256
+        with self._lock:
+            known = sha256 in self._disk
+        if not known and len(blob) <= self.disk_bytes:
+            tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+            tmp.write_bytes(blob)
+            tmp.replace(path)  # atomic: a reader never sees half a blob
+        with self._lock:
+            if len(blob) <= self.disk_bytes:
+                self._disk[sha256] = len(blob)
+                self._disk.move_to_end(sha256)
+            self._remember_in_ram(sha256, blob)
+            self._touch(sha256)
+            victims = self._trim_disk()
+        for victim in victims:
+            with contextlib.suppress(FileNotFoundError):
+                (self.directory / victim).unlink()
+
+    def drop(self, sha256: str) -> bool:
+        """Forget a blob on both levels; True if it was cached."""
+        self._check(sha256)
+        with self._lock:
+            found = self._ram.pop(sha256, None) is not None
+            found = self._disk.pop(sha256, None) is not None or found
+            self._last_used.pop(sha256, None)
+        with contextlib.suppress(FileNotFoundError):
+            (self.directory / sha256).unlink()
+        return found
+
+    # -- internals (caller holds the lock) ---------------------------------------------------------------
+
+    def _touch(self, sha256: str) -> None:
+        self._last_used[sha256] = time.time()
+
+    def _remember_in_ram(self, sha256: str, blob: bytes) -> None:
+        if len(blob) > self.ram_bytes:
+            return
+        self._ram[sha256] = blob
+        self._ram.move_to_end(sha256)
+        used = sum(len(v) for v in self._ram.values())
+        while used > self.ram_bytes:
+            _, old = self._ram.popitem(last=False)
+            used -= len(old)
+
+    def _trim_disk(self) -> list[str]:
+        """Forget least recently used disk blobs beyond the budget; returns their names to delete."""
+        victims: list[str] = []
+        used = sum(self._disk.values())
+        while used > self.disk_bytes and self._disk:
+            sha, size = self._disk.popitem(last=False)
+            used -= size
+            victims.append(sha)
+            if sha not in self._ram:
+                self._last_used.pop(sha, None)
+        return victims
+
+    @staticmethod
+    def _check(sha256: str) -> None:
+        if len(sha256) != _SHA_LEN or not NAME_PATTERN.match(sha256):
+            raise ValueError(f"{sha256!r} is not a sha256 hex digest")

@@ -1,0 +1,82 @@
+"""Settings of the worker service: one typed object, built in `workers.__main__` and passed down.
+
+Environment variables use the prefix LORAFN_ and `__` between sections, e.g. LORAFN_NATS__URL,
+LORAFN_OBJECT_STORE__ENDPOINT, LORAFN_ENGINE__ADAPTER_POOL_BYTES, LORAFN_BACKBONE__PATH,
+LORAFN_HOST_CACHE__RAM_BYTES, LORAFN_CONSUMER__ACK_WAIT_S, LORAFN_WORKER_ID.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from protocol.settings import NatsSettings
+from protocol.subjects import NAME_PATTERN
+from storage.settings import ObjectStoreSettings
+from workers.engine import EngineSettings
+
+
+class BackboneSettings(BaseModel):
+    """Which backbone the worker loads (once per process)."""
+
+    path: Path | None = Field(None, description=".gguf file or HF checkpoint dir (None: SmolLM2-135M GGUF)")
+    device: str = Field("cpu", description="torch device of the backbone, the KV cache and the adapter pool")
+    dtype: str = Field("float32", description="torch dtype of the backbone weights: float32, float16, bfloat16")
+
+    @model_validator(mode="after")
+    def _dtype_known(self) -> BackboneSettings:
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"backbone dtype {self.dtype!r} is not one of float32, float16, bfloat16")
+        return self
+
+
+class HostCacheSettings(BaseModel):
+    """The host tier: adapter blobs on local disk and in RAM, each bounded in bytes (LRU)."""
+
+    directory: Path | None = Field(None, description="disk cache directory (None: a temporary one per process)")
+    disk_bytes: int = Field(8 << 30, ge=0, description="bytes of blobs kept on disk")
+    ram_bytes: int = Field(1 << 30, ge=0, description="bytes of blobs kept in RAM")
+
+
+class ConsumerSettings(BaseModel):
+    """How the worker consumes the invocations stream (the consumer config is shared by every worker)."""
+
+    ack_wait_s: float = Field(30.0, gt=0, description="seconds before an unacknowledged invocation is redelivered")
+    max_deliver: int = Field(3, ge=1, description="deliveries of one invocation before it is dead-lettered")
+    in_progress_every_s: float = Field(5.0, gt=0, description="seconds between in-progress acks of a running call")
+    fetch_timeout_s: float = Field(1.0, gt=0, description="seconds one pull request waits for a message")
+    max_inflight: int = Field(32, ge=1, description="invocations pulled and not yet finished, per worker")
+    retry_delay_s: float = Field(1.0, ge=0, description="NAK delay of an invocation that hit a transient error")
+
+    @model_validator(mode="after")
+    def _in_progress_before_ack_wait(self) -> ConsumerSettings:
+        if self.in_progress_every_s >= self.ack_wait_s:
+            raise ValueError(
+                f"in_progress_every_s ({self.in_progress_every_s}) must be below ack_wait_s ({self.ack_wait_s})"
+            )
+        return self
+
+
+class WorkerSettings(BaseSettings):
+    """Everything one worker process needs."""
+
+    model_config = SettingsConfigDict(env_prefix="LORAFN_", env_nested_delimiter="__", extra="ignore")
+
+    worker_id: str | None = Field(None, description="worker name, a subject token (None: <host>-<pid>)")
+    nats: NatsSettings = Field(default_factory=NatsSettings)
+    object_store: ObjectStoreSettings = Field(default_factory=ObjectStoreSettings)
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    backbone: BackboneSettings = Field(default_factory=BackboneSettings)
+    host_cache: HostCacheSettings = Field(default_factory=HostCacheSettings)
+    consumer: ConsumerSettings = Field(default_factory=ConsumerSettings)
+    heartbeat_s: float = Field(1.0, gt=0, description="seconds between heartbeats")
+    drain_timeout_s: float = Field(20.0, ge=0, description="seconds running invocations get to finish on SIGTERM")
+    control_timeout_s: float = Field(60.0, gt=0, description="seconds a control verb may take")
+
+    @model_validator(mode="after")
+    def _worker_id_token(self) -> WorkerSettings:
+        if self.worker_id is not None and not NAME_PATTERN.match(self.worker_id):
+            raise ValueError(f"worker_id {self.worker_id!r} must be 1 to 64 characters from [A-Za-z0-9_-]")
+        return self
