@@ -84,10 +84,16 @@ def registry(sessions: Any, store: ObjectStore, backbone_spec: Any) -> Registry:
 
 @pytest_asyncio.fixture
 async def nc(services: Any) -> AsyncIterator[Client]:
-    """A NATS connection of the test's own, with the streams in place and the invocations stream empty."""
+    """A NATS connection of the test's own, with the streams in place and the invocations stream empty.
+
+    Consumers left by other test modules (their workers are gone) are deleted too: a work-queue stream
+    takes only non-overlapping consumers, and the echo worker consumes every invocation subject.
+    """
     conn = await nats.connect(services.nats_url)
     js = conn.jetstream()
     await ensure_streams(js)
+    for consumer in await js.consumers_info(subjects.INVOCATIONS_STREAM):
+        await js.delete_consumer(subjects.INVOCATIONS_STREAM, consumer.name)
     await js.purge_stream(subjects.INVOCATIONS_STREAM)
     try:
         yield conn
