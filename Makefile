@@ -27,7 +27,7 @@ install: $(STAMP) ## create .venv and install lorafn with its dev tools
 run: $(STAMP) ## start NATS, Postgres, S3 and the services on this machine (Ctrl-C stops all); ARGS="--workers 2"
 	$(BIN)/lorafn up $(ARGS)
 
-demo: $(STAMP) ## start a throwaway stack, push three adapters of different ranks, show them, stop
+demo: $(STAMP) ## throwaway stack + services: push three adapters, invoke each over OpenAI, FaaS and NATS, stop
 	$(BIN)/python -m lorafn.demo
 
 test: $(STAMP) ## run the test suite against real NATS, Postgres and S3 servers
