@@ -58,7 +58,7 @@ class NatsLink:
         log.debug("nats: %s", e)
 
     async def _on_disconnect(self) -> None:
-        log.warning("nats: disconnected from %s; reconnecting", self.settings.url)
+        log.warning("nats: disconnected from %s; reconnecting", self.settings.redacted_url)
 
     async def _on_reconnect(self) -> None:
         log.info("nats: reconnected")
@@ -94,7 +94,7 @@ class NatsLink:
                 continue
             self.nc, self.js = nc, js
             self.ready.set()
-            log.info("nats: connected to %s", self.settings.url)
+            log.info("nats: connected to %s", self.settings.redacted_url)
             return
 
     async def close(self) -> None:

@@ -68,3 +68,10 @@ def test_subjects_are_tokens() -> None:
     assert subjects.split_qualified_name("acme/bot") == ("acme", "bot")
     with pytest.raises(subjects.InvalidName):
         subjects.split_qualified_name("acme.bot")
+
+
+def test_nats_url_is_redacted_for_logs() -> None:
+    from protocol.settings import NatsSettings
+
+    assert NatsSettings(url="nats://lorafn:s3cret@127.0.0.1:4222").redacted_url == "nats://127.0.0.1:4222"
+    assert "s3cret" not in NatsSettings(url="tls://a:s3cret@host:1").redacted_url
