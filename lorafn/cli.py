@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import threading
@@ -16,7 +17,15 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 from rich.table import Table
 
 from lorafn.settings import LorafnSettings
-from lorafn.stack import LocalStack, StackConfig, StackError, free_stack_ports
+from lorafn.stack import (
+    LocalStack,
+    PortInUse,
+    StackConfig,
+    StackError,
+    free_ports,
+    free_stack_ports,
+    port_is_free,
+)
 from protocol.subjects import InvalidName, split_qualified_name
 from storage import repo
 from storage.errors import AdapterInvalid, NotFound, StorageError, StorageUnavailable
@@ -63,6 +72,7 @@ def up(
     postgres_port: Annotated[int | None, typer.Option(help="Postgres port")] = None,
     s3_port: Annotated[int | None, typer.Option(help="S3 API port (SeaweedFS also takes the next 7)")] = None,
     auto_ports: Annotated[bool, typer.Option("--auto-ports", help="pick free ports for every server")] = False,
+    gateway_port: Annotated[int, typer.Option(min=1, max=65535, help="HTTP port of the gateway")] = 8000,
 ) -> None:
     """Start NATS, Postgres and S3 (and the services) on this machine; Ctrl-C stops everything."""
     from lorafn.bootstrap import bootstrap
@@ -73,6 +83,10 @@ def up(
                                   "postgres_port": postgres_port, "s3_port": s3_port}.items() if v is not None}
     )
     ports = free_stack_ports(stack_settings.host) if auto_ports else stack_settings.ports()
+    if auto_ports:
+        gateway_port = free_ports(stack_settings.host, 1)[0]
+    elif not port_is_free(stack_settings.host, gateway_port):
+        raise _fail(str(PortInUse("the gateway", stack_settings.host, gateway_port, "--gateway-port")))
     stack = LocalStack(StackConfig(state_dir=settings.state_dir, host=stack_settings.host, ports=ports,
                                    bucket=settings.object_store.bucket))
     stop = threading.Event()
@@ -104,61 +118,32 @@ def up(
     table.add_row("API key", result.dev_api_key)
     # The services run as child processes with the stack's endpoints in their environment; they are
     # stopped before the servers they use (SIGTERM, wait, SIGKILL).
-    import importlib.util
-    import os
-    import sys
-
-    from lorafn.stack import ManagedProcess
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAFN_")}
-    env |= {
-        "LORAFN_NATS__URL": endpoints.nats_url,
-        "LORAFN_DATABASE__URL": endpoints.database_url,
-        "LORAFN_OBJECT_STORE__ENDPOINT": endpoints.s3_endpoint,
-        "LORAFN_OBJECT_STORE__ACCESS_KEY": endpoints.s3_access_key,
-        "LORAFN_OBJECT_STORE__SECRET_KEY": endpoints.s3_secret_key,
-        "LORAFN_OBJECT_STORE__BUCKET": endpoints.bucket,
-    }
-    logs = stack.state_dir / "logs"
-    logs.mkdir(exist_ok=True)
-    specs: list[tuple[str, str, dict[str, str]]] = [("scheduler", "scheduler", {})]
-    specs += [
-        (f"worker-{i}", "workers", {"LORAFN_WORKER_ID": f"local-w{i}",
-                                    "LORAFN_HOST_CACHE__DIRECTORY": str(stack.state_dir / "host-cache" / f"w{i}")})
-        for i in range(1, workers + 1)
-    ]
-    if importlib.util.find_spec("gateway.__main__") is not None:
-        specs.append(("gateway", "gateway", {}))
-    services: list[ManagedProcess] = []
-    try:
-        for name, module, extra in specs:
-            proc = ManagedProcess(name, [sys.executable, "-m", module], logs / f"{name}.log", env={**env, **extra},
-                                  stop_timeout_s=30.0 if module == "workers" else 10.0)
-            proc.start()
-            services.append(proc)
-    except OSError as e:
-        for proc in reversed(services):
-            proc.stop()
-        stack.stop()
-        raise _fail(f"could not start {name}: {e}") from None
-    table.add_row("services", ", ".join(p.name for p in services) + f" (logs in {logs})")
-    console.print(table)
-    console.print("push an adapter: [bold]lorafn adapters push DIR --name dev/NAME[/]   stop: Ctrl-C")
+    from lorafn.services import running_services
 
     exit_code = 0
-    while not stop.wait(0.5):
-        dead = stack.dead() + [p for p in services if not p.alive()]
-        if dead:
-            names = ", ".join(p.name for p in dead)
-            err.print(f"[bold red]error:[/] {names} exited unexpectedly; stopping the stack (logs in {stack.state_dir})")
-            exit_code = 1
-            break
-    with console.status("stopping ..."):
-        for proc in reversed(services):
-            try:
-                proc.stop()
-            except Exception as e:
-                err.print(f"[bold red]error:[/] stopping {proc.name} failed: {e}")
+    with contextlib.ExitStack() as children:
+        try:
+            services = children.enter_context(
+                running_services(endpoints, stack.state_dir, workers=workers, gateway_port=gateway_port)
+            )
+        except OSError as e:
+            children.close()
+            stack.stop()
+            raise _fail(f"could not start the services: {e}") from None
+        table.add_row("gateway", f"http://{stack.config.host}:{gateway_port}  (OpenAI base URL: /v1)")
+        table.add_row("services", ", ".join(p.name for p in services) + f" (logs in {stack.state_dir / 'logs'})")
+        console.print(table)
+        console.print("push an adapter: [bold]lorafn adapters push DIR --name dev/NAME[/]   stop: Ctrl-C")
+        while not stop.wait(0.5):
+            dead = stack.dead() + [p for p in services if not p.alive()]
+            if dead:
+                names = ", ".join(p.name for p in dead)
+                err.print(f"[bold red]error:[/] {names} exited unexpectedly; stopping the stack "
+                          f"(logs in {stack.state_dir})")
+                exit_code = 1
+                break
+        console.print("stopping ...")
+    with console.status("stopping the servers ..."):
         stack.stop()
     console.print("stopped: every process this stack started has exited")
     raise typer.Exit(exit_code)

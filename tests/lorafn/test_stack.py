@@ -46,6 +46,22 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def processes_mentioning(text: str) -> list[int]:
+    """Live processes whose command line or environment contains `text` (our children carry the state dir)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid() or not pid_alive(int(proc.name)):
+            continue
+        for part in ("cmdline", "environ"):
+            try:
+                if text.encode() in (proc / part).read_bytes():
+                    found.append(int(proc.name))
+                    break
+            except OSError:
+                continue
+    return found
+
+
 def wait_for(path: Path, proc: subprocess.Popen[str], timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -137,6 +153,7 @@ def test_up_push_and_ctrl_c_leaves_nothing_behind(up_process, make_peft_adapter)
     assert "stopped" in out
     for name, pid in endpoints.pids.items():
         assert not pid_alive(pid), f"{name} (pid {pid}) survived Ctrl-C"
+    assert processes_mentioning(str(state)) == []  # the scheduler, worker and gateway too
     assert all(port_is_free(host, p) for p in ports)
     assert not (state / "stack.json").exists()
 
