@@ -306,6 +306,7 @@ class WorkerService:
             await msg.term()
             return
         attempt = msg.metadata.num_delivered or 1
+        arrived_at = self._arrival(msg, inv)
         ticker = asyncio.create_task(self._keep_alive(msg), name=f"in-progress-{inv.id}")
         try:
             existing = await self._recorded_result(inv.id)
@@ -314,7 +315,7 @@ class WorkerService:
                 await self._reply(inv, existing, "result")
                 await msg.ack()
                 return
-            result = await self._execute(inv, attempt)
+            result = await self._execute(inv, attempt, arrived_at)
         except Retry as e:
             logger.info("invocation %s (attempt %d) handed back: %s", inv.id, attempt, e)
             with contextlib.suppress(Exception):
@@ -335,6 +336,15 @@ class WorkerService:
         await self._reply(inv, result.encode(), "result")
         with contextlib.suppress(Exception):
             await msg.ack()
+
+    @staticmethod
+    def _arrival(msg: Msg, inv: Invocation) -> float:
+        """Unix seconds the invocations stream stored the message (the invocation's arrival in lorafn; a
+        redelivery keeps it), else the submitter's `submitted_at`."""
+        try:
+            return msg.metadata.timestamp.timestamp()
+        except Exception:
+            return inv.submitted_at
 
     async def _keep_alive(self, msg: Msg) -> None:
         """In-progress acks while the invocation runs, so ack_wait does not redeliver it."""
@@ -401,8 +411,13 @@ class WorkerService:
             )
         return current
 
-    async def _bring_to_device(self, sha: str) -> tuple[str, float]:
-        """Load `sha` if needed and pin it; (tier on arrival, load ms)."""
+    async def _bring_to_device(self, sha: str, arrived_at: float) -> tuple[str, float]:
+        """Load `sha` if needed and pin it; (tier on arrival, load ms).
+
+        An adapter already on the device may have been loaded for this very invocation: the scheduler
+        places an adapter when its first invocation is published, and the worker pulls that invocation only
+        after the load. Such an invocation still paid the cold start, so it reports where the adapter was
+        when the invocation arrived and the part of the load it waited for (`AdapterTiers.arrival`)."""
         tier = self.tiers.tier(sha)
         load_ms = 0.0
         for _ in range(3):
@@ -413,6 +428,8 @@ class WorkerService:
                     raise InvocationFailed(e.code, str(e)) from e
                 raise Retry(str(e), self.settings.consumer.retry_delay_s) from e
             if self.tiers.acquire(sha):  # no await since load returned: nothing evicted it meanwhile
+                if tier == "device":
+                    return self.tiers.arrival(sha, arrived_at)
                 return tier, load_ms
         raise Retry(f"adapter {sha} was evicted while loading", self.settings.consumer.retry_delay_s)
 
@@ -440,7 +457,7 @@ class WorkerService:
         except SamplingParamsInvalid as e:
             raise InvocationFailed(ErrorCode.bad_request, str(e)) from e
 
-    async def _execute(self, inv: Invocation, attempt: int) -> InvocationResult:
+    async def _execute(self, inv: Invocation, attempt: int, arrived_at: float | None = None) -> InvocationResult:
         """Generate one invocation; its result (succeeded, or failed for a terminal reason)."""
         tier: str | None = None
         sha: str | None = None
@@ -448,7 +465,8 @@ class WorkerService:
             sha = self._version_of(inv)
             load_ms: float | None = None
             if sha is not None:
-                tier, load_ms = await self._bring_to_device(sha)
+                tier, load_ms = await self._bring_to_device(
+                    sha, arrived_at if arrived_at is not None else inv.submitted_at)
             try:
                 return await self._generate(inv, attempt, sha, tier, load_ms)
             finally:

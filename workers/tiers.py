@@ -75,6 +75,8 @@ class DeviceEntry:
     bytes: int
     load_ms: float
     last_used: float = field(default_factory=time.time)
+    source: Tier = "object"  # where the version was when its load began (host or object)
+    loaded_at: float = field(default_factory=time.time)  # unix seconds the load finished
 
 
 class AdapterTiers:
@@ -100,6 +102,18 @@ class AdapterTiers:
         if sha in self.device:
             return "device"
         return "host" if sha in self.cache else "object"
+
+    def arrival(self, sha: str, arrived_at: float) -> tuple[Tier, float]:
+        """Where a device-resident version was at unix time `arrived_at` (when an invocation arrived), and
+        the ms of its load that happened after then. An invocation that was queued while the scheduler
+        placed its adapter (the usual cold start: the worker pulls it only once the adapter is loaded)
+        waited for that load: it reports the tier the load started from, not "device"."""
+        entry = self.device.get(sha)
+        if entry is None:
+            return self.tier(sha), 0.0
+        if arrived_at >= entry.loaded_at:
+            return "device", 0.0
+        return entry.source, min(entry.load_ms, (entry.loaded_at - arrived_at) * 1e3)
 
     @property
     def free_pages(self) -> int:
@@ -194,6 +208,7 @@ class AdapterTiers:
 
     async def _load(self, sha: str) -> float:
         started = time.perf_counter()
+        source = self.tier(sha)
         blob = await asyncio.to_thread(self.cache.get, sha)
         if blob is None:
             await self.fetch(sha)
@@ -243,7 +258,7 @@ class AdapterTiers:
                 self.stats["evict"].add(0.0)
                 self.on_evicted(victim)
         ms = (time.perf_counter() - started) * 1e3
-        self.device[sha] = DeviceEntry(sha, pages, len(blob), ms)
+        self.device[sha] = DeviceEntry(sha, pages, len(blob), ms, source=source)
         self.stats["load"].add(ms)
         logger.info(
             "loaded adapter %s (%d pages) in %.1f ms%s", sha, pages, ms,
