@@ -107,22 +107,27 @@ def _sample_random(logits: torch.Tensor, rows: Sequence[SamplerRow]) -> torch.Te
     temperature = torch.tensor([r.params.temperature for r in rows], dtype=torch.float32)  # [n]
     scaled = logits.float() / temperature[:, None]  # [n, vocab]
     sorted_logits, order = scaled.sort(dim=-1, descending=True)  # [n, vocab] each
-    probs = sorted_logits.softmax(dim=-1)  # [n, vocab], descending
+    sorted_probs = sorted_logits.softmax(dim=-1)  # [n, vocab], descending
     rank = torch.arange(vocab)[None, :]  # [1, vocab]
     top_k = torch.tensor([r.params.top_k or vocab for r in rows])  # [n]
     top_p = torch.tensor([r.params.top_p for r in rows], dtype=torch.float32)  # [n]
     # A token is kept when it is among the top k and the mass strictly before it is below top_p (so the
     # most likely token is always kept).
-    mass_before = probs.cumsum(dim=-1) - probs  # [n, vocab]
-    keep = (rank < top_k[:, None]) & (mass_before < top_p[:, None])
-    probs = probs.masked_fill_(~keep, 0.0)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # [n, vocab]
+    keep_sorted = (rank < top_k[:, None]) & (mass_before < top_p[:, None])
+    keep = torch.zeros_like(keep_sorted).scatter_(1, order, keep_sorted)  # [n, vocab], token-id order
+    # The draw walks the distribution in token-id order, in float64: the last-bit differences that other
+    # batch shapes cause in the logits then move the CDF by a rounding error instead of reordering
+    # near-equal tokens, so a seed gives the same token alone or in any batch (and on a redelivery).
+    probs = scaled.double().softmax(dim=-1).masked_fill_(~keep, 0.0)  # [n, vocab]
     cdf = probs.cumsum(dim=-1)  # [n, vocab]
-    uniform = torch.cat([torch.rand(1, generator=_generator(r)) for r in rows])  # [n] in [0, 1)
+    uniform = torch.cat([torch.rand(1, generator=_generator(r), dtype=torch.float64) for r in rows])  # [n]
     target = (uniform * cdf[:, -1]).unsqueeze(1)  # [n, 1]
     index = torch.searchsorted(cdf, target, right=True).clamp_(max=vocab - 1)  # [n, 1]
-    # Never land on a filtered-out token (possible only through rounding at the top of the cdf).
-    index = torch.minimum(index, keep.sum(dim=-1, keepdim=True) - 1)
-    return order.gather(1, index).squeeze(1)
+    # Filtered tokens add no mass, so the search never stops on one, except past the last kept token
+    # through rounding at the top of the cdf.
+    last_kept = torch.where(keep, rank, -1).amax(dim=-1, keepdim=True)  # [n, 1]
+    return torch.minimum(index, last_kept).squeeze(1)
 
 
 def _generator(row: SamplerRow) -> torch.Generator:

@@ -119,9 +119,6 @@ async def test_a_first_call_is_cold_and_a_repeated_call_warm(
     assert cold.invocation_id != warm.invocation_id
 
 
-@pytest.mark.xfail(reason="workers/sampling.py draws the inverse CDF over tokens SORTED by probability: the tiny "
-                          "float differences between batch shapes reorder near-equal tokens and change the sampled "
-                          "token, so a seeded (or redelivered) call is not reproducible across batches", strict=False)
 async def test_a_seeded_sampling_call_gives_the_same_text_alone_or_in_a_batch(
     cluster: Cluster, reference: Reference, pushed: dict[str, str]
 ) -> None:
