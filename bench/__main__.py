@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from typing import Any
 
-from bench import pool
+from bench import engine, invocation, pool
 
-BENCHMARKS = {"pool": pool.run}
+BENCHMARKS: dict[str, Callable[..., Any]] = {"pool": pool.run, "engine": engine.run, "invocation": invocation.run}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("names", nargs="*", metavar="NAME", help=f"benchmarks to run: {', '.join(BENCHMARKS)} (default: all)")
+    engine.add_arguments(parser)
     args = parser.parse_args()
     unknown = sorted(set(args.names) - set(BENCHMARKS))
     if unknown:
         parser.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
+    options = {"engine": engine.options(args)}
     for name in args.names or list(BENCHMARKS):
-        BENCHMARKS[name]()
+        BENCHMARKS[name](**options.get(name, {}))
 
 
 if __name__ == "__main__":
