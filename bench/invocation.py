@@ -67,7 +67,7 @@ from storage.settings import ObjectStoreSettings
 
 log = logging.getLogger(__name__)
 
-KIND_HEADER = "Lorafn-Kind"
+KIND_HEADER = subjects.KIND_HEADER
 PROMPT = "hello from the invocation benchmark"
 MAX_TOKENS = 4
 TARGET_P50_MS = 2.0  # targets of the gateway's added latency

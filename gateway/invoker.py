@@ -60,8 +60,8 @@ from storage.models import Invocation as InvocationRow
 
 log = logging.getLogger(__name__)
 
-KIND_HEADER = "Lorafn-Kind"  # workers set it to "chunk" or "result" on the reply subject
-MSG_ID_HEADER = "Nats-Msg-Id"
+KIND_HEADER = subjects.KIND_HEADER  # workers set it to "chunk" or "result" on the reply subject
+MSG_ID_HEADER = subjects.MSG_ID_HEADER
 ID_PREFIX = "inv_"
 ID_RANDOM_BYTES = 16  # 22 URL-safe characters
 

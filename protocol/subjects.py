@@ -33,6 +33,13 @@ ADAPTER_EVENTS_ALL = f"{ADAPTER_EVENT_PREFIX}.*"
 # durable consumer of the results stream.
 CALLBACKS_BUCKET = "LORAFN_CALLBACKS"
 CALLBACKS_CONSUMER = "gateway-callbacks"
+
+# Headers. On a reply subject, KIND_HEADER says which message the payload is: KIND_CHUNK (TokenChunk) or
+# KIND_RESULT (InvocationResult). MSG_ID_HEADER is JetStream's de-duplication id.
+KIND_HEADER = "Lorafn-Kind"
+KIND_CHUNK = "chunk"
+KIND_RESULT = "result"
+MSG_ID_HEADER = "Nats-Msg-Id"
 RESULT_ALL = f"{RESULT_PREFIX}.>"
 WORKER_EVENTS_ALL = f"{WORKER_EVENT_PREFIX}.*"
 
@@ -108,6 +115,11 @@ def invocation_event(event: str) -> str:
 def base_invocations() -> str:
     """Filter of every tenant's invocations of the bare backbone (consumed by every worker)."""
     return f"{INVOKE_PREFIX}.*.{BASE_ADAPTER}"
+
+
+def max_deliveries_advisory(stream: str) -> str:
+    """JetStream's advisory subject for messages of `stream` that reached max deliveries (any consumer)."""
+    return f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.*"
 
 
 def consumer_name(tenant: str, adapter: str) -> str:

@@ -63,16 +63,8 @@ from storage.models import InvocationStatus, Tier
 
 logger = logging.getLogger(__name__)
 
-KIND_HEADER = "Lorafn-Kind"
-MSG_ID_HEADER = "Nats-Msg-Id"
-
-
-def max_deliveries_advisory(stream: str) -> str:
-    """JetStream's advisory subject for messages of `stream` that reached max deliveries (any consumer).
-
-    (A JetStream system subject, not one of ours; it belongs next to the others in protocol/subjects.py.)
-    """
-    return f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.*"
+KIND_HEADER = subjects.KIND_HEADER
+MSG_ID_HEADER = subjects.MSG_ID_HEADER
 
 
 @dataclass(frozen=True)
@@ -120,7 +112,7 @@ class SchedulerService:
             await self.nc.subscribe(subjects.WORKER_EVENTS_ALL, cb=self._on_heartbeat)
             await self.nc.subscribe(subjects.INVOKE_ALL, cb=self._on_invocation)
             await self.nc.subscribe(subjects.invocation_event("started"), cb=self._on_started)
-            await self.nc.subscribe(max_deliveries_advisory(subjects.INVOCATIONS_STREAM), cb=self._on_max_deliveries)
+            await self.nc.subscribe(subjects.max_deliveries_advisory(subjects.INVOCATIONS_STREAM), cb=self._on_max_deliveries)
             loops = [
                 asyncio.create_task(self._every(self.cfg.flush_every_s, self.flush, stop), name="flush"),
                 asyncio.create_task(self._every(self.cfg.reconcile_every_s, self.reconcile, stop), name="reconcile"),

@@ -75,8 +75,8 @@ from workers.weights import load_backbone
 logger = logging.getLogger(__name__)
 
 # Header of every message on a reply subject: which message type the payload is.
-KIND_HEADER = "Lorafn-Kind"
-MSG_ID_HEADER = "Nats-Msg-Id"
+KIND_HEADER = subjects.KIND_HEADER
+MSG_ID_HEADER = subjects.MSG_ID_HEADER
 
 
 def result_msg_id(invocation_id: str) -> str:
