@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
+import torch
 from sqlalchemy import text
 
 from lorafn.stack import LocalStack, StackConfig, free_stack_ports
@@ -24,6 +25,12 @@ from storage import repo
 from storage.migrate import upgrade
 from storage.objectstore import ObjectStore
 from storage.settings import DatabaseSettings, ObjectStoreSettings
+
+# Without a GPU, Triton runs only through its interpreter, and the flag must be set before triton is first
+# imported: some test modules import it indirectly (transformers, peft) before tests/kernels is collected.
+# (Nothing imported above loads triton.)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @dataclass(frozen=True)
