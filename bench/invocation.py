@@ -176,7 +176,7 @@ class EchoPeer:
         if inv.stream and inv.reply_to:
             for i, text in enumerate(texts):
                 chunk = TokenChunk(invocation_id=inv.id, index=i, token_ids=[i], text=text)
-                await self.nc.publish(inv.reply_to, chunk.encode(), headers={KIND_HEADER: "chunk"})
+                await self.nc.publish(inv.reply_to, chunk.encode(), headers={KIND_HEADER: subjects.KIND_CHUNK})
         result = InvocationResult(
             invocation_id=inv.id, status="succeeded", text="".join(texts), token_ids=list(range(len(out))),
             finish_reason="length" if len(out) < len(words) else "stop",
@@ -186,9 +186,9 @@ class EchoPeer:
             worker_id=self.worker_id, adapter_tier=None,
         )
         await self.nc.jetstream().publish(subjects.result(inv.id), result.encode(),
-                                          headers={"Nats-Msg-Id": f"result-{inv.id}", KIND_HEADER: "result"})
+                                          headers={subjects.MSG_ID_HEADER: subjects.result_msg_id(inv.id), KIND_HEADER: subjects.KIND_RESULT})
         if inv.reply_to:
-            await self.nc.publish(inv.reply_to, result.encode(), headers={KIND_HEADER: "result"})
+            await self.nc.publish(inv.reply_to, result.encode(), headers={KIND_HEADER: subjects.KIND_RESULT})
         await msg.ack()
         self.answered += 1
 
@@ -338,7 +338,7 @@ class DirectCaller:
         done: asyncio.Future[InvocationResult] = asyncio.get_running_loop().create_future()
 
         async def on_reply(msg: Msg) -> None:
-            if (msg.headers or {}).get(KIND_HEADER) == "result" and not done.done():
+            if (msg.headers or {}).get(KIND_HEADER) == subjects.KIND_RESULT and not done.done():
                 done.set_result(InvocationResult.decode(msg.data))
 
         sub = await self.nc.subscribe(reply, cb=on_reply)  # before publishing, so nothing is missed

@@ -161,7 +161,7 @@ class Call:
         """A message on lora.reply.<id>: a TokenChunk, or the final InvocationResult."""
         try:
             kind = (msg.headers or {}).get(KIND_HEADER)
-            event: Event = InvocationResult.decode(msg.data) if kind == "result" else TokenChunk.decode(msg.data)
+            event: Event = InvocationResult.decode(msg.data) if kind == subjects.KIND_RESULT else TokenChunk.decode(msg.data)
         except MessageInvalid as e:
             log.warning("invocation %s: dropped an undecodable reply (%s)", self.invocation_id, e)
             return

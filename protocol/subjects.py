@@ -117,6 +117,11 @@ def base_invocations() -> str:
     return f"{INVOKE_PREFIX}.*.{BASE_ADAPTER}"
 
 
+def result_msg_id(invocation_id: str) -> str:
+    """Nats-Msg-Id of an invocation's result in the results stream: one result per invocation."""
+    return f"result-{check_name('invocation', invocation_id)}"
+
+
 def max_deliveries_advisory(stream: str) -> str:
     """JetStream's advisory subject for messages of `stream` that reached max deliveries (any consumer)."""
     return f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.*"

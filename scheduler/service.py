@@ -447,7 +447,7 @@ class SchedulerService:
                 ),
             )
             payload = result.encode()
-            await self.js.publish(subjects.result(inv.id), payload, headers={MSG_ID_HEADER: f"result-{inv.id}"})
+            await self.js.publish(subjects.result(inv.id), payload, headers={MSG_ID_HEADER: subjects.result_msg_id(inv.id)})
             logger.warning("invocation %s dead-lettered after %d deliveries", inv.id, deliveries)
             assert self.sessions is not None
             try:
@@ -458,6 +458,6 @@ class SchedulerService:
                 logger.exception("could not mark %s failed in Postgres (the results consumer will)", inv.id)
         if inv.reply_to:
             with contextlib.suppress(nats.errors.Error):
-                await self.nc.publish(inv.reply_to, payload, headers={KIND_HEADER: "result"})
+                await self.nc.publish(inv.reply_to, payload, headers={KIND_HEADER: subjects.KIND_RESULT})
         with contextlib.suppress(Exception):
             await self.js.delete_msg(subjects.INVOCATIONS_STREAM, seq)

@@ -79,11 +79,6 @@ KIND_HEADER = subjects.KIND_HEADER
 MSG_ID_HEADER = subjects.MSG_ID_HEADER
 
 
-def result_msg_id(invocation_id: str) -> str:
-    """Nats-Msg-Id of an invocation's result in the results stream (a second copy is deduplicated)."""
-    return f"result-{invocation_id}"
-
-
 def default_worker_id() -> str:
     """<host>-<pid>, reduced to the subject-token alphabet."""
     host = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())[:48]
@@ -312,7 +307,7 @@ class WorkerService:
             existing = await self._recorded_result(inv.id)
             if existing is not None:
                 logger.info("invocation %s already has a result; sending it again", inv.id)
-                await self._reply(inv, existing, "result")
+                await self._reply(inv, existing, subjects.KIND_RESULT)
                 await msg.ack()
                 return
             result = await self._execute(inv, attempt, arrived_at)
@@ -333,7 +328,7 @@ class WorkerService:
             with contextlib.suppress(Exception):
                 await msg.nak()
             return
-        await self._reply(inv, result.encode(), "result")
+        await self._reply(inv, result.encode(), subjects.KIND_RESULT)
         with contextlib.suppress(Exception):
             await msg.ack()
 
@@ -371,7 +366,7 @@ class WorkerService:
             try:
                 await self.js.publish(
                     subjects.result(inv.id), result.encode(), timeout=5.0,
-                    headers={MSG_ID_HEADER: result_msg_id(inv.id)},
+                    headers={MSG_ID_HEADER: subjects.result_msg_id(inv.id)},
                 )
                 return
             except (nats.errors.Error, nats.js.errors.Error) as e:
@@ -552,7 +547,7 @@ class WorkerService:
             if inv.stream:
                 chunk = TokenChunk(invocation_id=inv.id, index=index, token_ids=token_ids,
                                    text="".join(e.text for e in item))
-                await self._reply(inv, chunk.encode(), "chunk")
+                await self._reply(inv, chunk.encode(), subjects.KIND_CHUNK)
             index += len(token_ids)
 
     # -- control -----------------------------------------------------------------------------------------
