@@ -110,14 +110,19 @@ class EchoPeer:
     Follows the worker contract: `InvocationStarted` on lora.evt.invocation.started, `TokenChunk`s with
     their indices when the invocation streams, the `InvocationResult` recorded in the results stream
     (`Nats-Msg-Id: result-<id>`, awaited) and then sent to `reply_to`, and the ack last. The output is the
-    prompt's first `max_tokens` words.
+    prompt's first `max_tokens` words. Subclasses change the answer through `respond` and `chunk_rounds`
+    (the gateway tests use one that fails, stalls or repeats chunks on request).
     """
 
     nc: Client
     consumer: str
     filter_subject: str
     worker_id: str = "bench-echo"
+    tier: str | None = None  # reported as adapter_tier
+    load_ms: float = 0.0  # reported as the adapter's load time
+    batch: int = ECHO_BATCH  # messages per pull request
     answered: int = 0
+    seen: list[Invocation] = field(default_factory=list)
     _task: asyncio.Task[None] | None = None
     _psub: Any = None
     _answering: set[asyncio.Task[None]] = field(default_factory=set)
@@ -150,13 +155,35 @@ class EchoPeer:
     async def _run(self) -> None:
         while True:
             try:
-                msgs = await self._psub.fetch(ECHO_BATCH, timeout=1.0)
+                msgs = await self._psub.fetch(self.batch, timeout=1.0)
             except (nats.errors.TimeoutError, TimeoutError):
                 continue
             for msg in msgs:
                 task = asyncio.create_task(self._answer(msg))
                 self._answering.add(task)
                 task.add_done_callback(self._answering.discard)
+
+    def words(self, inv: Invocation) -> list[str]:
+        """The words of the prompt (or of the last chat message)."""
+        source = inv.prompt if inv.prompt is not None else (inv.messages or [])[-1].content
+        return source.split()
+
+    def chunk_rounds(self, inv: Invocation) -> int:
+        """How many times the chunks are sent (a redelivered generation sends them again)."""
+        return 1
+
+    async def respond(self, inv: Invocation, started: float) -> InvocationResult:
+        """The result of an invocation: the echo of its first `max_tokens` words."""
+        words = self.words(inv)
+        out = words[: inv.sampling.max_tokens]
+        return InvocationResult(
+            invocation_id=inv.id, status="succeeded", text=" ".join(out), token_ids=list(range(len(out))),
+            finish_reason="length" if len(out) < len(words) else "stop",
+            usage=Usage(prompt_tokens=len(words), completion_tokens=len(out)),
+            timings=Timings(queued_ms=(started - inv.submitted_at) * 1000, load_ms=self.load_ms,
+                            first_token_ms=0.0, total_ms=(time.time() - inv.submitted_at) * 1000),
+            worker_id=self.worker_id, adapter_tier=self.tier,  # type: ignore[arg-type]
+        )
 
     async def _answer(self, msg: Msg) -> None:
         try:
@@ -165,28 +192,22 @@ class EchoPeer:
             log.warning("not an Invocation; terminating it", exc_info=True)
             await msg.term()
             return
+        self.seen.append(inv)
         started = time.time()
         await self.nc.publish(subjects.invocation_event("started"),
                               InvocationStarted(invocation_id=inv.id, worker_id=self.worker_id,
-                                                adapter_tier=None, load_ms=0.0).encode())
-        source = inv.prompt if inv.prompt is not None else (inv.messages or [])[-1].content
-        words = source.split()
-        out = words[: inv.sampling.max_tokens]
-        texts = [w if i == 0 else " " + w for i, w in enumerate(out)]
-        if inv.stream and inv.reply_to:
-            for i, text in enumerate(texts):
-                chunk = TokenChunk(invocation_id=inv.id, index=i, token_ids=[i], text=text)
-                await self.nc.publish(inv.reply_to, chunk.encode(), headers={KIND_HEADER: subjects.KIND_CHUNK})
-        result = InvocationResult(
-            invocation_id=inv.id, status="succeeded", text="".join(texts), token_ids=list(range(len(out))),
-            finish_reason="length" if len(out) < len(words) else "stop",
-            usage=Usage(prompt_tokens=len(words), completion_tokens=len(out)),
-            timings=Timings(queued_ms=(started - inv.submitted_at) * 1000, load_ms=0.0, first_token_ms=0.0,
-                            total_ms=(time.time() - inv.submitted_at) * 1000),
-            worker_id=self.worker_id, adapter_tier=None,
+                                                adapter_tier=self.tier, load_ms=self.load_ms).encode())  # type: ignore[arg-type]
+        result = await self.respond(inv, started)
+        if inv.stream and inv.reply_to and result.status == "succeeded":
+            words = result.text.split(" ") if result.text else []
+            for _ in range(self.chunk_rounds(inv)):
+                for i, word in enumerate(words):
+                    chunk = TokenChunk(invocation_id=inv.id, index=i, token_ids=[i], text=word if i == 0 else " " + word)
+                    await self.nc.publish(inv.reply_to, chunk.encode(), headers={KIND_HEADER: subjects.KIND_CHUNK})
+        await self.nc.jetstream().publish(
+            subjects.result(inv.id), result.encode(),
+            headers={subjects.MSG_ID_HEADER: subjects.result_msg_id(inv.id), KIND_HEADER: subjects.KIND_RESULT},
         )
-        await self.nc.jetstream().publish(subjects.result(inv.id), result.encode(),
-                                          headers={subjects.MSG_ID_HEADER: subjects.result_msg_id(inv.id), KIND_HEADER: subjects.KIND_RESULT})
         if inv.reply_to:
             await self.nc.publish(inv.reply_to, result.encode(), headers={KIND_HEADER: subjects.KIND_RESULT})
         await msg.ack()

@@ -12,11 +12,10 @@ ErrorCode, `SLOW <seconds>` waits first, `DUP ...` resends every chunk (as a red
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -25,9 +24,8 @@ import pytest
 import pytest_asyncio
 import uvicorn
 from nats.aio.client import Client
-from nats.js.api import AckPolicy, ConsumerConfig
-from nats.js.errors import NotFoundError
 
+from bench.invocation import EchoPeer
 from gateway.app import create_app
 from gateway.settings import GatewayOptions, GatewaySettings, LimitSettings
 from protocol import subjects
@@ -36,10 +34,6 @@ from protocol.messages import (
     Invocation,
     InvocationError,
     InvocationResult,
-    InvocationStarted,
-    Timings,
-    TokenChunk,
-    Usage,
 )
 from protocol.settings import NatsSettings
 from protocol.streams import ensure_streams
@@ -106,93 +100,27 @@ async def stream_messages(nc: Client, stream: str = subjects.INVOCATIONS_STREAM)
     return int((await nc.jetstream().stream_info(stream)).state.messages)
 
 
-@dataclass
-class EchoWorker:
-    """The echo worker (see the module docstring)."""
+class EchoWorker(EchoPeer):
+    """The echo worker (see the module docstring): the benchmark's echo peer on every invocation subject,
+    reporting tier `device` and a 12.5 ms load, and obeying the FAIL / SLOW / DUP prompt conventions."""
 
-    nc: Client
-    worker_id: str = "test-worker"
-    tier: str = "device"
-    seen: list[Invocation] = field(default_factory=list)
-    _task: asyncio.Task[None] | None = None
-    _psub: Any = None
-    _answering: set[asyncio.Task[None]] = field(default_factory=set)
+    def __init__(self, nc: Client) -> None:
+        super().__init__(nc, consumer=TEST_WORKER_CONSUMER, filter_subject=subjects.INVOKE_ALL,
+                         worker_id="test-worker", tier="device", load_ms=12.5, batch=8)
 
-    async def start(self) -> None:
-        js = self.nc.jetstream()
-        with contextlib.suppress(NotFoundError):
-            await js.delete_consumer(subjects.INVOCATIONS_STREAM, TEST_WORKER_CONSUMER)
-        config = ConsumerConfig(durable_name=TEST_WORKER_CONSUMER, ack_policy=AckPolicy.EXPLICIT, ack_wait=30,
-                                max_deliver=3, filter_subject=subjects.INVOKE_ALL)
-        psub = await js.pull_subscribe(subjects.INVOKE_ALL, durable=TEST_WORKER_CONSUMER,
-                                       stream=subjects.INVOCATIONS_STREAM, config=config)
-        self._psub = psub
-        self._task = asyncio.create_task(self._run(psub))
+    def chunk_rounds(self, inv: Invocation) -> int:
+        return 2 if self.words(inv)[:1] == ["DUP"] else 1
 
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        with contextlib.suppress(Exception):
-            await self._psub.unsubscribe()
-        with contextlib.suppress(Exception):
-            # A work-queue stream allows one consumer per subject: leave the subjects free for others.
-            await self.nc.jetstream().delete_consumer(subjects.INVOCATIONS_STREAM, TEST_WORKER_CONSUMER)
-
-    async def _run(self, psub: Any) -> None:
-        while True:
-            try:
-                msgs = await psub.fetch(8, timeout=0.5)
-            except (nats.errors.TimeoutError, TimeoutError):
-                continue
-            for msg in msgs:
-                task = asyncio.create_task(self._answer(msg))
-                self._answering.add(task)
-                task.add_done_callback(self._answering.discard)
-
-    async def _answer(self, msg: Any) -> None:
-        inv = Invocation.decode(msg.data)
-        self.seen.append(inv)
-        started = time.time()
-        await self.nc.publish(
-            subjects.invocation_event("started"),
-            InvocationStarted(invocation_id=inv.id, worker_id=self.worker_id, adapter_tier=self.tier,  # type: ignore[arg-type]
-                              load_ms=12.5).encode(),
-        )
-        source = inv.prompt if inv.prompt is not None else (inv.messages or [])[-1].content
-        words = source.split()
-        result: InvocationResult
+    async def respond(self, inv: Invocation, started: float) -> InvocationResult:
+        words = self.words(inv)
         if words[:1] == ["SLOW"]:
             await asyncio.sleep(float(words[1]))
         if words[:1] == ["FAIL"]:
-            result = InvocationResult(
-                invocation_id=inv.id, status="failed", worker_id=self.worker_id, adapter_tier=self.tier,  # type: ignore[arg-type]
+            return InvocationResult(
+                invocation_id=inv.id, status="failed", worker_id=self.worker_id, adapter_tier="device",
                 error=InvocationError(code=ErrorCode(words[1]), message=f"test worker failed it with {words[1]}"),
             )
-        else:
-            out = words[: inv.sampling.max_tokens]
-            texts = [w if i == 0 else " " + w for i, w in enumerate(out)]
-            if inv.stream and inv.reply_to:
-                rounds = 2 if words[:1] == ["DUP"] else 1
-                for _ in range(rounds):
-                    for i, text in enumerate(texts):
-                        chunk = TokenChunk(invocation_id=inv.id, index=i, token_ids=[i], text=text)
-                        await self.nc.publish(inv.reply_to, chunk.encode(), headers={"Lorafn-Kind": "chunk"})
-            result = InvocationResult(
-                invocation_id=inv.id, status="succeeded", text="".join(texts), token_ids=list(range(len(out))),
-                finish_reason="length" if len(out) < len(words) else "stop",
-                usage=Usage(prompt_tokens=len(words), completion_tokens=len(out)),
-                timings=Timings(queued_ms=(started - inv.submitted_at) * 1000, load_ms=12.5, first_token_ms=1.0,
-                                total_ms=(time.time() - inv.submitted_at) * 1000),
-                worker_id=self.worker_id, adapter_tier=self.tier,  # type: ignore[arg-type]
-            )
-        js = self.nc.jetstream()
-        await js.publish(subjects.result(inv.id), result.encode(),
-                         headers={"Nats-Msg-Id": f"result-{inv.id}", "Lorafn-Kind": "result"})
-        if inv.reply_to:
-            await self.nc.publish(inv.reply_to, result.encode(), headers={"Lorafn-Kind": "result"})
-        await msg.ack()
+        return await super().respond(inv, started)
 
 
 @pytest_asyncio.fixture
