@@ -8,8 +8,9 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -28,7 +29,12 @@ from lorafn.stack import (
 )
 from protocol.subjects import InvalidName, split_qualified_name
 from storage import repo
-from storage.errors import AdapterInvalid, NotFound, StorageError, StorageUnavailable
+from storage.errors import AdapterInvalid, StorageError, StorageUnavailable
+
+if TYPE_CHECKING:
+    from storage.registry import Registry
+
+T = TypeVar("T")
 
 app = typer.Typer(help="lorafn: serverless LoRA functions on one shared backbone.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -213,19 +219,44 @@ def generate(
     console.print(f"[dim]{time.monotonic() - started:.1f} s including loading[/]")
 
 
-def _registry(settings: LorafnSettings):  # type: ignore[no-untyped-def]
+@contextlib.asynccontextmanager
+async def _registry(settings: LorafnSettings) -> AsyncIterator[Registry]:
+    """A registry over the configured services; its database engine is disposed on exit."""
     from storage.backbone import resolve_backbone_spec
     from storage.objectstore import ObjectStore
     from storage.registry import Registry
 
     engine = repo.create_engine(settings.database)
-    registry = Registry(
-        sessions=repo.session_factory(engine),
-        store=ObjectStore(settings.object_store),
-        spec=resolve_backbone_spec(gguf=settings.registry.backbone_gguf, hf_dir=settings.registry.backbone_hf_dir),
-        settings=settings.registry,
-    )
-    return engine, registry
+    try:
+        yield Registry(
+            sessions=repo.session_factory(engine),
+            store=ObjectStore(settings.object_store),
+            spec=resolve_backbone_spec(gguf=settings.registry.backbone_gguf,
+                                       hf_dir=settings.registry.backbone_hf_dir),
+            settings=settings.registry,
+        )
+    finally:
+        await engine.dispose()
+
+
+def _qualified(name: str) -> tuple[str, str]:
+    """TENANT/NAME split and checked, or a clean exit naming the problem."""
+    try:
+        return split_qualified_name(name)
+    except InvalidName as e:
+        raise _fail(f"{e} (expected TENANT/NAME)") from None
+
+
+def _run_client(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a registry command; storage errors become one clean line and exit code 1."""
+    try:
+        return asyncio.run(coro)
+    except AdapterInvalid as e:
+        raise _fail(f"adapter refused ({e.code}): {e}") from None
+    except StorageUnavailable as e:
+        raise _fail(f"{e}; is `lorafn up` running?") from None
+    except StorageError as e:
+        raise _fail(str(e)) from None
 
 
 @adapters_app.command("push")
@@ -235,15 +266,11 @@ def adapters_push(
     state_dir: StateDir = None,
 ) -> None:
     """Validate an adapter, store it in S3 and make it the current version of TENANT/NAME."""
-    try:
-        tenant, adapter_name = split_qualified_name(name)
-    except InvalidName as e:
-        raise _fail(f"{e} (expected TENANT/NAME)") from None
+    tenant, adapter_name = _qualified(name)
     settings = _settings(state_dir).with_running_stack()
 
     async def run() -> None:
-        engine, registry = _registry(settings)
-        try:
+        async with _registry(settings) as registry:
             with console.status("validating ..."):
                 prepared = await asyncio.to_thread(registry.prepare, source)
             with Progress(TextColumn("uploading"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
@@ -251,8 +278,6 @@ def adapters_push(
                 task = bar.add_task("upload", total=len(prepared.blob))
                 result = await registry.push(tenant=tenant, name=adapter_name, source=prepared,
                                              progress=lambda n: bar.advance(task, n))
-        finally:
-            await engine.dispose()
         state = "new version" if result.created else "unchanged (same content)"
         console.print(
             f"[bold]{tenant}/{adapter_name}[/] {state}: version {result.version_id}\n"
@@ -261,14 +286,7 @@ def adapters_push(
             highlight=False,
         )
 
-    try:
-        asyncio.run(run())
-    except AdapterInvalid as e:
-        raise _fail(f"adapter refused ({e.code}): {e}") from None
-    except StorageUnavailable as e:
-        raise _fail(f"{e}; is `lorafn up` running?") from None
-    except StorageError as e:
-        raise _fail(str(e)) from None
+    _run_client(run())
 
 
 @adapters_app.command("ls")
@@ -280,11 +298,8 @@ def adapters_ls(
     settings = _settings(state_dir).with_running_stack()
 
     async def run() -> None:
-        engine, registry = _registry(settings)
-        try:
+        async with _registry(settings) as registry:
             rows = await registry.list_adapters(tenant=tenant)
-        finally:
-            await engine.dispose()
         table = Table("adapter", "version", "sha256", "max rank", "modules", "bytes", "updated")
         for a in rows:
             v = a.current_version
@@ -299,12 +314,7 @@ def adapters_ls(
             )
         console.print(table)
 
-    try:
-        asyncio.run(run())
-    except NotFound as e:
-        raise _fail(str(e)) from None
-    except StorageUnavailable as e:
-        raise _fail(f"{e}; is `lorafn up` running?") from None
+    _run_client(run())
 
 
 @adapters_app.command("rm")
@@ -313,23 +323,14 @@ def adapters_rm(
     state_dir: StateDir = None,
 ) -> None:
     """Remove an adapter and every version of it."""
-    try:
-        tenant, adapter_name = split_qualified_name(name)
-    except InvalidName as e:
-        raise _fail(f"{e} (expected TENANT/NAME)") from None
+    tenant, adapter_name = _qualified(name)
     settings = _settings(state_dir).with_running_stack()
 
     async def run() -> list[str]:
-        engine, registry = _registry(settings)
-        try:
+        async with _registry(settings) as registry:
             return await registry.remove(tenant=tenant, name=adapter_name)
-        finally:
-            await engine.dispose()
 
-    try:
-        removed = asyncio.run(run())
-    except NotFound as e:
-        raise _fail(str(e)) from None
+    removed = _run_client(run())
     console.print(f"removed {name} ({len(removed)} blob(s) deleted from the object store)")
 
 

@@ -223,3 +223,26 @@ def make_peft_adapter(tmp_path_factory: pytest.TempPathFactory) -> Callable[...,
         return out
 
     return make
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    """Live processes (not this one, no zombies) whose command line or environment contains `text`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if (proc / "stat").read_text().split(") ", 1)[1][0] == "Z":
+                continue
+            if any(text.encode() in (proc / part).read_bytes() for part in ("cmdline", "environ")):
+                found.append(int(proc.name))
+        except (OSError, IndexError):
+            continue  # the process exited while we looked
+    return found
+
+
+@pytest.fixture(scope="session")
+def processes_mentioning() -> Callable[[str], list[int]]:
+    """Finds processes that carry a path (a state dir) in their command line or environment: what a
+    launcher must not leave behind."""
+    return _processes_mentioning

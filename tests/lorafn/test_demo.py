@@ -14,23 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 420.0  # the demo takes 1 to 3 minutes
 
 
-def _processes_mentioning(text: str) -> list[int]:
-    """Pids whose command line or environment contains `text` (the demo's state directory)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        for part in ("cmdline", "environ"):
-            try:
-                if text.encode() in (proc / part).read_bytes():
-                    found.append(int(proc.name))
-                    break
-            except OSError:
-                continue
-    return found
-
-
-def test_demo_invokes_every_function_over_every_route_and_stops_everything() -> None:
+def test_demo_invokes_every_function_over_every_route_and_stops_everything(processes_mentioning) -> None:  # type: ignore[no-untyped-def]
     proc = subprocess.Popen([sys.executable, "-m", "lorafn.demo"], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -46,4 +30,4 @@ def test_demo_invokes_every_function_over_every_route_and_stops_everything() -> 
     assert "stopped: every process the demo started has exited" in out
     state = re.search(r"^state and logs: (\S+)", out, re.MULTILINE)
     assert state is not None
-    assert _processes_mentioning(state.group(1)) == []
+    assert processes_mentioning(state.group(1)) == []

@@ -46,22 +46,6 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-def processes_mentioning(text: str) -> list[int]:
-    """Live processes whose command line or environment contains `text` (our children carry the state dir)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid() or not pid_alive(int(proc.name)):
-            continue
-        for part in ("cmdline", "environ"):
-            try:
-                if text.encode() in (proc / part).read_bytes():
-                    found.append(int(proc.name))
-                    break
-            except OSError:
-                continue
-    return found
-
-
 def wait_for(path: Path, proc: subprocess.Popen[str], timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -105,7 +89,7 @@ def cli(*args: str, state: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*LORAFN, *args, "--state-dir", str(state)], capture_output=True, text=True, timeout=180)
 
 
-def test_up_push_and_ctrl_c_leaves_nothing_behind(up_process, make_peft_adapter) -> None:
+def test_up_push_and_ctrl_c_leaves_nothing_behind(up_process, make_peft_adapter, processes_mentioning) -> None:
     proc, state = up_process
     # The dev key is written by bootstrap, after migrations, bucket and streams: the stack is ready.
     wait_for(state / "dev-api-key", proc)
