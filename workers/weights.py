@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from storage.backbone import DEFAULT_BACKBONE_NAME, BackboneSpec, default_gguf_path, normalize_hf_config
+from storage.backbone import DEFAULT_BACKBONE_NAME, BackboneSpec, default_gguf_path
 from storage.gguf_file import GGUFFile
 
 if TYPE_CHECKING:
@@ -249,7 +249,7 @@ def load_hf_dir(
     from safetensors import safe_open
 
     directory = Path(path)
-    config = normalize_hf_config(json.loads((directory / "config.json").read_text()))
+    config = json.loads((directory / "config.json").read_text())
     model_type = str(config.get("model_type", "llama"))
     if model_type not in _SUPPORTED_MODEL_TYPES:
         raise UnsupportedArchitecture(model_type, _SUPPORTED_MODEL_TYPES)
