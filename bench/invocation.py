@@ -20,8 +20,9 @@ first sequential rounds (one call at a time: latency, sequential invocations/s),
 To say where the gateway's time goes, the same process then times, one at a time, the pieces the gateway
 does per call besides the NATS work both variants share: an HTTP round trip to the gateway that does
 nothing (`GET /healthz`, with the same client), the Postgres insert of the invocation row exactly as the
-gateway does it (engine with `pool_pre_ping`, a transaction with `synchronous_commit off`, the ORM insert)
-and a bare Postgres round trip (`SELECT 1`).
+gateway does it (`repo.insert_invocation`: one autocommit statement, `synchronous_commit off`), the same row
+through an ORM session for comparison (pre-ping, BEGIN, INSERT, COMMIT) and a bare Postgres round trip
+(`SELECT 1`).
 
 `run()` starts NATS, Postgres and S3 with the `lorafn up` launcher on free ports in a temporary directory;
 `measure()` takes running servers (the test fixtures' for the smoke test).
@@ -62,6 +63,7 @@ from protocol.messages import (
     TokenChunk,
     Usage,
 )
+from protocol.results import record_result
 from protocol.streams import ensure_streams
 from storage.settings import ObjectStoreSettings
 
@@ -204,10 +206,8 @@ class EchoPeer:
                 for i, word in enumerate(words):
                     chunk = TokenChunk(invocation_id=inv.id, index=i, token_ids=[i], text=word if i == 0 else " " + word)
                     await self.nc.publish(inv.reply_to, chunk.encode(), headers={KIND_HEADER: subjects.KIND_CHUNK})
-        await self.nc.jetstream().publish(
-            subjects.result(inv.id), result.encode(),
-            headers={subjects.MSG_ID_HEADER: subjects.result_msg_id(inv.id), KIND_HEADER: subjects.KIND_RESULT},
-        )
+        await record_result(self.nc.jetstream(), inv.id, result.encode(), callback=inv.callback_url is not None,
+                            headers={KIND_HEADER: subjects.KIND_RESULT})
         if inv.reply_to:
             await self.nc.publish(inv.reply_to, result.encode(), headers={KIND_HEADER: subjects.KIND_RESULT})
         await msg.ack()
@@ -406,39 +406,30 @@ async def _bench_tenant(database_url: str) -> tuple[str, str]:
 
 async def _components(servers: Servers, tenant: str, http: httpx.AsyncClient, n: int) -> dict[str, Any]:
     """Pieces of the gateway's per-call work, each timed alone, one call at a time."""
-    from sqlalchemy import insert, text
-    from sqlalchemy.ext.asyncio import create_async_engine
+    from sqlalchemy import text
 
     from storage import repo
-    from storage.models import Invocation as InvocationRow
-    from storage.models import InvocationStatus
     from storage.settings import DatabaseSettings
 
     async def healthz() -> None:
         (await http.get("/healthz")).raise_for_status()
 
-    engine = repo.create_engine(DatabaseSettings(url=servers.database_url))  # as the gateway's: pool_pre_ping
-    # The same row in one round trip: autocommit, synchronous_commit off for the connection, no pre-ping.
-    lean = create_async_engine(servers.database_url, isolation_level="AUTOCOMMIT",
-                               connect_args={"options": "-c synchronous_commit=off"})
-    sessions = repo.session_factory(engine)
+    settings = DatabaseSettings(url=servers.database_url)
+    engine = repo.create_engine(settings)  # the gateway's engine for everything but invocation rows
+    rows = repo.create_fast_write_engine(settings)  # ... and the one for invocation rows
     try:
-        async with sessions() as session:
+        async with repo.session_factory(engine)() as session:
             row = await repo.get_tenant(session, name=tenant)
         assert row is not None
-        tenant_id = row.id
 
         async def insert_as_gateway() -> None:
-            async with sessions() as session, session.begin():
-                await repo.relax_commit(session)
+            await repo.insert_invocation(rows, invocation_id=f"inv_bench{secrets.token_hex(10)}", tenant=row,
+                                         adapter=None, request_hash="0" * 64)
+
+        async def insert_in_transaction() -> None:  # the ORM way: pre-ping, BEGIN, INSERT, COMMIT
+            async with repo.session_factory(engine)() as session, session.begin():
                 await repo.create_invocation(session, invocation_id=f"inv_bench{secrets.token_hex(10)}",
                                              tenant=row, adapter=None, request_hash="0" * 64)
-
-        async def insert_one_statement() -> None:
-            async with lean.connect() as conn:
-                await conn.execute(insert(InvocationRow).values(
-                    id=f"inv_bench{secrets.token_hex(10)}", tenant_id=tenant_id, status=InvocationStatus.queued,
-                    request_hash="0" * 64, attempts=0))
 
         async with engine.connect() as conn:
             async def select_1() -> None:
@@ -446,12 +437,12 @@ async def _components(servers: Servers, tenant: str, http: httpx.AsyncClient, n:
 
             out: dict[str, Any] = {}
             pieces: dict[str, Call] = {"http_healthz": healthz, "pg_invocation_insert": insert_as_gateway,
-                                       "pg_insert_one_statement": insert_one_statement, "pg_select_1": select_1}
+                                       "pg_insert_transaction": insert_in_transaction, "pg_select_1": select_1}
             for name, call in pieces.items():
                 await timed_sequential(call, min(n, 20))  # warm
                 out[name] = summary((await timed_sequential(call, n))[0])
     finally:
-        await lean.dispose()
+        await rows.dispose()
         await engine.dispose()
     return out
 
@@ -582,8 +573,8 @@ def print_report(payload: dict[str, Any]) -> None:
         rows,
     )
     labels = {"http_healthz": "HTTP round trip, no work (GET /healthz)",
-              "pg_invocation_insert": "Postgres row insert as the gateway does it (5 round trips)",
-              "pg_insert_one_statement": "the same row in one statement (autocommit, no pre-ping)",
+              "pg_invocation_insert": "Postgres row insert as the gateway does it (one statement, autocommit)",
+              "pg_insert_transaction": "the same row through an ORM session (pre-ping, BEGIN, INSERT, COMMIT)",
               "pg_select_1": "Postgres round trip (SELECT 1)"}
     print_table("pieces of the gateway's per-call work, timed alone (ms)",
                 ["piece", "calls", "p50", "p99", "mean"],

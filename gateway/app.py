@@ -80,10 +80,11 @@ def create_app(settings: GatewaySettings, *, registry: Any | None = None) -> Fas
         options = settings.gateway
         engine = repo.create_engine(settings.database)
         sessions = repo.session_factory(engine)
+        rows = repo.create_fast_write_engine(settings.database)  # invocation rows, one statement each
         metrics = GatewayMetrics()
         link = NatsLink(settings.nats, reconnect_wait_s=options.nats_reconnect_wait_s)
         resolver = AdapterResolver(sessions, options.cache)
-        invoker = Invoker(link=link, sessions=sessions, limits=options.limits, callbacks=options.callbacks,
+        invoker = Invoker(link=link, sessions=sessions, rows=rows, limits=options.limits, callbacks=options.callbacks,
                           metrics=metrics)
 
         async def on_adapter_event(msg: Msg) -> None:
@@ -114,6 +115,7 @@ def create_app(settings: GatewaySettings, *, registry: Any | None = None) -> Fas
             await dispatcher.close()
             await link.close()
             await http.aclose()
+            await rows.dispose()
             await engine.dispose()
 
     app = FastAPI(title="lorafn gateway", lifespan=lifespan, docs_url=None, redoc_url=None)

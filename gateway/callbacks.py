@@ -1,8 +1,11 @@
 """Delivery of results to the X-Callback-Url of their invocation.
 
-The gateway records `invocation id -> URL` in a JetStream key-value bucket when it accepts the call, and
-reads the results stream through a DURABLE pull consumer: a result is acked only once its callback was
-delivered (2xx), found unnecessary, or given up after `max_attempts`. Retries are JetStream redeliveries
+The gateway records `invocation id -> URL` in a JetStream key-value bucket when it accepts the call.
+Whoever records the result of an invocation that carries a callback URL also publishes a copy of it on
+`lora.callback.<id>` (`protocol.results`); the gateway reads those copies, and only those, through a
+DURABLE pull consumer: a copy is acked only once its callback was delivered (2xx), found unnecessary
+(no URL recorded by a gateway: a direct NATS client cannot make the gateway call a URL it never
+validated), or given up after `max_attempts`. Retries are JetStream redeliveries
 with a growing delay (nak with backoff), so a gateway restart loses no callback and several gateways
 share the work.
 """
@@ -65,11 +68,14 @@ class CallbackDispatcher:
             ack_policy=AckPolicy.EXPLICIT,
             ack_wait=s.timeout_s * 3,
             max_deliver=s.max_attempts + 1,  # + 1: the last delivery only terminates it
-            filter_subject=subjects.RESULT_ALL,
+            filter_subject=subjects.CALLBACK_ALL,
         )
+        if s.consumer != subjects.CALLBACKS_CONSUMER_OLD:  # earlier versions' consumer read every result
+            with contextlib.suppress(Exception):
+                await js.delete_consumer(subjects.RESULTS_STREAM, subjects.CALLBACKS_CONSUMER_OLD)
         while True:
             try:
-                psub = await js.pull_subscribe(subjects.RESULT_ALL, durable=s.consumer,
+                psub = await js.pull_subscribe(subjects.CALLBACK_ALL, durable=s.consumer,
                                                stream=subjects.RESULTS_STREAM, config=config)
                 self._psub = psub
                 break

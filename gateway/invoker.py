@@ -2,8 +2,10 @@
 
 One `Invoker` per process. `submit` admits a request (429/503 before anything is written), records the
 invocations row, and publishes the `Invocation` to JetStream, awaiting the ack: an accepted invocation is
-never lost. A synchronous submission returns a `Call` that was subscribed to `lora.reply.<id>` BEFORE the
-publish and yields the worker's `InvocationStarted`, `TokenChunk`s (deduplicated by index: a redelivered
+never lost. A synchronous submission returns a `Call` that receives what arrives on its reply subject
+`lora.reply.<gateway id>.<invocation id>` (one subscription per gateway, `lora.reply.<gateway id>.*`, made
+when NATS connects, so it is in place before any publish; messages are routed to their call by the last
+token) and yields the worker's `InvocationStarted`, `TokenChunk`s (deduplicated by index: a redelivered
 invocation may resend tokens) and the final `InvocationResult`.
 """
 
@@ -29,7 +31,7 @@ from nats.js.api import KeyValueConfig
 from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from gateway.bus import NatsLink
 from gateway.errors import (
@@ -158,7 +160,7 @@ class Call:
             self._queue.put_nowait(event)
 
     async def on_reply(self, msg: Msg) -> None:
-        """A message on lora.reply.<id>: a TokenChunk, or the final InvocationResult."""
+        """A message on the call's reply subject: a TokenChunk, or the final InvocationResult."""
         try:
             kind = (msg.headers or {}).get(KIND_HEADER)
             event: Event = InvocationResult.decode(msg.data) if kind == subjects.KIND_RESULT else TokenChunk.decode(msg.data)
@@ -260,12 +262,14 @@ class Invoker:
         *,
         link: NatsLink,
         sessions: async_sessionmaker[AsyncSession],
+        rows: AsyncEngine,
         limits: LimitSettings,
         callbacks: CallbackSettings,
         metrics: GatewayMetrics,
     ) -> None:
         self.link = link
         self.sessions = sessions
+        self.rows = rows  # autocommit engine of the invocation rows (repo.create_fast_write_engine)
         self.limits = limits
         self.callbacks = callbacks
         self.metrics = metrics
@@ -274,11 +278,18 @@ class Invoker:
         self._depths: dict[str, list[float]] = {}  # subject -> [depth, read at (monotonic)]
         self._callback_urls: KeyValue | None = None
         self._expiring: set[asyncio.Future[None]] = set()
+        self.gateway_id = f"gw-{secrets.token_hex(6)}"
         link.on_connect(self._subscribe_events)
 
     async def _subscribe_events(self, nc: Client, js: JetStreamContext) -> None:
         self._callback_urls = await ensure_callback_bucket(js, self.callbacks)
         await nc.subscribe(subjects.invocation_event("started"), cb=self._on_started)
+        await nc.subscribe(subjects.gateway_replies(self.gateway_id), cb=self._on_reply)
+
+    async def _on_reply(self, msg: Msg) -> None:
+        call = self._calls.get(msg.subject.rpartition(".")[2])
+        if call is not None:
+            await call.on_reply(msg)
 
     async def _on_started(self, msg: Msg) -> None:
         try:
@@ -336,13 +347,12 @@ class Invoker:
     async def _record(self, target: Target, invocation_id: str, key: str | None, body_hash: str) -> Submission | None:
         """Insert the row; on an Idempotency-Key race return the winner's submission instead."""
         try:
-            async with self.sessions() as session, session.begin():
-                # The invocation is durable in JetStream once published; its row may skip the WAL flush.
-                await repo.relax_commit(session)
-                await repo.create_invocation(
-                    session, invocation_id=invocation_id, tenant=target.tenant, adapter=target.adapter,
-                    idempotency_key=key, request_hash=body_hash,
-                )
+            # One statement, one round trip; the invocation is durable in JetStream once published, so its
+            # row skips the WAL flush (see repo.create_fast_write_engine).
+            await repo.insert_invocation(
+                self.rows, invocation_id=invocation_id, tenant=target.tenant, adapter=target.adapter,
+                idempotency_key=key, request_hash=body_hash,
+            )
         except IntegrityError:
             if key is None:
                 raise
@@ -365,7 +375,7 @@ class Invoker:
         callback_url: str | None = None,
     ) -> Submission:
         """Admit, record and publish an invocation (or find the first one of its Idempotency-Key)."""
-        nc, js = self._bus()
+        _, js = self._bus()
         if idempotency_key is not None:
             async with self.sessions() as session:
                 found = await self._find_idempotent(session, target, idempotency_key, body_hash)
@@ -384,12 +394,12 @@ class Invoker:
         try:
             if sync:
                 call = self._new_call(invocation_id, target)
-                call._subs.append(await nc.subscribe(subjects.reply(invocation_id), cb=call.on_reply))
             message = Invocation(
                 id=invocation_id, tenant=target.tenant.name, adapter=target.adapter.name if target.adapter else None,
                 version=target.version, prompt=request.prompt, messages=request.messages,
                 sampling=request.sampling, stream=sync and stream,
-                reply_to=subjects.reply(invocation_id) if sync else None, callback_url=callback_url,
+                reply_to=subjects.gateway_reply(self.gateway_id, invocation_id) if sync else None,
+                callback_url=callback_url,
             )
             await self._publish(js, target, message)
         except BaseException as e:

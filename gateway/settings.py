@@ -63,7 +63,7 @@ class CallbackSettings(BaseModel):
     backoff_initial_s: float = Field(0.5, gt=0.0, description="delay before the first retry")
     backoff_max_s: float = Field(60.0, gt=0.0, description="longest delay between retries")
     timeout_s: float = Field(10.0, gt=0.0, description="HTTP timeout of one delivery")
-    consumer: str = Field(subjects.CALLBACKS_CONSUMER, description="durable consumer of the results stream")
+    consumer: str = Field(subjects.CALLBACKS_CONSUMER, description="durable consumer of the callback copies of results (lora.callback.>)")
     bucket: str = Field(
         subjects.CALLBACKS_BUCKET, description="JetStream key-value bucket mapping invocation id -> callback URL"
     )

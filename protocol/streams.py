@@ -26,7 +26,7 @@ INVOCATIONS = StreamSpec(
 )
 RESULTS = StreamSpec(
     name=subjects.RESULTS_STREAM,
-    subjects=(subjects.RESULT_ALL,),
+    subjects=(subjects.RESULT_ALL, subjects.CALLBACK_ALL),
     retention="limits",
     max_age_s=24 * 3600.0,
     duplicate_window_s=300.0,

@@ -3,8 +3,11 @@
 Layout (see ARCHITECTURE.md, "NATS layout"):
 - stream `LORAFN_INVOCATIONS` holds `lora.invoke.<tenant>.<adapter>` (work queue, one durable pull consumer
   per placed adapter);
-- stream `LORAFN_RESULTS` holds `lora.result.<invocation id>` (limits retention with a max age);
-- core subjects `lora.reply.<invocation id>`, `lora.ctl.<worker id>.<verb>`, `lora.evt.worker.<worker id>`,
+- stream `LORAFN_RESULTS` holds `lora.result.<invocation id>` (limits retention with a max age) and, for
+  invocations that asked for an X-Callback-Url, a copy of the result on `lora.callback.<invocation id>`
+  (so that the gateway's callback consumer reads only those);
+- core subjects `lora.reply.<invocation id>` (`lora.reply.<gateway id>.<invocation id>` for calls made
+  through a gateway), `lora.ctl.<worker id>.<verb>`, `lora.evt.worker.<worker id>`,
   `lora.evt.adapter.<event>`.
 """
 
@@ -17,6 +20,7 @@ RESULTS_STREAM = "LORAFN_RESULTS"
 
 INVOKE_PREFIX = "lora.invoke"
 RESULT_PREFIX = "lora.result"
+CALLBACK_PREFIX = "lora.callback"
 REPLY_PREFIX = "lora.reply"
 CTL_PREFIX = "lora.ctl"
 WORKER_EVENT_PREFIX = "lora.evt.worker"
@@ -30,9 +34,11 @@ BASE_CONSUMER = "invoke-base"
 INVOKE_ALL = f"{INVOKE_PREFIX}.>"
 ADAPTER_EVENTS_ALL = f"{ADAPTER_EVENT_PREFIX}.*"
 # The gateway's durable delivery of X-Callback-Url: a key-value bucket (invocation id -> URL) and a
-# durable consumer of the results stream.
+# durable consumer of the callback copies of results (lora.callback.>). CALLBACKS_CONSUMER_OLD read every
+# result (lora.result.>); the gateway deletes it where it still exists.
 CALLBACKS_BUCKET = "LORAFN_CALLBACKS"
-CALLBACKS_CONSUMER = "gateway-callbacks"
+CALLBACKS_CONSUMER = "gateway-callback-results"
+CALLBACKS_CONSUMER_OLD = "gateway-callbacks"
 
 # Headers. On a reply subject, KIND_HEADER says which message the payload is: KIND_CHUNK (TokenChunk) or
 # KIND_RESULT (InvocationResult). MSG_ID_HEADER is JetStream's de-duplication id.
@@ -41,6 +47,7 @@ KIND_CHUNK = "chunk"
 KIND_RESULT = "result"
 MSG_ID_HEADER = "Nats-Msg-Id"
 RESULT_ALL = f"{RESULT_PREFIX}.>"
+CALLBACK_ALL = f"{CALLBACK_PREFIX}.>"
 WORKER_EVENTS_ALL = f"{WORKER_EVENT_PREFIX}.*"
 
 # Tenant, adapter and worker names become subject tokens: no dots, spaces or wildcards.
@@ -87,9 +94,25 @@ def result(invocation_id: str) -> str:
     return f"{RESULT_PREFIX}.{check_name('invocation', invocation_id)}"
 
 
+def callback(invocation_id: str) -> str:
+    """Subject of the copy of a result whose invocation asked for a callback (results stream)."""
+    return f"{CALLBACK_PREFIX}.{check_name('invocation', invocation_id)}"
+
+
 def reply(invocation_id: str) -> str:
     """Core subject the token chunks of an invocation are streamed to."""
     return f"{REPLY_PREFIX}.{check_name('invocation', invocation_id)}"
+
+
+def gateway_reply(gateway_id: str, invocation_id: str) -> str:
+    """Reply subject of an invocation made through gateway `gateway_id`: each gateway holds ONE subscription
+    (`gateway_replies`) for all its calls instead of one per call."""
+    return f"{REPLY_PREFIX}.{check_name('gateway', gateway_id)}.{check_name('invocation', invocation_id)}"
+
+
+def gateway_replies(gateway_id: str) -> str:
+    """Filter of every reply subject of gateway `gateway_id` (its last token is the invocation id)."""
+    return f"{REPLY_PREFIX}.{check_name('gateway', gateway_id)}.*"
 
 
 def control(worker_id: str, verb: str) -> str:
@@ -120,6 +143,11 @@ def base_invocations() -> str:
 def result_msg_id(invocation_id: str) -> str:
     """Nats-Msg-Id of an invocation's result in the results stream: one result per invocation."""
     return f"result-{check_name('invocation', invocation_id)}"
+
+
+def callback_msg_id(invocation_id: str) -> str:
+    """Nats-Msg-Id of the callback copy of an invocation's result."""
+    return f"callback-{check_name('invocation', invocation_id)}"
 
 
 def max_deliveries_advisory(stream: str) -> str:

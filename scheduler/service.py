@@ -53,6 +53,7 @@ from protocol.messages import (
     InvocationStarted,
     MessageInvalid,
 )
+from protocol.results import record_result
 from protocol.streams import ensure_streams
 from scheduler.policy import AdapterRef, LeastLoadedPlacement, PlacementPolicy
 from scheduler.settings import SchedulerSettings
@@ -64,7 +65,6 @@ from storage.models import InvocationStatus, Tier
 logger = logging.getLogger(__name__)
 
 KIND_HEADER = subjects.KIND_HEADER
-MSG_ID_HEADER = subjects.MSG_ID_HEADER
 
 
 @dataclass(frozen=True)
@@ -447,7 +447,7 @@ class SchedulerService:
                 ),
             )
             payload = result.encode()
-            await self.js.publish(subjects.result(inv.id), payload, headers={MSG_ID_HEADER: subjects.result_msg_id(inv.id)})
+            await record_result(self.js, inv.id, payload, callback=inv.callback_url is not None)
             logger.warning("invocation %s dead-lettered after %d deliveries", inv.id, deliveries)
             assert self.sessions is not None
             try:

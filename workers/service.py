@@ -60,6 +60,7 @@ from protocol.messages import (
     TokenChunk,
     Usage,
 )
+from protocol.results import record_result
 from protocol.streams import ensure_streams
 from storage.objectstore import ObjectStore
 from workers.batcher import Completion, FinishReason, TokenEvent
@@ -76,7 +77,6 @@ logger = logging.getLogger(__name__)
 
 # Header of every message on a reply subject: which message type the payload is.
 KIND_HEADER = subjects.KIND_HEADER
-MSG_ID_HEADER = subjects.MSG_ID_HEADER
 
 
 def default_worker_id() -> str:
@@ -307,6 +307,11 @@ class WorkerService:
             existing = await self._recorded_result(inv.id)
             if existing is not None:
                 logger.info("invocation %s already has a result; sending it again", inv.id)
+                if inv.callback_url is not None:
+                    try:
+                        await self._record(inv, existing)
+                    except Exception as e:
+                        raise Retry(f"cannot record the callback copy: {e}", self.settings.consumer.retry_delay_s) from e
                 await self._reply(inv, existing, subjects.KIND_RESULT)
                 await msg.ack()
                 return
@@ -322,7 +327,7 @@ class WorkerService:
         finally:
             ticker.cancel()
         try:
-            await self._record(inv, result)
+            await self._record(inv, result.encode())
         except Exception as e:
             logger.warning("could not record the result of %s (%s); handing it back", inv.id, e)
             with contextlib.suppress(Exception):
@@ -358,16 +363,15 @@ class WorkerService:
             raise Retry(f"cannot read the results stream: {e}", self.settings.consumer.retry_delay_s) from e
         return raw.data
 
-    async def _record(self, inv: Invocation, result: InvocationResult) -> None:
-        """Publish the result to the results stream and wait for its ack (retrying through reconnects)."""
+    async def _record(self, inv: Invocation, payload: bytes) -> None:
+        """Publish the encoded result (and its callback copy) to the results stream and wait for the acks,
+        retrying through reconnects. Idempotent: a redelivered invocation whose result exists calls it again
+        in case the callback copy was not published before a crash."""
         assert self.js is not None
         deadline = time.monotonic() + self.settings.consumer.ack_wait_s
         while True:
             try:
-                await self.js.publish(
-                    subjects.result(inv.id), result.encode(), timeout=5.0,
-                    headers={MSG_ID_HEADER: subjects.result_msg_id(inv.id)},
-                )
+                await record_result(self.js, inv.id, payload, callback=inv.callback_url is not None)
                 return
             except (nats.errors.Error, nats.js.errors.Error) as e:
                 if time.monotonic() > deadline:

@@ -51,7 +51,7 @@ async def test_benchmark_measures_both_variants_and_reports(services: Any, objec
             "p99_within_target"} <= set(added)
     assert added["p50_ms"] == pytest.approx(payload["variants"]["gateway"]["sequential"]["p50_ms"]
                                             - payload["variants"]["direct"]["sequential"]["p50_ms"])
-    assert set(payload["components"]) == {"http_healthz", "pg_invocation_insert", "pg_insert_one_statement",
+    assert set(payload["components"]) == {"http_healthz", "pg_invocation_insert", "pg_insert_transaction",
                                           "pg_select_1"}
     assert all(c["calls"] == OPTIONS.component_calls for c in payload["components"].values())
     assert payload["targets"] == {"added_p50_ms": 2.0, "added_p99_ms": 10.0}

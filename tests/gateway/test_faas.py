@@ -11,6 +11,8 @@ import httpx
 import uvicorn
 from nats.aio.client import Client
 
+from protocol import subjects
+from protocol.messages import InvocationResult
 from storage import repo
 from tests.gateway.conftest import EchoWorker, GatewayFactory, Keys, Pushed, RunningGateway, stream_messages
 
@@ -111,6 +113,37 @@ async def test_callback_is_delivered_with_retries(client: httpx.AsyncClient, ada
         assert receiver.attempts == 2  # the first delivery failed with 500 and was retried
         assert receiver.received[0]["id"] == r.json()["id"]
         assert receiver.received[0]["output"]["text"] == "call me back"
+    finally:
+        server.should_exit = True
+        await task
+
+
+async def test_callback_consumer_reads_only_callback_copies(client: httpx.AsyncClient, adapters: Pushed,
+                                                            worker: EchoWorker, nc: Client) -> None:
+    """Results of invocations without a callback never reach the gateway's callback consumer, and a copy whose
+    URL no gateway recorded (a direct NATS client naming a URL) is acked without any HTTP call."""
+    js = nc.jetstream()
+
+    async def delivered() -> tuple[int, int]:
+        info = await js.consumer_info(subjects.RESULTS_STREAM, subjects.CALLBACKS_CONSUMER)
+        return info.delivered.consumer_seq or 0, info.ack_floor.consumer_seq or 0
+
+    receiver = CallbackReceiver()
+    url, server, task = await _serve(receiver)
+    try:
+        before, _ = await delivered()
+        for i in range(5):
+            assert (await client.post(FN, json={"prompt": f"no callback {i}"})).status_code == 200
+        r = await client.post(FN, json={"prompt": "call me back"},
+                              headers={"Prefer": "respond-async", "X-Callback-Url": url})
+        await asyncio.wait_for(receiver.got.wait(), 15)
+        forged = InvocationResult(invocation_id="inv-forged0001", status="succeeded", text="x")
+        await js.publish(subjects.callback(forged.invocation_id), forged.encode())
+        deadline = time.monotonic() + 10
+        while (await delivered())[1] < before + 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert await delivered() == (before + 2, before + 2)  # the copy of r, then the forged one; both acked
+        assert receiver.attempts == 1 and receiver.received[0]["id"] == r.json()["id"]
     finally:
         server.should_exit = True
         await task

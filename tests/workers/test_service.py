@@ -324,6 +324,39 @@ async def test_base_model_chat_invocation(cluster: Cluster) -> None:
     assert reply.text() == result.text
 
 
+async def messages_on(js: JetStreamContext, subject: str) -> int:
+    info = await js.stream_info(subjects.RESULTS_STREAM, subjects_filter=subject)
+    return int((info.state.subjects or {}).get(subject, 0))
+
+
+async def test_callback_copy_of_the_result(cluster: Cluster) -> None:
+    """A result whose invocation has a callback URL is copied to lora.callback.<id> (what the gateway's
+    callback consumer reads); one without is not; and a redelivered invocation whose result was recorded
+    without its copy (a crash between the two publishes) gets the copy, not a second generation."""
+    plain_id, cb_id, crashed_id = new_id(), new_id(), new_id()
+    sampling = Sampling(temperature=0.0, max_tokens=4)
+    plain = await cluster.invoke(Invocation(id=plain_id, tenant="dev", prompt="hi", sampling=sampling,
+                                            reply_to=subjects.reply(plain_id)))
+    with_cb = await cluster.invoke(Invocation(id=cb_id, tenant="dev", prompt="hi", sampling=sampling,
+                                              reply_to=subjects.reply(cb_id), callback_url="http://127.0.0.1:9/cb"))
+    assert plain.results[0].status == with_cb.results[0].status == "succeeded"
+    assert await messages_on(cluster.js, subjects.callback(plain_id)) == 0
+    assert await messages_on(cluster.js, subjects.callback(cb_id)) == 1
+    copy = await cluster.js.get_last_msg(subjects.RESULTS_STREAM, subjects.callback(cb_id))
+    assert InvocationResult.decode(copy.data) == with_cb.results[0]
+
+    recorded = InvocationResult(invocation_id=crashed_id, status="succeeded", text="recorded before the crash",
+                                worker_id="w-gone", attempt=1)
+    await cluster.js.publish(subjects.result(crashed_id), recorded.encode(),
+                             headers={subjects.MSG_ID_HEADER: subjects.result_msg_id(crashed_id)})
+    again = await cluster.invoke(Invocation(id=crashed_id, tenant="dev", prompt="hi", sampling=sampling,
+                                            reply_to=subjects.reply(crashed_id),
+                                            callback_url="http://127.0.0.1:9/cb"))
+    assert again.results == [recorded] and not again.chunks
+    assert await messages_on(cluster.js, subjects.callback(crashed_id)) == 1
+    assert await results_in_stream(cluster.js, crashed_id) == 1
+
+
 async def test_prompt_too_long_is_a_terminal_failure(cluster: Cluster) -> None:
     inv_id = new_id()
     reply = await cluster.invoke(Invocation(id=inv_id, tenant="dev", prompt="word " * 3000,
