@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -39,7 +40,10 @@ def write(name: str, payload: dict[str, Any], *, results_dir: Path = RESULTS_DIR
 
 
 def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
+    """Print a table at its natural width (wrapping cells to an 80-column terminal makes tables unreadable)."""
     table = Table(*columns, title=title)
     for row in rows:
         table.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for v in row])
-    Console().print(table)
+    console = Console()
+    natural = Measurement.get(console, console.options.update_width(10_000), table).maximum
+    Console(width=max(console.width, natural)).print(table)

@@ -63,8 +63,9 @@ class GatewayState:
         return Target(tenant, await self.resolver.resolve(tenant, name))
 
 
-def gateway_of(request: Request) -> GatewayState:
-    """FastAPI dependency: the app's GatewayState."""
+async def gateway_of(request: Request) -> GatewayState:
+    """FastAPI dependency: the app's GatewayState (async: FastAPI runs a plain `def` dependency in a thread
+    pool, a thread hop on every request)."""
     state: GatewayState = request.app.state.gateway
     return state
 

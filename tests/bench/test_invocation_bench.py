@@ -37,7 +37,8 @@ async def test_benchmark_measures_both_variants_and_reports(services: Any, objec
 
     payload = await measure(servers, OPTIONS)
 
-    assert set(payload["variants"]) == {"direct", "gateway"}
+    assert set(payload["variants"]) == {"direct", "gateway", "gateway_httpx"}
+    assert payload["variants"]["gateway"]["sequential"]["gateway_cpu_ms_per_call"] >= 0  # 10 ms clock ticks
     for figures in payload["variants"].values():
         seq, conc = figures["sequential"], figures["concurrent"]
         assert seq["calls"] == OPTIONS.rounds * OPTIONS.calls_per_round
@@ -46,6 +47,8 @@ async def test_benchmark_measures_both_variants_and_reports(services: Any, objec
         for part in (seq, conc):
             assert 0 < part["p50_ms"] <= part["p99_ms"] <= part["max_ms"]
             assert part["invocations_per_s"] > 0
+    assert payload["added_httpx"]["p50_ms"] == pytest.approx(
+        payload["variants"]["gateway_httpx"]["sequential"]["p50_ms"] - payload["variants"]["direct"]["sequential"]["p50_ms"])
     added = payload["added"]
     assert {"p50_ms", "p99_ms", "concurrent_p50_ms", "concurrent_p99_ms", "p50_within_target",
             "p99_within_target"} <= set(added)
@@ -55,7 +58,7 @@ async def test_benchmark_measures_both_variants_and_reports(services: Any, objec
                                           "pg_select_1"}
     assert all(c["calls"] == OPTIONS.component_calls for c in payload["components"].values())
     assert payload["targets"] == {"added_p50_ms": 2.0, "added_p99_ms": 10.0}
-    assert payload["total_calls"] == 2 * (OPTIONS.rounds * OPTIONS.calls_per_round
+    assert payload["total_calls"] == 3 * (OPTIONS.rounds * OPTIONS.calls_per_round
                                           + OPTIONS.concurrent_rounds * OPTIONS.concurrent_calls_per_round
                                           + 2 * OPTIONS.warmup)
 
