@@ -91,6 +91,8 @@ class SchedulerService:
         self._demand: dict[tuple[str, str, datetime], int] = defaultdict(int)
         self._started: list[InvocationStarted] = []
         self._adapters: dict[tuple[str, str], AdapterInfo] = {}
+        self._unknown_since: dict[tuple[str, str], float] = {}  # adapters with queued work that do not exist
+        self._draining: set[tuple[str, str]] = set()  # ... whose invocations are being failed now
         self._placing: dict[str, asyncio.Task[None]] = {}
         self._down: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -262,6 +264,7 @@ class SchedulerService:
         except (nats.errors.Error, nats.js.errors.Error) as e:
             logger.debug("cannot read the invocations stream: %s", e)
             return
+        queued_unknown: set[tuple[str, str]] = set()
         for subject, count in (info.state.subjects or {}).items():
             parts = subject.split(".")
             if not count or len(parts) != 4 or parts[3] == BASE_ADAPTER:
@@ -269,11 +272,72 @@ class SchedulerService:
             tenant, adapter = parts[2], parts[3]
             adapter_info = await self._adapter_info(tenant, adapter)
             if adapter_info is None or adapter_info.version is None:
+                queued_unknown.add((tenant, adapter))
+                since = self._unknown_since.setdefault((tenant, adapter), time.monotonic())
+                if time.monotonic() - since >= self.cfg.unknown_adapter_grace_s and (tenant, adapter) not in self._draining:
+                    self._spawn(self._fail_unknown(tenant, adapter), f"unknown-{tenant}-{adapter}")
                 continue
             if not self.state.holders(adapter_info.version):
                 logger.info("%d invocations of %s/%s queued and no live worker holds it; placing", count, tenant,
                             adapter)
                 self.ensure_placed(tenant, adapter, adapter_info.version)
+        for key in set(self._unknown_since) - queued_unknown:
+            del self._unknown_since[key]
+
+    async def _fail_unknown(self, tenant: str, adapter: str) -> None:
+        """Fail, visibly, the invocations queued for an adapter that does not exist (published over NATS for a
+        name never pushed, or accepted by a gateway just before the adapter was deleted): nobody would ever
+        pull them. They get a `not_found` result (results stream, reply subject, Postgres row) and are acked
+        off the work queue by a consumer of their subject only, removed at the end."""
+        assert self.js is not None
+        self._draining.add((tenant, adapter))
+        try:
+            await self._drain_unknown(tenant, adapter)
+        finally:
+            self._draining.discard((tenant, adapter))
+
+    async def _drain_unknown(self, tenant: str, adapter: str) -> None:
+        assert self.js is not None
+        subject = subjects.invoke(tenant, adapter)
+        try:
+            psub = await self.js.pull_subscribe(
+                subject, stream=subjects.INVOCATIONS_STREAM,
+                config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, inactive_threshold=60.0),
+            )
+        except (nats.errors.Error, nats.js.errors.Error) as e:  # e.g. a worker still consumes the subject
+            logger.info("cannot drain invocations of unknown adapter %s/%s yet: %s", tenant, adapter, e)
+            return
+        failed = 0
+        try:
+            while True:
+                try:
+                    msgs = await psub.fetch(64, timeout=0.5)
+                except (nats.errors.TimeoutError, TimeoutError):
+                    break
+                for msg in msgs:
+                    try:
+                        inv = Invocation.decode(msg.data)
+                    except MessageInvalid:
+                        await msg.term()
+                        continue
+                    if await self._adapter_info(tenant, adapter) is not None:
+                        await msg.nak()  # pushed meanwhile: leave the rest to its workers
+                        return
+                    result = InvocationResult(
+                        invocation_id=inv.id, status="failed", attempt=msg.metadata.num_delivered or 1,
+                        error=InvocationError(code=ErrorCode.not_found,
+                                              message=f"adapter {tenant}/{adapter} does not exist"),
+                    )
+                    await self._finish_failed(inv, result)
+                    await msg.ack()
+                    failed += 1
+        finally:
+            with contextlib.suppress(Exception):
+                name = (await psub.consumer_info()).name
+                await psub.unsubscribe()
+                await self.js.delete_consumer(subjects.INVOCATIONS_STREAM, name)
+            if failed:
+                logger.warning("failed %d invocations of unknown adapter %s/%s", failed, tenant, adapter)
 
     # -- Postgres ----------------------------------------------------------------------------------------
 
@@ -435,8 +499,11 @@ class SchedulerService:
             existing = await self.js.get_last_msg(subjects.RESULTS_STREAM, subjects.result(inv.id))
         except nats.js.errors.NotFoundError:
             existing = None
-        if existing is not None:
-            payload = existing.data or b""
+        if existing is not None:  # answered meanwhile: send the recorded result again
+            if inv.reply_to:
+                with contextlib.suppress(nats.errors.Error):
+                    await self.nc.publish(inv.reply_to, existing.data or b"",
+                                          headers={KIND_HEADER: subjects.KIND_RESULT})
         else:
             result = InvocationResult(
                 invocation_id=inv.id, status="failed", attempt=deliveries,
@@ -446,18 +513,23 @@ class SchedulerService:
                             f"(the workers that took it died or timed out); giving up",
                 ),
             )
-            payload = result.encode()
-            await record_result(self.js, inv.id, payload, callback=inv.callback_url is not None)
             logger.warning("invocation %s dead-lettered after %d deliveries", inv.id, deliveries)
-            assert self.sessions is not None
-            try:
-                async with self.sessions() as session, session.begin():
-                    await repo.finish_invocation(session, invocation_id=inv.id,
-                                                 **self._result_fields(result, datetime.now(UTC)))
-            except Exception:
-                logger.exception("could not mark %s failed in Postgres (the results consumer will)", inv.id)
+            await self._finish_failed(inv, result)
+        with contextlib.suppress(Exception):
+            await self.js.delete_msg(subjects.INVOCATIONS_STREAM, seq)
+
+    async def _finish_failed(self, inv: Invocation, result: InvocationResult) -> None:
+        """Record a failure the scheduler decided (results stream with its callback copy, then the caller's reply
+        subject, then the Postgres row) for an invocation no worker will answer."""
+        assert self.js is not None and self.nc is not None and self.sessions is not None
+        payload = result.encode()
+        await record_result(self.js, inv.id, payload, callback=inv.callback_url is not None)
         if inv.reply_to:
             with contextlib.suppress(nats.errors.Error):
                 await self.nc.publish(inv.reply_to, payload, headers={KIND_HEADER: subjects.KIND_RESULT})
-        with contextlib.suppress(Exception):
-            await self.js.delete_msg(subjects.INVOCATIONS_STREAM, seq)
+        try:
+            async with self.sessions() as session, session.begin():
+                await repo.finish_invocation(session, invocation_id=inv.id,
+                                             **self._result_fields(result, datetime.now(UTC)))
+        except Exception:
+            logger.exception("could not mark %s failed in Postgres (the results consumer will)", inv.id)

@@ -19,6 +19,9 @@ class PlacementSettings(BaseModel):
     heartbeat_timeout_s: float = Field(5.0, gt=0, description="a worker silent this long is marked down")
     flush_every_s: float = Field(1.0, gt=0, description="seconds between batched writes of warm state and demand")
     reconcile_every_s: float = Field(2.0, gt=0, description="seconds between checks for queued work nobody pulls")
+    unknown_adapter_grace_s: float = Field(
+        10.0, ge=0, description="seconds invocations of an adapter that does not exist may stay queued before "
+        "they fail with not_found (an adapter pushed meanwhile takes them)")
     control_timeout_s: float = Field(60.0, gt=0, description="seconds a worker may take to answer a control verb")
     placement_grace_s: float = Field(5.0, ge=0, description="a fresh placement counts as held until heartbeats show it")
     demand_bucket_s: int = Field(60, ge=1, description="width of a demand-history bucket in seconds")

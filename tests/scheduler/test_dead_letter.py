@@ -81,3 +81,70 @@ async def test_max_deliveries_become_a_visible_dead_letter(services, sessions) -
         stop.set()
         await asyncio.wait_for(task, 15)
         await nc.close()  # the pull subscription holds unanswered pull statuses; nothing to drain
+
+
+async def test_invocations_of_an_unknown_adapter_fail_with_not_found(services, sessions) -> None:  # type: ignore[no-untyped-def]
+    """Invocations queued for an adapter that does not exist (a direct NATS client naming one never pushed, or
+    one deleted after a gateway accepted the call) fail visibly after the grace period instead of waiting for
+    ever: not_found to the reply subject, the results stream (with the callback copy) and the row."""
+    tenant, adapter = f"t{secrets.token_hex(4)}", "ghost"
+    ids = [f"inv-{secrets.token_hex(8)}" for _ in range(3)]
+    async with sessions() as session, session.begin():
+        tenant_row = await repo.get_or_create_tenant(session, name=tenant)
+        await repo.create_invocation(session, invocation_id=ids[0], tenant=tenant_row, adapter=None)
+    scheduler = SchedulerService(SchedulerSettings(
+        nats={"url": services.nats_url}, database=DatabaseSettings(url=services.database_url),
+        scheduler=PlacementSettings(flush_every_s=0.5, reconcile_every_s=0.3, unknown_adapter_grace_s=1.0),
+    ))
+    stop = asyncio.Event()
+    task = asyncio.create_task(scheduler.run(stop))
+    nc = await nats.connect(services.nats_url)
+    try:
+        js = nc.jetstream()
+        await ensure_streams(js)
+        replies: dict[str, InvocationResult] = {}
+        all_replied = asyncio.Event()
+
+        async def on_reply(msg: Msg) -> None:
+            result = InvocationResult.decode(msg.data)
+            replies[result.invocation_id] = result
+            if len(replies) == len(ids):
+                all_replied.set()
+
+        for inv_id in ids:
+            await nc.subscribe(subjects.reply(inv_id), cb=on_reply)
+        published = asyncio.get_running_loop().time()
+        for i, inv_id in enumerate(ids):
+            inv = Invocation(id=inv_id, tenant=tenant, adapter=adapter, prompt="hi", reply_to=subjects.reply(inv_id),
+                             callback_url="http://127.0.0.1:9/hook" if i == 1 else None)
+            await js.publish(subjects.invoke(tenant, adapter), inv.encode(), headers={"Nats-Msg-Id": inv_id})
+        await asyncio.wait_for(all_replied.wait(), 15)
+        assert asyncio.get_running_loop().time() - published >= 1.0  # not before the grace period
+        for inv_id in ids:
+            result = replies[inv_id]
+            assert result.status == "failed" and result.error is not None
+            assert result.error.code == "not_found" and f"{tenant}/{adapter}" in result.error.message
+            raw = await js.get_last_msg(subjects.RESULTS_STREAM, subjects.result(inv_id))
+            assert InvocationResult.decode(raw.data or b"") == result
+        copy = await js.get_last_msg(subjects.RESULTS_STREAM, subjects.callback(ids[1]))
+        assert InvocationResult.decode(copy.data or b"").invocation_id == ids[1]
+        for _ in range(50):
+            async with sessions() as session:
+                row = await repo.get_invocation(session, invocation_id=ids[0])
+            if row.status == InvocationStatus.failed:
+                break
+            await asyncio.sleep(0.1)
+        assert row.status == InvocationStatus.failed and row.error and "not_found" in row.error
+        info = await js.stream_info(subjects.INVOCATIONS_STREAM, subjects_filter=subjects.invoke(tenant, adapter))
+        assert info.state.messages == 0
+        for _ in range(50):  # the scheduler's consumer for the subject is gone too
+            if not [c for c in await js.consumers_info(subjects.INVOCATIONS_STREAM)
+                    if c.config.filter_subject == subjects.invoke(tenant, adapter)]:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the draining consumer was left behind")
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)
+        await nc.close()
