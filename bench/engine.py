@@ -4,6 +4,10 @@ Workload, the same for every variant: `requests` prompts of exactly `prompt_toke
 real text (`bench.corpus`), each generating exactly `new_tokens` tokens greedily (no stop on EOS). The
 adapters are random PEFT adapters (`storage.adapter_format.write_peft_adapter`) over all seven
 projections, ranks drawn from `ranks` (seeded); a batch with k adapters gives request i adapter i mod k.
+Their weights are rounded to bf16-representable values before the PEFT files are written (kept as fp32
+in the files, like an adapter trained in bf16 and saved in fp32), so PEFT and lorafn compute the same
+function whichever dtype lorafn's adapter pool stores: `adapter_dtype` ("auto" is the engine's default,
+bf16 on CPU when the native LoRA kernel builds; see `workers.adapter_pool.adapter_pool_dtype`).
 The model is the default backbone (SmolLM2-135M) in fp32 for both engines: lorafn's `Backbone` and a
 transformers `LlamaForCausalLM` built from the very same dequantised tensors.
 
@@ -37,9 +41,10 @@ beside them as the steady-state figure, with the same ratios; the targets are ju
 engines have it (the JSON says which basis).
 
 The bytes floor explains the overhead on a memory-bound CPU: a lorafn decode step reads every backbone
-weight once, the batch's KV cache, and each adapter of the batch once (fp32), so with adapters a step
-takes at least (backbone + KV + adapters) / (backbone + KV) times the base step. The machine's streaming
-read bandwidth (best of a few sums over a buffer, each round) turns the bytes into milliseconds.
+weight once, the batch's KV cache, and each adapter of the batch once (in the pool's dtype: 2 bytes per
+element in bf16, 4 in fp32), so with adapters a step takes at least (backbone + KV + adapters) /
+(backbone + KV) times the base step. The machine's streaming read bandwidth (best of a few sums over a
+buffer, each round) turns the bytes into milliseconds.
 
 Greedy outputs are compared with PEFT's on the side (fp32 differences can flip a late token, so the
 fraction of identical requests is reported, never asserted).
@@ -60,12 +65,13 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from bench import corpus, pool
 from bench.report import RESULTS_DIR, print_table, write
-from storage.adapter_format import ParsedAdapter, read_upload, validate, write_peft_adapter
+from storage.adapter_format import WEIGHTS_FILE, ParsedAdapter, read_upload, validate, write_peft_adapter
 from storage.backbone import DEFAULT_BACKBONE_NAME, BackboneSpec, default_backbone_spec, default_gguf_path
-from workers.adapter_pool import simulate_churn
+from workers.adapter_pool import AdapterDtype, adapter_pool_dtype, simulate_churn
 from workers.batcher import TokenEvent
 from workers.engine import Engine, EngineSettings
 from workers.kv_cache import DEFAULT_BLOCK_SIZE, block_bytes
@@ -98,6 +104,7 @@ class BenchSettings:
     pool_seeds: tuple[int, ...] = pool.SEEDS
     pool_rounds: int = 2000
     bandwidth_bytes: int = 256 * MB
+    adapter_dtype: AdapterDtype = "auto"
 
     def __post_init__(self) -> None:
         if min(self.requests, self.repeats, self.prompt_tokens) < 1:
@@ -158,18 +165,22 @@ class BenchAdapter:
     parsed: ParsedAdapter = field(repr=False)
 
     @property
-    def nbytes(self) -> int:
-        """Bytes of its A and B matrices in fp32 (what one decode step reads of it)."""
-        return 4 * sum(t.numel() for t in self.parsed.tensors.values())
+    def elements(self) -> int:
+        """Elements of its A and B matrices (what one decode step reads of it)."""
+        return sum(t.numel() for t in self.parsed.tensors.values())
 
 
 def write_adapters(root: Path, spec: BackboneSpec, *, count: int, ranks: Sequence[int], seed: int) -> list[BenchAdapter]:
-    """`count` random PEFT adapters over all seven projections, ranks drawn from `ranks` (seeded)."""
+    """`count` random PEFT adapters over all seven projections, ranks drawn from `ranks` (seeded), with
+    bf16-representable weights (stored as fp32)."""
     rng = random.Random(seed)
     adapters = []
     for i in range(count):
         rank = rng.choice(list(ranks))
         path = write_peft_adapter(root / f"a{i:02d}", spec, rank=rank, seed=seed * 1000 + i)
+        weights = path / WEIGHTS_FILE
+        save_file({k: t.to(torch.bfloat16).float() for k, t in load_file(weights).items()}, weights,
+                  metadata={"format": "pt"})
         adapters.append(BenchAdapter(f"a{i:02d}", rank, path, validate(read_upload(path), spec)))
     return adapters
 
@@ -191,14 +202,17 @@ class LorafnRunner:
     def __init__(self, backbone: Backbone, adapters: Sequence[BenchAdapter], settings: BenchSettings) -> None:
         spec = backbone.spec
         blocks = -(-(settings.prompt_tokens + settings.new_tokens) // DEFAULT_BLOCK_SIZE) + 1
-        adapter_bytes = sum(a.nbytes for a in adapters)
+        self.adapter_dtype = adapter_pool_dtype(settings.adapter_dtype, backbone.device)
+        adapter_bytes = sum(a.elements for a in adapters) * self.adapter_dtype.itemsize
         self.settings = EngineSettings(
             kv_cache_bytes=settings.requests * blocks * block_bytes(spec, dtype=backbone.dtype),
             adapter_pool_bytes=adapter_bytes + adapter_bytes // 50 + MB,  # 2% + 1 MiB of spare pages
+            adapter_dtype=settings.adapter_dtype,
             max_batch_tokens=max(2048, settings.requests * settings.prompt_tokens),
             max_running=max(64, settings.requests),
         )
         self.engine = Engine(backbone, self.settings)
+        assert self.engine.runner.pool.dtype == self.adapter_dtype
         for a in adapters:
             self.engine.add_adapter(a.name, a.parsed)
 
@@ -382,6 +396,7 @@ def measure(
     t = time.perf_counter()
     backbone = Backbone.from_checkpoint(checkpoint)
     lorafn = LorafnRunner(backbone, adapters, settings)
+    itemsize = lorafn.adapter_dtype.itemsize
     setup["lorafn_s"] = time.perf_counter() - t
     t = time.perf_counter()
     runners: dict[str, Runner] = {"lorafn": lorafn, "peft": PeftRunner(checkpoint, adapters, settings.peft_clock)}
@@ -424,7 +439,7 @@ def measure(
     for v in variants:
         ts = times[v.name]
         base, twin = Variant(v.engine, 0).name, Variant("peft", v.adapters).name
-        adapter_bytes = float(sum(a.nbytes for a in adapters[: v.adapters]))
+        adapter_bytes = float(sum(a.elements for a in adapters[: v.adapters]) * itemsize)
         step_bytes = floor["backbone"] + floor["kv"] + adapter_bytes
         sm = step_median[v.name]
         steady_overhead = steady_ratio(v.name, base)
@@ -477,9 +492,11 @@ def measure(
         "settings": {**asdict(settings), "counts": list(settings.counts), "decode_steps": settings.decode_steps,
                      "decode_tokens": settings.decode_tokens, "warmup_tokens": WARMUP_TOKENS,
                      "model": checkpoint.spec.name, "dtype": str(backbone.dtype).removeprefix("torch."),
+                     "adapter_pool_dtype": str(lorafn.adapter_dtype).removeprefix("torch."),
+                     "native_lora_kernel": lorafn.engine.runner.pool.native_kernel,
                      "threads": torch.get_num_threads()},
         "engine_settings": lorafn.settings.model_dump(),
-        "adapters": [{"name": a.name, "rank": a.rank, "bytes": a.nbytes} for a in adapters],
+        "adapters": [{"name": a.name, "rank": a.rank, "bytes": a.elements * itemsize} for a in adapters],
         "setup_s": setup,
         "bytes_floor": {"backbone_bytes_per_step": floor["backbone"], "kv_bytes_per_step": floor["kv"],
                         "read_gb_s": [b / 1e9 for b in bandwidth], "read_gb_s_best": best_bandwidth / 1e9},
@@ -538,8 +555,9 @@ def report(payload: dict[str, Any], *, results_dir: Path = RESULTS_DIR) -> Path:
     )
     floor = payload["bytes_floor"]
     print_table(
-        f"bytes floor of a lorafn decode step (fp32): backbone {floor['backbone_bytes_per_step'] / MB:.0f} MiB"
-        f" + KV {floor['kv_bytes_per_step'] / MB:.0f} MiB + adapters, at {floor['read_gb_s_best']:.1f} GB/s",
+        f"bytes floor of a lorafn decode step (backbone {s['dtype']}, adapters {s['adapter_pool_dtype']}): "
+        f"backbone {floor['backbone_bytes_per_step'] / MB:.0f} MiB + KV {floor['kv_bytes_per_step'] / MB:.0f} MiB"
+        f" + adapters, at {floor['read_gb_s_best']:.1f} GB/s",
         ["variant", "adapter MiB", "floor overhead", "floor ms", "step ms", "GB/s"],
         [[r["variant"], _num(r["adapter_bytes_per_step"] / MB, 0), _pct(r["bytes_floor_overhead"]),
           _num(r["floor_ms_per_step"]), _num(r["step_ms_median"]), _num(r["achieved_gb_s"])] for r in lorafn],
@@ -572,17 +590,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--requests", type=int, default=DEFAULT_REQUESTS, help="requests in the batch")
     group.add_argument("--peft-clock", choices=["stream", "subtract"], default="stream",
                        help="how PEFT's decode time is taken (see bench/engine.py)")
+    group.add_argument("--adapter-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                       help="dtype of lorafn's adapter pool (auto: the engine's default)")
 
 
 def options(args: argparse.Namespace) -> dict[str, Any]:
     """Keyword arguments of `run` from the parsed command line."""
-    return {"repeats": args.repeats, "requests": args.requests, "peft_clock": args.peft_clock}
+    return {"repeats": args.repeats, "requests": args.requests, "peft_clock": args.peft_clock,
+            "adapter_dtype": args.adapter_dtype}
 
 
-def run(*, repeats: int = DEFAULT_REPEATS, requests: int = DEFAULT_REQUESTS, peft_clock: PeftClock = "stream") -> dict[str, Any]:
+def run(*, repeats: int = DEFAULT_REPEATS, requests: int = DEFAULT_REQUESTS, peft_clock: PeftClock = "stream",
+        adapter_dtype: AdapterDtype = "auto") -> dict[str, Any]:
     """The engine benchmark on the default backbone (see the module docstring)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    settings = BenchSettings(requests=requests, repeats=repeats, peft_clock=peft_clock)
+    settings = BenchSettings(requests=requests, repeats=repeats, peft_clock=peft_clock, adapter_dtype=adapter_dtype)
     checkpoint = load_checkpoint(default_gguf_path(), name=DEFAULT_BACKBONE_NAME)
     prompts = corpus.prompts(Tokenizer.load(), settings.requests, settings.prompt_tokens)
     started = time.perf_counter()

@@ -2,7 +2,8 @@
 
 `lora_shrink` / `lora_expand` pick the device path: the Triton kernels (kernels/shrink.py,
 kernels/expand.py) for CUDA tensors, the torch reference otherwise. The serving engine's CPU path is
-`lora_apply_cpu` (kernels/cpu.py), which reads adapters as views and groups tokens by adapter.
+kernels/cpu.py: the native C kernel (kernels/native.py, built on first use) for decode, `lora_apply_cpu`
+(torch.mm on views of the pool, grouped by adapter) for prefill and when the native kernel is off.
 Triton is imported only when a CUDA tensor is seen, so CPU workers never import it.
 """
 

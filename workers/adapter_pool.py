@@ -32,6 +32,7 @@ place is its page table (`pages_of`); residency in this pool is `load` / `evict`
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import random
@@ -42,7 +43,8 @@ from typing import Any, Literal
 
 import torch
 
-from kernels import CpuPlan, LoraSlice, Segments, lora_apply_cpu, make_segments, plan_cpu
+from kernels import CpuPlan, LoraSlice, Segments, lora_apply_cpu, make_segments, native, plan_cpu
+from kernels.cpu import NATIVE_MAX_TOKENS
 from storage.backbone import MODULES, BackboneSpec
 
 logger = logging.getLogger(__name__)
@@ -271,6 +273,7 @@ class _Resident:
     rank: torch.Tensor  # [L, M] int32, 0 where not adapted
     scale: torch.Tensor  # [L, M] float32
     slices: list[LoraSlice | _Fragmented | None]  # [L * M] CPU weights, views into the pool where possible
+    desc: torch.Tensor  # [L * M, native.DESC_FIELDS] int64, where the native kernel finds the weights
     live_bytes: int
     modules: frozenset[tuple[int, str]] = field(default_factory=frozenset)
 
@@ -280,6 +283,22 @@ class _Resident:
 
 
 Backend = Literal["cpu", "triton", "reference"]
+AdapterDtype = Literal["auto", "float32", "bfloat16", "float16"]
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def adapter_pool_dtype(setting: AdapterDtype, device: torch.device | str) -> torch.dtype:
+    """The pool dtype for a setting: "auto" is bfloat16 on CPU when the native kernel is available (a
+    decode step reads every adapter of the batch once, so half the bytes is nearly half the time; the
+    torch fallback would pay a conversion per call), float32 on CPU without it, float16 elsewhere.
+
+    bfloat16 is exact for adapters saved in bfloat16 and rounds fp32 and fp16 ones to bfloat16's 8
+    significant bits."""
+    if setting != "auto":
+        return _DTYPES[setting]
+    if torch.device(device).type != "cpu":
+        return torch.float16
+    return torch.bfloat16 if native.available() else torch.float32
 
 
 class AdapterPool:
@@ -287,7 +306,9 @@ class AdapterPool:
 
     spec:           the backbone's layers and projection widths
     capacity_bytes: bytes of the page storage (rounded down to whole pages)
-    device, dtype:  storage placement; dtype defaults to float32 on CPU and float16 elsewhere
+    device, dtype:  storage placement; dtype defaults to float32 on CPU and float16 elsewhere. On CPU the
+                    native kernel reads float32 and bfloat16 pages directly; the torch path widens
+                    bfloat16 / float16 weights to the activations' dtype per call
     max_rank:       largest accepted rank (1..max_rank)
     page_elems:     elements per page; default gcd of all projection widths (no rounding waste)
     """
@@ -399,10 +420,13 @@ class AdapterPool:
         rank = torch.zeros((num_layers, num_modules), dtype=torch.int32)
         scale = torch.zeros((num_layers, num_modules), dtype=torch.float32)
         slices: list[LoraSlice | _Fragmented | None] = [None] * (num_layers * num_modules)
+        desc = torch.zeros((num_layers * num_modules, native.DESC_FIELDS), dtype=torch.int64)
         cursor = 0
         live = 0
         itemsize = self.storage.element_size()
-        for (layer, module), w in sorted(weights.items()):
+        # in the order a forward pass applies them (layer by layer, q k v o gate up down): a decode step
+        # reads each adapter's tensors front to back, which is what the hardware prefetchers follow
+        for (layer, module), w in sorted(weights.items(), key=lambda item: (item[0][0], MODULES.index(item[0][1]))):
             mi = self.module_index[module]
             fin, fout = self.module_shapes[module]
             r = w.rank
@@ -413,10 +437,12 @@ class AdapterPool:
             a_offset[layer, mi], b_offset[layer, mi] = a_pos, b_pos
             rank[layer, mi] = r
             scale[layer, mi] = w.scale
+            row = desc[layer * num_modules + mi]
+            row[4] = r
             if a_view is not None and bt_view is not None:
                 slices[layer * num_modules + mi] = (a_view.t(), bt_view, float(w.scale))
             else:
-                slices[layer * num_modules + mi] = _Fragmented(
+                frag = _Fragmented(
                     a_pages=pages[a_pos : a_pos + self.pages_for(r, fin)].to(self.device),
                     b_pages=pages[b_pos : b_pos + self.pages_for(r, fout)].to(self.device),
                     rank=r,
@@ -424,6 +450,10 @@ class AdapterPool:
                     out_features=fout,
                     scale=float(w.scale),
                 )
+                slices[layer * num_modules + mi] = frag
+                row[2], row[3] = frag.a_pages.data_ptr(), frag.b_pages.data_ptr()  # kept alive by slices
+            row[0] = int(a_view.storage_offset()) if a_view is not None else -1  # element offsets in storage
+            row[1] = int(bt_view.storage_offset()) if bt_view is not None else -1
             live += r * (fin + fout) * itemsize
         assert cursor == pages.shape[0], (cursor, pages.shape[0])
         return _Resident(
@@ -435,6 +465,7 @@ class AdapterPool:
             rank=rank,
             scale=scale,
             slices=slices,
+            desc=desc,
             live_bytes=live,
             modules=frozenset(weights),
         )
@@ -503,11 +534,20 @@ class AdapterPool:
 
     # ------------------------------------------------------------------ batches
 
-    def bind(self, segments: Sequence[tuple[str | None, int]], *, backend: Backend | None = None) -> BoundBatch:
+    def bind(
+        self,
+        segments: Sequence[tuple[str | None, int]],
+        *,
+        backend: Backend | None = None,
+        native_kernel: bool | None = None,
+    ) -> BoundBatch:
         """Bind one batch: ``segments`` are (adapter key or None, number of consecutive tokens) in token order.
 
         All per-batch metadata is built here, once; the returned `BoundBatch.apply` is what the model
         calls at every projection. ``backend`` defaults to "triton" for CUDA pools and "cpu" otherwise.
+        The "cpu" backend hands adapters with few tokens in the batch (decode) to the native kernel
+        (kernels/native.py) when it is available and reads this pool's dtype, and the others (prefill)
+        to torch.mm; ``native_kernel=False`` sends everything to torch (None: use it when available).
         Raises `AdapterNotLoaded` for a key that is not resident.
         """
         merged: list[tuple[str | None, int]] = []
@@ -534,8 +574,29 @@ class AdapterPool:
         lengths = [n for _, n in merged]
         chosen: Backend = backend or ("triton" if self.device.type == "cuda" else "cpu")
         if chosen == "cpu":
-            return BoundBatch(self, chosen, residents, plan_cpu(seg_slots, lengths), None)
+            lib = self._native_library() if native_kernel is not False and residents else None
+            plan = plan_cpu(seg_slots, lengths, native_max_tokens=NATIVE_MAX_TOKENS if lib is not None else 0)
+            kernel = None
+            if lib is not None and plan.native is not None and plan.native.count:
+                kernel = native.NativeBatch(
+                    lib, self.storage, self.page_elems,
+                    torch.stack([r.desc for r in residents], dim=1),  # [L * M, S, DESC_FIELDS]
+                    torch.stack([r.scale.view(-1) for r in residents], dim=1),  # [L * M, S]
+                    plan.native, threads=torch.get_num_threads(),
+                )
+            return BoundBatch(self, chosen, residents, plan, None, kernel, (seg_slots, lengths))
         return BoundBatch(self, chosen, residents, None, self._device_meta(residents, seg_slots, lengths))
+
+    @property
+    def native_kernel(self) -> bool:
+        """Whether CPU batches of this pool run their decode slots on the native kernel."""
+        return self._native_library() is not None
+
+    def _native_library(self) -> ctypes.CDLL | None:
+        """The native kernel when it can read this pool (CPU, float32 or bfloat16 pages)."""
+        if self.device.type != "cpu" or not native.supports(self.dtype):
+            return None
+        return native.library()
 
     def bind_tokens(self, token_adapters: Sequence[str | None], *, backend: Backend | None = None) -> BoundBatch:
         """Bind from a per-token list of adapter keys (None = no adapter); runs become segments."""
@@ -612,13 +673,23 @@ class BoundBatch:
         residents: list[_Resident],
         plan: CpuPlan | None,
         meta: _DeviceMeta | None,
+        kernel: native.NativeBatch | None = None,
+        grouping: tuple[list[int], list[int]] | None = None,
     ) -> None:
         self._pool = pool
         self.backend = backend
         self._residents = residents
         self._plan = plan
         self._meta = meta
+        self._kernel = kernel
+        self._grouping = grouping  # (segment slots, lengths): to re-plan all on torch if the kernel cannot
+        self._all_torch: CpuPlan | None = None
         self._num_modules = len(MODULES)
+
+    @property
+    def native(self) -> bool:
+        """Whether this batch's decode slots run on the native kernel."""
+        return self._kernel is not None
 
     @property
     def adapter_keys(self) -> list[str]:
@@ -633,13 +704,30 @@ class BoundBatch:
         mi = self._pool.module_index.get(module)
         if mi is None or not 0 <= layer < self._pool.spec.num_layers:
             raise UnknownModule(module, layer, self._pool.spec.num_layers)
-        if self._plan is not None:
-            storage = self._pool.storage
-            weights: list[LoraSlice | None] = []
-            for r in self._residents:
-                s = r.slices[layer * self._num_modules + mi]
-                weights.append(s.gather(storage) if isinstance(s, _Fragmented) else s)
-            lora_apply_cpu(x, y, self._plan, weights)
+        plan = self._plan
+        if plan is not None:
+            row = layer * self._num_modules + mi
+            kernel = self._kernel
+            if kernel is not None:
+                fin, fout = self._pool.module_shapes[module]
+                t = plan.num_tokens
+                if tuple(x.shape) != (t, fin) or tuple(y.shape) != (t, fout):
+                    raise ValueError(
+                        f"{module}: x {tuple(x.shape)} and y {tuple(y.shape)} must be [{t}, {fin}] and [{t}, {fout}]"
+                    )
+                if x.stride(1) != 1:
+                    x = x.contiguous()
+                if kernel.takes(x, y):
+                    kernel.apply(row, x, y)
+                else:  # e.g. a half-precision backbone: this call goes to torch entirely
+                    plan = self._torch_plan()
+            if plan.runs or plan.gathers:
+                storage = self._pool.storage
+                weights: list[LoraSlice | None] = [None] * len(self._residents)
+                for slot in plan.torch_slots:
+                    s = self._residents[slot].slices[row]
+                    weights[slot] = s.gather(storage) if isinstance(s, _Fragmented) else s
+                lora_apply_cpu(x, y, plan, weights)
             return
         meta = self._meta
         assert meta is not None
@@ -656,6 +744,13 @@ class BoundBatch:
             h, pool, meta.page_table, meta.segments, meta.b_offset[layer, mi], meta.rank[layer, mi],
             meta.scale[layer, mi], y,
         )
+
+    def _torch_plan(self) -> CpuPlan:
+        """Every slot on the torch path (built on first need, then kept)."""
+        if self._all_torch is None:
+            assert self._grouping is not None
+            self._all_torch = plan_cpu(*self._grouping)
+        return self._all_torch
 
 
 # ----------------------------------------------------------------------------------------- churn simulation

@@ -22,7 +22,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from storage.adapter_format import ParsedAdapter
-from workers.adapter_pool import DEFAULT_MAX_RANK, AdapterPool, LoraWeights
+from workers.adapter_pool import DEFAULT_MAX_RANK, AdapterDtype, AdapterPool, LoraWeights, adapter_pool_dtype
 from workers.adapters import ResidentAdapters, UnknownAdapter
 from workers.batcher import (
     Batcher,
@@ -72,6 +72,11 @@ class EngineSettings(BaseModel):
     kv_cache_bytes: int = Field(512 << 20, gt=0, description="bytes of the paged KV cache (K and V, all layers)")
     block_size: int = Field(DEFAULT_BLOCK_SIZE, ge=1, description="tokens per KV cache block")
     adapter_pool_bytes: int = Field(1 << 30, gt=0, description="bytes of the paged adapter pool")
+    adapter_dtype: AdapterDtype = Field(
+        "auto",
+        description="dtype of the adapter pool's pages: auto (bfloat16 on CPU when the native LoRA kernel is "
+        "available, else float32; float16 on GPU), float32, bfloat16 or float16",
+    )
     max_rank: int = Field(DEFAULT_MAX_RANK, ge=1, description="largest LoRA rank the adapter pool accepts")
     max_batch_tokens: int = Field(2048, ge=1, description="tokens per step (prefill chunks + decodes)")
     max_running: int = Field(64, ge=1, description="requests holding KV blocks at once")
@@ -134,7 +139,10 @@ class Engine:
             spec, settings.kv_cache_bytes, block_size=settings.block_size, dtype=backbone.dtype,
             device=backbone.device,
         )
-        pool = AdapterPool(spec, settings.adapter_pool_bytes, device=backbone.device, max_rank=settings.max_rank)
+        pool = AdapterPool(
+            spec, settings.adapter_pool_bytes, device=backbone.device, max_rank=settings.max_rank,
+            dtype=adapter_pool_dtype(settings.adapter_dtype, backbone.device),
+        )
         self.adapters = ResidentAdapters(pool)
         self.batcher = Batcher(self.kv, settings.policy(), adapters_fit=self.adapters.fits)
         self.runner = ModelRunner(backbone, self.kv, pool)
@@ -144,8 +152,9 @@ class Engine:
         self._seeds = random.Random(settings.seed)
         self._ids = itertools.count()
         logger.info(
-            "engine: %d KV blocks of %d tokens, adapter pool of %d pages, max length %d tokens",
-            self.kv.num_blocks, self.kv.block_size, self.adapters.total_pages, self.max_len,
+            "engine: %d KV blocks of %d tokens, adapter pool of %d pages (%s), max length %d tokens",
+            self.kv.num_blocks, self.kv.block_size, self.adapters.total_pages,
+            str(pool.dtype).removeprefix("torch."), self.max_len,
         )
 
     # -- adapters ----------------------------------------------------------------------------------------

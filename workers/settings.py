@@ -3,6 +3,10 @@
 Environment variables use the prefix LORAFN_ and `__` between sections, e.g. LORAFN_NATS__URL,
 LORAFN_OBJECT_STORE__ENDPOINT, LORAFN_ENGINE__ADAPTER_POOL_BYTES, LORAFN_BACKBONE__PATH,
 LORAFN_HOST_CACHE__RAM_BYTES, LORAFN_CONSUMER__ACK_WAIT_S, LORAFN_WORKER_ID.
+
+The adapter pool's page dtype is LORAFN_ENGINE__ADAPTER_DTYPE (auto, float32, bfloat16, float16; see
+`workers.adapter_pool.adapter_pool_dtype`); LORAFN_NATIVE=0 turns the native CPU LoRA kernel off
+(`kernels.native`).
 """
 
 from __future__ import annotations

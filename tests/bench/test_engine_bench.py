@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from bench import corpus
-from bench.engine import BenchSettings, measure, report
+from bench.engine import BenchSettings, measure, report, write_adapters
+from kernels import native
+from storage.backbone import default_backbone_spec
 from workers.tokenizer import Tokenizer
 from workers.weights import load_checkpoint
 
@@ -65,6 +67,25 @@ def test_benchmark_runs_every_variant_and_writes_its_figures(tiny_dir: Path, tmp
     assert written["targets_basis"] == ("median step" if clock == "stream" else "decode time")
     assert {"paged_mean", "padded_mean", "contiguous_mean", "paged_min"} <= set(written["pool_utilisation"])
     assert written["bytes_floor"]["backbone_bytes_per_step"] > 0
+    # the engine's default pool dtype; adapter bytes follow it
+    expected_dtype = "bfloat16" if native.available() else "float32"
+    assert written["settings"]["adapter_pool_dtype"] == expected_dtype
+    assert written["settings"]["native_lora_kernel"] == native.available()
+    itemsize = 2 if expected_dtype == "bfloat16" else 4
+    assert variants["lorafn 2"]["adapter_bytes_per_step"] == sum(a["bytes"] for a in written["adapters"])
+    assert all(a["bytes"] % itemsize == 0 for a in written["adapters"])
+
+
+def test_benchmark_adapters_are_bf16_representable(tmp_path: Path) -> None:
+    """PEFT (fp32) and a bf16 adapter pool hold exactly the same weights."""
+    spec = default_backbone_spec()
+    (adapter,) = write_adapters(tmp_path, spec, count=1, ranks=(4,), seed=3)
+    tensors = adapter.parsed.tensors
+    assert len(tensors) == 2 * 7 * spec.num_layers
+    for t in tensors.values():
+        assert t.dtype == torch.float32 and t.abs().max() > 0
+        assert torch.equal(t, t.bfloat16().float())
+    assert adapter.elements == sum(t.numel() for t in tensors.values())
 
 
 def test_prompts_are_exactly_the_asked_length_and_distinct() -> None:

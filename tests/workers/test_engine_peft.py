@@ -3,7 +3,9 @@
 A tiny random Llama is saved with `save_pretrained` and loaded by our HF loader; four PEFT adapters
 (ranks 4, 8, 16, 64; different module subsets; one rsLoRA; one with rank_pattern / alpha_pattern) are
 saved with PEFT and read through `storage.adapter_format` (the path uploads take). Every request's
-logits must match PEFT with that adapter active, and greedy outputs must be identical.
+logits must match PEFT with that adapter active, and greedy outputs must be identical, with a float32
+and with a bfloat16 adapter pool (the adapters' weights are bf16-representable, so both hold them
+exactly).
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             for key, p in lora.named_parameters():
                 if "lora_B" in key:
                     p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+                if "lora_" in key:  # bf16-representable: a bfloat16 adapter pool holds them exactly
+                    p.copy_(p.bfloat16().float())
         lora.save_pretrained(root / name)
         dirs[name] = root / name
     return {"backbone": load_backbone(root / "base"), "base_dir": root / "base", "adapters": dirs}
@@ -132,8 +136,12 @@ def test_adapters_change_the_output(tiny: dict[str, Any], reference: Any) -> Non
         assert (_reference_logits(reference, name, prompt) - base).abs().max() > 0.1, name
 
 
-def test_one_mixed_batch_matches_peft_logits_and_greedy_tokens(tiny: dict[str, Any], reference: Any) -> None:
-    engine = _engine(tiny)
+@pytest.mark.parametrize("adapter_dtype", ["float32", "bfloat16"])
+def test_one_mixed_batch_matches_peft_logits_and_greedy_tokens(
+    tiny: dict[str, Any], reference: Any, adapter_dtype: str
+) -> None:
+    engine = _engine(tiny, adapter_dtype=adapter_dtype)
+    assert engine.runner.pool.dtype == getattr(torch, adapter_dtype)
     recorder = RecordingRunner(engine.runner)
     engine.runner = recorder  # type: ignore[assignment]
     ids = [engine.submit(_prompt(n), adapter=n, params=GREEDY) for n in NAMES]

@@ -56,7 +56,7 @@ from workers.tiny import write_tiny_backbone
 pytestmark = pytest.mark.timeout(120)
 
 WORKERS = ("tw-1", "tw-2")
-PAGE_BYTES = 128  # the tiny backbone's widths have gcd 32 -> 32 float32 per page
+PAGE_BYTES = 128  # the tiny backbone's widths have gcd 32 -> 32 float32 per page (the pool is pinned to float32)
 ADAPTER_PAGES = 512  # a rank-8 adapter of all seven modules of the tiny backbone
 POOL_BYTES = PAGE_BYTES * ADAPTER_PAGES * 2 + PAGE_BYTES * 50  # two such adapters fit, three do not
 
@@ -143,6 +143,7 @@ def worker_env(services: object, backbone: Path, store: ObjectStoreSettings, wor
         "LORAFN_WORKER_ID": worker_id,
         "LORAFN_ENGINE__KV_CACHE_BYTES": str(8 << 20),
         "LORAFN_ENGINE__ADAPTER_POOL_BYTES": str(POOL_BYTES),
+        "LORAFN_ENGINE__ADAPTER_DTYPE": "float32",
         "LORAFN_CONSUMER__ACK_WAIT_S": "4",
         "LORAFN_CONSUMER__IN_PROGRESS_EVERY_S": "1",
         "LORAFN_CONSUMER__MAX_DELIVER": "3",
