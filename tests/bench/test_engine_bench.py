@@ -67,6 +67,13 @@ def test_benchmark_runs_every_variant_and_writes_its_figures(tiny_dir: Path, tmp
     assert written["targets_basis"] == ("median step" if clock == "stream" else "decode time")
     assert {"paged_mean", "padded_mean", "contiguous_mean", "paged_min"} <= set(written["pool_utilisation"])
     assert written["bytes_floor"]["backbone_bytes_per_step"] > 0
+    # the floors: a bigger adapter mix costs a bigger FLOP share and read time; none for the base
+    one, two = variants["lorafn 1"], variants["lorafn 2"]
+    assert variants["lorafn base"]["lora_flop_share"] == 0 and variants["lorafn base"]["adapter_read_floor_ms"] == 0
+    assert 0 < one["lora_flop_share"] < 1 and 0 < one["adapter_read_floor_ms"] < two["adapter_read_floor_ms"]
+    ranks = [a["rank"] for a in written["adapters"]]
+    assert two["lora_flop_share"] == pytest.approx(one["lora_flop_share"] * (ranks[0] + ranks[1]) / (2 * ranks[0]))
+    assert one["adapter_read_floor"] > 0  # over lorafn's own base step, which both clocks have
     # the engine's default pool dtype; adapter bytes follow it
     expected_dtype = "bfloat16" if native.available() else "float32"
     assert written["settings"]["adapter_pool_dtype"] == expected_dtype
