@@ -1,8 +1,9 @@
-"""The native CPU kernel of the multi-LoRA update (kernels/native/lora_cpu.c), built on first use.
+"""The native CPU kernels (kernels/native/lora_cpu.c), built on first use: the multi-LoRA update and the
+decode attention over the paged KV cache (`decode_attention`).
 
-The C file has no dependency besides libc and OpenMP, so it compiles in about two seconds:
+The C file has no dependency besides libc, libm and OpenMP, so it compiles in about two seconds:
 
-    $CC -O3 -march=native -fopenmp -shared -fPIC lora_cpu.c      (CC defaults to gcc, then cc)
+    $CC -O3 -march=native -fopenmp -shared -fPIC lora_cpu.c -lm      (CC defaults to gcc, then cc)
 
 into a per-user cache directory (``$LORAFN_NATIVE_CACHE``, else ``$XDG_CACHE_HOME/lorafn/native``, else
 ``~/.cache/lorafn/native``). The file name holds a hash of the source, the compiler, the flags and the
@@ -44,7 +45,8 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native") / "lora_cpu.c"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
-ABI = 1
+LIBS = ("-lm",)  # after the source, so that the linker keeps them
+ABI = 2
 DESC_FIELDS = 5
 ENV_SWITCH = "LORAFN_NATIVE"
 ENV_CACHE = "LORAFN_NATIVE_CACHE"
@@ -93,7 +95,7 @@ def _cpu_flags() -> str:
 def library_path(cc: str) -> Path:
     """Where the build of the current source with compiler ``cc`` lives (it may not exist yet)."""
     h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), cc.encode(), " ".join(FLAGS).encode(), _cpu_flags().encode()):
+    for part in (SOURCE.read_bytes(), cc.encode(), " ".join(FLAGS + LIBS).encode(), _cpu_flags().encode()):
         h.update(part)
         h.update(b"\0")
     return cache_dir() / f"lora_cpu-{h.hexdigest()[:20]}.so"
@@ -105,7 +107,7 @@ def build(cc: str, target: Path) -> Path:
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".build-", suffix=".so")
     os.close(fd)
     try:
-        done = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
+        done = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), *LIBS], capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise NativeBuildError(f"{cc} exited with {done.returncode}: {done.stderr.strip()[-2000:]}")
         os.replace(tmp, target)
@@ -123,6 +125,9 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.lora_cpu_apply.argtypes = [p, i32, i64, p, p, i32, p, p, p, p, i64, i64, p, i64, i64, i32]
     lib.lora_cpu_apply.restype = i32
     lib.lora_cpu_max_threads.restype = i32
+    f32 = ctypes.c_float
+    lib.paged_decode_attention.argtypes = [p, p, i64, i32, i32, i32, i32, p, i64, p, p, i32, p, i32, f32, p, i64, i32]
+    lib.paged_decode_attention.restype = i32
     return lib
 
 
@@ -301,3 +306,35 @@ class NativeBatch:
         )
         if rc != 0:
             raise MemoryError("native LoRA kernel could not allocate its scratch memory")
+
+
+def decode_attention(
+    k_layer: torch.Tensor, v_layer: torch.Tensor, block_size: int, q: torch.Tensor, rows: torch.Tensor,
+    tables: torch.Tensor, lens: torch.Tensor, scale: float, out: torch.Tensor,
+) -> bool:
+    """Decode attention over one layer's paged KV cache, in place into ``out``; False (nothing written) when
+    the native library is unavailable or the tensors are not what it reads (fp32, CPU, contiguous rows).
+
+    k_layer, v_layer: [kv_heads, num_blocks * block_size, head_dim]
+    q, out:           [num_tokens, num_heads, head_dim] (rows contiguous)
+    rows:             [n] int64, the row of q and out of each decode token
+    tables:           [n, max_blocks] int64 block ids; lens: [n] int64 context lengths
+    """
+    lib = library()
+    tensors = (k_layer, v_layer, q, out)
+    if lib is None or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
+        return False
+    if not (k_layer.is_contiguous() and v_layer.is_contiguous() and q.is_contiguous() and out.is_contiguous()):
+        return False
+    kv_heads, slots, head_dim = k_layer.shape
+    num_heads = q.shape[1]
+    n, max_blocks = tables.shape
+    rows, tables, lens = (t.to(torch.int64).contiguous() for t in (rows, tables, lens))
+    rc = lib.paged_decode_attention(
+        k_layer.data_ptr(), v_layer.data_ptr(), slots // block_size, block_size, head_dim, kv_heads,
+        num_heads // kv_heads, q.data_ptr(), num_heads * head_dim, rows.data_ptr(), tables.data_ptr(), max_blocks,
+        lens.data_ptr(), n, scale, out.data_ptr(), num_heads * head_dim, 0,
+    )
+    if rc != 0:
+        raise MemoryError("native decode attention could not allocate its scratch memory")
+    return True

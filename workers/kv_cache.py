@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from kernels import native
 from storage.backbone import BackboneSpec
 
 DEFAULT_BLOCK_SIZE = 16
@@ -116,6 +117,7 @@ class AttentionMetadata:
     decode_tokens: torch.Tensor  # LongTensor [num_decode]: flattened-batch index of each decode token
     decode_blocks: torch.Tensor  # LongTensor [num_decode, max_blocks]: block tables padded with block 0
     decode_bias: torch.Tensor  # float [num_decode, 1, max_blocks * block_size]: 0 = context, -inf = padding
+    decode_lens: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # [num_decode]
     num_tokens: int = field(default=0)
 
     @classmethod
@@ -184,6 +186,7 @@ class AttentionMetadata:
             decode_tokens=torch.as_tensor(decode_index, dtype=torch.long, device=device),
             decode_blocks=decode_blocks.to(device),
             decode_bias=decode_bias.to(device),
+            decode_lens=torch.as_tensor(decode_lens, dtype=torch.long, device=device),
             num_tokens=offset,
         )
 
@@ -227,6 +230,9 @@ class PagedKVCache:
         shape = (spec.num_layers, spec.num_kv_heads, num_blocks * block_size, spec.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=self.device)
         self.v = torch.zeros(shape, dtype=dtype, device=self.device)
+        # Decode attention reads the paged cache in place with the native CPU kernel when it can
+        # (kernels/native.py; fp32 on CPU), else gathers the context for torch matmuls.
+        self.native_attention = self.device.type == "cpu" and dtype == torch.float32
         # A stack: blocks are handed out from the end, so block 0 goes first.
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))
         self._tables: dict[Hashable, list[int]] = {}
@@ -360,7 +366,12 @@ class PagedKVCache:
             out[seg.start : seg.end] = o[0].transpose(0, 1)
 
         num_decode = attn.decode_tokens.numel()
-        if num_decode:
+        if num_decode and self.native_attention and native.decode_attention(
+            k_layer, v_layer, self.block_size, q.contiguous(), attn.decode_tokens, attn.decode_blocks,
+            attn.decode_lens, scale, out,
+        ):
+            pass  # read the paged cache in place (kernels/native.py)
+        elif num_decode:
             # Head-major cache: gathering whole blocks gives [kv_heads, num_decode, span, head_dim] directly,
             # so the batched matmuls below read it without another copy.
             group = num_heads // kv_heads

@@ -29,6 +29,7 @@
  * (-march=native). No dependency besides libc and the OpenMP runtime.
  */
 
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -355,7 +356,7 @@ static void run_phases(const Slot *slots, int ns, int64_t total1, int64_t total2
 }
 
 /* Version of the calling convention below; kernels/native.py checks it. */
-int lora_cpu_abi(void) { return 1; }
+int lora_cpu_abi(void) { return 2; }
 
 /* Threads an OpenMP parallel region gets by default (the runtime's setting, shared with torch). */
 int lora_cpu_max_threads(void) {
@@ -439,5 +440,91 @@ int lora_cpu_apply(const void *storage, int bf16, int64_t page_elems, const int6
     }
     free(h);
     free(sl);
+    return failed ? -1 : 0;
+}
+
+/* ---------------------------------------------------------------------------------------------------------
+ * Decode attention over the paged KV cache, without gathering it: for each decode token and KV head, the
+ * scores of its `group` query heads against every context position (read block by block from the page
+ * table), a softmax, and the weighted sum of V. K and V are read once, where the torch path first copies
+ * the context into a dense [kv_heads, tokens, span, head_dim] tensor and then reads the copy.
+ *
+ * k, v:         one layer's cache, [kv_heads][num_blocks * block_size][head_dim] fp32
+ * q:            [*][num_heads * head_dim] fp32 rows, row stride ldq; out likewise (ldo)
+ * rows:         [n] the row of q and out of each decode token
+ * tables:       [n][max_blocks] int64 block ids; lens: [n] context length of each decode token
+ * Heads h*group .. h*group + group - 1 share KV head h (grouped-query attention).
+ * Returns 0, or -1 when scratch memory could not be allocated.
+ */
+int paged_decode_attention(const float *k, const float *v, int64_t num_blocks, int block_size, int head_dim,
+                           int kv_heads, int group, const float *q, int64_t ldq, const int64_t *rows,
+                           const int64_t *tables, int max_blocks, const int64_t *lens, int n, float scale,
+                           float *out, int64_t ldo, int nthreads) {
+    int64_t slots = num_blocks * block_size, max_ctx = (int64_t)max_blocks * block_size;
+    int failed = 0;
+    int nth = 1;
+#ifdef _OPENMP
+    nth = nthreads > 0 ? nthreads : omp_get_max_threads();
+    if ((int64_t)n * kv_heads * max_ctx * head_dim < SERIAL_WORK) nth = 1;
+#pragma omp parallel num_threads(nth) if (nth > 1)
+#endif
+    {
+        float *scores = malloc(sizeof(float) * (size_t)(group * (max_ctx > 0 ? max_ctx : 1)));
+        float *acc = malloc(sizeof(float) * (size_t)(group * head_dim));
+        if (scores == NULL || acc == NULL) mark_failed(&failed);
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (int64_t item = 0; item < (int64_t)n * kv_heads; item++) {
+            if (scores == NULL || acc == NULL) continue;
+            int64_t i = item / kv_heads;
+            int h = (int)(item % kv_heads);
+            int64_t ctx = lens[i];
+            const float *kh = k + (int64_t)h * slots * head_dim, *vh = v + (int64_t)h * slots * head_dim;
+            const float *qh = q + rows[i] * ldq + (int64_t)h * group * head_dim;
+            for (int64_t p = 0; p < ctx; p++) {
+                const float *kr = kh + (tables[i * max_blocks + p / block_size] * block_size + p % block_size) * head_dim;
+                for (int g = 0; g < group; g++) {
+                    const float *qg = qh + (int64_t)g * head_dim;
+                    float s = 0.0f;
+                    int d = 0;
+                    if (head_dim % VW == 0) {
+                        vf sv = (vf){0};
+                        for (; d < head_dim; d += VW) sv += load_f32(qg + d) * load_f32(kr + d);
+                        s = hsum(sv);
+                    }
+                    for (; d < head_dim; d++) s += qg[d] * kr[d];
+                    scores[(int64_t)g * max_ctx + p] = s * scale;
+                }
+            }
+            for (int g = 0; g < group; g++) {
+                float *sg = scores + (int64_t)g * max_ctx, m = sg[0], sum = 0.0f;
+                for (int64_t p = 1; p < ctx; p++) m = sg[p] > m ? sg[p] : m;
+                for (int64_t p = 0; p < ctx; p++) {
+                    sg[p] = expf(sg[p] - m);
+                    sum += sg[p];
+                }
+                float inv = 1.0f / sum;
+                for (int64_t p = 0; p < ctx; p++) sg[p] *= inv;
+            }
+            for (int64_t e = 0; e < (int64_t)group * head_dim; e++) acc[e] = 0.0f;
+            for (int64_t p = 0; p < ctx; p++) {
+                const float *vr = vh + (tables[i * max_blocks + p / block_size] * block_size + p % block_size) * head_dim;
+                for (int g = 0; g < group; g++) {
+                    float w = scores[(int64_t)g * max_ctx + p], *ag = acc + (int64_t)g * head_dim;
+                    int d = 0;
+                    if (head_dim % VW == 0) {
+                        vf wv = (vf){0} + w;
+                        for (; d < head_dim; d += VW) store_f32(ag + d, load_f32(ag + d) + wv * load_f32(vr + d));
+                    }
+                    for (; d < head_dim; d++) ag[d] += w * vr[d];
+                }
+            }
+            float *o = out + rows[i] * ldo + (int64_t)h * group * head_dim;
+            memcpy(o, acc, sizeof(float) * (size_t)(group * head_dim));
+        }
+        free(scores);
+        free(acc);
+    }
     return failed ? -1 : 0;
 }

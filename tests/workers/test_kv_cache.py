@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
+from kernels import native
 from storage.backbone import BackboneSpec
 from workers.kv_cache import (
     AttentionMetadata,
@@ -110,28 +113,48 @@ def _dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).reshape(length, -1)
 
 
+@pytest.mark.parametrize("native_attention", [True, False], ids=["native", "torch"])
+@pytest.mark.parametrize("head_dim", [8, 32])  # 8: the kernel's scalar loop; 32: its vector loop
 @pytest.mark.parametrize("block_size", [1, 4, 16])
-def test_paged_attention_equals_dense_causal_attention(block_size: int) -> None:
+def test_paged_attention_equals_dense_causal_attention(block_size: int, head_dim: int, native_attention: bool,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prefill and decode over scattered blocks; decode through the native kernel (which reads the cache in
+    place) or the torch gather + matmuls."""
+    if native_attention and not native.available():
+        pytest.skip("the native kernels do not build here (no C compiler?)")
+    native_calls: list[bool] = []
+    kernel = native.decode_attention
+
+    def counted(*args: object, **kw: object) -> bool:
+        native_calls.append(kernel(*args, **kw))  # type: ignore[arg-type]
+        return native_calls[-1]
+
+    monkeypatch.setattr(native, "decode_attention", counted)
     g = torch.Generator().manual_seed(block_size)
     # per sequence: chunks fed per step (prefill, chunked prefill, decode-only, late joiner)
     schedules = [[7, 1, 1, 1], [3, 4, 5, 1], [1, 1, 1, 1], [0, 0, 9, 1], [20, 1]]
     lengths = [sum(s) for s in schedules]
-    heads, kv_heads, dim = SPEC.num_heads, SPEC.num_kv_heads, SPEC.head_dim
+    spec = dataclasses.replace(SPEC, head_dim=head_dim)
+    heads, kv_heads, dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
     qs = [torch.randn(n, heads, dim, generator=g) for n in lengths]
     ks = [torch.randn(n, kv_heads, dim, generator=g) for n in lengths]
     vs = [torch.randn(n, kv_heads, dim, generator=g) for n in lengths]
 
-    kv = PagedKVCache(SPEC, 64, block_size=block_size)
+    kv = PagedKVCache(spec, 64, block_size=block_size)
+    assert kv.native_attention  # on by default for fp32 on CPU
+    kv.native_attention = native_attention
     for b in range(64):  # scatter the free list so tables are not contiguous
         kv.allocate(("x", b), 1)
     for b in torch.randperm(64, generator=g).tolist():
         kv.free(("x", b))
     fed = [0] * len(schedules)
+    decode_steps = 0
     for step in range(max(len(s) for s in schedules)):
         batch = [(i, s[step]) for i, s in enumerate(schedules) if step < len(s) and s[step]]
         for i, n in batch:
             kv.append(i, n) if i in kv else kv.allocate(i, n)
         attn = kv.metadata([i for i, _ in batch], [n for _, n in batch])
+        decode_steps += attn.decode_tokens.numel() > 0
         q, k, v = (torch.cat([xs[i][fed[i] : fed[i] + n] for i, n in batch]) for xs in (qs, ks, vs))
         for layer in range(SPEC.num_layers):  # layers must not see each other's K/V
             out = kv.attend(layer, q * (layer + 1), k, v, attn)
@@ -141,3 +164,5 @@ def test_paged_attention_equals_dense_causal_attention(block_size: int) -> None:
         for i, n in batch:
             fed[i] += n
     assert fed == lengths
+    assert native_calls == ([True] * len(native_calls) if native_attention else [])  # never a silent fallback
+    assert len(native_calls) == (SPEC.num_layers * decode_steps if native_attention else 0)
