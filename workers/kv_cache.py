@@ -9,8 +9,11 @@ One engine step runs a flattened batch of tokens of many sequences (prefill chun
 mixed). `AttentionMetadata` describes that batch once per step (shared by all layers); `attend` writes
 the new K/V into their slots and computes causal attention of the new queries over each sequence's
 whole context:
-- decode sequences (one new token) are batched: their blocks are gathered into one padded tensor
-  `[num_decode, max_blocks * block_size, ...]` and attended with a padding mask in a few batched matmuls;
+- decode sequences (one new token) are batched: on CPU in fp32 the native kernel (kernels/native.py)
+  reads each sequence's blocks in place through its block table, one (sequence, KV head) per work item;
+  otherwise their blocks are gathered into one padded tensor `[num_decode, max_blocks * block_size, ...]`
+  and attended with a padding mask in a few batched matmuls (the gather copies the whole context of the
+  batch every layer: about a fifth of a SmolLM2 decode step at 32 requests of 160 tokens);
 - prefill chunks run one SDPA call per sequence (causal among the new tokens, full over earlier context).
 """
 
