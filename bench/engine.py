@@ -536,6 +536,10 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:+.0f}%"
 
 
+def _share(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
 def _times(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}x"
 
@@ -570,8 +574,8 @@ def report(payload: dict[str, Any], *, results_dir: Path = RESULTS_DIR) -> Path:
         f" MiB + KV {floor['kv_bytes_per_step'] / MB:.0f} MiB)",
         ["variant", "adapter MiB", "LoRA FLOP share", "adapter read ms", "read floor", "step ms", "overhead",
          "GB/s"],
-        [[r["variant"], _num(r["adapter_bytes_per_step"] / MB, 0), _pct(r["lora_flop_share"]),
-          _num(r["adapter_read_floor_ms"]), _pct(r["adapter_read_floor"]), _num(r["step_ms_median"]),
+        [[r["variant"], _num(r["adapter_bytes_per_step"] / MB, 0), _share(r["lora_flop_share"]),
+          _num(r["adapter_read_floor_ms"]), _share(r["adapter_read_floor"]), _num(r["step_ms_median"]),
           _pct(r["steady_lora_overhead"]) if r["adapters"] else "-", _num(r["achieved_gb_s"])] for r in lorafn],
     )
     print_table(
