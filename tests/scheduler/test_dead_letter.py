@@ -8,9 +8,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+from collections.abc import AsyncIterator
 
 import nats
 import pytest
+from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig
 
@@ -26,21 +28,33 @@ from storage.settings import DatabaseSettings
 pytestmark = pytest.mark.timeout(60)
 
 
-async def test_max_deliveries_become_a_visible_dead_letter(services, sessions) -> None:  # type: ignore[no-untyped-def]
-    tenant, adapter, inv_id = f"t{secrets.token_hex(4)}", "flaky", f"inv-{secrets.token_hex(8)}"
+@contextlib.asynccontextmanager
+async def running(services, sessions, tenant: str, invocation_id: str,  # type: ignore[no-untyped-def]
+                  placement: PlacementSettings) -> AsyncIterator[Client]:
+    """A tenant with one queued invocation row, a scheduler with `placement`, and a NATS client."""
     async with sessions() as session, session.begin():
         tenant_row = await repo.get_or_create_tenant(session, name=tenant)
-        await repo.create_invocation(session, invocation_id=inv_id, tenant=tenant_row, adapter=None)
+        await repo.create_invocation(session, invocation_id=invocation_id, tenant=tenant_row, adapter=None)
     scheduler = SchedulerService(SchedulerSettings(
-        nats={"url": services.nats_url}, database=DatabaseSettings(url=services.database_url),
-        scheduler=PlacementSettings(heartbeat_timeout_s=3.0, flush_every_s=0.5, reconcile_every_s=1.0),
+        nats={"url": services.nats_url}, database=DatabaseSettings(url=services.database_url), scheduler=placement,
     ))
     stop = asyncio.Event()
     task = asyncio.create_task(scheduler.run(stop))
     nc = await nats.connect(services.nats_url)
     try:
+        await ensure_streams(nc.jetstream())
+        yield nc
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)
+        await nc.close()  # a pull subscription may hold unanswered pull statuses; nothing to drain
+
+
+async def test_max_deliveries_become_a_visible_dead_letter(services, sessions) -> None:  # type: ignore[no-untyped-def]
+    tenant, adapter, inv_id = f"t{secrets.token_hex(4)}", "flaky", f"inv-{secrets.token_hex(8)}"
+    placement = PlacementSettings(heartbeat_timeout_s=3.0, flush_every_s=0.5, reconcile_every_s=1.0)
+    async with running(services, sessions, tenant, inv_id, placement) as nc:
         js = nc.jetstream()
-        await ensure_streams(js)
         durable = subjects.consumer_name(tenant, adapter)
         sub = await js.pull_subscribe(
             subjects.invoke(tenant, adapter), durable=durable, stream=subjects.INVOCATIONS_STREAM,
@@ -77,10 +91,6 @@ async def test_max_deliveries_become_a_visible_dead_letter(services, sessions) -
         assert row.status == InvocationStatus.failed and row.error and "dead_letter" in row.error
         info = await js.stream_info(subjects.INVOCATIONS_STREAM, subjects_filter=subjects.invoke(tenant, adapter))
         assert info.state.messages == 0  # removed from the work queue, not left to linger
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 15)
-        await nc.close()  # the pull subscription holds unanswered pull statuses; nothing to drain
 
 
 async def test_invocations_of_an_unknown_adapter_fail_with_not_found(services, sessions) -> None:  # type: ignore[no-untyped-def]
@@ -89,19 +99,9 @@ async def test_invocations_of_an_unknown_adapter_fail_with_not_found(services, s
     ever: not_found to the reply subject, the results stream (with the callback copy) and the row."""
     tenant, adapter = f"t{secrets.token_hex(4)}", "ghost"
     ids = [f"inv-{secrets.token_hex(8)}" for _ in range(3)]
-    async with sessions() as session, session.begin():
-        tenant_row = await repo.get_or_create_tenant(session, name=tenant)
-        await repo.create_invocation(session, invocation_id=ids[0], tenant=tenant_row, adapter=None)
-    scheduler = SchedulerService(SchedulerSettings(
-        nats={"url": services.nats_url}, database=DatabaseSettings(url=services.database_url),
-        scheduler=PlacementSettings(flush_every_s=0.5, reconcile_every_s=0.3, unknown_adapter_grace_s=1.0),
-    ))
-    stop = asyncio.Event()
-    task = asyncio.create_task(scheduler.run(stop))
-    nc = await nats.connect(services.nats_url)
-    try:
+    placement = PlacementSettings(flush_every_s=0.5, reconcile_every_s=0.3, unknown_adapter_grace_s=1.0)
+    async with running(services, sessions, tenant, ids[0], placement) as nc:
         js = nc.jetstream()
-        await ensure_streams(js)
         replies: dict[str, InvocationResult] = {}
         all_replied = asyncio.Event()
 
@@ -144,7 +144,3 @@ async def test_invocations_of_an_unknown_adapter_fail_with_not_found(services, s
             await asyncio.sleep(0.1)
         else:
             raise AssertionError("the draining consumer was left behind")
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 15)
-        await nc.close()
