@@ -2,6 +2,8 @@
 FROM python:3.11-slim AS base
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 WORKDIR /app
+# gcc builds the native CPU kernels (kernels/native.py) on first use, for the CPU the container runs on.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
 RUN pip install torch==2.13.0
 COPY pyproject.toml README.md ./
 COPY protocol protocol
