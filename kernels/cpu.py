@@ -7,7 +7,7 @@ batch with weights (a_t, bt, scale) and every token t bound to slot k,
 
 Two implementations, picked per slot by `plan_cpu` (the pool binds a batch once per step):
 
-- the native kernel (kernels/native.py, kernels/native/lora_cpu.c) for slots with at most
+- the native kernel (kernels/native.py, kernels/native/cpu_kernels.c) for slots with at most
   `NATIVE_MAX_TOKENS` tokens in the batch (decode): one call per (layer, module) for all of them, reading
   every adapter's A and B.T straight from the pool pages (fp32 or bf16) on both cores;
 - `lora_apply_cpu` below for the others (prefill), and for everything when the kernel is off or cannot

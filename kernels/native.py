@@ -1,9 +1,9 @@
-"""The native CPU kernels (kernels/native/lora_cpu.c), built on first use: the multi-LoRA update and the
+"""The native CPU kernels (kernels/native/cpu_kernels.c), built on first use: the multi-LoRA update and the
 decode attention over the paged KV cache (`decode_attention`).
 
 The C file has no dependency besides libc, libm and OpenMP, so it compiles in about two seconds:
 
-    $CC -O3 -march=native -fopenmp -shared -fPIC lora_cpu.c -lm      (CC defaults to gcc, then cc)
+    $CC -O3 -march=native -fopenmp -shared -fPIC cpu_kernels.c -lm      (CC defaults to gcc, then cc)
 
 into a per-user cache directory (``$LORAFN_NATIVE_CACHE``, else ``$XDG_CACHE_HOME/lorafn/native``, else
 ``~/.cache/lorafn/native``). The file name holds a hash of the source, the compiler, the flags and the
@@ -43,7 +43,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("native") / "lora_cpu.c"
+SOURCE = Path(__file__).with_name("native") / "cpu_kernels.c"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 LIBS = ("-lm",)  # after the source, so that the linker keeps them
 ABI = 2
@@ -98,7 +98,7 @@ def library_path(cc: str) -> Path:
     for part in (SOURCE.read_bytes(), cc.encode(), " ".join(FLAGS + LIBS).encode(), _cpu_flags().encode()):
         h.update(part)
         h.update(b"\0")
-    return cache_dir() / f"lora_cpu-{h.hexdigest()[:20]}.so"
+    return cache_dir() / f"cpu_kernels-{h.hexdigest()[:20]}.so"
 
 
 def build(cc: str, target: Path) -> Path:

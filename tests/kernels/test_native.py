@@ -177,7 +177,7 @@ def test_build_is_keyed_by_source_and_atomic(lib: ctypes.CDLL, tmp_path: Path,
     assert cc is not None
     monkeypatch.setenv(native.ENV_CACHE, str(tmp_path / "cache"))
     target = native.library_path(cc)
-    assert target.parent == tmp_path / "cache" and target.name.startswith("lora_cpu-")
+    assert target.parent == tmp_path / "cache" and target.name.startswith("cpu_kernels-")
     errors: list[BaseException] = []
 
     def build() -> None:
@@ -194,7 +194,7 @@ def test_build_is_keyed_by_source_and_atomic(lib: ctypes.CDLL, tmp_path: Path,
     assert not errors
     assert sorted(p.name for p in target.parent.iterdir()) == [target.name]  # no temporary file left
     assert native._load(target).lora_cpu_abi() == native.ABI
-    changed = tmp_path / "lora_cpu.c"
+    changed = tmp_path / "cpu_kernels.c"
     changed.write_text(native.SOURCE.read_text() + "\n/* changed */\n")
     monkeypatch.setattr(native, "SOURCE", changed)
     assert native.library_path(cc) != target
@@ -218,7 +218,7 @@ def test_failed_build_falls_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                  caplog: pytest.LogCaptureFixture) -> None:
     if native.compiler() is None:
         pytest.skip("no C compiler")
-    bad = tmp_path / "lora_cpu.c"
+    bad = tmp_path / "cpu_kernels.c"
     bad.write_text("this is not C\n")
     monkeypatch.setattr(native, "SOURCE", bad)
     monkeypatch.setattr(native, "_state", {})

@@ -1,4 +1,5 @@
-/* The multi-LoRA update of one projection on CPU, for the adapters of one batch.
+/* The native CPU kernels: the multi-LoRA update of one projection (first part) and the decode attention over
+ * the paged KV cache (at the end). The multi-LoRA update, for the adapters of one batch:
  *
  * For every slot k of the call (an adapter's A and B.T for this layer and module) and every token t of
  * that slot:
