@@ -202,9 +202,11 @@ class EchoPeer:
             return
         self.seen.append(inv)
         started = time.time()
-        await self.nc.publish(subjects.invocation_event("started"),
-                              InvocationStarted(invocation_id=inv.id, worker_id=self.worker_id,
-                                                adapter_tier=self.tier, load_ms=self.load_ms).encode())  # type: ignore[arg-type]
+        event = InvocationStarted(invocation_id=inv.id, worker_id=self.worker_id, adapter_tier=self.tier,  # type: ignore[arg-type]
+                                  load_ms=self.load_ms).encode()
+        await self.nc.publish(subjects.invocation_event("started"), event)
+        if inv.reply_to:
+            await self.nc.publish(inv.reply_to, event, headers={KIND_HEADER: subjects.KIND_STARTED})
         result = await self.respond(inv, started)
         if inv.stream and inv.reply_to and result.status == "succeeded":
             words = result.text.split(" ") if result.text else []

@@ -160,10 +160,17 @@ class Call:
             self._queue.put_nowait(event)
 
     async def on_reply(self, msg: Msg) -> None:
-        """A message on the call's reply subject: a TokenChunk, or the final InvocationResult."""
+        """A message on the call's reply subject: InvocationStarted, a TokenChunk, or the final InvocationResult
+        (in that order: one subject, so the worker's order is kept)."""
         try:
             kind = (msg.headers or {}).get(KIND_HEADER)
-            event: Event = InvocationResult.decode(msg.data) if kind == subjects.KIND_RESULT else TokenChunk.decode(msg.data)
+            event: Event
+            if kind == subjects.KIND_RESULT:
+                event = InvocationResult.decode(msg.data)
+            elif kind == subjects.KIND_STARTED:
+                event = InvocationStarted.decode(msg.data)
+            else:
+                event = TokenChunk.decode(msg.data)
         except MessageInvalid as e:
             log.warning("invocation %s: dropped an undecodable reply (%s)", self.invocation_id, e)
             return
@@ -283,22 +290,12 @@ class Invoker:
 
     async def _subscribe_events(self, nc: Client, js: JetStreamContext) -> None:
         self._callback_urls = await ensure_callback_bucket(js, self.callbacks)
-        await nc.subscribe(subjects.invocation_event("started"), cb=self._on_started)
         await nc.subscribe(subjects.gateway_replies(self.gateway_id), cb=self._on_reply)
 
     async def _on_reply(self, msg: Msg) -> None:
         call = self._calls.get(msg.subject.rpartition(".")[2])
         if call is not None:
             await call.on_reply(msg)
-
-    async def _on_started(self, msg: Msg) -> None:
-        try:
-            event = InvocationStarted.decode(msg.data)
-        except MessageInvalid:
-            return
-        call = self._calls.get(event.invocation_id)
-        if call is not None:
-            call.push(event)
 
     # -- admission -------------------------------------------------------------------------------
 

@@ -5,12 +5,13 @@ Each subject carries one message type (see protocol/subjects.py):
 | subject                                 | message              | from -> to                      |
 |-----------------------------------------|----------------------|---------------------------------|
 | `lora.invoke.<tenant>.<adapter>` (JS)   | `Invocation`         | gateway / any client -> workers |
-| `lora.reply.<invocation id>` (core)     | `TokenChunk`, then `InvocationResult` | worker -> caller |
+| `lora.reply.<invocation id>` (core)     | `InvocationStarted`, `TokenChunk`s, then `InvocationResult` | worker -> caller |
 | `lora.result.<invocation id>` (JS)      | `InvocationResult`   | worker -> results stream        |
+| `lora.callback.<invocation id>` (JS)    | `InvocationResult`   | worker -> gateway (callbacks)   |
 | `lora.ctl.<worker id>.<verb>` (core req)| `ControlRequest` / `ControlReply` | scheduler -> worker |
 | `lora.evt.worker.<worker id>` (core)    | `Heartbeat`          | worker -> scheduler             |
 | `lora.evt.adapter.<event>` (core)       | `AdapterEvent`       | registry -> scheduler, workers  |
-| `lora.evt.invocation.started` (core)    | `InvocationStarted`  | worker -> scheduler, gateway    |
+| `lora.evt.invocation.started` (core)    | `InvocationStarted`  | worker -> scheduler             |
 
 Decoding ignores unknown fields, so a newer sender can add fields without breaking older readers;
 a missing or mistyped field raises `MessageInvalid`.
@@ -158,7 +159,8 @@ class InvocationResult(Message):
 
 
 class InvocationStarted(Message):
-    """A worker admitted an invocation into its batch (published on lora.evt.invocation.started)."""
+    """A worker admitted an invocation into its batch (on lora.evt.invocation.started, and first on the
+    invocation's reply subject)."""
 
     kind: ClassVar[str] = "started"
     invocation_id: str

@@ -40,9 +40,11 @@ CALLBACKS_BUCKET = "LORAFN_CALLBACKS"
 CALLBACKS_CONSUMER = "gateway-callback-results"
 CALLBACKS_CONSUMER_OLD = "gateway-callbacks"
 
-# Headers. On a reply subject, KIND_HEADER says which message the payload is: KIND_CHUNK (TokenChunk) or
-# KIND_RESULT (InvocationResult). MSG_ID_HEADER is JetStream's de-duplication id.
+# Headers. On a reply subject, KIND_HEADER says which message the payload is: KIND_STARTED (InvocationStarted,
+# first), KIND_CHUNK (TokenChunk) or KIND_RESULT (InvocationResult, last). MSG_ID_HEADER is JetStream's
+# de-duplication id.
 KIND_HEADER = "Lorafn-Kind"
+KIND_STARTED = "started"
 KIND_CHUNK = "chunk"
 KIND_RESULT = "result"
 MSG_ID_HEADER = "Nats-Msg-Id"

@@ -480,13 +480,14 @@ class WorkerService:
     ) -> InvocationResult:
         assert self.nc is not None
         started = time.time()
-        await self.nc.publish(
-            subjects.invocation_event("started"),
-            InvocationStarted(
-                invocation_id=inv.id, worker_id=self.worker_id, attempt=attempt, started_at=started,
-                adapter_tier=tier, load_ms=load_ms,  # type: ignore[arg-type]
-            ).encode(),
-        )
+        event = InvocationStarted(
+            invocation_id=inv.id, worker_id=self.worker_id, attempt=attempt, started_at=started,
+            adapter_tier=tier, load_ms=load_ms,  # type: ignore[arg-type]
+        ).encode()
+        await self.nc.publish(subjects.invocation_event("started"), event)  # the scheduler's record
+        # The caller gets it on its reply subject, where it arrives before the first chunk: the gateway sends
+        # the adapter's tier in the response headers, which leave with the first event.
+        await self._reply(inv, event, subjects.KIND_STARTED)
         prompt_ids = self._prompt_ids(inv)
         params = self._params(inv)
         request_id = f"{inv.id}#{attempt}"

@@ -67,6 +67,8 @@ class Reply:
 
     chunks: list[TokenChunk] = field(default_factory=list)
     results: list[InvocationResult] = field(default_factory=list)
+    started: list[InvocationStarted] = field(default_factory=list)
+    kinds: list[str] = field(default_factory=list)  # Lorafn-Kind of every message, in arrival order
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
     def text(self) -> str:
@@ -118,7 +120,10 @@ class Cluster:
 def _collector(reply: Reply) -> Callable[[Msg], Awaitable[None]]:
     async def on_msg(msg: Msg) -> None:
         kind = (msg.headers or {}).get("Lorafn-Kind")
-        if kind == "chunk":
+        reply.kinds.append(str(kind))
+        if kind == "started":
+            reply.started.append(InvocationStarted.decode(msg.data))
+        elif kind == "chunk":
             reply.chunks.append(TokenChunk.decode(msg.data))
         elif kind == "result":
             reply.results.append(InvocationResult.decode(msg.data))
@@ -280,6 +285,11 @@ async def test_adapter_invocation_end_to_end(cluster: Cluster, registry: Registr
     assert reply.token_ids() == result.token_ids and reply.text() == result.text
     assert result.timings.total_ms is not None and result.timings.first_token_ms is not None
     assert await results_in_stream(cluster.js, inv_id) == 1
+    # The reply subject carries the start first (with the tier the gateway puts in its headers), then chunks,
+    # then the result: one subject, so nothing can overtake the start.
+    assert reply.kinds[0] == "started" and reply.kinds[-1] == "result" and set(reply.kinds[1:-1]) == {"chunk"}
+    [start] = reply.started
+    assert start.invocation_id == inv_id and start.adapter_tier == result.adapter_tier
 
     async def finished() -> bool:
         async with sessions() as session:
