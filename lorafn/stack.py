@@ -622,8 +622,13 @@ class LocalStack:
             f"-s3.config={config}",
             "-master.volumeSizeLimitMB=256", "-volume.max=0", "-volume.preStopSeconds=0",
         ]
+        # Every bucket is a SeaweedFS collection with volumes of its own, and by default the master creates 7
+        # at a time; with the volume count capped by free disk (-volume.max=0) a few dozen buckets then leave no
+        # free volume and writes fail with 500. One volume at a time is plenty for a local stack.
+        env = {**os.environ, "WEED_MASTER_VOLUME_GROWTH_COPY_1": "1"}
         proc = self._spawn(
-            ManagedProcess("s3", argv, self.state_dir / "s3.log", stop_signal=signal.SIGINT, stop_timeout_s=3.0)
+            ManagedProcess("s3", argv, self.state_dir / "s3.log", env=env, stop_signal=signal.SIGINT,
+                           stop_timeout_s=3.0)
         )
         wait_until(self._s3_ready, timeout_s=self.config.start_timeout_s, proc=proc, what="S3 API")
 

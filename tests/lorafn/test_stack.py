@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -224,3 +226,24 @@ def test_missing_binary_is_named_with_the_package_to_install(tmp_path: Path, mon
         stack.start()
     assert stack.processes == []
     assert not (tmp_path / "stack.json").exists()
+
+
+def test_each_bucket_gets_one_seaweedfs_volume_at_a_time(services, object_store_settings) -> None:  # type: ignore[no-untyped-def]
+    """Every bucket is a SeaweedFS collection; the master grows one volume per collection, not 7, so the
+    free-disk cap on volumes leaves room for hundreds of buckets (with 7 a few dozen made writes fail)."""
+    stack = getattr(services, "stack", None)
+    if stack is None:
+        pytest.skip("the services are not the local stack")
+    s = object_store_settings
+    client = Minio(s.endpoint, access_key=s.access_key, secret_key=s.secret_key.get_secret_value(), secure=False)
+    bucket = f"growth-{os.urandom(4).hex()}"
+    client.make_bucket(bucket)
+    client.put_object(bucket, "x", io.BytesIO(b"y" * 100), 100)
+    master = stack.config.ports.s3_internal()[0]
+    with urllib.request.urlopen(f"http://{stack.config.host}:{master}/vol/status", timeout=10) as r:
+        status = json.load(r)
+    volumes = [
+        v for dc in status["Volumes"]["DataCenters"].values() for rack in dc.values() for node in rack.values()
+        for v in node if v.get("Collection") == bucket
+    ]
+    assert len(volumes) == 1, volumes
