@@ -314,15 +314,16 @@ class SchedulerService:
                     msgs = await psub.fetch(64, timeout=0.5)
                 except (nats.errors.TimeoutError, TimeoutError):
                     break
+                if await self._adapter_info(tenant, adapter) is not None:  # pushed meanwhile: its workers take them
+                    for msg in msgs:
+                        await msg.nak()
+                    return
                 for msg in msgs:
                     try:
                         inv = Invocation.decode(msg.data)
                     except MessageInvalid:
                         await msg.term()
                         continue
-                    if await self._adapter_info(tenant, adapter) is not None:
-                        await msg.nak()  # pushed meanwhile: leave the rest to its workers
-                        return
                     result = InvocationResult(
                         invocation_id=inv.id, status="failed", attempt=msg.metadata.num_delivered or 1,
                         error=InvocationError(code=ErrorCode.not_found,

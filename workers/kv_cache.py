@@ -369,12 +369,11 @@ class PagedKVCache:
             out[seg.start : seg.end] = o[0].transpose(0, 1)
 
         num_decode = attn.decode_tokens.numel()
-        if num_decode and self.native_attention and native.decode_attention(
+        # The native kernel reads the paged cache in place (kernels/native.py); False: it cannot, gather instead.
+        if num_decode and not (self.native_attention and native.decode_attention(
             k_layer, v_layer, self.block_size, q.contiguous(), attn.decode_tokens, attn.decode_blocks,
             attn.decode_lens, scale, out,
-        ):
-            pass  # read the paged cache in place (kernels/native.py)
-        elif num_decode:
+        )):
             # Head-major cache: gathering whole blocks gives [kv_heads, num_decode, span, head_dim] directly,
             # so the batched matmuls below read it without another copy.
             group = num_heads // kv_heads
