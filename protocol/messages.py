@@ -53,6 +53,15 @@ class ErrorCode(enum.StrEnum):
     internal = "internal"  # 500: a bug
 
 
+class Tier(enum.StrEnum):
+    """Where a copy of an adapter version is: the worker's device pool, its host cache, or only the object
+    store (the source of truth, implied for every version). The one spelling of the concept everywhere."""
+
+    device = "device"
+    host = "host"
+    object = "object"
+
+
 class Message(BaseModel):
     """Base of every wire message: immutable, msgpack-encoded, unknown fields ignored."""
 
@@ -153,7 +162,7 @@ class InvocationResult(Message):
     usage: Usage = Field(default_factory=Usage)
     timings: Timings = Field(default_factory=Timings)
     worker_id: str | None = None
-    adapter_tier: Literal["device", "host", "object"] | None = None  # where the adapter was on arrival
+    adapter_tier: Tier | None = None  # where the adapter was on arrival
     attempt: int = 1
     error: InvocationError | None = None
 
@@ -167,7 +176,7 @@ class InvocationStarted(Message):
     worker_id: str
     attempt: int = 1
     started_at: float = Field(default_factory=time.time)
-    adapter_tier: Literal["device", "host", "object"] | None = None  # where the adapter was on arrival
+    adapter_tier: Tier | None = None  # where the adapter was on arrival
     load_ms: float | None = None
 
 
@@ -186,12 +195,12 @@ class ControlRequest(Message):
     tenant: str | None = None
     adapter: str | None = None
     version: str | None = None  # sha256 of the adapter version
-    tier: Literal["device", "host"] | None = None
+    tier: Tier | None = None  # device or host
 
 
 class ControlReply(Message):
     ok: bool
-    tier: Literal["device", "host", "object"] | None = None  # where the adapter is after the command
+    tier: Tier | None = None  # where the adapter is after the command
     load_ms: float | None = None
     error: InvocationError | None = None
 
@@ -200,7 +209,7 @@ class ResidentAdapter(Message):
     tenant: str
     adapter: str
     version: str
-    tier: Literal["device", "host"]
+    tier: Tier  # device or host
     pages: int = 0
     bytes: int = 0
     last_used: float | None = None  # unix seconds

@@ -1,14 +1,16 @@
-"""Placement and eviction policies: pure decisions over plain values, shared by the live scheduler and
-the bench simulator (one implementation of each policy).
+"""Routing and eviction policies: pure decisions over plain values, shared by the live scheduler and the
+bench simulator (one implementation of each policy, injected into `scheduler.core.SchedulerCore`).
 
-A policy sees the cluster as `WorkerView`s (what the latest heartbeats said) and a residency map (which
-worker holds which adapter version in which tier); it changes nothing. The live scheduler turns its
-answers into control verbs; the simulator applies them to its model of the cluster.
+A policy sees the cluster as `WorkerView`s (the latest heartbeat plus what the core dispatched since) and a
+residency map (which worker holds which adapter version in which tier, placements in flight counted on the
+device); it changes nothing and reads no clock. The core turns its answers into commands; the live
+dispatcher and the simulator carry them out.
 
-- `PlacementPolicy.choose_worker`: which worker should load an adapter version nobody holds.
-  `LeastLoadedPlacement` (reactive, first version): the live, non-draining worker with the fewest
-  running and queued invocations whose pool can take the adapter; ties go to a worker that has the
-  blob in its host cache (no object-store download), then to the most free pages, then to the name.
+- `Router.route`: which worker serves one invocation. `AffinityRouter` (the default): a worker that holds
+  the adapter on its device, the least loaded of them; a second holder when the best one is busy
+  (`replicate_at` calls and another worker is `replicate_margin` calls lighter); else a worker with the
+  blob in its host cache; else the least loaded worker (a cold start). Workers at capacity, draining, or
+  whose pool cannot take the adapter's rank are never chosen.
 - `EvictionPolicy.choose_victims`: which device-resident adapters of a worker to evict so that an
   adapter of `needed_pages` fits. `LruEviction`: least recently used first, never one in use.
 """
@@ -17,58 +19,79 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Protocol
 
-Tier = Literal["device", "host"]
-# adapter version (sha256) -> worker id -> tier
+from protocol.messages import Tier
+
+# adapter version (sha256) -> worker id -> tier (device or host)
 Residency = Mapping[str, Mapping[str, Tier]]
 
 
 @dataclass(frozen=True)
-class AdapterRef:
-    """An adapter version to place. `pages` is its size in pool pages when known (0: unknown)."""
+class AdapterSpec:
+    """An adapter version as the scheduler sees it: identity, and the size facts that placement needs."""
 
     tenant: str
     adapter: str
     version: str
-    pages: int = 0
+    rank: int = 0  # largest rank of its modules (0: unknown)
+    bytes: int = 0  # size of its canonical blob
+
+
+@dataclass(frozen=True)
+class CallView:
+    """One invocation to route. `adapter` is None for the bare backbone."""
+
+    invocation_id: str
+    adapter: AdapterSpec | None
+    prompt_tokens: int = 0
+    max_tokens: int = 0
 
 
 @dataclass(frozen=True)
 class WorkerView:
-    """A worker as its latest heartbeat described it."""
+    """A worker as the core sees it: its latest heartbeat, and `outstanding` = calls dispatched to it that
+    have not finished (queued in its work subject or running)."""
 
     worker_id: str
-    total_pages: int
-    free_pages: int
+    total_pages: int = 0
+    free_pages: int = 0
+    max_rank: int = 0  # 0: unknown (any rank)
+    capacity: int = 32  # calls it may have outstanding before the core stops dispatching to it
+    outstanding: int = 0
     running: int = 0
-    queue_depth: int = 0
     tokens_per_s: float = 0.0
     draining: bool = False
 
     @property
     def load(self) -> int:
-        """Invocations this worker has now (running and waiting)."""
-        return self.running + self.queue_depth
+        """Calls this worker has now (dispatched and not finished)."""
+        return self.outstanding
+
+    @property
+    def full(self) -> bool:
+        return self.outstanding >= self.capacity
+
+    def takes(self, adapter: AdapterSpec | None) -> bool:
+        """Whether this worker may be sent a call of `adapter` now."""
+        if self.draining or self.full:
+            return False
+        return adapter is None or not self.max_rank or adapter.rank <= self.max_rank
 
 
 @dataclass(frozen=True)
-class ResidentView:
-    """A device-resident adapter of one worker, as an eviction policy sees it."""
+class Route:
+    """Where a call goes and why (the reason is counted in metrics and kept in decision records)."""
 
-    version: str
-    pages: int
-    last_used: float  # unix seconds
-    in_use: int = 0  # invocations using it now
+    worker_id: str
+    reason: str  # "device", "replicate", "host", "cold", "base", or a policy's own word
 
 
-class PlacementPolicy(Protocol):
-    """Chooses where an adapter version that no live worker holds on its device is loaded."""
+class Router(Protocol):
+    """Chooses the worker that serves one invocation."""
 
-    def choose_worker(
-        self, adapter: AdapterRef, workers: Sequence[WorkerView], residency: Residency
-    ) -> str | None:
-        """The id of the worker that should load `adapter`, or None when no worker can."""
+    def route(self, call: CallView, workers: Sequence[WorkerView], residency: Residency) -> Route | None:
+        """The worker for `call`, or None when no worker can take it now (the core defers the call)."""
         ...
 
 
@@ -82,31 +105,62 @@ class EvictionPolicy(Protocol):
 
 
 @dataclass(frozen=True)
-class LeastLoadedPlacement:
-    """Reactive placement on the least-loaded worker (see module docstring)."""
+class AffinityRouter:
+    """Route to the adapter's holders, replicate a busy one, else the least loaded worker (module docstring)."""
 
+    replicate_at: int = 8  # a holder with this many calls outstanding counts as busy ...
+    replicate_margin: int = 4  # ... when another worker has at least this many fewer
     prefer_host_cached: bool = True
-    exclude: frozenset[str] = field(default_factory=frozenset)
 
-    def choose_worker(
-        self, adapter: AdapterRef, workers: Sequence[WorkerView], residency: Residency
-    ) -> str | None:
-        holders = residency.get(adapter.version, {})
-        candidates = [
-            w for w in workers
-            if not w.draining and w.worker_id not in self.exclude and adapter.pages <= w.total_pages
-        ]
+    def route(self, call: CallView, workers: Sequence[WorkerView], residency: Residency) -> Route | None:
+        candidates = [w for w in workers if w.takes(call.adapter)]
         if not candidates:
             return None
-        on_device = sorted(w.worker_id for w in candidates if holders.get(w.worker_id) == "device")
+        if call.adapter is None:
+            return Route(min(candidates, key=lambda w: (w.load, w.worker_id)).worker_id, "base")
+        holders = residency.get(call.adapter.version, {})
+        on_device = [w for w in candidates if holders.get(w.worker_id) == Tier.device]
+        lightest = min(candidates, key=lambda w: (w.load, -w.free_pages, w.worker_id))
         if on_device:
-            return on_device[0]
+            best = min(on_device, key=lambda w: (w.load, w.worker_id))
+            if best.load >= self.replicate_at and lightest.load + self.replicate_margin <= best.load:
+                return Route(lightest.worker_id, "replicate")
+            return Route(best.worker_id, "device")
+        if self.prefer_host_cached:
+            cached = [w for w in candidates if holders.get(w.worker_id) == Tier.host]
+            if cached:
+                best = min(cached, key=lambda w: (w.load, w.worker_id))
+                if best.load < lightest.load + self.replicate_margin:
+                    return Route(best.worker_id, "host")
+        return Route(lightest.worker_id, "cold")
 
-        def rank(w: WorkerView) -> tuple[int, int, int, str]:
-            cached = 0 if self.prefer_host_cached and holders.get(w.worker_id) == "host" else 1
-            return (w.load, cached, -w.free_pages, w.worker_id)
 
-        return min(candidates, key=rank).worker_id
+@dataclass(frozen=True)
+class PinnedRouter:
+    """Send every call of the listed adapter versions (or adapter names, `tenant/adapter`) to one worker when
+    it can take them; everything else goes to `fallback`. For operators (pin a tenant's adapters) and tests."""
+
+    pins: Mapping[str, str] = field(default_factory=dict)  # version or "tenant/adapter" -> worker id
+    fallback: Router = field(default_factory=AffinityRouter)
+
+    def route(self, call: CallView, workers: Sequence[WorkerView], residency: Residency) -> Route | None:
+        if call.adapter is not None:
+            a = call.adapter
+            pinned = self.pins.get(a.version) or self.pins.get(f"{a.tenant}/{a.adapter}")
+            if pinned is not None:
+                target = next((w for w in workers if w.worker_id == pinned), None)
+                return Route(pinned, "pinned") if target is not None and target.takes(a) else None
+        return self.fallback.route(call, workers, residency)
+
+
+@dataclass(frozen=True)
+class ResidentView:
+    """A device-resident adapter of one worker, as an eviction policy sees it."""
+
+    version: str
+    pages: int
+    last_used: float  # unix seconds
+    in_use: int = 0  # invocations using it now
 
 
 @dataclass(frozen=True)

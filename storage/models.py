@@ -25,6 +25,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from protocol.messages import Tier
+
 # Postgres naming convention: every constraint and index gets a predictable name, so that migrations
 # can refer to them.
 NAMING_CONVENTION = {
@@ -50,13 +52,6 @@ class VersionStatus(enum.StrEnum):
 
     ready = "ready"
     disabled = "disabled"
-
-
-class Tier(enum.StrEnum):
-    """Where a copy of an adapter lives (the object store is implied for every version)."""
-
-    host = "host"
-    device = "device"
 
 
 class InvocationStatus(enum.StrEnum):

@@ -1,0 +1,411 @@
+"""The scheduler core: events in, commands out, time inside the events.
+
+`SchedulerCore` decides where every invocation runs and which workers count as alive. It does no I/O and
+reads no clock: the live dispatcher (`scheduler.dispatcher`) and the simulator (`bench.simulate`) feed it
+the same events and carry out the same commands, so a policy judged on a trace is the policy that runs.
+
+Events (each carries `at`, seconds on the driver's clock: unix time live, trace time in the simulator):
+- `InvocationArrived`: a call to route (its adapter's version, rank and bytes, or unknown);
+- `WorkerReport`: a heartbeat (capacity, residency per tier with rank/bytes/in-use, running);
+- `WorkQueues`: how many dispatched calls each worker's work subject holds (read from the stream, so a
+  restarted dispatcher rebuilds the load of every worker);
+- `LoadFinished`: a worker finished (or failed) bringing a version to its device;
+- `InvocationFinished`: a call's result was recorded;
+- `WorkerGone`: a worker said goodbye or the driver knows it died;
+- `Tick`: time passed (workers silent for `heartbeat_timeout_s` are declared gone).
+
+Commands:
+- `Dispatch(invocation, worker, reason)`: hand the call to that worker;
+- `Defer(invocation, retry_at, reason)`: no worker can take it now; offer it again at `retry_at`;
+- `Fail(invocation, code, message)`: the call can never run (unknown adapter after the grace period,
+  a rank no worker can hold, dispatched too many times);
+- `Rescue(worker)`: the worker is gone; its unfinished calls go back to be dispatched again;
+- `Fetch` / `Load` / `Evict`: staging verbs (none from the reactive policies here; the staging policies
+  of later work emit them through the same channel).
+
+State (all rebuildable: from heartbeats, the work stream's per-subject counts, and the events of calls in
+flight): the live workers and their latest report; residency per version, with placements in flight (a
+version dispatched to a worker that did not hold it counts as on that worker's device until a heartbeat
+shows it there, or until no call of it is outstanding there and `placement_grace_s` has passed); the calls
+each worker has outstanding.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+from protocol.messages import ErrorCode, Tier
+from scheduler.policy import AdapterSpec, AffinityRouter, CallView, Residency, Route, Router, WorkerView
+
+# -- events --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InvocationArrived:
+    """A call to route. `adapter` None with `unknown` False: the bare backbone; with `unknown` True: the
+    adapter (`name`, "tenant/adapter") does not exist (yet). `published_at`: when it was first accepted
+    (stream time), for the unknown-adapter grace. `epoch`: 1 for a first dispatch, +1 for each rescue."""
+
+    at: float
+    invocation_id: str
+    adapter: AdapterSpec | None = None
+    unknown: bool = False
+    name: str = ""
+    published_at: float | None = None
+    prompt_tokens: int = 0
+    max_tokens: int = 0
+    epoch: int = 1
+
+
+@dataclass(frozen=True)
+class ResidentReport:
+    """One adapter version on a worker, as its heartbeat reported it."""
+
+    version: str
+    tier: Tier
+    rank: int = 0
+    bytes: int = 0
+    pages: int = 0
+    in_use: int = 0
+
+
+@dataclass(frozen=True)
+class WorkerReport:
+    """A heartbeat."""
+
+    at: float
+    worker_id: str
+    total_pages: int = 0
+    free_pages: int = 0
+    max_rank: int = 0
+    max_inflight: int = 32
+    running: int = 0
+    queue_depth: int = 0
+    tokens_per_s: float = 0.0
+    draining: bool = False
+    resident: tuple[ResidentReport, ...] = ()
+
+
+@dataclass(frozen=True)
+class WorkQueues:
+    """Calls waiting or running per worker, as the work stream counts them (unacked messages)."""
+
+    at: float
+    counts: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
+class LoadFinished:
+    at: float
+    worker_id: str
+    version: str
+    ok: bool = True
+
+
+@dataclass(frozen=True)
+class InvocationFinished:
+    at: float
+    invocation_id: str
+    worker_id: str | None = None
+
+
+@dataclass(frozen=True)
+class WorkerGone:
+    at: float
+    worker_id: str
+
+
+@dataclass(frozen=True)
+class Tick:
+    at: float
+
+
+Event = InvocationArrived | WorkerReport | WorkQueues | LoadFinished | InvocationFinished | WorkerGone | Tick
+
+# -- commands ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    invocation_id: str
+    worker_id: str
+    reason: str
+    epoch: int = 1
+
+
+@dataclass(frozen=True)
+class Defer:
+    invocation_id: str
+    retry_at: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class Fail:
+    invocation_id: str
+    code: ErrorCode
+    message: str
+
+
+@dataclass(frozen=True)
+class Rescue:
+    """Dispatch again every call left in `worker_id`'s work subject (the worker is gone)."""
+
+    worker_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Fetch:
+    version: str
+    worker_id: str
+
+
+@dataclass(frozen=True)
+class Load:
+    version: str
+    worker_id: str
+
+
+@dataclass(frozen=True)
+class Evict:
+    version: str
+    worker_id: str
+    to_tier: Tier = Tier.host
+
+
+Command = Dispatch | Defer | Fail | Rescue | Fetch | Load | Evict
+
+# -- the core ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CoreConfig:
+    """Timing and limits of the core's decisions (live values come from `PlacementSettings`)."""
+
+    heartbeat_timeout_s: float = 5.0
+    placement_grace_s: float = 5.0
+    unknown_adapter_grace_s: float = 10.0
+    defer_s: float = 0.1  # how soon a call no worker could take is offered again
+    queue_per_worker: int = 32  # calls a worker may have waiting beyond its max_inflight
+    max_epochs: int = 5  # dispatches of one call (first + rescues) before it fails as a dead letter
+    outstanding_ttl_s: float = 3600.0  # forget a dispatched call never seen to finish after this long
+
+
+@dataclass
+class _Worker:
+    report: WorkerReport
+    last_seen: float
+    backlog: int = 0  # from WorkQueues: calls in its work subject
+    outstanding: dict[str, tuple[str | None, float]] = field(default_factory=dict)  # call -> (version, at)
+
+
+class SchedulerCore:
+    """Routes calls and tracks workers; see the module docstring. Not thread-safe; one per driver."""
+
+    def __init__(self, *, router: Router | None = None, config: CoreConfig | None = None) -> None:
+        self.router: Router = router or AffinityRouter()
+        self.config = config or CoreConfig()
+        self._workers: dict[str, _Worker] = {}
+        self._resident: dict[str, dict[str, Tier]] = {}  # version -> worker -> tier (from heartbeats)
+        self._placing: dict[str, dict[str, float]] = {}  # version -> worker -> last dispatch there
+        self._where: dict[str, str] = {}  # call -> worker it was dispatched to
+        self.decisions: Counter[str] = Counter()  # dispatch reasons and other outcomes, for metrics
+        self.now = 0.0
+
+    # -- the one entry point ---------------------------------------------------------------------------------
+
+    def handle(self, event: Event) -> list[Command]:
+        """Apply one event; the commands it calls for, in order."""
+        self.now = max(self.now, event.at)
+        match event:
+            case InvocationArrived():
+                return self._arrived(event)
+            case WorkerReport():
+                return self._report(event)
+            case WorkQueues():
+                for worker_id, count in event.counts:
+                    if worker_id in self._workers:
+                        self._workers[worker_id].backlog = count
+                return []
+            case LoadFinished():
+                if not event.ok:
+                    self._placing.get(event.version, {}).pop(event.worker_id, None)
+                return []
+            case InvocationFinished():
+                self._finished(event.invocation_id)
+                return []
+            case WorkerGone():
+                return self._gone(event.worker_id, "it said goodbye or died")
+            case Tick():
+                return self._tick()
+        raise TypeError(f"not a scheduler event: {event!r}")
+
+    # -- queries (for drivers, metrics and tests) --------------------------------------------------------------
+
+    def views(self) -> list[WorkerView]:
+        """Live workers as policies see them."""
+        out = []
+        for worker_id, w in sorted(self._workers.items()):
+            r = w.report
+            out.append(WorkerView(
+                worker_id=worker_id, total_pages=r.total_pages, free_pages=r.free_pages, max_rank=r.max_rank,
+                capacity=r.max_inflight + self.config.queue_per_worker,
+                outstanding=max(len(w.outstanding), w.backlog), running=r.running,
+                tokens_per_s=r.tokens_per_s, draining=r.draining,
+            ))
+        return out
+
+    def residency(self) -> Residency:
+        """version -> worker -> tier over live workers, placements in flight counted on the device (a view:
+        each version's holders are merged when asked for, so routing one call costs no copy of the map)."""
+        return _ResidencyView(self._resident, self._placing)
+
+    def workers(self) -> list[str]:
+        return sorted(self._workers)
+
+    def outstanding(self, worker_id: str) -> int:
+        w = self._workers.get(worker_id)
+        return len(w.outstanding) if w is not None else 0
+
+    # -- events ------------------------------------------------------------------------------------------------
+
+    def _arrived(self, e: InvocationArrived) -> list[Command]:
+        if e.epoch > self.config.max_epochs:
+            self.decisions["fail_dead_letter"] += 1
+            return [Fail(e.invocation_id, ErrorCode.dead_letter,
+                         f"invocation {e.invocation_id} was dispatched {e.epoch - 1} times and its workers died "
+                         f"each time (limit {self.config.max_epochs}); giving up")]
+        if e.unknown:
+            published = e.published_at if e.published_at is not None else e.at
+            waited = e.at - published
+            if waited >= self.config.unknown_adapter_grace_s:
+                self.decisions["fail_not_found"] += 1
+                return [Fail(e.invocation_id, ErrorCode.not_found,
+                             f"adapter {e.name or '?'} does not exist (waited {waited:.1f} s, grace "
+                             f"{self.config.unknown_adapter_grace_s:.1f} s)")]
+            return [Defer(e.invocation_id, e.at + min(1.0, self.config.unknown_adapter_grace_s - waited),
+                          "unknown_adapter")]
+        call = CallView(e.invocation_id, e.adapter, e.prompt_tokens, e.max_tokens)
+        views = self.views()
+        route: Route | None = self.router.route(call, views, self.residency())
+        if route is None or route.worker_id not in self._workers:
+            if e.adapter is not None and views and all(
+                v.max_rank and e.adapter.rank > v.max_rank for v in views
+            ):
+                self.decisions["fail_rank"] += 1
+                return [Fail(e.invocation_id, ErrorCode.adapter_invalid,
+                             f"adapter {e.adapter.tenant}/{e.adapter.adapter} has rank {e.adapter.rank}; the largest "
+                             f"rank any worker holds is {max(v.max_rank for v in views)}")]
+            self.decisions["defer"] += 1
+            reason = "no_workers" if not views else "all_busy"
+            return [Defer(e.invocation_id, e.at + self.config.defer_s, reason)]
+        self._assign(e.invocation_id, route.worker_id, e.adapter.version if e.adapter else None, e.at)
+        self.decisions[route.reason] += 1
+        return [Dispatch(e.invocation_id, route.worker_id, route.reason, e.epoch)]
+
+    def _assign(self, invocation_id: str, worker_id: str, version: str | None, at: float) -> None:
+        previous = self._where.pop(invocation_id, None)
+        if previous is not None and previous in self._workers:
+            self._workers[previous].outstanding.pop(invocation_id, None)
+        self._where[invocation_id] = worker_id
+        self._workers[worker_id].outstanding[invocation_id] = (version, at)
+        if version is not None and self._resident.get(version, {}).get(worker_id) != Tier.device:
+            self._placing.setdefault(version, {})[worker_id] = at
+
+    def _finished(self, invocation_id: str) -> None:
+        worker_id = self._where.pop(invocation_id, None)
+        if worker_id is not None and worker_id in self._workers:
+            self._workers[worker_id].outstanding.pop(invocation_id, None)
+
+    def _report(self, r: WorkerReport) -> list[Command]:
+        w = self._workers.get(r.worker_id)
+        if w is None:
+            self._workers[r.worker_id] = _Worker(r, r.at)
+            self.decisions["worker_up"] += 1
+        else:
+            w.report, w.last_seen = r, r.at
+        held = {x.version: x.tier for x in r.resident}
+        for version in list(self._resident):
+            if version not in held:
+                self._drop_resident(version, r.worker_id)
+        for version, tier in held.items():
+            self._resident.setdefault(version, {})[r.worker_id] = tier
+            if tier == Tier.device:
+                self._placing.get(version, {}).pop(r.worker_id, None)
+        return []
+
+    def _drop_resident(self, version: str, worker_id: str) -> None:
+        holders = self._resident.get(version)
+        if holders is not None:
+            holders.pop(worker_id, None)
+            if not holders:
+                del self._resident[version]
+
+    def _gone(self, worker_id: str, why: str) -> list[Command]:
+        w = self._workers.pop(worker_id, None)
+        if w is None:
+            return []
+        for invocation_id in w.outstanding:
+            self._where.pop(invocation_id, None)
+        for version in list(self._resident):
+            self._drop_resident(version, worker_id)
+        for version in list(self._placing):
+            self._placing[version].pop(worker_id, None)
+            if not self._placing[version]:
+                del self._placing[version]
+        self.decisions["worker_gone"] += 1
+        return [Rescue(worker_id, why)]
+
+    def _tick(self) -> list[Command]:
+        now = self.now
+        commands: list[Command] = []
+        for worker_id, w in list(self._workers.items()):
+            silent = now - w.last_seen
+            if silent > self.config.heartbeat_timeout_s:
+                commands += self._gone(worker_id, f"no heartbeat for {silent:.1f} s "
+                                                  f"(timeout {self.config.heartbeat_timeout_s:.1f} s)")
+        for w in self._workers.values():
+            stale = [i for i, (_, at) in w.outstanding.items() if now - at > self.config.outstanding_ttl_s]
+            for invocation_id in stale:
+                self._finished(invocation_id)
+        for version in list(self._placing):
+            workers = self._placing[version]
+            for worker_id, at in list(workers.items()):
+                holder = self._workers.get(worker_id)
+                busy = holder is not None and any(v == version for v, _ in holder.outstanding.values())
+                if holder is None or (not busy and now - at > self.config.placement_grace_s):
+                    del workers[worker_id]
+            if not workers:
+                del self._placing[version]
+        return commands
+
+
+class _ResidencyView(Mapping[str, Mapping[str, Tier]]):
+    def __init__(self, resident: dict[str, dict[str, Tier]], placing: dict[str, dict[str, float]]) -> None:
+        self._resident, self._placing = resident, placing
+
+    def __getitem__(self, version: str) -> Mapping[str, Tier]:
+        held, placing = self._resident.get(version), self._placing.get(version)
+        if held is None and placing is None:
+            raise KeyError(version)
+        out = dict(held or {})
+        for worker_id in placing or ():
+            out[worker_id] = Tier.device
+        return out
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(set(self._resident) | set(self._placing))
+
+    def __len__(self) -> int:
+        return len(set(self._resident) | set(self._placing))
+
+
+def replay(core: SchedulerCore, events: Iterable[Event]) -> list[Command]:
+    """Every command `core` issues for `events`, in order (tests and the simulator's warm-up)."""
+    out: list[Command] = []
+    for event in events:
+        out += core.handle(event)
+    return out
