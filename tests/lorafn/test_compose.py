@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
+from lorafn.services import child_env
 from lorafn.settings import LorafnSettings, StackSettings
 from protocol.subjects import INVOCATIONS_STREAM, RESULTS_STREAM
 from storage.objectstore import ObjectStore
@@ -80,16 +80,9 @@ def test_dockerfile_copies_every_package() -> None:
 
 
 def test_lorafn_init_prepares_the_services(services, object_store_settings) -> None:
-    env = {
-        "LORAFN_NATS__URL": services.nats_url,
-        "LORAFN_DATABASE__URL": services.database_url,
-        "LORAFN_OBJECT_STORE__ENDPOINT": services.s3_endpoint,
-        "LORAFN_OBJECT_STORE__ACCESS_KEY": services.s3_access_key,
-        "LORAFN_OBJECT_STORE__SECRET_KEY": services.s3_secret_key,
-        "LORAFN_OBJECT_STORE__BUCKET": object_store_settings.bucket,
-    }
+    env = child_env(nats_url=services.nats_url, database_url=services.database_url, object_store=object_store_settings)
     result = subprocess.run([sys.executable, "-m", "lorafn", "init", "--state-dir", "/nonexistent"],
-                            env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
+                            env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert INVOCATIONS_STREAM in result.stdout and RESULTS_STREAM in result.stdout
     assert ObjectStore(object_store_settings).client.bucket_exists(object_store_settings.bucket)

@@ -181,10 +181,9 @@ def test_failure_midway_stops_what_was_started(tmp_path: Path, monkeypatch: pyte
     started: list[int] = []
     real_spawn = stack._spawn
 
-    def spawn(proc):  # type: ignore[no-untyped-def]
-        real_spawn(proc)
+    def spawn(proc, *args):  # type: ignore[no-untyped-def]
+        real_spawn(proc, *args)
         started.append(proc.pid)
-        return proc
 
     monkeypatch.setattr(stack, "_spawn", spawn)
     with pytest.raises(BinaryNotFound):
