@@ -96,7 +96,9 @@ class Router(Protocol):
 
 
 class EvictionPolicy(Protocol):
-    """Chooses the adapters a worker evicts to make room on its device."""
+    """Chooses the adapters a worker evicts to make room on its device. One instance per worker, injected
+    into its engine and its tiers (`workers.engine.Engine`, `workers.tiers.AdapterTiers`), which check
+    every answer (`workers.adapters.choose_victims`)."""
 
     def choose_victims(self, needed_pages: int, free_pages: int, resident: Sequence[ResidentView]) -> list[str] | None:
         """Versions to evict (in order) so that `needed_pages` fit; [] if they fit already, None if they
@@ -155,12 +157,15 @@ class PinnedRouter:
 
 @dataclass(frozen=True)
 class ResidentView:
-    """A device-resident adapter of one worker, as an eviction policy sees it."""
+    """A device-resident adapter of one worker, as an eviction policy sees it. A worker builds these from
+    its one residency ledger (its tiers, or its engine's resident adapters when it runs alone)."""
 
     version: str
     pages: int
     last_used: float  # unix seconds
-    in_use: int = 0  # invocations using it now
+    in_use: int = 0  # invocations (or, in a standalone engine, the running step) using it now
+    bytes: int = 0  # size of its canonical blob (0: unknown)
+    rank: int = 0  # largest rank of its modules (0: unknown)
 
 
 @dataclass(frozen=True)

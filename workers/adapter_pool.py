@@ -27,7 +27,10 @@ first, so most tensors lie on consecutive pages; the CPU path then reads them as
 tensors that straddle two runs are gathered.
 
 Identity, place and state: an adapter is identified by its version key (a content hash string); its
-place is its page table (`pages_of`); residency in this pool is `load` / `evict`, both idempotent.
+place is its page table (`pages_of`); residency in this pool is `load` / `evict`, both idempotent. The
+page tables are the only record on a worker of which adapters are on the device and how many pages each
+holds (`resident_pages`): the engine's `ResidentAdapters` and the worker's `AdapterTiers` read it rather
+than keeping their own copy.
 """
 
 from __future__ import annotations
@@ -490,6 +493,23 @@ class AdapterPool:
         return first, None
 
     # ------------------------------------------------------------------ introspection
+
+    @property
+    def total_pages(self) -> int:
+        return self._allocator.num_pages
+
+    @property
+    def free_pages(self) -> int:
+        return self._allocator.free_pages
+
+    def resident_pages(self) -> dict[str, int]:
+        """Pages of every resident adapter, in load order: the record of device residency.
+
+        The engine thread loads and evicts; the asyncio side reads this while it does. The copy of the
+        residents is one C-level dict copy (atomic under the GIL), so the answer is one consistent state,
+        either before or after any load or evict."""
+        residents = self._residents.copy()
+        return {key: r.num_pages for key, r in residents.items()}
 
     @property
     def free_runs(self) -> list[Run]:

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import torch
 from pydantic import BaseModel, Field
 
+from scheduler.policy import EvictionPolicy
 from storage.adapter_format import ParsedAdapter
 from workers.adapter_pool import DEFAULT_MAX_RANK, AdapterDtype, AdapterPool, LoraWeights, adapter_pool_dtype
 from workers.adapters import ResidentAdapters, UnknownAdapter
@@ -130,7 +131,10 @@ class Engine:
         settings: EngineSettings | None = None,
         *,
         tokenizer: Tokenizer | None = None,
+        eviction: EvictionPolicy | None = None,
     ) -> None:
+        """`eviction` chooses the adapters a step evicts when the pool is full (`LruEviction` when None);
+        a worker passes the same policy to its `AdapterTiers`."""
         self.settings = settings = settings or EngineSettings()
         self.backbone = backbone
         self.tokenizer = tokenizer
@@ -143,7 +147,8 @@ class Engine:
             spec, settings.adapter_pool_bytes, device=backbone.device, max_rank=settings.max_rank,
             dtype=adapter_pool_dtype(settings.adapter_dtype, backbone.device),
         )
-        self.adapters = ResidentAdapters(pool)
+        self.pool = pool
+        self.adapters = ResidentAdapters(pool, eviction)
         self.batcher = Batcher(self.kv, settings.policy(), adapters_fit=self.adapters.fits)
         self.runner = ModelRunner(backbone, self.kv, pool)
         window = settings.max_model_len or spec.max_position_embeddings
@@ -165,6 +170,11 @@ class Engine:
 
     def remove_adapter(self, key: str) -> None:
         self.adapters.unregister(key)
+
+    @property
+    def eviction(self) -> EvictionPolicy:
+        """The policy that chooses which adapters leave the pool to make room."""
+        return self.adapters.eviction
 
     # -- requests ----------------------------------------------------------------------------------------
 

@@ -23,6 +23,11 @@ from protocol.subjects import NAME_PATTERN
 logger = logging.getLogger(__name__)
 
 _SHA_LEN = 64
+_HEX = frozenset("0123456789abcdef")
+
+
+def _is_sha256(name: str) -> bool:
+    return len(name) == _SHA_LEN and _HEX.issuperset(name)
 
 
 @dataclass(frozen=True)
@@ -49,8 +54,10 @@ class HostCache:
         self._index_disk()
 
     def _index_disk(self) -> None:
-        """Adopt the blobs a previous process left in the directory (oldest access first)."""
-        files = [p for p in self.directory.iterdir() if p.is_file() and len(p.name) == _SHA_LEN]
+        """Adopt the blobs a previous process left in the directory (oldest access first): they are the
+        host tier (`entries`, heartbeats) though no load of this process named them. Only names that are
+        sha256 digests count; a half-written temporary file or a stray file is not a blob."""
+        files = [p for p in self.directory.iterdir() if p.is_file() and _is_sha256(p.name)]
         for path in sorted(files, key=lambda p: p.stat().st_mtime):
             self._disk[path.name] = path.stat().st_size
             self._last_used[path.name] = path.stat().st_mtime
