@@ -134,6 +134,18 @@ def test_load_is_idempotent_by_key_and_evict_too() -> None:
     assert pool.evict("v1") is False
 
 
+def test_the_page_tables_are_the_record_of_residency() -> None:
+    pool = AdapterPool(SPEC, 2**20)
+    pool.load("a", adapter(3, 0))
+    pool.load("b", adapter(17, 1, modules=("q_proj",), layers=(1,)))
+    snapshot = pool.resident_pages()
+    assert snapshot == {"a": pool.pages_of("a").numel(), "b": pool.pages_of("b").numel()}
+    assert pool.free_pages == pool.total_pages - sum(snapshot.values()) == pool.stats().free_pages
+    pool.evict("a")
+    assert snapshot.keys() == {"a", "b"}, "a snapshot is a copy"
+    assert pool.resident_pages() == {"b": snapshot["b"]}
+
+
 def test_stats_report_live_reserved_and_utilisation() -> None:
     pool = AdapterPool(SPEC, 2**20)
     pool.load("a", adapter(3, 0))
