@@ -1,8 +1,10 @@
-"""`python -m bench [NAME ...]`: run the named benchmarks (all by default)."""
+"""`python -m bench [NAME ...]`: run the named benchmarks (all by default).
+`python -m bench simulate --trace FILE ...`: simulate a trace through the scheduler core (`bench.simulate`)."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -12,6 +14,11 @@ BENCHMARKS: dict[str, Callable[..., Any]] = {"pool": pool.run, "engine": engine.
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["simulate"]:  # its own arguments; not one of the benchmarks run by default
+        from bench import simulate
+
+        simulate.main(sys.argv[2:])
+        return
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("names", nargs="*", metavar="NAME", help=f"benchmarks to run: {', '.join(BENCHMARKS)} (default: all)")
     engine.add_arguments(parser)

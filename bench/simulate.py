@@ -1,0 +1,821 @@
+"""A deterministic discrete-event simulator that drives the scheduler core with a request trace.
+
+`simulate` feeds the very `SchedulerCore` and policy objects that the live dispatcher runs with the events
+a cluster of simulated workers would produce, and carries out the commands the core returns:
+
+- each trace row becomes an `InvocationArrived` at its trace time (its adapter's rank drawn once per
+  adapter from `ranks` with a seeded `random.Random`, its bytes from the rank and SmolLM2-135M's shapes);
+- a worker sends a `WorkerReport` every `heartbeat_s` (its device and host residency, running calls) and
+  the driver a `Tick` every `tick_s`;
+- `Dispatch`: the worker queues the call and admits it into its continuously batched decode loop (at most
+  `max_inflight` running; prefill chunks and decodes share `max_batch_tokens` per step) once its adapter
+  is on the device. An adapter not on the device is loaded first: from the host cache, or fetched from the
+  object store into the host cache and then loaded. A load makes room in the device pool (a byte budget)
+  with the eviction policy (`LruEviction` by default: never an adapter a call still needs) and waits while
+  it cannot; the host cache drops its least recently used blobs beyond its byte budget. Loads run beside
+  the decode steps (fetches are I/O; the copy into the pool is a few ms);
+- `Defer`: the call is offered again at `retry_at` or, when no worker had room, at the first moment after
+  `retry_at` at which a worker may have some (a call finished, a worker came up, a tick): between those
+  events nothing the core decides on has changed, so polling would only defer it again. The core's
+  "defer" count is therefore the number of offers deferred here, fewer than a polling driver would make;
+- `Fail`: recorded; `Rescue`: the calls the dead worker held are offered again with the next epoch;
+- `InvocationFinished` is reported when a call's last token is generated.
+
+Time is the trace's (seconds from its first row); no wall clock is read, so two runs with the same inputs
+and seed give the same `SimReport`. The costs are in `CostModel`, each default with the measurement it
+comes from. `python -m bench simulate --trace FILE ...` runs it on a trace file, prints the figures and
+writes them to bench/results/simulate_<trace>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import heapq
+import itertools
+import math
+import random
+import time
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from enum import IntEnum
+from pathlib import Path
+from typing import Any
+
+from bench import traces
+from bench.traces import TraceRequest
+from protocol.messages import Tier
+from scheduler.core import (
+    Command,
+    CoreConfig,
+    Defer,
+    Dispatch,
+    Evict,
+    Fail,
+    Fetch,
+    InvocationArrived,
+    InvocationFinished,
+    Load,
+    Rescue,
+    ResidentReport,
+    SchedulerCore,
+    Tick,
+    WorkerReport,
+)
+from scheduler.policy import (
+    AdapterSpec,
+    AffinityRouter,
+    EvictionPolicy,
+    LruEviction,
+    PinnedRouter,
+    ResidentView,
+    Router,
+)
+
+# SmolLM2-135M: 30 layers; LoRA A and B on q, k, v, o (hidden 576 -> 576 / kv 192) and gate, up, down (576 <-> 1536)
+SMOLLM2_LAYERS = 30
+SMOLLM2_PROJECTIONS = ((576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576))
+LORA_ELEMENTS_PER_RANK = SMOLLM2_LAYERS * sum(i + o for i, o in SMOLLM2_PROJECTIONS)  # 305,280
+BF16_BYTES = 2
+POOL_PAGE_BYTES = 192 * BF16_BYTES  # the pool's page: gcd of the projection widths, in bf16 (workers.adapter_pool)
+DEFAULT_RANKS = (8, 16, 32, 64)
+MS = 1e-3
+
+
+def adapter_bytes(rank: int) -> int:
+    """Bytes of a rank-`rank` adapter over all seven projections of SmolLM2-135M in bf16 (39 MB at rank 64)."""
+    return rank * LORA_ELEMENTS_PER_RANK * BF16_BYTES
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """What a worker's work costs, fitted to this project's measurements (SmolLM2-135M fp32, 2 CPU cores).
+
+    A step runs every admitted call: one token per decoding call, and prefill chunks of the calls still
+    prefilling within what is left of `max_batch_tokens`. Its time is
+    `step_fixed_ms + decode_ms_per_seq * decodes + prefill_ms_per_token * prefill tokens
+     + lora_ms_per_token_rank * sum over the step's tokens of their adapter's rank
+     + bytes of the distinct adapters in the step / adapter_read_bytes_per_s`.
+    A load takes `*_latency_ms + bytes / *_bytes_per_s` per tier crossed (object -> host -> device)."""
+
+    # Reading the fp32 backbone (0.54 GB) once per step at the 27-29 GB/s streaming bandwidth the engine
+    # benchmark measures (README, "Engine decode").
+    step_fixed_ms: float = 20.0
+    # The rest of the measured base decode step, 105 ms at 32 requests (README: 304 tok/s), per request.
+    decode_ms_per_seq: float = 2.65
+    # Prefill of one 256-1,024-token prompt alone in an engine step on this machine: 1.6-1.7 ms/token
+    # (longer prompts cost more per token as attention grows: 2.3 ms/token at 2,048).
+    prefill_ms_per_token: float = 1.6
+    # README: one rank-64 adapter over 32 decode tokens added 13.2% (14 ms) to the 105 ms step, 2 ms of
+    # it the adapter's read; 12 ms / (32 tokens * rank 64).
+    lora_ms_per_token_rank: float = 0.0059
+    # README: 32 distinct adapters (0.59 GB in bf16, ranks 8-64) added 36 ms a step: ~20 GB/s effective.
+    adapter_read_bytes_per_s: float = 20e9
+    # EngineSettings.max_batch_tokens default.
+    max_batch_tokens: int = 2048
+    # The demo's cold load of a rank-64 adapter (39 MB): ~845 ms from the object store, host load included:
+    # a GET's round trips (latency assumed) and the rest at the effective bandwidth.
+    object_latency_ms: float = 50.0
+    object_bytes_per_s: float = 50e6
+    # Host cache -> device pool: a copy with a dtype conversion, not measured apart; taken at a tenth of
+    # the streaming bandwidth (20 ms at rank 64).
+    host_latency_ms: float = 1.0
+    host_bytes_per_s: float = 2e9
+
+    def step_s(self, decodes: int, prefill_tokens: int, token_ranks: int, adapter_bytes: int) -> float:
+        return MS * (self.step_fixed_ms + self.decode_ms_per_seq * decodes + self.prefill_ms_per_token * prefill_tokens
+                     + self.lora_ms_per_token_rank * token_ranks) + adapter_bytes / self.adapter_read_bytes_per_s
+
+    def fetch_s(self, nbytes: int) -> float:
+        """Object store -> host cache."""
+        return MS * self.object_latency_ms + nbytes / self.object_bytes_per_s
+
+    def load_s(self, nbytes: int) -> float:
+        """Host cache -> device pool."""
+        return MS * self.host_latency_ms + nbytes / self.host_bytes_per_s
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """One simulated worker; the defaults are the live worker's settings."""
+
+    max_inflight: int = 32  # ConsumerSettings.max_inflight: calls running at once
+    max_rank: int = 128  # EngineSettings.max_rank (DEFAULT_MAX_RANK)
+    device_pool_bytes: int = 1 << 30  # EngineSettings.adapter_pool_bytes
+    host_cache_bytes: int = 9 << 30  # HostCacheSettings: 1 GiB of RAM + 8 GiB of disk
+    heartbeat_s: float = 1.0  # WorkerSettings.heartbeat_s
+
+
+@dataclass
+class WorkerRecord:
+    """What one simulated worker did."""
+
+    dispatched: int = 0
+    completed: int = 0
+    adapters: dict[str, int] = field(default_factory=dict)  # "tenant/adapter" -> calls dispatched here
+    fetches: int = 0  # object store -> host
+    loads: int = 0  # host -> device
+    evictions: int = 0  # device -> host
+    steps: int = 0
+    busy_s: float = 0.0  # time spent in steps
+
+
+@dataclass
+class SimReport:
+    """Figures of one simulation (the same inputs and seed give an equal report)."""
+
+    requests: int
+    completed: int
+    failed: dict[str, int]  # error code -> calls
+    unfinished: int  # neither completed nor failed when the simulation stopped
+    cold_starts: int  # completed calls that waited for a load from the object store
+    host_loads: int  # completed calls that waited for a load from the host cache
+    device_hits: int  # completed calls whose adapter was on the device (or the bare backbone)
+    ttft_s: dict[str, float]  # arrival -> first token, p50/p90/p99/mean
+    latency_s: dict[str, float]  # arrival -> last token
+    dispatch_wait_s: dict[str, float]  # arrival -> last dispatch
+    decisions: dict[str, int]  # the core's counts: dispatch reasons, deferrals, failures, workers up/gone
+    per_worker: dict[str, WorkerRecord]
+    trace_s: float  # last arrival
+    end_s: float  # when the last call finished (or the simulation stopped)
+    events: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _Kind(IntEnum):
+    """Event kinds; the order breaks ties between events at the same time after the sequence number."""
+
+    arrive = 0
+    offer = 1  # a deferred call's retry_at
+    retry_round = 2  # offer the calls deferred for want of a worker
+    step_end = 3
+    fetched = 4
+    loaded = 5
+    heartbeat = 6
+    tick = 7
+    worker_fails = 8
+
+
+@dataclass(slots=True, eq=False)
+class _Call:
+    id: str
+    spec: AdapterSpec
+    prompt_tokens: int
+    output_tokens: int
+    arrived: float
+    epoch: int = 1
+    retry_at: float = 0.0
+    worker: str | None = None
+    tier: Tier = Tier.device  # where its adapter was when it was last dispatched
+    dispatched_at: float = 0.0
+    first_token_at: float | None = None
+    finished_at: float = 0.0
+    prefill_left: int = 0
+    done: bool = False
+
+
+class _Worker:
+    """A simulated worker: residency per tier, loads in flight, a queue and a continuously batched step."""
+
+    def __init__(self, worker_id: str, config: WorkerConfig, cost: CostModel, eviction: EvictionPolicy,
+                 schedule: Callable[[float, _Kind, Any], None], specs: Mapping[str, AdapterSpec]) -> None:
+        self.id, self.config, self.cost, self.eviction = worker_id, config, cost, eviction
+        self.schedule, self.specs = schedule, specs
+        self.alive = True
+        self.record = WorkerRecord()
+        self.ready: deque[_Call] = deque()  # adapter on the device, waiting for a running slot
+        self.prefilling: deque[_Call] = deque()
+        self.decoding: list[tuple[int, int, _Call]] = []  # heap of (step it finishes at, seq, call)
+        self.step_no = 0
+        self.in_step: list[tuple[_Call, int]] | None = None  # prefill chunks of the step in flight
+        self.step_started = 0.0
+        self.device: OrderedDict[str, float] = OrderedDict()  # version -> last used (LRU order)
+        self.device_used = 0  # bytes resident or reserved by a load in flight
+        self.host: OrderedDict[str, int] = OrderedDict()  # version -> bytes (LRU order)
+        self.host_used = 0
+        self._resident: tuple[ResidentReport, ...] | None = None  # for heartbeats; None when residency changed
+        self.refs: Counter[str] = Counter()  # versions -> calls here that need them on the device
+        self.loading: dict[str, list[_Call]] = {}  # version -> calls waiting for its load (fetch or load)
+        self.blocked: deque[str] = deque()  # versions whose load waits for room in the device pool
+        self.batch: Counter[str] = Counter()  # versions of the decoding calls
+        self.batch_bytes = 0
+        self.batch_ranks = 0
+        self._seq = itertools.count()
+
+    # -- calls ----------------------------------------------------------------------------------------------
+
+    def accept(self, call: _Call, now: float) -> None:
+        """A dispatched call: queue it, after a load of its adapter when it is not on the device."""
+        v = call.spec.version
+        self.refs[v] += 1
+        if v in self.device:
+            call.tier = Tier.device
+            self.device.move_to_end(v)
+            self.ready.append(call)
+            self.kick(now)
+        elif v in self.loading:
+            call.tier = Tier.host if v in self.host else Tier.object
+            self.loading[v].append(call)
+        else:
+            call.tier = Tier.host if v in self.host else Tier.object
+            self.loading[v] = [call]
+            self._bring(v, now)
+
+    def _bring(self, version: str, now: float) -> None:
+        """Start bringing `version` to the device: fetch it to the host first if it is not there."""
+        if version in self.host:
+            self.host.move_to_end(version)
+            self._load(version, now)
+        else:
+            self.record.fetches += 1
+            self.schedule(now + self.cost.fetch_s(self.specs[version].bytes), _Kind.fetched, (self.id, version))
+
+    def fetched(self, version: str, now: float) -> None:
+        self._cache_on_host(version)
+        if version in self.loading:  # not when the core only asked for a fetch to the host
+            self._load(version, now)
+
+    def _cache_on_host(self, version: str) -> None:
+        if version not in self.host:
+            nbytes = self.specs[version].bytes
+            self.host[version] = nbytes
+            self.host_used += nbytes
+            self._resident = None
+            while self.host_used > self.config.host_cache_bytes and len(self.host) > 1:
+                _, dropped = self.host.popitem(last=False)
+                self.host_used -= dropped
+        self.host.move_to_end(version)
+
+    def _load(self, version: str, now: float) -> None:
+        """Host -> device, once the eviction policy has made room; queued behind other blocked loads."""
+        if self.blocked or not self._make_room(version):
+            self.blocked.append(version)
+            return
+        self.record.loads += 1
+        self.schedule(now + self.cost.load_s(self.specs[version].bytes), _Kind.loaded, (self.id, version))
+
+    def _make_room(self, version: str) -> bool:
+        nbytes = self.specs[version].bytes
+        free = self.config.device_pool_bytes - self.device_used
+        resident = [ResidentView(v, self.specs[v].bytes // POOL_PAGE_BYTES, last_used, self.refs.get(v, 0))
+                    for v, last_used in self.device.items()] if free < nbytes else []
+        victims = self.eviction.choose_victims(-(-nbytes // POOL_PAGE_BYTES), free // POOL_PAGE_BYTES, resident)
+        if victims is None:
+            return False
+        for v in victims:
+            del self.device[v]
+            self.device_used -= self.specs[v].bytes
+            self._resident = None
+            self.record.evictions += 1
+            self._cache_on_host(v)
+        self.device_used += nbytes
+        return True
+
+    def loaded(self, version: str, now: float) -> None:
+        self.device[version] = now
+        self._resident = None
+        for call in self.loading.pop(version, []):
+            self.ready.append(call)
+        self.kick(now)
+
+    def evict(self, version: str) -> None:
+        """The core's Evict: drop an adapter from the device when no call here needs it."""
+        if version in self.device and not self.refs.get(version):
+            del self.device[version]
+            self.device_used -= self.specs[version].bytes
+            self._resident = None
+            self.record.evictions += 1
+            self._cache_on_host(version)
+
+    def release(self, version: str, now: float) -> None:
+        """A call of `version` left this worker: unpin it, and retry the loads that waited for room."""
+        self.refs[version] -= 1
+        if self.refs[version] <= 0:
+            del self.refs[version]
+        if version in self.device:
+            self.device[version] = now
+            self.device.move_to_end(version)
+        while self.blocked and self._make_room(self.blocked[0]):
+            v = self.blocked.popleft()
+            self.record.loads += 1
+            self.schedule(now + self.cost.load_s(self.specs[v].bytes), _Kind.loaded, (self.id, v))
+
+    # -- steps ----------------------------------------------------------------------------------------------
+
+    @property
+    def running(self) -> int:
+        return len(self.prefilling) + len(self.decoding)
+
+    def kick(self, now: float) -> None:
+        """Start a step if none is in flight and there is work: admit ready calls, then plan the step."""
+        if self.in_step is not None or not self.alive:
+            return
+        while self.ready and self.running < self.config.max_inflight:
+            call = self.ready.popleft()
+            call.prefill_left = call.prompt_tokens
+            self.prefilling.append(call)
+        if not self.running:
+            return
+        decodes = len(self.decoding)
+        budget = self.cost.max_batch_tokens - decodes
+        chunks: list[tuple[_Call, int]] = []
+        prefill = ranks = extra_bytes = 0
+        fresh: set[str] = set()
+        for call in self.prefilling:
+            if budget <= 0:
+                break
+            n = min(call.prefill_left, budget)
+            chunks.append((call, n))
+            budget -= n
+            prefill += n
+            ranks += n * call.spec.rank
+            v = call.spec.version
+            if v not in self.batch and v not in fresh:
+                fresh.add(v)
+                extra_bytes += call.spec.bytes
+        self.in_step, self.step_started = chunks, now
+        duration = self.cost.step_s(decodes, prefill, self.batch_ranks + ranks, self.batch_bytes + extra_bytes)
+        self.schedule(now + duration, _Kind.step_end, self.id)
+
+    def step_end(self, now: float) -> list[_Call]:
+        """Finish the step in flight: first tokens of completed prefills, the last tokens of finished calls."""
+        assert self.in_step is not None
+        self.step_no += 1
+        self.record.steps += 1
+        self.record.busy_s += now - self.step_started
+        finished: list[_Call] = []
+        for call, n in self.in_step:
+            call.prefill_left -= n
+            if call.prefill_left:
+                continue
+            # chunks are taken from the front of the queue, so the completed prefills are at its front
+            assert self.prefilling[0] is call
+            self.prefilling.popleft()
+            call.first_token_at = now
+            if call.output_tokens <= 1:
+                finished.append(call)
+                continue
+            heapq.heappush(self.decoding, (self.step_no + call.output_tokens - 1, next(self._seq), call))
+            v = call.spec.version
+            if not self.batch[v]:
+                self.batch_bytes += call.spec.bytes
+            self.batch[v] += 1
+            self.batch_ranks += call.spec.rank
+        while self.decoding and self.decoding[0][0] <= self.step_no:
+            _, _, call = heapq.heappop(self.decoding)
+            v = call.spec.version
+            self.batch[v] -= 1
+            if not self.batch[v]:
+                del self.batch[v]
+                self.batch_bytes -= call.spec.bytes
+            self.batch_ranks -= call.spec.rank
+            finished.append(call)
+        self.in_step = None
+        return finished
+
+    # -- failure --------------------------------------------------------------------------------------------
+
+    def fail(self) -> None:
+        """The worker dies: it stops stepping and heartbeating; its calls wait for the core's Rescue."""
+        self.alive = False
+        self.in_step = None
+
+    def take_calls(self) -> list[_Call]:
+        """Every call this (dead) worker held, in the order it got them."""
+        calls = [c for waiting in self.loading.values() for c in waiting]
+        calls += [*self.ready, *self.prefilling, *(c for _, _, c in sorted(self.decoding, key=lambda x: x[1]))]
+        self.ready.clear(), self.prefilling.clear(), self.decoding.clear(), self.loading.clear()
+        self.refs.clear()
+        return [c for c in calls if not c.done]
+
+    def heartbeat(self, now: float) -> WorkerReport:
+        """A heartbeat. Residency without `in_use` (the core does not read it), so that the list is rebuilt
+        only when residency changes: heartbeats are most of a long simulation's events."""
+        if self._resident is None:
+            specs = self.specs
+            self._resident = tuple(
+                [ResidentReport(v, Tier.device, specs[v].rank, specs[v].bytes, specs[v].bytes // POOL_PAGE_BYTES)
+                 for v in self.device]
+                + [ResidentReport(v, Tier.host, specs[v].rank, n) for v, n in self.host.items() if v not in self.device])
+        pool = self.config.device_pool_bytes
+        return WorkerReport(
+            at=now, worker_id=self.id, total_pages=pool // POOL_PAGE_BYTES,
+            free_pages=(pool - self.device_used) // POOL_PAGE_BYTES, max_rank=self.config.max_rank,
+            max_inflight=self.config.max_inflight, running=self.running,
+            queue_depth=len(self.ready) + sum(len(c) for c in self.loading.values()),
+            resident=self._resident,
+        )
+
+
+# -- the simulator ------------------------------------------------------------------------------------------------
+
+
+def adapter_specs(trace: Sequence[TraceRequest], *, ranks: Sequence[int] = DEFAULT_RANKS, seed: int = 0,
+                  fixed: Mapping[str, int] | None = None) -> dict[str, tuple[str, int, int]]:
+    """adapter name -> (version, rank, bytes). Ranks drawn with a `random.Random(seed)` over the names in
+    sorted order (so a name's rank does not depend on the trace's order); `fixed` overrides."""
+    rng = random.Random(seed)
+    out = {}
+    for name in sorted({r.adapter for r in trace}):
+        rank = rng.choice(list(ranks))
+        if fixed and name in fixed:
+            rank = fixed[name]
+        version = hashlib.sha256(f"sim/{name}/{rank}".encode()).hexdigest()
+        out[name] = (version, rank, adapter_bytes(rank))
+    return out
+
+
+def simulate(
+    trace: Sequence[TraceRequest],
+    *,
+    workers: int | Sequence[WorkerConfig] = 3,
+    router: Router | None = None,
+    cost: CostModel | None = None,
+    seed: int = 0,
+    core_config: CoreConfig | None = None,
+    eviction: Callable[[], EvictionPolicy] = LruEviction,
+    ranks: Sequence[int] = DEFAULT_RANKS,
+    adapter_ranks: Mapping[str, int] | None = None,
+    duration_s: float | None = None,
+    tick_s: float = 1.0,
+    failures: Sequence[tuple[float, str]] = (),
+    max_drain_s: float = 86_400.0,
+) -> SimReport:
+    """Run `trace` (rows sorted by time) through a `SchedulerCore` with `router` over simulated workers
+    w0, w1, ... (module docstring). `duration_s`: only rows that arrive before it; `failures`: (time,
+    worker id) at which a worker dies; the run stops `max_drain_s` after the last arrival at the latest."""
+    return _Simulation(trace, workers=workers, router=router, cost=cost or CostModel(), seed=seed,
+                       core_config=core_config, eviction=eviction, ranks=ranks, adapter_ranks=adapter_ranks,
+                       duration_s=duration_s, tick_s=tick_s, failures=failures, max_drain_s=max_drain_s).run()
+
+
+class _Simulation:
+    def __init__(self, trace: Sequence[TraceRequest], *, workers: int | Sequence[WorkerConfig], router: Router | None,
+                 cost: CostModel, seed: int, core_config: CoreConfig | None, eviction: Callable[[], EvictionPolicy],
+                 ranks: Sequence[int], adapter_ranks: Mapping[str, int] | None, duration_s: float | None,
+                 tick_s: float, failures: Sequence[tuple[float, str]], max_drain_s: float) -> None:
+        if tick_s <= 0:
+            raise ValueError(f"tick_s must be > 0 (got {tick_s})")
+        configs = [WorkerConfig()] * workers if isinstance(workers, int) else list(workers)
+        if not configs:
+            raise ValueError("a simulation needs at least one worker")
+        rows = [r for r in trace if duration_s is None or r.at_s < duration_s]
+        self.rng = random.Random(seed)
+        self.core = SchedulerCore(router=router or AffinityRouter(), config=core_config)
+        self.cost, self.tick_s, self.max_drain_s = cost, tick_s, max_drain_s
+        self.heap: list[tuple[float, int, _Kind, Any]] = []
+        self.seq = itertools.count()
+        self.now = 0.0
+        self.events = 0
+
+        by_name = adapter_specs(rows, ranks=ranks, seed=seed, fixed=adapter_ranks)
+        for _, rank, nbytes in by_name.values():
+            fits = [c for c in configs if rank <= c.max_rank]
+            if fits and all(nbytes > c.device_pool_bytes for c in fits):
+                raise ValueError(f"a rank-{rank} adapter ({nbytes} bytes) fits in no worker's device pool "
+                                 f"(largest {max(c.device_pool_bytes for c in fits)} bytes)")
+        self.specs: dict[str, AdapterSpec] = {}  # version -> spec (bytes and rank for the workers)
+        spec_of: dict[tuple[str, str], AdapterSpec] = {}
+        self.calls: list[_Call] = []
+        for i, r in enumerate(rows):
+            spec = spec_of.get((r.tenant, r.adapter))
+            if spec is None:
+                version, rank, nbytes = by_name[r.adapter]
+                spec = spec_of[(r.tenant, r.adapter)] = AdapterSpec(r.tenant, r.adapter, version, rank, nbytes)
+                self.specs.setdefault(version, spec)
+            call = _Call(f"i{i:07d}", spec, r.prompt_tokens, r.output_tokens, r.at_s)
+            self.calls.append(call)
+            self._schedule(r.at_s, _Kind.arrive, call)
+        self.by_id = {c.id: c for c in self.calls}
+        self.trace_s = rows[-1].at_s if rows else 0.0
+
+        self.workers: dict[str, _Worker] = {}
+        for i, config in enumerate(configs):
+            w = _Worker(f"w{i}", config, cost, eviction(), self._schedule, self.specs)
+            self.workers[w.id] = w
+            # workers come up before the first arrival, their heartbeats out of phase
+            self._schedule(-config.heartbeat_s * (1.0 - self.rng.random()), _Kind.heartbeat, w.id)
+        for at, worker_id in failures:
+            if worker_id not in self.workers:
+                raise ValueError(f"failure of unknown worker {worker_id!r} (workers: {', '.join(self.workers)})")
+            self._schedule(at, _Kind.worker_fails, worker_id)
+        self._schedule(0.0, _Kind.tick, None)
+
+        self.deferred: deque[_Call] = deque()  # deferred for want of a worker, in order
+        self.round_at: float | None = None  # a retry_round event is scheduled for then
+        self.open = len(self.calls)  # calls neither completed nor failed
+        self.failed: Counter[str] = Counter()
+        self.end_s = 0.0
+
+    def _schedule(self, at: float, kind: _Kind, payload: Any) -> None:
+        heapq.heappush(self.heap, (at, next(self.seq), kind, payload))
+
+    def run(self) -> SimReport:
+        stop_at = self.trace_s + self.max_drain_s
+        while self.heap and self.open:
+            at, _, kind, payload = heapq.heappop(self.heap)
+            if at > stop_at:
+                break
+            self.now = max(self.now, at)
+            self.events += 1
+            self._handle(kind, payload)
+        return self._report()
+
+    def _handle(self, kind: _Kind, payload: Any) -> None:
+        now = self.now
+        if kind == _Kind.arrive or kind == _Kind.offer:
+            self._offer(payload)
+        elif kind == _Kind.step_end:
+            w = self.workers[payload]
+            if w.alive and w.in_step is not None:
+                for call in w.step_end(now):
+                    self._finish(w, call)
+                w.kick(now)
+                self._retry()
+        elif kind == _Kind.fetched:
+            worker_id, version = payload
+            if self.workers[worker_id].alive:
+                self.workers[worker_id].fetched(version, now)
+        elif kind == _Kind.loaded:
+            worker_id, version = payload
+            if self.workers[worker_id].alive:
+                self.workers[worker_id].loaded(version, now)
+        elif kind == _Kind.heartbeat:
+            w = self.workers[payload]
+            if w.alive:
+                first = w.id not in self.core.workers()
+                self._apply(self.core.handle(w.heartbeat(now)))
+                self._schedule(now + w.config.heartbeat_s, _Kind.heartbeat, w.id)
+                if first:
+                    self._retry()
+        elif kind == _Kind.tick:
+            self._apply(self.core.handle(Tick(now)))
+            self._schedule(now + self.tick_s, _Kind.tick, None)
+            self._retry()
+        elif kind == _Kind.retry_round:
+            self.round_at = None
+            self._retry()
+        elif kind == _Kind.worker_fails:
+            self.workers[payload].fail()
+
+    def _offer(self, call: _Call) -> None:
+        event = InvocationArrived(
+            at=self.now, invocation_id=call.id, adapter=call.spec, published_at=call.arrived,
+            prompt_tokens=call.prompt_tokens, max_tokens=call.output_tokens, epoch=call.epoch,
+        )
+        self._apply(self.core.handle(event))
+
+    def _apply(self, commands: list[Command]) -> None:
+        now = self.now
+        for c in commands:
+            match c:
+                case Dispatch():
+                    call = self.by_id[c.invocation_id]
+                    w = self.workers[c.worker_id]
+                    call.worker, call.dispatched_at = c.worker_id, now
+                    w.record.dispatched += 1
+                    name = f"{call.spec.tenant}/{call.spec.adapter}"
+                    w.record.adapters[name] = w.record.adapters.get(name, 0) + 1
+                    w.accept(call, now)  # a dead worker holds it until the core rescues it
+                case Defer():
+                    call = self.by_id[c.invocation_id]
+                    call.retry_at = c.retry_at
+                    if c.reason in ("all_busy", "no_workers"):
+                        self.deferred.append(call)
+                        self._wake(c.retry_at)
+                    else:
+                        self._schedule(c.retry_at, _Kind.offer, call)
+                case Fail():
+                    call = self.by_id[c.invocation_id]
+                    if not call.done:
+                        call.done = True
+                        self.open -= 1
+                        self.failed[str(c.code)] += 1
+                case Rescue():
+                    for call in self.workers[c.worker_id].take_calls():
+                        call.epoch += 1
+                        call.first_token_at = None
+                        self._offer(call)
+                case Fetch():
+                    w = self.workers[c.worker_id]
+                    if c.version not in w.host and c.version not in w.loading:
+                        w.record.fetches += 1
+                        self._schedule(now + self.cost.fetch_s(self.specs[c.version].bytes), _Kind.fetched,
+                                       (w.id, c.version))
+                case Load():
+                    w = self.workers[c.worker_id]
+                    if c.version not in w.device and c.version not in w.loading:
+                        w.loading[c.version] = []
+                        w._bring(c.version, now)
+                case Evict():
+                    self.workers[c.worker_id].evict(c.version)
+
+    def _wake(self, at: float) -> None:
+        """Have a retry round at `at` (or earlier, if one is already due)."""
+        if self.round_at is None or at < self.round_at:
+            self.round_at = at
+            self._schedule(at, _Kind.retry_round, None)
+
+    def _retry(self) -> None:
+        """Offer the calls deferred for want of a worker, in order, while some worker has room."""
+        if not self.deferred:
+            return
+        now = self.now
+        kept: list[_Call] = []
+        while self.deferred:
+            call = self.deferred[0]
+            if call.retry_at > now:
+                self._wake(call.retry_at)
+                break
+            if all(v.full or v.draining for v in self.core.views()):
+                break
+            self.deferred.popleft()
+            before = len(self.deferred)
+            self._offer(call)
+            if len(self.deferred) > before:  # deferred again: it keeps its place ahead of later calls
+                kept.append(self.deferred.pop())
+        self.deferred.extendleft(reversed(kept))
+
+    def _finish(self, w: _Worker, call: _Call) -> None:
+        call.done, call.finished_at = True, self.now
+        self.open -= 1
+        self.end_s = self.now
+        w.record.completed += 1
+        w.release(call.spec.version, self.now)
+        self._apply(self.core.handle(InvocationFinished(self.now, call.id, w.id)))
+
+    def _report(self) -> SimReport:
+        done = [c for c in self.calls if c.done and c.first_token_at is not None]
+        tiers = Counter(c.tier for c in done)
+        return SimReport(
+            requests=len(self.calls),
+            completed=len(done),
+            failed=dict(sorted(self.failed.items())),
+            unfinished=self.open,
+            cold_starts=tiers[Tier.object],
+            host_loads=tiers[Tier.host],
+            device_hits=tiers[Tier.device],
+            ttft_s=percentiles([c.first_token_at - c.arrived for c in done if c.first_token_at is not None]),
+            latency_s=percentiles([c.finished_at - c.arrived for c in done]),
+            dispatch_wait_s=percentiles([c.dispatched_at - c.arrived for c in done]),
+            decisions=dict(sorted(self.core.decisions.items())),
+            per_worker={w.id: w.record for w in self.workers.values()},
+            trace_s=self.trace_s,
+            end_s=self.end_s,
+            events=self.events,
+        )
+
+
+def percentiles(xs: Sequence[float], ps: Sequence[int] = (50, 90, 99)) -> dict[str, float]:
+    """Nearest-rank percentiles and the mean (zeros for no values)."""
+    s = sorted(xs)
+    out = {f"p{p}": s[max(0, math.ceil(p / 100 * len(s)) - 1)] if s else 0.0 for p in ps}
+    out["mean"] = sum(s) / len(s) if s else 0.0
+    return out
+
+
+# -- command line -------------------------------------------------------------------------------------------------
+
+ROUTERS: dict[str, Callable[[], Router]] = {
+    "affinity": AffinityRouter,
+    # the affinity router told to replicate at once and never prefer a cached blob: the least loaded worker
+    # for every call, whatever it holds (the baseline that ignores residency)
+    "least_loaded": lambda: AffinityRouter(replicate_at=0, replicate_margin=0, prefer_host_cached=False),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trace", type=Path, required=True, help="trace file (Azure LLM or Alibaba GenAI CSV)")
+    parser.add_argument("--format", choices=traces.FORMATS, help="trace format (default: from the header)")
+    parser.add_argument("--workers", type=int, default=3, help="simulated workers (default 3)")
+    parser.add_argument("--adapters", type=int, default=100, help="adapters of the Zipf popularity (Azure; default 100)")
+    parser.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent of adapter popularity (Azure; default 1.0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of adapter assignment, ranks and heartbeat phases")
+    parser.add_argument("--duration-s", type=float, help="simulate only the requests of the first D trace seconds")
+    parser.add_argument("--limit", type=int, help="read only the first N rows of the trace file")
+    parser.add_argument("--time-scale", type=float, default=1.0,
+                        help="multiply trace time by this (2: the same requests at half the rate; default 1)")
+    parser.add_argument("--router", choices=sorted(ROUTERS), default="affinity", help="routing policy (default affinity)")
+    parser.add_argument("--pin", action="append", default=[], metavar="TENANT/ADAPTER=WORKER",
+                        help="send every call of an adapter to one worker (PinnedRouter over --router); repeatable")
+    parser.add_argument("--ranks", type=lambda s: tuple(int(x) for x in s.split(",")), default=DEFAULT_RANKS,
+                        help="adapter ranks to draw from, comma-separated (default 8,16,32,64)")
+    parser.add_argument("--max-output-tokens", type=int, default=traces.MAX_OUTPUT_TOKENS,
+                        help=f"cap on a request's output tokens (default {traces.MAX_OUTPUT_TOKENS})")
+    parser.add_argument("--output-tokens", type=int, default=128, help="output tokens of an Alibaba request (default 128)")
+    parser.add_argument("--results-dir", type=Path, help="where the JSON goes (default bench/results)")
+
+
+def load_trace(args: argparse.Namespace) -> list[TraceRequest]:
+    fmt = args.format or traces.detect_format(args.trace)
+    rows: list[TraceRequest]
+    if fmt == "azure":
+        rows = traces.load_azure(args.trace, adapters=args.adapters, zipf_s=args.zipf, seed=args.seed,
+                                 max_output_tokens=args.max_output_tokens, limit=args.limit)
+    else:
+        rows = traces.load_alibaba(args.trace, output_tokens=args.output_tokens, seed=args.seed,
+                                   max_output_tokens=args.max_output_tokens, limit=args.limit)
+    if args.time_scale != 1.0:
+        if args.time_scale <= 0:
+            raise SystemExit(f"--time-scale must be > 0 (got {args.time_scale})")
+        rows = [TraceRequest(r.at_s * args.time_scale, r.tenant, r.adapter, r.prompt_tokens, r.output_tokens)
+                for r in rows]
+    return rows
+
+
+def build_router(name: str, pins: Sequence[str]) -> Router:
+    router = ROUTERS[name]()
+    if not pins:
+        return router
+    parsed = dict(p.rsplit("=", 1) for p in pins if "=" in p)
+    if len(parsed) != len(pins):
+        raise SystemExit(f"--pin takes TENANT/ADAPTER=WORKER (got {list(pins)})")
+    return PinnedRouter(pins=parsed, fallback=router)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """`python -m bench simulate ...`: simulate a trace, print the figures, write the JSON."""
+    from bench.report import RESULTS_DIR, print_table, write  # imports torch: only for the command line
+
+    parser = argparse.ArgumentParser(prog="python -m bench simulate", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    trace = load_trace(args)
+    loaded = time.perf_counter()
+    report = simulate(trace, workers=args.workers, router=build_router(args.router, args.pin), seed=args.seed,
+                      ranks=args.ranks, duration_s=args.duration_s)
+    finished = time.perf_counter()
+
+    def pct(d: dict[str, float]) -> str:
+        return " / ".join(f"{d[k]:.2f}" for k in ("p50", "p90", "p99"))
+
+    rows: list[list[Any]] = [
+        ["requests", report.requests], ["completed", report.completed],
+        ["failed", sum(report.failed.values())], ["unfinished", report.unfinished],
+        ["cold starts (waited for the object store)", report.cold_starts],
+        ["host loads (waited for host -> device)", report.host_loads], ["device hits", report.device_hits],
+        ["TTFT s p50 / p90 / p99", pct(report.ttft_s)], ["latency s p50 / p90 / p99", pct(report.latency_s)],
+        ["dispatch wait s p50 / p90 / p99", pct(report.dispatch_wait_s)],
+        ["trace s / last finish s", f"{report.trace_s:.0f} / {report.end_s:.0f}"],
+        ["events", report.events], ["wall s (load trace + simulate)", f"{loaded - started:.2f} + {finished - loaded:.2f}"],
+    ]
+    rows += [[f"decision: {k}", v] for k, v in report.decisions.items()]
+    print_table(f"simulated {args.trace.name}: {args.workers} workers, router {args.router}, seed {args.seed}",
+                ["figure", "value"], rows)
+    print_table("per worker", ["worker", "dispatched", "completed", "adapters", "fetches", "loads", "evictions",
+                               "busy"],
+                [[k, r.dispatched, r.completed, len(r.adapters), r.fetches, r.loads, r.evictions,
+                  f"{r.busy_s / max(report.end_s, 1e-9):.0%}"] for k, r in report.per_worker.items()])
+    payload = {
+        "trace": args.trace.name, "format": args.format or traces.detect_format(args.trace),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "cost": asdict(CostModel()), "worker": asdict(WorkerConfig()), "core": asdict(CoreConfig()),
+        "wall_s": {"load": loaded - started, "simulate": finished - loaded},
+        **report.to_dict(),
+    }
+    write(f"simulate_{args.trace.stem}", payload, results_dir=args.results_dir or RESULTS_DIR)
+    return payload
