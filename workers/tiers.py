@@ -259,9 +259,14 @@ class AdapterTiers:
 
     async def evict(self, sha: str, *, tier: Tier = Tier.device) -> Tier:
         """Remove a version from the device (and from the host cache with tier=host). An adapter that a
-        running invocation uses leaves the device when that invocation ends. Returns where it is now."""
+        running invocation uses leaves the device when that invocation ends. Returns where it is now.
+        tier=object is refused (`AdapterUnavailable(bad_request)`): the object store keeps every version."""
         if tier not in (Tier.device, Tier.host):
-            raise ValueError(f"evict to leave the device or the host tier, not {tier!r}")
+            raise AdapterUnavailable(
+                ErrorCode.bad_request,
+                f"evict takes tier device (leave the device) or host (leave the host cache too), not {tier}",
+                terminal=True,
+            )
         started = time.perf_counter()
         if self._on_device(sha):
             if self._in_use.get(sha):

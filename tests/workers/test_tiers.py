@@ -253,6 +253,9 @@ async def test_an_adapter_in_use_leaves_when_its_last_invocation_ends(
         assert tiers.stats["evict"].count == 1
         assert await tiers.evict(a.sha, tier=Tier.host) == Tier.object
         assert tiers.resident() == []
+        with pytest.raises(AdapterUnavailable) as refused:
+            await tiers.evict(a.sha, tier=Tier.object)
+        assert refused.value.code is ErrorCode.bad_request
 
 
 async def test_a_bad_adapter_costs_no_good_one_its_place(
