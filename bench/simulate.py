@@ -186,7 +186,7 @@ class SimReport:
 
 
 class _Kind(IntEnum):
-    """Event kinds; the order breaks ties between events at the same time after the sequence number."""
+    """Event kinds (events at the same time are handled in the order they were scheduled)."""
 
     arrive = 0
     offer = 1  # a deferred call's retry_at
@@ -299,10 +299,10 @@ class _Worker:
 
     def _make_room(self, version: str) -> bool:
         nbytes = self.specs[version].bytes
-        free = self.config.device_pool_bytes - self.device_used
+        needed, free = -(-nbytes // POOL_PAGE_BYTES), (self.config.device_pool_bytes - self.device_used) // POOL_PAGE_BYTES
         resident = [ResidentView(v, self.specs[v].bytes // POOL_PAGE_BYTES, last_used, self.refs.get(v, 0))
-                    for v, last_used in self.device.items()] if free < nbytes else []
-        victims = self.eviction.choose_victims(-(-nbytes // POOL_PAGE_BYTES), free // POOL_PAGE_BYTES, resident)
+                    for v, last_used in self.device.items()] if free < needed else []
+        victims = self.eviction.choose_victims(needed, free, resident)
         if victims is None:
             return False
         for v in victims:
@@ -427,8 +427,8 @@ class _Worker:
         """Every call this (dead) worker held, in the order it got them."""
         calls = [c for waiting in self.loading.values() for c in waiting]
         calls += [*self.ready, *self.prefilling, *(c for _, _, c in sorted(self.decoding, key=lambda x: x[1]))]
-        self.ready.clear(), self.prefilling.clear(), self.decoding.clear(), self.loading.clear()
-        self.refs.clear()
+        for held in (self.ready, self.prefilling, self.decoding, self.loading, self.refs, self.blocked):
+            held.clear()
         return [c for c in calls if not c.done]
 
     def heartbeat(self, now: float) -> WorkerReport:
@@ -508,7 +508,7 @@ class _Simulation:
         self.cost, self.tick_s, self.max_drain_s = cost, tick_s, max_drain_s
         self.heap: list[tuple[float, int, _Kind, Any]] = []
         self.seq = itertools.count()
-        self.now = 0.0
+        self.now = -max(c.heartbeat_s for c in configs)  # workers come up (and report) before the first arrival
         self.events = 0
 
         by_name = adapter_specs(rows, ranks=ranks, seed=seed, fixed=adapter_ranks)
