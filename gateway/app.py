@@ -4,6 +4,7 @@ connection, the database engine, the caches, the callback consumer) and keeps th
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -93,8 +94,12 @@ def create_app(settings: GatewaySettings, *, registry: Any | None = None) -> Fas
             except MessageInvalid:
                 return
 
+        async def on_scheduler_heartbeat(msg: Msg) -> None:
+            state.scheduler_seen_at = time.monotonic()
+
         async def subscribe_adapter_events(nc: Client, js: JetStreamContext) -> None:
             await nc.subscribe(subjects.ADAPTER_EVENTS_ALL, cb=on_adapter_event)
+            await nc.subscribe(subjects.SCHEDULER_EVENTS_ALL, cb=on_scheduler_heartbeat)
 
         link.on_connect(subscribe_adapter_events)
         http = httpx.AsyncClient(follow_redirects=False)
@@ -148,7 +153,7 @@ def _health_routes(app: FastAPI) -> None:
 
     @app.get("/readyz", include_in_schema=False)
     async def readyz(request: Request) -> JSONResponse:
-        """NATS is connected and Postgres answers."""
+        """NATS is connected, Postgres answers, and a scheduler is alive (it dispatches every invocation)."""
         gw: GatewayState = request.app.state.gateway
         postgres = True
         try:
@@ -157,8 +162,10 @@ def _health_routes(app: FastAPI) -> None:
         except Exception:
             postgres = False
         nats_ok = gw.link.connected
-        ready = postgres and nats_ok
-        return JSONResponse({"ready": ready, "nats": nats_ok, "postgres": postgres}, status_code=200 if ready else 503)
+        scheduler = nats_ok and gw.scheduler_alive()
+        ready = postgres and nats_ok and scheduler
+        return JSONResponse({"ready": ready, "nats": nats_ok, "postgres": postgres, "scheduler": scheduler},
+                            status_code=200 if ready else 503)
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics(request: Request) -> Response:

@@ -6,7 +6,8 @@ never lost. A synchronous submission returns a `Call` that receives what arrives
 `lora.reply.<gateway id>.<invocation id>` (one subscription per gateway, `lora.reply.<gateway id>.*`, made
 when NATS connects, so it is in place before any publish; messages are routed to their call by the last
 token) and yields the worker's `InvocationStarted`, `TokenChunk`s (deduplicated by index: a redelivered
-invocation may resend tokens) and the final `InvocationResult`.
+invocation may resend tokens; and by epoch: once a rescued invocation's new worker spoke, what its old worker
+still sends is dropped) and the final `InvocationResult`.
 """
 
 from __future__ import annotations
@@ -141,6 +142,7 @@ class Call:
     first_token_at: float | None = None
     _queue: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     _next_index: int = 0
+    _epoch: int = 1  # the highest dispatch of the invocation heard from (see InvocationStarted.epoch)
     _done: bool = False
     _subs: list[Subscription] = field(default_factory=list)
     _on_close: list[Any] = field(default_factory=list)
@@ -203,6 +205,10 @@ class Call:
                 raise InvocationTimeout(self.invocation_id, self.timeout_s) from None
             if isinstance(event, InvocationResult) and event.invocation_id != self.invocation_id:
                 continue
+            if isinstance(event, InvocationStarted | TokenChunk):
+                if event.epoch < self._epoch:
+                    continue  # a worker the dispatcher gave up on (paused past its heartbeats) still talking
+                self._epoch = event.epoch
             self._note(event)
             if isinstance(event, TokenChunk):
                 if event.index < self._next_index:

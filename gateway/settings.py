@@ -89,6 +89,9 @@ class GatewayOptions(BaseModel):
         ("base",), description="model names besides the backbone's own that mean 'no adapter'"
     )
     nats_reconnect_wait_s: float = Field(1.0, gt=0.0, description="seconds between NATS (re)connection attempts")
+    scheduler_timeout_s: float = Field(
+        5.0, gt=0.0, description="/readyz is not ready when no scheduler heartbeat arrived for this long "
+        "(without a scheduler nothing is dispatched)")
     startup_nats_wait_s: float = Field(
         5.0, ge=0.0, description="how long startup waits for NATS before serving anyway (503 until connected)"
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,12 @@ class GatewayState:
     http: httpx.AsyncClient
     registry: Any  # storage.registry.Registry (imported in the lifespan: it pulls in torch)
     base_model: str
+    scheduler_seen_at: float | None = None  # time.monotonic() of the last scheduler heartbeat
+
+    def scheduler_alive(self) -> bool:
+        """A scheduler (dispatcher) sent a heartbeat within `scheduler_timeout_s`."""
+        seen = self.scheduler_seen_at
+        return seen is not None and time.monotonic() - seen <= self.settings.gateway.scheduler_timeout_s
 
     @property
     def base_names(self) -> frozenset[str]:

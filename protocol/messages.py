@@ -4,7 +4,8 @@ Each subject carries one message type (see protocol/subjects.py):
 
 | subject                                 | message              | from -> to                      |
 |-----------------------------------------|----------------------|---------------------------------|
-| `lora.invoke.<tenant>.<adapter>` (JS)   | `Invocation`         | gateway / any client -> workers |
+| `lora.invoke.<tenant>.<adapter>` (JS)   | `Invocation`         | gateway / any client -> dispatcher |
+| `lora.work.<worker id>` (JS)            | `Invocation`         | dispatcher -> one worker        |
 | `lora.reply.<invocation id>` (core)     | `InvocationStarted`, `TokenChunk`s, then `InvocationResult` | worker -> caller |
 | `lora.result.<invocation id>` (JS)      | `InvocationResult`   | worker -> results stream        |
 | `lora.callback.<invocation id>` (JS)    | `InvocationResult`   | worker -> gateway (callbacks)   |
@@ -12,6 +13,7 @@ Each subject carries one message type (see protocol/subjects.py):
 | `lora.evt.worker.<worker id>` (core)    | `Heartbeat`          | worker -> scheduler             |
 | `lora.evt.adapter.<event>` (core)       | `AdapterEvent`       | registry -> scheduler, workers  |
 | `lora.evt.invocation.started` (core)    | `InvocationStarted`  | worker -> scheduler             |
+| `lora.evt.scheduler.<scheduler id>` (core) | `SchedulerHeartbeat` | scheduler -> gateways        |
 
 Decoding ignores unknown fields, so a newer sender can add fields without breaking older readers;
 a missing or mistyped field raises `MessageInvalid`.
@@ -128,6 +130,7 @@ class TokenChunk(Message):
     index: int = Field(ge=0)  # index of the first token of this chunk in the completion
     token_ids: list[int]
     text: str
+    epoch: int = 1  # the dispatch this chunk comes from (see InvocationStarted.epoch)
 
 
 class Usage(Message):
@@ -164,6 +167,7 @@ class InvocationResult(Message):
     worker_id: str | None = None
     adapter_tier: Tier | None = None  # where the adapter was on arrival
     attempt: int = 1
+    epoch: int = 1  # the dispatch that produced this result
     error: InvocationError | None = None
 
 
@@ -178,6 +182,10 @@ class InvocationStarted(Message):
     started_at: float = Field(default_factory=time.time)
     adapter_tier: Tier | None = None  # where the adapter was on arrival
     load_ms: float | None = None
+    # Dispatches of this invocation so far: 1, then +1 each time the dispatcher rescued it from a worker that
+    # stopped heartbeating. A caller follows the highest epoch it has seen and drops messages of lower ones
+    # (a worker that was only paused may still send some).
+    epoch: int = 1
 
 
 class ControlVerb(enum.StrEnum):
@@ -206,12 +214,14 @@ class ControlReply(Message):
 
 
 class ResidentAdapter(Message):
-    tenant: str
-    adapter: str
+    """An adapter version a worker holds (by content hash: two names with identical bytes are one version)."""
+
     version: str
     tier: Tier  # device or host
+    rank: int = 0  # largest rank of its modules (0: unknown, e.g. a host-cache blob not parsed yet)
     pages: int = 0
     bytes: int = 0
+    in_use: int = 0  # invocations using it now
     last_used: float | None = None  # unix seconds
 
 
@@ -225,6 +235,7 @@ class Heartbeat(Message):
     started_at: float
     sent_at: float = Field(default_factory=time.time)
     draining: bool = False
+    gone: bool = False  # the last heartbeat of a worker that is stopping: dispatch nothing more to it
     capacity: dict[str, Any] = Field(default_factory=dict)  # pool pages, page bytes, host cache bytes, ...
     resident: list[ResidentAdapter] = Field(default_factory=list)
     free_pages: int = 0
@@ -241,3 +252,12 @@ class AdapterEvent(Message):
     tenant: str
     adapter: str
     version: str | None = None
+
+
+class SchedulerHeartbeat(Message):
+    """A scheduler (dispatcher) is alive, published every second; gateways are ready only while one is."""
+
+    kind: ClassVar[str] = "scheduler_heartbeat"
+    scheduler_id: str
+    workers: int = 0  # live workers it routes to
+    sent_at: float = Field(default_factory=time.time)

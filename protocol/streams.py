@@ -24,6 +24,12 @@ INVOCATIONS = StreamSpec(
     retention="workqueue",
     duplicate_window_s=300.0,
 )
+WORK = StreamSpec(
+    name=subjects.WORK_STREAM,
+    subjects=(subjects.WORK_ALL,),
+    retention="workqueue",
+    duplicate_window_s=300.0,
+)
 RESULTS = StreamSpec(
     name=subjects.RESULTS_STREAM,
     subjects=(subjects.RESULT_ALL, subjects.CALLBACK_ALL),
@@ -31,7 +37,7 @@ RESULTS = StreamSpec(
     max_age_s=24 * 3600.0,
     duplicate_window_s=300.0,
 )
-ALL_STREAMS: tuple[StreamSpec, ...] = (INVOCATIONS, RESULTS)
+ALL_STREAMS: tuple[StreamSpec, ...] = (INVOCATIONS, WORK, RESULTS)
 
 
 async def ensure_streams(js: object, specs: tuple[StreamSpec, ...] = ALL_STREAMS) -> list[str]:

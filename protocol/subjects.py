@@ -1,8 +1,10 @@
 """Every NATS stream and subject name of lorafn is built here and nowhere else.
 
-Layout (see ARCHITECTURE.md, "NATS layout"):
-- stream `LORAFN_INVOCATIONS` holds `lora.invoke.<tenant>.<adapter>` (work queue, one durable pull consumer
-  per placed adapter);
+Layout (see ARCHITECTURE.md, "NATS layout", and docs/nats.md):
+- stream `LORAFN_INVOCATIONS` holds `lora.invoke.<tenant>.<adapter>` (work queue, ONE durable pull consumer
+  for all adapters: the scheduler's dispatcher, shared by every scheduler replica);
+- stream `LORAFN_WORK` holds `lora.work.<worker id>` (work queue): the dispatcher hands each invocation to
+  one worker there; each worker has one durable consumer of its own subject;
 - stream `LORAFN_RESULTS` holds `lora.result.<invocation id>` (limits retention with a max age) and, for
   invocations that asked for an X-Callback-Url, a copy of the result on `lora.callback.<invocation id>`
   (so that the gateway's callback consumer reads only those);
@@ -16,22 +18,27 @@ from __future__ import annotations
 import re
 
 INVOCATIONS_STREAM = "LORAFN_INVOCATIONS"
+WORK_STREAM = "LORAFN_WORK"
 RESULTS_STREAM = "LORAFN_RESULTS"
 
 INVOKE_PREFIX = "lora.invoke"
 RESULT_PREFIX = "lora.result"
 CALLBACK_PREFIX = "lora.callback"
 REPLY_PREFIX = "lora.reply"
+WORK_PREFIX = "lora.work"
 CTL_PREFIX = "lora.ctl"
 WORKER_EVENT_PREFIX = "lora.evt.worker"
+SCHEDULER_EVENT_PREFIX = "lora.evt.scheduler"
 ADAPTER_EVENT_PREFIX = "lora.evt.adapter"
 INVOCATION_EVENT_PREFIX = "lora.evt.invocation"
 # The base model's pseudo adapter name: invocations of the bare backbone go to lora.invoke.<tenant>._base.
 # Adapter names starting with "_" are reserved, so no adapter can take it.
 BASE_ADAPTER = "_base"
-BASE_CONSUMER = "invoke-base"
+# The dispatcher's durable consumer of the invocations stream (all adapters, every scheduler replica).
+DISPATCH_CONSUMER = "dispatcher"
 
 INVOKE_ALL = f"{INVOKE_PREFIX}.>"
+WORK_ALL = f"{WORK_PREFIX}.*"
 ADAPTER_EVENTS_ALL = f"{ADAPTER_EVENT_PREFIX}.*"
 # The gateway's durable delivery of X-Callback-Url: a key-value bucket (invocation id -> URL) and a
 # durable consumer of the callback copies of results (lora.callback.>). CALLBACKS_CONSUMER_OLD read every
@@ -48,9 +55,19 @@ KIND_STARTED = "started"
 KIND_CHUNK = "chunk"
 KIND_RESULT = "result"
 MSG_ID_HEADER = "Nats-Msg-Id"
+# Headers the dispatcher adds to a work message (and a rescue keeps on the invocation it publishes again):
+# EPOCH_HEADER counts dispatches of the invocation (1, then +1 for each rescue from a dead worker); every
+# message a worker sends about the invocation carries it, so a caller drops what a superseded worker sends.
+# ARRIVED_HEADER: unix seconds the invocation first reached the invocations stream. SUBJECT_HEADER: the
+# lora.invoke subject it was published to. ROUTE_HEADER: why the dispatcher chose this worker.
+EPOCH_HEADER = "Lorafn-Epoch"
+ARRIVED_HEADER = "Lorafn-Arrived"
+SUBJECT_HEADER = "Lorafn-Subject"
+ROUTE_HEADER = "Lorafn-Route"
 RESULT_ALL = f"{RESULT_PREFIX}.>"
 CALLBACK_ALL = f"{CALLBACK_PREFIX}.>"
 WORKER_EVENTS_ALL = f"{WORKER_EVENT_PREFIX}.*"
+SCHEDULER_EVENTS_ALL = f"{SCHEDULER_EVENT_PREFIX}.*"
 
 # Tenant, adapter and worker names become subject tokens: no dots, spaces or wildcards.
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -117,6 +134,35 @@ def gateway_replies(gateway_id: str) -> str:
     return f"{REPLY_PREFIX}.{check_name('gateway', gateway_id)}.*"
 
 
+def work(worker_id: str) -> str:
+    """Subject of the invocations dispatched to worker `worker_id` (work stream)."""
+    return f"{WORK_PREFIX}.{check_name('worker', worker_id)}"
+
+
+def work_consumer(worker_id: str) -> str:
+    """Durable consumer name of a worker's work subject (one per worker, whatever the number of adapters)."""
+    return f"work-{check_name('worker', worker_id)}"
+
+
+def dispatch_msg_id(source_seq: int) -> str:
+    """Nats-Msg-Id of the work message made from message `source_seq` of the invocations stream: a dispatcher
+    that dies between publishing and acking (the message is delivered again, to it or another dispatcher)
+    puts it on one worker once. A client that publishes the same invocation again under another Nats-Msg-Id
+    makes a new message: it is dispatched, and its worker answers from the recorded result."""
+    return f"dispatch-{source_seq}"
+
+
+def requeue_msg_id(invocation_id: str, epoch: int) -> str:
+    """Nats-Msg-Id of an invocation published again to the invocations stream for its `epoch`-th dispatch (the
+    first publish, by the gateway or a client, uses the invocation id itself)."""
+    return f"{check_name('invocation', invocation_id)}-epoch-{epoch}"
+
+
+def scheduler_event(scheduler_id: str) -> str:
+    """Subject of a scheduler's heartbeats (the gateway's readiness watches them)."""
+    return f"{SCHEDULER_EVENT_PREFIX}.{check_name('scheduler', scheduler_id)}"
+
+
 def control(worker_id: str, verb: str) -> str:
     """Request/reply subject of a scheduler -> worker command."""
     return f"{CTL_PREFIX}.{check_name('worker', worker_id)}.{check_name('verb', verb)}"
@@ -137,11 +183,6 @@ def invocation_event(event: str) -> str:
     return f"{INVOCATION_EVENT_PREFIX}.{check_name('event', event)}"
 
 
-def base_invocations() -> str:
-    """Filter of every tenant's invocations of the bare backbone (consumed by every worker)."""
-    return f"{INVOKE_PREFIX}.*.{BASE_ADAPTER}"
-
-
 def result_msg_id(invocation_id: str) -> str:
     """Nats-Msg-Id of an invocation's result in the results stream: one result per invocation."""
     return f"result-{check_name('invocation', invocation_id)}"
@@ -150,13 +191,3 @@ def result_msg_id(invocation_id: str) -> str:
 def callback_msg_id(invocation_id: str) -> str:
     """Nats-Msg-Id of the callback copy of an invocation's result."""
     return f"callback-{check_name('invocation', invocation_id)}"
-
-
-def max_deliveries_advisory(stream: str) -> str:
-    """JetStream's advisory subject for messages of `stream` that reached max deliveries (any consumer)."""
-    return f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.*"
-
-
-def consumer_name(tenant: str, adapter: str) -> str:
-    """Durable consumer name of an adapter's invocations (shared by every worker that holds it)."""
-    return f"invoke-{check_name('tenant', tenant)}-{check_name('adapter', adapter)}"

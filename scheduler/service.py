@@ -1,32 +1,32 @@
-"""The scheduler service (first version: reactive placement).
+"""The scheduler service: the dispatcher (every invocation's worker), warm state, demand, invocation rows.
 
-- Warm state: heartbeats (`lora.evt.worker.*`) update an in-memory `WarmState`; every `flush_every_s`
-  it is written to Postgres in one transaction (workers, residency per tier); workers silent for
-  `heartbeat_timeout_s` are marked down (their residency no longer counts).
-- Demand: a CORE subscription on `lora.invoke.>` sees every published invocation without consuming it;
-  counts per adapter and time bucket are batched into the demand history.
-- Placement: when an invocation arrives for an adapter version that no live worker holds on its device,
-  the `PlacementPolicy` picks a worker and the scheduler sends it `load` (the worker then pulls that
-  adapter's consumer). A reconcile loop also places adapters whose consumer has queued messages that no
-  live worker pulls (e.g. after the worker holding it died).
-- Invocation lifecycle in Postgres: running on `InvocationStarted`; succeeded/failed, timestamps and
-  token counts from the results stream (a durable consumer).
-- Dead letters: the JetStream advisory of max deliveries makes the scheduler publish a failed result
-  (`dead_letter`) to the results stream and the caller, mark the invocation failed, and remove the
-  message from the invocations stream.
+- Dispatch: `scheduler.dispatcher.Dispatcher` drives the pure `scheduler.core.SchedulerCore` from NATS (one
+  durable consumer of the invocations stream for all adapters; each invocation goes to one worker's
+  `lora.work.<worker>`; the work of a worker that stops heartbeating is dispatched again).
+- Warm state: heartbeats (`lora.evt.worker.*`) feed the core and an in-memory `WarmState`, written to
+  Postgres every `flush_every_s` in one transaction (workers, residency per tier); workers silent for
+  `heartbeat_timeout_s` are marked down.
+- Demand: the dispatcher counts each invocation once, at its first dispatch, in the bucket of the time the
+  invocations stream stored it; counts are batched into the demand history.
+- Invocation lifecycle in Postgres: running on `InvocationStarted`; succeeded/failed, timestamps and token
+  counts from the results stream (a durable consumer shared by the scheduler replicas).
+- Liveness: a `SchedulerHeartbeat` every second on `lora.evt.scheduler.<id>`; gateways are ready only while
+  some scheduler is alive (without one, nothing dispatches).
+Several schedulers may run: they share the dispatcher's and the results' durable consumers, and each keeps
+its own core from the same heartbeats and streams.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import time
+import os
+import socket
 import uuid
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -35,67 +35,74 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig
 from nats.js.client import JetStreamContext
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from protocol import subjects
+from protocol.consume import PullLoop
 from protocol.messages import (
-    BASE_ADAPTER,
-    ControlReply,
-    ControlRequest,
-    ControlVerb,
-    ErrorCode,
+    AdapterEvent,
     Heartbeat,
     Invocation,
-    InvocationError,
     InvocationResult,
     InvocationStarted,
     MessageInvalid,
+    SchedulerHeartbeat,
+    Tier,
 )
 from protocol.results import record_result
 from protocol.streams import ensure_streams
-from scheduler.policy import AdapterRef, LeastLoadedPlacement, PlacementPolicy
-from scheduler.settings import SchedulerSettings
+from scheduler.core import CoreConfig, SchedulerCore
+from scheduler.dispatcher import AdapterDirectory, Dispatcher
+from scheduler.policy import AffinityRouter, Router
+from scheduler.settings import PlacementSettings, SchedulerSettings
 from scheduler.state import WarmState
 from storage import repo
-from storage.errors import NotFound
-from storage.models import InvocationStatus, Tier
+from storage.models import InvocationStatus
 
 logger = logging.getLogger(__name__)
 
 KIND_HEADER = subjects.KIND_HEADER
 
 
-@dataclass(frozen=True)
-class AdapterInfo:
-    """What the scheduler caches about `tenant/adapter`: ids and the current version."""
+def core_config(cfg: PlacementSettings) -> CoreConfig:
+    """The core's limits from the scheduler's settings."""
+    return CoreConfig(
+        heartbeat_timeout_s=cfg.heartbeat_timeout_s, placement_grace_s=cfg.placement_grace_s,
+        unknown_adapter_grace_s=cfg.unknown_adapter_grace_s, queue_per_worker=cfg.queue_per_worker,
+        max_epochs=cfg.max_epochs,
+    )
 
-    adapter_id: uuid.UUID
-    version: str | None
-    fetched_at: float
+
+def default_scheduler_id() -> str:
+    host = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())[:48]
+    return f"{host or 'scheduler'}-{os.getpid()}"
 
 
 class SchedulerService:
-    """Run with `run(stop)`; returns after flushing and draining once `stop` is set."""
+    """Run with `run(stop)`; returns after flushing and draining once `stop` is set. `router`: the routing
+    policy (default `AffinityRouter` with the settings' replication thresholds)."""
 
-    def __init__(self, settings: SchedulerSettings, *, placement: PlacementPolicy | None = None) -> None:
+    def __init__(self, settings: SchedulerSettings, *, router: Router | None = None,
+                 scheduler_id: str | None = None) -> None:
         self.settings = settings
         self.cfg = settings.scheduler
-        self.placement: PlacementPolicy = placement or LeastLoadedPlacement()
-        self.state = WarmState(heartbeat_timeout_s=self.cfg.heartbeat_timeout_s,
-                               placement_grace_s=self.cfg.placement_grace_s)
+        self.scheduler_id = subjects.check_name("scheduler", scheduler_id or default_scheduler_id())
+        self.core = SchedulerCore(
+            router=router or AffinityRouter(replicate_at=self.cfg.replicate_at,
+                                            replicate_margin=self.cfg.replicate_margin),
+            config=core_config(self.cfg),
+        )
+        self.state = WarmState(heartbeat_timeout_s=self.cfg.heartbeat_timeout_s)
         self.nc: NatsClient | None = None
         self.js: JetStreamContext | None = None
         self.sessions: async_sessionmaker[AsyncSession] | None = None
+        self.dispatcher: Dispatcher | None = None
+        self._directory: AdapterDirectory | None = None
         self._demand: dict[tuple[str, str, datetime], int] = defaultdict(int)
         self._started: list[InvocationStarted] = []
-        self._adapters: dict[tuple[str, str], AdapterInfo] = {}
-        self._unknown_since: dict[tuple[str, str], float] = {}  # adapters with queued work that do not exist
-        self._draining: set[tuple[str, str]] = set()  # ... whose invocations are being failed now
-        self._placing: dict[str, asyncio.Task[None]] = {}
         self._down: set[str] = set()
-        self._tasks: set[asyncio.Task[Any]] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
@@ -106,44 +113,40 @@ class SchedulerService:
             self.sessions = repo.session_factory(engine)
             self.nc = await nats.connect(
                 self.settings.nats.url, connect_timeout=self.settings.nats.connect_timeout_s,
-                max_reconnect_attempts=-1, reconnect_time_wait=0.5, name="lorafn-scheduler",
+                max_reconnect_attempts=-1, reconnect_time_wait=0.5, name=f"lorafn-scheduler-{self.scheduler_id}",
             )
             stack.push_async_callback(self._close_nats)
             self.js = self.nc.jetstream()
             await ensure_streams(self.js)
+            self._directory = AdapterDirectory(self.sessions, ttl_s=self.cfg.adapter_cache_s)
+            self.dispatcher = Dispatcher(nc=self.nc, js=self.js, core=self.core, directory=self._directory,
+                                         cfg=self.cfg, fail=self._finish_failed, demand=self._count_demand)
             await self.nc.subscribe(subjects.WORKER_EVENTS_ALL, cb=self._on_heartbeat)
-            await self.nc.subscribe(subjects.INVOKE_ALL, cb=self._on_invocation)
+            await self.nc.subscribe(subjects.RESULT_ALL, cb=self._on_result)
+            await self.nc.subscribe(subjects.ADAPTER_EVENTS_ALL, cb=self._on_adapter_event)
             await self.nc.subscribe(subjects.invocation_event("started"), cb=self._on_started)
-            await self.nc.subscribe(subjects.max_deliveries_advisory(subjects.INVOCATIONS_STREAM), cb=self._on_max_deliveries)
             loops = [
+                asyncio.create_task(self.dispatcher.run(stop), name="dispatcher"),
                 asyncio.create_task(self._every(self.cfg.flush_every_s, self.flush, stop), name="flush"),
-                asyncio.create_task(self._every(self.cfg.reconcile_every_s, self.reconcile, stop), name="reconcile"),
+                asyncio.create_task(self._every(1.0, self._announce, stop), name="announce"),
                 asyncio.create_task(self._results_loop(stop), name="results"),
             ]
-            logger.info("scheduler ready")
+            logger.info("scheduler %s ready", self.scheduler_id)
             await stop.wait()
             await asyncio.gather(*loops, return_exceptions=True)
-            for task in list(self._tasks):
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-            with contextlib.suppress(Exception):
+            try:
                 await self.flush()
+            except Exception:  # Postgres may be gone at shutdown; the next scheduler rewrites warm state
+                logger.warning("last flush failed", exc_info=True)
 
     async def _close_nats(self) -> None:
         assert self.nc is not None
         if not self.nc.is_closed:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(nats.errors.Error):
                 await self.nc.drain()
 
-    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
-        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
-        task.set_name(name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
-
     @staticmethod
-    async def _every(period_s: float, fn: Any, stop: asyncio.Event) -> None:
+    async def _every(period_s: float, fn: Callable[[], Awaitable[None]], stop: asyncio.Event) -> None:
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=period_s)
@@ -151,6 +154,12 @@ class SchedulerService:
                 await fn()
             except Exception:
                 logger.exception("%s failed; trying again in %.1f s", getattr(fn, "__name__", fn), period_s)
+
+    async def _announce(self) -> None:
+        assert self.nc is not None
+        if not self.nc.is_closed:
+            beat = SchedulerHeartbeat(scheduler_id=self.scheduler_id, workers=len(self.core.workers()))
+            await self.nc.publish(subjects.scheduler_event(self.scheduler_id), beat.encode())
 
     # -- subscriptions -----------------------------------------------------------------------------------
 
@@ -164,181 +173,35 @@ class SchedulerService:
             logger.info("worker %s is up", heartbeat.worker_id)
         self._down.discard(heartbeat.worker_id)
         self.state.observe(heartbeat)
+        if self.dispatcher is not None:
+            self.dispatcher.on_heartbeat(heartbeat)
+
+    async def _on_result(self, msg: Msg) -> None:
+        if self.dispatcher is None:
+            return
+        try:
+            self.dispatcher.on_result(InvocationResult.decode(msg.data))
+        except MessageInvalid as e:
+            logger.debug("ignoring an undecodable result on %s: %s", msg.subject, e)
+
+    async def _on_adapter_event(self, msg: Msg) -> None:
+        if self.dispatcher is None:
+            return
+        try:
+            self.dispatcher.on_adapter_event(AdapterEvent.decode(msg.data))
+        except MessageInvalid as e:
+            logger.debug("ignoring an undecodable adapter event: %s", e)
 
     async def _on_started(self, msg: Msg) -> None:
-        with contextlib.suppress(MessageInvalid):
+        try:
             self._started.append(InvocationStarted.decode(msg.data))
+        except MessageInvalid as e:
+            logger.debug("ignoring an undecodable started event: %s", e)
 
-    async def _on_invocation(self, msg: Msg) -> None:
-        """A copy of every published invocation: count demand, place its adapter if nobody holds it."""
-        try:
-            inv = Invocation.decode(msg.data)
-        except MessageInvalid:
-            return
-        adapter = inv.adapter if inv.adapter is not None else BASE_ADAPTER
-        if adapter == BASE_ADAPTER:
-            return
+    def _count_demand(self, tenant: str, adapter: str, at: float) -> None:
         bucket = self.cfg.demand_bucket_s
-        now = int(time.time())
-        self._demand[(inv.tenant, adapter, datetime.fromtimestamp(now - now % bucket, UTC))] += 1
-        self.ensure_placed(inv.tenant, adapter, inv.version)
-
-    # -- placement ---------------------------------------------------------------------------------------
-
-    async def _adapter_info(self, tenant: str, adapter: str) -> AdapterInfo | None:
-        key = (tenant, adapter)
-        info = self._adapters.get(key)
-        if info is not None and time.monotonic() - info.fetched_at < self.cfg.adapter_cache_s:
-            return info
-        assert self.sessions is not None
-        try:
-            async with self.sessions() as session:
-                tenant_row = await repo.get_tenant(session, name=tenant)
-                assert tenant_row is not None
-                row = await repo.get_adapter(session, tenant=tenant_row, name=adapter)
-        except NotFound:
-            self._adapters.pop(key, None)
-            return None
-        version = row.current_version.sha256 if row.current_version is not None else None
-        info = AdapterInfo(row.id, version, time.monotonic())
-        self._adapters[key] = info
-        return info
-
-    def ensure_placed(self, tenant: str, adapter: str, version: str | None) -> None:
-        """Place `tenant/adapter` (at `version`, or its current version) unless a live worker holds it."""
-        if version is not None and self.state.holders(version):
-            return
-        key = version or f"{tenant}/{adapter}"
-        if key in self._placing:
-            return
-        task = self._spawn(self._place(tenant, adapter, version), f"place-{tenant}-{adapter}")
-        self._placing[key] = task
-        task.add_done_callback(lambda _: self._placing.pop(key, None))
-
-    async def _place(self, tenant: str, adapter: str, version: str | None) -> None:
-        assert self.nc is not None
-        if version is None:
-            info = await self._adapter_info(tenant, adapter)
-            if info is None or info.version is None:
-                logger.warning("invocation for unknown adapter %s/%s: nothing to place", tenant, adapter)
-                return
-            version = info.version
-        tried: set[str] = set()
-        while not self.state.holders(version):
-            ref = AdapterRef(tenant=tenant, adapter=adapter, version=version)
-            views = [v for v in self.state.views() if v.worker_id not in tried]
-            worker_id = self.placement.choose_worker(ref, views, self.state.residency())
-            if worker_id is None:
-                logger.warning("no worker can take %s/%s (%s) now; will retry", tenant, adapter, version[:12])
-                return
-            tried.add(worker_id)
-            request = ControlRequest(verb=ControlVerb.load, tenant=tenant, adapter=adapter, version=version)
-            self.state.placed(version, worker_id)
-            try:
-                raw = await self.nc.request(subjects.control(worker_id, ControlVerb.load.value), request.encode(),
-                                            timeout=self.cfg.control_timeout_s)
-                reply = ControlReply.decode(raw.data)
-            except (nats.errors.Error, MessageInvalid) as e:
-                self.state.unplaced(version, worker_id)
-                logger.warning("load of %s/%s on %s failed: %s", tenant, adapter, worker_id, e)
-                continue
-            if not reply.ok:
-                self.state.unplaced(version, worker_id)
-                logger.warning("worker %s refused to load %s/%s: %s", worker_id, tenant, adapter,
-                               reply.error.message if reply.error else "?")
-                if reply.error is not None and reply.error.code in (
-                    ErrorCode.adapter_corrupted, ErrorCode.adapter_invalid, ErrorCode.not_found
-                ):
-                    return  # no other worker would do better; invocations fail with this code on arrival
-                continue
-            logger.info("placed %s/%s (%s) on %s in %.1f ms", tenant, adapter, version[:12], worker_id,
-                        reply.load_ms or 0.0)
-            return
-
-    async def reconcile(self) -> None:
-        """Place adapters with invocations queued in the stream that no live worker holds (their worker
-        died, a placement failed, or they were published while the adapter was unknown)."""
-        assert self.js is not None
-        try:
-            info = await self.js.stream_info(subjects.INVOCATIONS_STREAM, subjects_filter=subjects.INVOKE_ALL)
-        except (nats.errors.Error, nats.js.errors.Error) as e:
-            logger.debug("cannot read the invocations stream: %s", e)
-            return
-        queued_unknown: set[tuple[str, str]] = set()
-        for subject, count in (info.state.subjects or {}).items():
-            parts = subject.split(".")
-            if not count or len(parts) != 4 or parts[3] == BASE_ADAPTER:
-                continue
-            tenant, adapter = parts[2], parts[3]
-            adapter_info = await self._adapter_info(tenant, adapter)
-            if adapter_info is None or adapter_info.version is None:
-                queued_unknown.add((tenant, adapter))
-                since = self._unknown_since.setdefault((tenant, adapter), time.monotonic())
-                if time.monotonic() - since >= self.cfg.unknown_adapter_grace_s and (tenant, adapter) not in self._draining:
-                    self._spawn(self._fail_unknown(tenant, adapter), f"unknown-{tenant}-{adapter}")
-                continue
-            if not self.state.holders(adapter_info.version):
-                logger.info("%d invocations of %s/%s queued and no live worker holds it; placing", count, tenant,
-                            adapter)
-                self.ensure_placed(tenant, adapter, adapter_info.version)
-        for key in set(self._unknown_since) - queued_unknown:
-            del self._unknown_since[key]
-
-    async def _fail_unknown(self, tenant: str, adapter: str) -> None:
-        """Fail, visibly, the invocations queued for an adapter that does not exist (published over NATS for a
-        name never pushed, or accepted by a gateway just before the adapter was deleted): nobody would ever
-        pull them. They get a `not_found` result (results stream, reply subject, Postgres row) and are acked
-        off the work queue by a consumer of their subject only, removed at the end."""
-        assert self.js is not None
-        self._draining.add((tenant, adapter))
-        try:
-            await self._drain_unknown(tenant, adapter)
-        finally:
-            self._draining.discard((tenant, adapter))
-
-    async def _drain_unknown(self, tenant: str, adapter: str) -> None:
-        assert self.js is not None
-        subject = subjects.invoke(tenant, adapter)
-        try:
-            psub = await self.js.pull_subscribe(
-                subject, stream=subjects.INVOCATIONS_STREAM,
-                config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, inactive_threshold=60.0),
-            )
-        except (nats.errors.Error, nats.js.errors.Error) as e:  # e.g. a worker still consumes the subject
-            logger.info("cannot drain invocations of unknown adapter %s/%s yet: %s", tenant, adapter, e)
-            return
-        failed = 0
-        try:
-            while True:
-                try:
-                    msgs = await psub.fetch(64, timeout=0.5)
-                except (nats.errors.TimeoutError, TimeoutError):
-                    break
-                if await self._adapter_info(tenant, adapter) is not None:  # pushed meanwhile: its workers take them
-                    for msg in msgs:
-                        await msg.nak()
-                    return
-                for msg in msgs:
-                    try:
-                        inv = Invocation.decode(msg.data)
-                    except MessageInvalid:
-                        await msg.term()
-                        continue
-                    result = InvocationResult(
-                        invocation_id=inv.id, status="failed", attempt=msg.metadata.num_delivered or 1,
-                        error=InvocationError(code=ErrorCode.not_found,
-                                              message=f"adapter {tenant}/{adapter} does not exist"),
-                    )
-                    await self._finish_failed(inv, result)
-                    await msg.ack()
-                    failed += 1
-        finally:
-            with contextlib.suppress(Exception):
-                name = (await psub.consumer_info()).name
-                await psub.unsubscribe()
-                await self.js.delete_consumer(subjects.INVOCATIONS_STREAM, name)
-            if failed:
-                logger.warning("failed %d invocations of unknown adapter %s/%s", failed, tenant, adapter)
+        start = int(at) - int(at) % bucket
+        self._demand[(tenant, adapter, datetime.fromtimestamp(start, UTC))] += 1
 
     # -- Postgres ----------------------------------------------------------------------------------------
 
@@ -359,9 +222,9 @@ class SchedulerService:
                                    self.cfg.heartbeat_timeout_s)
                     await repo.mark_worker_down(session, worker_id=worker_id)
                 for (tenant, adapter, bucket_start), count in demand.items():
-                    info = await self._adapter_info(tenant, adapter)
-                    if info is not None:
-                        await repo.record_demand(session, adapter_id=info.adapter_id, at=bucket_start,
+                    adapter_id = self._directory.adapter_id(tenant, adapter) if self._directory else None
+                    if isinstance(adapter_id, uuid.UUID):
+                        await repo.record_demand(session, adapter_id=adapter_id, at=bucket_start,
                                                  bucket_seconds=self.cfg.demand_bucket_s, count=count)
                 for s in started:
                     await repo.mark_invocation_running(
@@ -394,48 +257,36 @@ class SchedulerService:
     # -- results -----------------------------------------------------------------------------------------
 
     async def _results_loop(self, stop: asyncio.Event) -> None:
-        """Record every result in Postgres (succeeded/failed, timestamps, tokens), in batches.
-
-        A durable push consumer of the results stream feeds a local queue; each batch is written in one
-        transaction and acked after it commits (a batch that fails is redelivered)."""
+        """Record every result in Postgres (succeeded/failed, timestamps, tokens), in batches: a durable pull
+        consumer of `lora.result.>`; each batch is written in one transaction and acked after it commits (a
+        batch that fails is redelivered)."""
         assert self.js is not None
-        durable = self.cfg.results_consumer
-        inbox: asyncio.Queue[Msg] = asyncio.Queue()
+        config = ConsumerConfig(durable_name=self.cfg.results_consumer, filter_subject=subjects.RESULT_ALL,
+                                ack_policy=AckPolicy.EXPLICIT, ack_wait=30.0, max_ack_pending=4096)
+        loop = PullLoop(self.js, stream=subjects.RESULTS_STREAM, config=config, fetch_timeout_s=0.5)
 
-        async def on_result(msg: Msg) -> None:
-            inbox.put_nowait(msg)
+        async def want() -> int:
+            return 256
 
-        sub = None
-        while sub is None and not stop.is_set():
-            try:
-                sub = await self.js.subscribe(
-                    subjects.RESULT_ALL, durable=durable, stream=subjects.RESULTS_STREAM, cb=on_result,
-                    manual_ack=True,
-                    config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
-                                          ack_wait=30.0, max_ack_pending=1024),
-                )
-            except (nats.errors.Error, nats.js.errors.Error) as e:
-                logger.warning("cannot consume the results stream yet (%s); retrying", e)
-                await asyncio.sleep(1.0)
-        while not stop.is_set():
-            try:
-                first = await asyncio.wait_for(inbox.get(), timeout=0.5)
-            except TimeoutError:
-                continue
-            msgs = [first]
-            while not inbox.empty() and len(msgs) < 256:
-                msgs.append(inbox.get_nowait())
-            try:
-                await self._record_results(msgs)
-            except Exception:
-                logger.exception("recording %d results failed; they will be redelivered", len(msgs))
-                for m in msgs:
-                    with contextlib.suppress(Exception):
-                        await m.nak(delay=1.0)
-                continue
+        await loop.run(stop, self._record_batch, want)
+
+    async def _record_batch(self, msgs: list[Msg]) -> None:
+        try:
+            await self._record_results(msgs)
+        except Exception:
+            logger.exception("recording %d results failed; they will be redelivered", len(msgs))
             for m in msgs:
-                with contextlib.suppress(Exception):
-                    await m.ack()
+                try:
+                    await m.nak(delay=1.0)
+                except nats.errors.Error:
+                    break  # NATS is away: all of them come back after the ack wait
+            return
+        for m in msgs:
+            try:
+                await m.ack()
+            except nats.errors.Error:  # redelivered and written again: finish_invocation is idempotent
+                logger.warning("acking recorded results failed; they will be written again")
+                break
 
     async def _record_results(self, msgs: list[Msg]) -> None:
         assert self.sessions is not None
@@ -472,52 +323,7 @@ class SchedulerService:
             "error": f"{result.error.code}: {result.error.message}" if result.error else None,
         }
 
-    # -- dead letters ------------------------------------------------------------------------------------
-
-    async def _on_max_deliveries(self, msg: Msg) -> None:
-        self._spawn(self._dead_letter(msg.data), "dead-letter")
-
-    async def _dead_letter(self, advisory: bytes) -> None:
-        """Fail an invocation visibly once JetStream gave up redelivering it."""
-        assert self.js is not None and self.nc is not None
-        try:
-            body = json.loads(advisory)
-            seq, deliveries = int(body["stream_seq"]), int(body.get("deliveries", 0))
-        except (ValueError, KeyError, TypeError) as e:
-            logger.warning("ignoring a malformed max-deliveries advisory: %s", e)
-            return
-        try:
-            raw = await self.js.get_msg(subjects.INVOCATIONS_STREAM, seq)
-            inv = Invocation.decode(raw.data or b"")
-        except nats.js.errors.NotFoundError:
-            return  # acked (or removed) meanwhile
-        except MessageInvalid as e:
-            logger.warning("dead message %d is not an invocation (%s); removing it", seq, e)
-            with contextlib.suppress(Exception):
-                await self.js.delete_msg(subjects.INVOCATIONS_STREAM, seq)
-            return
-        try:
-            existing = await self.js.get_last_msg(subjects.RESULTS_STREAM, subjects.result(inv.id))
-        except nats.js.errors.NotFoundError:
-            existing = None
-        if existing is not None:  # answered meanwhile: send the recorded result again
-            if inv.reply_to:
-                with contextlib.suppress(nats.errors.Error):
-                    await self.nc.publish(inv.reply_to, existing.data or b"",
-                                          headers={KIND_HEADER: subjects.KIND_RESULT})
-        else:
-            result = InvocationResult(
-                invocation_id=inv.id, status="failed", attempt=deliveries,
-                error=InvocationError(
-                    code=ErrorCode.dead_letter,
-                    message=f"invocation {inv.id} was delivered {deliveries} times and never completed "
-                            f"(the workers that took it died or timed out); giving up",
-                ),
-            )
-            logger.warning("invocation %s dead-lettered after %d deliveries", inv.id, deliveries)
-            await self._finish_failed(inv, result)
-        with contextlib.suppress(Exception):
-            await self.js.delete_msg(subjects.INVOCATIONS_STREAM, seq)
+    # -- failures decided by the scheduler ------------------------------------------------------------------
 
     async def _finish_failed(self, inv: Invocation, result: InvocationResult) -> None:
         """Record a failure the scheduler decided (results stream with its callback copy, then the caller's reply
@@ -526,8 +332,10 @@ class SchedulerService:
         payload = result.encode()
         await record_result(self.js, inv.id, payload, callback=inv.callback_url is not None)
         if inv.reply_to:
-            with contextlib.suppress(nats.errors.Error):
+            try:
                 await self.nc.publish(inv.reply_to, payload, headers={KIND_HEADER: subjects.KIND_RESULT})
+            except nats.errors.Error as e:  # the caller can still read the results stream
+                logger.debug("reply to %s failed: %s", inv.id, e)
         try:
             async with self.sessions() as session, session.begin():
                 await repo.finish_invocation(session, invocation_id=inv.id,

@@ -14,16 +14,29 @@ from storage.settings import DatabaseSettings
 
 
 class PlacementSettings(BaseModel):
-    """Timing of the scheduler's decisions."""
+    """Timing and limits of the scheduler's decisions (the core's `CoreConfig` and the dispatcher's loop)."""
 
-    heartbeat_timeout_s: float = Field(5.0, gt=0, description="a worker silent this long is marked down")
+    heartbeat_timeout_s: float = Field(5.0, gt=0, description="a worker silent this long is gone: its work is rescued")
     flush_every_s: float = Field(1.0, gt=0, description="seconds between batched writes of warm state and demand")
-    reconcile_every_s: float = Field(2.0, gt=0, description="seconds between checks for queued work nobody pulls")
+    tick_s: float = Field(0.5, gt=0, description="seconds between the dispatcher's ticks (timeouts, work counts)")
     unknown_adapter_grace_s: float = Field(
-        10.0, ge=0, description="seconds invocations of an adapter that does not exist may stay queued before "
-        "they fail with not_found (an adapter pushed meanwhile takes them)")
-    control_timeout_s: float = Field(60.0, gt=0, description="seconds a worker may take to answer a control verb")
-    placement_grace_s: float = Field(5.0, ge=0, description="a fresh placement counts as held until heartbeats show it")
+        10.0, ge=0, description="seconds an invocation of an adapter that does not exist waits before it fails "
+        "with not_found (an adapter pushed meanwhile takes it)")
+    placement_grace_s: float = Field(
+        5.0, ge=0, description="a version dispatched to a worker that did not hold it counts as held there until "
+        "its heartbeats show it, or for this long after its last call there ended")
+    queue_per_worker: int = Field(
+        32, ge=0, description="calls dispatched to a worker beyond its max_inflight before the dispatcher holds "
+        "further calls in the invocations stream")
+    max_epochs: int = Field(5, ge=1, description="dispatches of one invocation (rescues from dead workers "
+                                                 "included) before it fails as a dead letter")
+    replicate_at: int = Field(8, ge=1, description="a holder with this many calls outstanding is busy: a call may "
+                                                   "go to another worker that is replicate_margin calls lighter")
+    replicate_margin: int = Field(4, ge=1, description="see replicate_at")
+    dispatch_ack_wait_s: float = Field(
+        10.0, gt=0, description="seconds before an invocation a dispatcher took and never acked (it died) goes "
+        "to another dispatcher")
+    dispatch_fetch_timeout_s: float = Field(1.0, gt=0, description="seconds one dispatcher pull request waits")
     demand_bucket_s: int = Field(60, ge=1, description="width of a demand-history bucket in seconds")
     adapter_cache_s: float = Field(5.0, ge=0, description="seconds a tenant/adapter -> version lookup is reused")
     results_consumer: str = Field("scheduler-results", description="durable consumer of the results stream")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, literal, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
@@ -185,6 +185,36 @@ async def get_adapter(session: AsyncSession, *, tenant: Tenant, name: str) -> Ad
     if adapter is None:
         raise NotFound("adapter", f"{tenant.name}/{name}")
     return adapter
+
+
+@dataclass(frozen=True)
+class AdapterTarget:
+    """What the dispatcher needs to route an invocation of an adapter version."""
+
+    adapter_id: uuid.UUID
+    version: str  # sha256
+    max_rank: int
+    bytes: int
+
+
+async def find_adapter_target(session: AsyncSession, *, tenant: str, adapter: str,
+                              version: str | None) -> AdapterTarget | None:
+    """`tenant/adapter` at `version` (its current version when None), in one query; None when the adapter
+    does not exist (or never had that version)."""
+    query = (
+        select(Adapter.id, AdapterVersion.sha256, AdapterVersion.max_rank, AdapterVersion.bytes)
+        .join(Tenant, Tenant.id == Adapter.tenant_id)
+        .where(Tenant.name == tenant, Adapter.name == adapter)
+    )
+    if version is None:
+        query = query.join(AdapterVersion, AdapterVersion.id == Adapter.current_version_id)
+    else:
+        query = query.join(AdapterVersion, AdapterVersion.adapter_id == Adapter.id).where(
+            AdapterVersion.sha256 == version)
+    row = (await session.execute(query.limit(1))).first()
+    if row is None:
+        return None
+    return AdapterTarget(adapter_id=row[0], version=row[1], max_rank=row[2], bytes=row[3])
 
 
 async def list_adapters(session: AsyncSession, *, tenant: Tenant | None = None) -> Sequence[Adapter]:
@@ -368,11 +398,14 @@ async def update_invocation(session: AsyncSession, *, invocation_id: str, **fiel
 async def record_demand(
     session: AsyncSession, *, adapter_id: uuid.UUID, at: datetime, bucket_seconds: int = 60, count: int = 1
 ) -> None:
-    """Add `count` invocations of an adapter to the bucket that contains `at`."""
+    """Add `count` invocations of an adapter to the bucket that contains `at`. Nothing happens when the adapter
+    was deleted meanwhile (the insert selects it, so a deleted adapter's demand cannot fail the transaction)."""
     epoch = int(at.timestamp())
     start = datetime.fromtimestamp(epoch - epoch % bucket_seconds, UTC)
-    stmt = insert(DemandBucket).values(adapter_id=adapter_id, bucket_start=start, bucket_seconds=bucket_seconds,
-                                       count=count)
+    source = select(Adapter.id, literal(start), literal(bucket_seconds), literal(count)).where(
+        Adapter.id == adapter_id)
+    stmt = insert(DemandBucket).from_select(
+        [DemandBucket.adapter_id, DemandBucket.bucket_start, DemandBucket.bucket_seconds, DemandBucket.count], source)
     await session.execute(
         stmt.on_conflict_do_update(
             index_elements=[DemandBucket.adapter_id, DemandBucket.bucket_start, DemandBucket.bucket_seconds],

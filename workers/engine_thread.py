@@ -23,6 +23,7 @@ from typing import TypeVar
 from workers.batcher import Completion, TokenEvent
 from workers.engine import Engine
 from workers.sampling import SamplingParams
+from workers.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +127,11 @@ class EngineThread:
         generation = self._generations.pop(request_id, None)
         if generation is not None and completion is not None:
             generation.items.put_nowait(completion)
+
+    @property
+    def tokenizer(self) -> Tokenizer | None:
+        """The engine's tokenizer (read-only; safe from any thread)."""
+        return self.engine.tokenizer
 
     def counts(self) -> tuple[int, int]:
         """(waiting, running) requests of the engine (a racy but harmless read for heartbeats)."""

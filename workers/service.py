@@ -1,20 +1,27 @@
-"""The worker service: NATS consumer of invocations, adapter tiers, control verbs, heartbeats.
+"""The worker service: consumer of its own work subject, adapter tiers, control verbs, heartbeats.
 
 One process holds ONE backbone and one engine (run in its own thread, see `workers.engine_thread`);
 this module is the asyncio side:
 
-- pulls invocations from the shared durable consumer of the bare backbone (`invoke-base`) and from the
-  consumer of every adapter it holds on the device (one durable consumer per adapter, shared by every
-  worker holding it), at most `consumer.max_inflight` at a time;
+- consumes `lora.work.<worker id>` through ONE durable consumer (`work-<worker id>`), whatever the number
+  of adapters: the scheduler's dispatcher decides which worker runs each invocation and publishes it
+  there. At most `consumer.max_inflight` invocations run at a time; the loop fetches only as many as there
+  are free slots (`protocol.consume.PullLoop`);
 - for each: returns the recorded result if the results stream already has one (a redelivery after the
   result was recorded), else brings its adapter to the device (cold start if needed), publishes
   `InvocationStarted`, generates, streams `TokenChunk`s to the caller's reply subject, records the
   `InvocationResult` in the results stream (deduplicated by `Nats-Msg-Id: result-<id>`), sends it to the
   reply subject, and only then acks. In-progress acks keep a long generation from being redelivered;
+- every message about an invocation carries its dispatch `epoch`. When this worker was silent past the
+  scheduler's heartbeat timeout (paused, partitioned), the dispatcher has rescued its work: the work
+  message is gone from the stream. The worker checks that on every in-progress tick and before recording
+  a result, and abandons a rescued invocation (abort, no result, no more chunks);
 - answers the control verbs fetch / load / evict / drain on `lora.ctl.<worker id>.<verb>`;
-- publishes a `Heartbeat` every `heartbeat_s`;
-- on stop (SIGTERM): stops pulling, gives running invocations `drain_timeout_s` to finish, aborts and
-  NAKs the rest (redelivered elsewhere at once), sends a last heartbeat with draining=true, drains NATS.
+- publishes a typed `Heartbeat` every `heartbeat_s` (per resident adapter: tier, rank, bytes, pages,
+  in-use count; what it is running);
+- on stop (SIGTERM): stops fetching, gives running invocations `drain_timeout_s` to finish, aborts the rest
+  and hands them (and whatever is still queued on its subject) back to the dispatcher, sends a last
+  heartbeat with gone=true, drains NATS.
 """
 
 from __future__ import annotations
@@ -43,6 +50,8 @@ from nats.js.api import AckPolicy, ConsumerConfig
 from nats.js.client import JetStreamContext
 
 from protocol import subjects
+from protocol.consume import PullLoop
+from protocol.dispatch import WorkHeaders, requeue, requeue_subject
 from protocol.messages import (
     BASE_ADAPTER,
     ControlReply,
@@ -56,6 +65,7 @@ from protocol.messages import (
     InvocationStarted,
     MessageInvalid,
     ResidentAdapter,
+    Tier,
     Timings,
     TokenChunk,
     Usage,
@@ -100,20 +110,32 @@ class InvocationFailed(Exception):
 
 
 class Retry(Exception):
-    """An invocation to hand back (NAK) so that it is delivered again, here or elsewhere."""
+    """An invocation to try again later on this worker (NAK with a delay). `code` is the error it fails with
+    once it has been retried for `consumer.max_retry_s`."""
 
-    def __init__(self, reason: str, delay_s: float | None = None) -> None:
+    def __init__(self, reason: str, delay_s: float | None = None, code: ErrorCode = ErrorCode.unavailable) -> None:
         super().__init__(reason)
         self.delay_s = delay_s
+        self.code = code
+
+
+class Rescued(Exception):
+    """The dispatcher gave this invocation to another worker (this one was silent too long): abandon it."""
+
+
+class HandBack(Exception):
+    """The worker is stopping: hand the invocation back to the dispatcher."""
 
 
 @dataclass
 class _Running:
-    """An invocation being generated on this worker."""
+    """An invocation being handled on this worker."""
 
     invocation: Invocation
+    seq: int  # stream sequence of its work message (gone from the stream: rescued)
     request_id: str | None = None
     aborted: bool = False
+    rescued: bool = False
 
 
 class WorkerService:
@@ -132,7 +154,7 @@ class WorkerService:
         self.worker_id = subjects.check_name("worker", worker_id)
         self.engine = engine
         self.tiers = tiers
-        self.tokenizer = engine.engine.tokenizer
+        self.tokenizer = engine.tokenizer
         self.device = device
         self.host = socket.gethostname()
         self.started_at = time.time()
@@ -140,15 +162,14 @@ class WorkerService:
         self.nc: NatsClient | None = None
         self.js: JetStreamContext | None = None
         self._slots = asyncio.Semaphore(settings.consumer.max_inflight)
-        self._pullers: dict[str, asyncio.Task[None]] = {}  # consumer name -> pull loop
-        self._adapter_consumers: dict[str, tuple[str, str]] = {}  # consumer -> (tenant, adapter)
-        self._current: dict[tuple[str, str], str] = {}  # (tenant, adapter) -> version loaded by `load`
-        self._names: dict[str, tuple[str, str]] = {}  # version -> (tenant, adapter)
+        self._fetching = asyncio.Event()  # cleared when the worker stops taking work
+        self._fetching.set()
+        self._puller: asyncio.Task[None] | None = None
+        self._pull_stop = asyncio.Event()
         self._handlers: set[asyncio.Task[None]] = set()
         self._running: dict[str, _Running] = {}
         self._pending_submit = 0
         self._tasks: set[asyncio.Task[Any]] = set()
-        tiers.on_evicted = self._on_evicted
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
@@ -169,16 +190,16 @@ class WorkerService:
                 await self.nc.subscribe(subjects.control(self.worker_id, verb.value), cb=self._on_control)
             heartbeats = asyncio.create_task(self._heartbeat_loop(stop), name="heartbeats")
             stack.push_async_callback(self._cancel, heartbeats)
-            self._start_puller(subjects.BASE_CONSUMER, subjects.base_invocations())
-            logger.info("worker %s ready on %s (%d adapter pages)", self.worker_id, self.device,
-                        self.tiers.total_pages)
+            self._puller = asyncio.create_task(self._pull(), name="pull-work")
+            logger.info("worker %s ready on %s (%d adapter pages), consuming %s", self.worker_id, self.device,
+                        self.tiers.total_pages, subjects.work(self.worker_id))
             await stop.wait()
             await self._drain()
 
     async def _close_nats(self) -> None:
         assert self.nc is not None
         if not self.nc.is_closed:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(nats.errors.Error):
                 await self.nc.drain()
 
     @staticmethod
@@ -188,9 +209,10 @@ class WorkerService:
             await task
 
     async def _drain(self) -> None:
-        """Stop pulling, let running invocations finish (bounded), NAK the rest, say goodbye."""
+        """Stop fetching, let running invocations finish (bounded), hand the rest and the queue back."""
         logger.info("worker %s draining: %d invocations running", self.worker_id, len(self._handlers))
         self.draining = True
+        await self._publish_heartbeat()  # draining: the dispatcher stops sending work here
         await self._stop_pulling()
         if self._handlers:
             _, pending = await asyncio.wait(set(self._handlers), timeout=self.settings.drain_timeout_s)
@@ -198,21 +220,27 @@ class WorkerService:
                 logger.warning("%d invocations did not finish in %.0f s; handing them back",
                                len(pending), self.settings.drain_timeout_s)
                 for running in list(self._running.values()):
-                    running.aborted = True
-                    if running.request_id is not None:
-                        with contextlib.suppress(Exception):
-                            await self.engine.abort(running.request_id)
+                    await self._abort(running)
                 await asyncio.wait(pending, timeout=10.0)
-        await self._publish_heartbeat()
+        await self._hand_back_queue()
+        await self._publish_heartbeat(gone=True)
         for task in list(self._tasks):
             task.cancel()
 
     async def _stop_pulling(self) -> None:
-        pullers = list(self._pullers.values())
-        self._pullers.clear()
-        for task in pullers:
-            task.cancel()
-        await asyncio.gather(*pullers, return_exceptions=True)
+        self._fetching.clear()
+        self._pull_stop.set()
+        if self._puller is not None:
+            await asyncio.gather(self._puller, return_exceptions=True)
+            self._puller = None
+
+    async def _abort(self, running: _Running) -> None:
+        running.aborted = True
+        if running.request_id is not None:
+            try:
+                await self.engine.abort(running.request_id)
+            except Exception:  # the engine may be stopping; the generation ends either way
+                logger.debug("abort of %s failed", running.request_id, exc_info=True)
 
     def _spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
@@ -223,72 +251,69 @@ class WorkerService:
 
     # -- pulling -----------------------------------------------------------------------------------------
 
-    def _consumer_config(self, durable: str, filter_subject: str) -> ConsumerConfig:
+    def _consumer_config(self) -> ConsumerConfig:
         c = self.settings.consumer
         return ConsumerConfig(
-            durable_name=durable,
-            filter_subject=filter_subject,
+            durable_name=subjects.work_consumer(self.worker_id),
+            filter_subject=subjects.work(self.worker_id),
             ack_policy=AckPolicy.EXPLICIT,
             ack_wait=c.ack_wait_s,
-            max_deliver=c.max_deliver,
+            max_deliver=-1,  # retries are bounded by age (max_retry_s); a dead worker's work is rescued
             max_ack_pending=-1,
+            # A worker that never comes back leaves no consumer behind (the rescue deletes it at once).
+            inactive_threshold=3600.0,
         )
 
-    def _start_puller(self, durable: str, filter_subject: str) -> None:
-        if durable in self._pullers or self.draining:
-            return
-        self._pullers[durable] = asyncio.create_task(self._pull(durable, filter_subject), name=f"pull-{durable}")
+    async def _free_slots(self) -> int:
+        """Wait for at least one free slot; how many are free (taken now: the loop fetches that many)."""
+        await self._slots.acquire()
+        n = 1
+        while not self._slots.locked() and n < self.settings.consumer.max_inflight:
+            await self._slots.acquire()
+            n += 1
+        return n
 
-    def _stop_puller(self, durable: str) -> None:
-        task = self._pullers.pop(durable, None)
-        if task is not None:
-            task.cancel()
-            logger.info("stopped pulling %s", durable)
-
-    async def _pull(self, durable: str, filter_subject: str) -> None:
-        """Pull invocations one at a time while a slot is free; each runs in its own task."""
+    async def _pull(self) -> None:
         assert self.js is not None
-        c = self.settings.consumer
-        sub = None
-        while sub is None:
-            try:
-                sub = await self.js.pull_subscribe(
-                    filter_subject, durable=durable, stream=subjects.INVOCATIONS_STREAM,
-                    config=self._consumer_config(durable, filter_subject),
-                )
-            except (nats.errors.Error, nats.js.errors.Error, OSError) as e:
-                logger.warning("cannot subscribe to consumer %s yet (%s); retrying", durable, e)
-                await asyncio.sleep(1.0)
-        logger.info("pulling %s (%s)", durable, filter_subject)
+        loop = PullLoop(self.js, stream=subjects.WORK_STREAM, config=self._consumer_config(),
+                        fetch_timeout_s=self.settings.consumer.fetch_timeout_s)
+        taken = 0
+
+        async def want() -> int:
+            nonlocal taken
+            taken = await self._free_slots()
+            return taken
+
+        async def handle(batch: list[Msg]) -> None:
+            nonlocal taken
+            for msg in batch:
+                task = asyncio.create_task(self._handle(msg), name="invocation")
+                self._handlers.add(task)
+                task.add_done_callback(self._handler_done)
+            for _ in range(taken - len(batch)):  # slots taken for messages that did not come
+                self._slots.release()
+            taken = 0
+
         try:
-            while True:
-                await self._slots.acquire()
-                try:
-                    msgs = await sub.fetch(1, timeout=c.fetch_timeout_s)
-                except nats.errors.TimeoutError:
-                    self._slots.release()
-                    continue
-                except (nats.errors.Error, nats.js.errors.Error, OSError) as e:
-                    self._slots.release()
-                    logger.debug("pull from %s failed (%s); retrying", durable, e)
-                    await asyncio.sleep(0.5)
-                    continue
-                except BaseException:
-                    self._slots.release()
-                    raise
-                for i, msg in enumerate(msgs):
-                    if i > 0:
-                        await self._slots.acquire()
-                    task = asyncio.create_task(self._handle(msg), name=f"invocation-{durable}")
-                    self._handlers.add(task)
-                    task.add_done_callback(self._handler_done)
+            await loop.run(self._pull_stop, handle, want)
         finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+            for _ in range(taken):
+                self._slots.release()
 
     def _handler_done(self, task: asyncio.Task[None]) -> None:
         self._handlers.discard(task)
         self._slots.release()
+
+    async def _hand_back_queue(self) -> None:
+        """Give what is still queued on this worker's subject back to the dispatcher (stopping)."""
+        assert self.js is not None
+        try:
+            handed = await requeue_subject(self.js, self.worker_id)
+        except (nats.errors.Error, nats.js.errors.Error) as e:
+            logger.warning("could not hand back the queue (%s); the dispatcher rescues it", e)
+            return
+        if handed:
+            logger.info("handed %d queued invocations back to the dispatcher", handed)
 
     # -- one invocation ----------------------------------------------------------------------------------
 
@@ -300,9 +325,12 @@ class WorkerService:
             logger.error("dropping an undecodable invocation on %s: %s", msg.subject, e)
             await msg.term()
             return
+        work = WorkHeaders.read(msg)
         attempt = msg.metadata.num_delivered or 1
-        arrived_at = self._arrival(msg, inv)
-        ticker = asyncio.create_task(self._keep_alive(msg), name=f"in-progress-{inv.id}")
+        arrived_at = work.arrived_at if work.arrived_at is not None else inv.submitted_at
+        running = _Running(inv, msg.metadata.sequence.stream)
+        self._running[inv.id] = running
+        ticker = asyncio.create_task(self._keep_alive(msg, running), name=f"in-progress-{inv.id}")
         try:
             existing = await self._recorded_result(inv.id)
             if existing is not None:
@@ -310,48 +338,92 @@ class WorkerService:
                 if inv.callback_url is not None:
                     try:
                         await self._record(inv, existing)
-                    except Exception as e:
+                    except (nats.errors.Error, nats.js.errors.Error) as e:
                         raise Retry(f"cannot record the callback copy: {e}", self.settings.consumer.retry_delay_s) from e
                 await self._reply(inv, existing, subjects.KIND_RESULT)
-                await msg.ack()
+                await self._ack(msg, inv.id)
                 return
-            result = await self._execute(inv, attempt, arrived_at)
-        except Retry as e:
-            logger.info("invocation %s (attempt %d) handed back: %s", inv.id, attempt, e)
-            with contextlib.suppress(Exception):
-                await msg.nak(delay=e.delay_s)
+            result = await self._execute(inv, attempt, work.epoch, arrived_at)
+            if running.rescued or await self._was_rescued(running):
+                raise Rescued()
+        except Rescued:
+            logger.warning("invocation %s was rescued to another worker while this one was silent; abandoned",
+                           inv.id)
             return
+        except HandBack:
+            await self._hand_back(msg, inv, work)
+            return
+        except Retry as e:
+            if time.time() - arrived_at > self.settings.consumer.max_retry_s:
+                result = self._failed(inv, attempt, work.epoch, e.code,
+                                      f"{e} (retried for {self.settings.consumer.max_retry_s:.0f} s; giving up)")
+            else:
+                logger.info("invocation %s (attempt %d) retried later: %s", inv.id, attempt, e)
+                await self._nak(msg, inv.id, e.delay_s)
+                return
         except Exception as e:
             logger.exception("invocation %s failed with an internal error", inv.id)
-            result = self._failed(inv, attempt, ErrorCode.internal, f"{type(e).__name__}: {e}")
+            result = self._failed(inv, attempt, work.epoch, ErrorCode.internal, f"{type(e).__name__}: {e}")
         finally:
             ticker.cancel()
+            self._running.pop(inv.id, None)
         try:
             await self._record(inv, result.encode())
-        except Exception as e:
-            logger.warning("could not record the result of %s (%s); handing it back", inv.id, e)
-            with contextlib.suppress(Exception):
-                await msg.nak()
+        except (nats.errors.Error, nats.js.errors.Error) as e:
+            logger.warning("could not record the result of %s (%s); retrying it later", inv.id, e)
+            await self._nak(msg, inv.id, self.settings.consumer.retry_delay_s)
             return
         await self._reply(inv, result.encode(), subjects.KIND_RESULT)
-        with contextlib.suppress(Exception):
-            await msg.ack()
+        await self._ack(msg, inv.id)
 
-    @staticmethod
-    def _arrival(msg: Msg, inv: Invocation) -> float:
-        """Unix seconds the invocations stream stored the message (the invocation's arrival in lorafn; a
-        redelivery keeps it), else the submitter's `submitted_at`."""
+    async def _ack(self, msg: Msg, invocation_id: str) -> None:
+        """Ack a finished invocation. If the ack is lost the message is redelivered and answered from the
+        recorded result, so a failure here is logged, not raised."""
         try:
-            return msg.metadata.timestamp.timestamp()
-        except Exception:
-            return inv.submitted_at
+            await msg.ack()
+        except nats.errors.Error as e:
+            logger.warning("ack of %s failed (%s); its redelivery will find the recorded result", invocation_id, e)
 
-    async def _keep_alive(self, msg: Msg) -> None:
-        """In-progress acks while the invocation runs, so ack_wait does not redeliver it."""
+    async def _nak(self, msg: Msg, invocation_id: str, delay_s: float | None) -> None:
+        try:
+            await msg.nak(delay=delay_s)
+        except nats.errors.Error as e:
+            logger.warning("nak of %s failed (%s); it is redelivered after the ack wait", invocation_id, e)
+
+    async def _hand_back(self, msg: Msg, inv: Invocation, work: WorkHeaders) -> None:
+        """Publish the invocation again for the dispatcher (next epoch), then ack this copy."""
+        assert self.js is not None
+        try:
+            await requeue(self.js, msg.data, inv, work)
+        except (nats.errors.Error, nats.js.errors.Error) as e:
+            logger.warning("could not hand %s back (%s); the dispatcher rescues it", inv.id, e)
+            return
+        await self._ack(msg, inv.id)
+
+    async def _was_rescued(self, running: _Running) -> bool:
+        """Whether this invocation's work message left the stream without our ack (the dispatcher rescued
+        it). Unknown (NATS unreachable) counts as not rescued: the result's de-duplication still holds."""
+        assert self.js is not None
+        try:
+            await self.js.get_msg(subjects.WORK_STREAM, running.seq)
+        except nats.js.errors.NotFoundError:
+            running.rescued = True
+        except (nats.errors.Error, nats.js.errors.Error):
+            return False
+        return running.rescued
+
+    async def _keep_alive(self, msg: Msg, running: _Running) -> None:
+        """In-progress acks while the invocation runs, so ack_wait does not redeliver it; abandon it when the
+        dispatcher has rescued it meanwhile."""
         while True:
             await asyncio.sleep(self.settings.consumer.in_progress_every_s)
-            with contextlib.suppress(Exception):
+            if await self._was_rescued(running):
+                await self._abort(running)
+                return
+            try:
                 await msg.in_progress()
+            except nats.errors.Error as e:
+                logger.debug("in-progress ack of %s failed: %s", running.invocation.id, e)
 
     async def _recorded_result(self, invocation_id: str) -> bytes | None:
         assert self.js is not None
@@ -382,41 +454,39 @@ class WorkerService:
     async def _reply(self, inv: Invocation, payload: bytes, kind: str) -> None:
         if inv.reply_to is None or self.nc is None:
             return
-        with contextlib.suppress(nats.errors.Error):
+        try:
             await self.nc.publish(inv.reply_to, payload, headers={KIND_HEADER: kind})
+        except nats.errors.Error as e:  # the caller misses this message; the results stream has the result
+            logger.debug("reply to %s failed: %s", inv.id, e)
 
-    def _failed(self, inv: Invocation, attempt: int, code: ErrorCode, message: str,
-                tier: str | None = None) -> InvocationResult:
+    def _failed(self, inv: Invocation, attempt: int, epoch: int, code: ErrorCode, message: str,
+                tier: Tier | None = None) -> InvocationResult:
         return InvocationResult(
-            invocation_id=inv.id, status="failed", worker_id=self.worker_id, attempt=attempt,
-            adapter_tier=tier,  # type: ignore[arg-type]
+            invocation_id=inv.id, status="failed", worker_id=self.worker_id, attempt=attempt, epoch=epoch,
+            adapter_tier=tier,
             error=InvocationError(code=code, message=message),
             timings=Timings(total_ms=(time.time() - inv.submitted_at) * 1e3),
         )
 
-    def _version_of(self, inv: Invocation) -> str | None:
-        """The adapter version an invocation needs (None: the bare backbone)."""
+
+    @staticmethod
+    def _version_of(inv: Invocation) -> str | None:
+        """The adapter version an invocation needs (None: the bare backbone). The dispatcher fills in the
+        current version of an invocation that names none."""
         if inv.adapter is None or inv.adapter == BASE_ADAPTER:
             return None
-        if inv.version is not None:
-            self._names.setdefault(inv.version, (inv.tenant, inv.adapter))
-            return inv.version
-        current = self._current.get((inv.tenant, inv.adapter))
-        if current is None:
-            raise InvocationFailed(
-                ErrorCode.not_found,
-                f"adapter {inv.tenant}/{inv.adapter}: the invocation names no version and this worker was "
-                "never told to load one",
-            )
-        return current
+        if inv.version is None:
+            raise InvocationFailed(ErrorCode.not_found,
+                                   f"adapter {inv.tenant}/{inv.adapter}: the invocation names no version")
+        return inv.version
 
-    async def _bring_to_device(self, sha: str, arrived_at: float) -> tuple[str, float]:
+    async def _bring_to_device(self, sha: str, arrived_at: float) -> tuple[Tier, float]:
         """Load `sha` if needed and pin it; (tier on arrival, load ms).
 
-        An adapter already on the device may have been loaded for this very invocation: the scheduler
-        places an adapter when its first invocation is published, and the worker pulls that invocation only
-        after the load. Such an invocation still paid the cold start, so it reports where the adapter was
-        when the invocation arrived and the part of the load it waited for (`AdapterTiers.arrival`)."""
+        An adapter already on the device may have been loaded for this very invocation (a concurrent call of
+        the same adapter started the load). Such an invocation still paid the cold start, so it reports where
+        the adapter was when the invocation arrived and the part of the load it waited for
+        (`AdapterTiers.arrival`)."""
         tier = self.tiers.tier(sha)
         load_ms = 0.0
         for _ in range(3):
@@ -425,12 +495,13 @@ class WorkerService:
             except AdapterUnavailable as e:
                 if e.terminal:
                     raise InvocationFailed(e.code, str(e)) from e
-                raise Retry(str(e), self.settings.consumer.retry_delay_s) from e
+                raise Retry(str(e), self.settings.consumer.retry_delay_s, e.code) from e
             if self.tiers.acquire(sha):  # no await since load returned: nothing evicted it meanwhile
-                if tier == "device":
+                if tier == Tier.device:
                     return self.tiers.arrival(sha, arrived_at)
                 return tier, load_ms
-        raise Retry(f"adapter {sha} was evicted while loading", self.settings.consumer.retry_delay_s)
+        raise Retry(f"adapter {sha} was evicted while loading", self.settings.consumer.retry_delay_s,
+                    ErrorCode.overloaded)
 
     def _prompt_ids(self, inv: Invocation) -> list[int]:
         if self.tokenizer is None:
@@ -456,33 +527,32 @@ class WorkerService:
         except SamplingParamsInvalid as e:
             raise InvocationFailed(ErrorCode.bad_request, str(e)) from e
 
-    async def _execute(self, inv: Invocation, attempt: int, arrived_at: float | None = None) -> InvocationResult:
+    async def _execute(self, inv: Invocation, attempt: int, epoch: int, arrived_at: float) -> InvocationResult:
         """Generate one invocation; its result (succeeded, or failed for a terminal reason)."""
-        tier: str | None = None
+        tier: Tier | None = None
         sha: str | None = None
         try:
             sha = self._version_of(inv)
             load_ms: float | None = None
             if sha is not None:
-                tier, load_ms = await self._bring_to_device(
-                    sha, arrived_at if arrived_at is not None else inv.submitted_at)
+                tier, load_ms = await self._bring_to_device(sha, arrived_at)
             try:
-                return await self._generate(inv, attempt, sha, tier, load_ms)
+                return await self._generate(inv, attempt, epoch, sha, tier, load_ms)
             finally:
                 if sha is not None:
                     self.tiers.release(sha)
         except InvocationFailed as e:
             logger.info("invocation %s failed (%s): %s", inv.id, e.code, e)
-            return self._failed(inv, attempt, e.code, str(e), tier)
+            return self._failed(inv, attempt, epoch, e.code, str(e), tier)
 
     async def _generate(
-        self, inv: Invocation, attempt: int, sha: str | None, tier: str | None, load_ms: float | None
+        self, inv: Invocation, attempt: int, epoch: int, sha: str | None, tier: Tier | None, load_ms: float | None
     ) -> InvocationResult:
         assert self.nc is not None
         started = time.time()
         event = InvocationStarted(
             invocation_id=inv.id, worker_id=self.worker_id, attempt=attempt, started_at=started,
-            adapter_tier=tier, load_ms=load_ms,  # type: ignore[arg-type]
+            adapter_tier=tier, load_ms=load_ms, epoch=epoch,
         ).encode()
         await self.nc.publish(subjects.invocation_event("started"), event)  # the scheduler's record
         # The caller gets it on its reply subject, where it arrives before the first chunk: the gateway sends
@@ -490,9 +560,8 @@ class WorkerService:
         await self._reply(inv, event, subjects.KIND_STARTED)
         prompt_ids = self._prompt_ids(inv)
         params = self._params(inv)
-        request_id = f"{inv.id}#{attempt}"
-        running = _Running(inv)
-        self._running[inv.id] = running
+        request_id = f"{inv.id}#{epoch}.{attempt}"
+        running = self._running[inv.id]
         self._pending_submit += 1
         try:
             try:
@@ -506,11 +575,13 @@ class WorkerService:
             running.request_id = request_id
             if running.aborted:
                 await self.engine.abort(request_id)
-            completion, first_token_at = await self._stream(inv, generation.items)
+            completion, first_token_at = await self._stream(inv, epoch, running, generation.items)
         finally:
-            self._running.pop(inv.id, None)
+            running.request_id = None
         if completion.finish_reason == FinishReason.ABORT:
-            raise Retry("aborted while draining")
+            if running.rescued:
+                raise Rescued()
+            raise HandBack()
         ended = time.time()
         return InvocationResult(
             invocation_id=inv.id,
@@ -526,12 +597,14 @@ class WorkerService:
                 total_ms=(ended - inv.submitted_at) * 1e3,
             ),
             worker_id=self.worker_id,
-            adapter_tier=tier,  # type: ignore[arg-type]
+            adapter_tier=tier,
             attempt=attempt,
+            epoch=epoch,
         )
 
     async def _stream(
-        self, inv: Invocation, items: asyncio.Queue[list[TokenEvent] | Completion | BaseException]
+        self, inv: Invocation, epoch: int, running: _Running,
+        items: asyncio.Queue[list[TokenEvent] | Completion | BaseException],
     ) -> tuple[Completion, float | None]:
         """Forward each step's tokens as one chunk until the completion arrives."""
         index = 0
@@ -549,9 +622,9 @@ class WorkerService:
                 continue
             if first_token_at is None:
                 first_token_at = time.time()
-            if inv.stream:
+            if inv.stream and not running.rescued:
                 chunk = TokenChunk(invocation_id=inv.id, index=index, token_ids=token_ids,
-                                   text="".join(e.text for e in item))
+                                   text="".join(e.text for e in item), epoch=epoch)
                 await self._reply(inv, chunk.encode(), subjects.KIND_CHUNK)
             index += len(token_ids)
 
@@ -570,11 +643,14 @@ class WorkerService:
             reply = ControlReply(ok=False, error=InvocationError(
                 code=ErrorCode.timeout, message=f"not done in {self.settings.control_timeout_s} s"))
         if msg.reply:
-            with contextlib.suppress(nats.errors.Error):
+            try:
                 await msg.respond(reply.encode())
+            except nats.errors.Error as e:
+                logger.debug("control reply on %s failed: %s", msg.subject, e)
 
     async def control(self, request: ControlRequest) -> ControlReply:
-        """Run one control verb (each is idempotent)."""
+        """Run one control verb (each is idempotent). The scheduler stages adapters with them; invocations
+        never depend on them (a worker loads what a dispatched invocation needs)."""
         verb = request.verb
         if verb == ControlVerb.drain:
             self.draining = True
@@ -584,8 +660,6 @@ class WorkerService:
         if sha is None:
             return ControlReply(ok=False, error=InvocationError(
                 code=ErrorCode.bad_request, message=f"{verb.value} needs the adapter version"))
-        if request.tenant is not None and request.adapter is not None:
-            self._names[sha] = (request.tenant, request.adapter)
         try:
             if verb == ControlVerb.fetch:
                 ms = await self.tiers.fetch(sha)
@@ -595,71 +669,43 @@ class WorkerService:
                     return ControlReply(ok=False, tier=self.tiers.tier(sha), error=InvocationError(
                         code=ErrorCode.unavailable, message=f"worker {self.worker_id} is draining"))
                 ms = await self.tiers.load(sha)
-                if request.tenant is not None and request.adapter is not None:
-                    self._hold(request.tenant, request.adapter, sha)
                 return ControlReply(ok=True, tier=self.tiers.tier(sha), load_ms=ms)
-            tier = await self.tiers.evict(sha, tier=request.tier or "device")
+            tier = await self.tiers.evict(sha, tier=request.tier or Tier.device)
             return ControlReply(ok=True, tier=tier)
         except AdapterUnavailable as e:
-            if verb == ControlVerb.load and e.terminal and request.tenant is not None and request.adapter is not None:
-                # Pull its invocations anyway: each fails with this error on arrival instead of waiting
-                # in the stream for a worker that can never load the adapter.
-                self._hold(request.tenant, request.adapter, sha)
             return ControlReply(ok=False, tier=self.tiers.tier(sha),
                                 error=InvocationError(code=e.code, message=str(e)))
-
-    def _hold(self, tenant: str, adapter: str, sha: str) -> None:
-        """This worker holds `tenant/adapter` at version `sha`: pull its invocations."""
-        self._current[(tenant, adapter)] = sha
-        durable = subjects.consumer_name(tenant, adapter)
-        self._adapter_consumers[durable] = (tenant, adapter)
-        self._start_puller(durable, subjects.invoke(tenant, adapter))
-
-    def _on_evicted(self, sha: str) -> None:
-        """An adapter left the device: stop pulling the consumers whose current version it was."""
-        for durable, name in list(self._adapter_consumers.items()):
-            if self._current.get(name) == sha:
-                self._stop_puller(durable)
-                del self._adapter_consumers[durable]
 
     # -- heartbeats --------------------------------------------------------------------------------------
 
     async def _heartbeat_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            with contextlib.suppress(Exception):
+            try:
                 await self._publish_heartbeat()
+            except nats.errors.Error as e:
+                logger.debug("heartbeat failed: %s", e)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=self.settings.heartbeat_s)
 
-    def heartbeat(self) -> Heartbeat:
+    def heartbeat(self, *, gone: bool = False) -> Heartbeat:
         """This worker's state now."""
         waiting, running = self.engine.counts()
-        resident: list[ResidentAdapter] = []
-        for entry in self.tiers.device.values():
-            name = self._names.get(entry.sha256)
-            if name is not None:
-                resident.append(ResidentAdapter(
-                    tenant=name[0], adapter=name[1], version=entry.sha256, tier="device", pages=entry.pages,
-                    bytes=entry.bytes, last_used=entry.last_used,
-                ))
-        for blob in self.tiers.cache.entries():
-            name = self._names.get(blob.sha256)
-            if name is not None and blob.sha256 not in self.tiers.device:
-                resident.append(ResidentAdapter(
-                    tenant=name[0], adapter=name[1], version=blob.sha256, tier="host", bytes=blob.bytes,
-                    last_used=blob.last_used,
-                ))
-        pool = self.engine.engine.adapters.pool
+        resident = [
+            ResidentAdapter(version=r.version, tier=r.tier, rank=r.rank, pages=r.pages, bytes=r.bytes,
+                            in_use=r.in_use, last_used=r.last_used)
+            for r in self.tiers.resident()
+        ]
         return Heartbeat(
             worker_id=self.worker_id,
             host=self.host,
             device=self.device,
             started_at=self.started_at,
             draining=self.draining,
+            gone=gone,
             capacity={
                 "pool_pages": self.tiers.total_pages,
-                "page_bytes": pool.page_bytes,
-                "max_rank": pool.max_rank,
+                "page_bytes": self.tiers.page_bytes,
+                "max_rank": self.tiers.max_rank,
                 "max_inflight": self.settings.consumer.max_inflight,
                 **self.tiers.cache.usage(),
                 "transitions": {k: v.as_dict() for k, v in self.tiers.stats.items()},
@@ -671,10 +717,12 @@ class WorkerService:
             tokens_per_s=round(self.engine.tokens_per_s, 2),
         )
 
-    async def _publish_heartbeat(self) -> None:
+    async def _publish_heartbeat(self, *, gone: bool = False) -> None:
         if self.nc is None or self.nc.is_closed:
             return
-        await self.nc.publish(subjects.worker_event(self.worker_id), self.heartbeat().encode())
+        await self.nc.publish(subjects.worker_event(self.worker_id), self.heartbeat(gone=gone).encode())
+        if gone:
+            await self.nc.flush(timeout=2)
 
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -703,3 +751,4 @@ async def open_worker(settings: WorkerSettings, *, worker_id: str | None = None)
             settings, worker_id=worker_id or settings.worker_id or default_worker_id(), engine=thread,
             tiers=tiers, device=str(backbone.device),
         )
+

@@ -45,10 +45,12 @@ class HostCacheSettings(BaseModel):
 
 
 class ConsumerSettings(BaseModel):
-    """How the worker consumes the invocations stream (the consumer config is shared by every worker)."""
+    """How the worker consumes its work subject (`lora.work.<worker id>`, one durable consumer)."""
 
     ack_wait_s: float = Field(30.0, gt=0, description="seconds before an unacknowledged invocation is redelivered")
-    max_deliver: int = Field(3, ge=1, description="deliveries of one invocation before it is dead-lettered")
+    max_retry_s: float = Field(
+        120.0, gt=0, description="seconds after its arrival an invocation that keeps hitting transient errors "
+        "(object store down, device pool full of adapters in use) is retried before it fails with that error")
     in_progress_every_s: float = Field(5.0, gt=0, description="seconds between in-progress acks of a running call")
     fetch_timeout_s: float = Field(1.0, gt=0, description="seconds one pull request waits for a message")
     max_inflight: int = Field(32, ge=1, description="invocations pulled and not yet finished, per worker")

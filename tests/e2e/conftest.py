@@ -149,7 +149,6 @@ class Cluster:
             "LORAFN_ENGINE__ADAPTER_POOL_BYTES": str(ADAPTER_POOL_BYTES),
             "LORAFN_CONSUMER__ACK_WAIT_S": str(ACK_WAIT_S),
             "LORAFN_CONSUMER__IN_PROGRESS_EVERY_S": "1",
-            "LORAFN_CONSUMER__MAX_DELIVER": "3",
             "LORAFN_CONSUMER__RETRY_DELAY_S": "0.5",
             "LORAFN_HEARTBEAT_S": "0.5",
             "LORAFN_DRAIN_TIMEOUT_S": "5",
@@ -411,8 +410,8 @@ async def cluster(services: Any, e2e_backbone: Path, tmp_path_factory: pytest.Te
 
     scheduler = SchedulerService(SchedulerSettings(
         nats=NatsSettings(url=services.nats_url), database=database,
-        scheduler=PlacementSettings(heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S, flush_every_s=0.5, reconcile_every_s=0.5,
-                                    placement_grace_s=3.0, adapter_cache_s=0.0, control_timeout_s=5.0),
+        scheduler=PlacementSettings(heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S, flush_every_s=0.5, tick_s=0.25,
+                                    placement_grace_s=3.0, adapter_cache_s=0.0),
     ))
     stop = asyncio.Event()
     scheduler_task = asyncio.create_task(scheduler.run(stop))

@@ -4,40 +4,74 @@ from __future__ import annotations
 
 import pytest
 
-from scheduler.policy import AdapterRef, LeastLoadedPlacement, LruEviction, ResidentView, WorkerView
+from protocol.messages import Tier
+from scheduler.policy import (
+    AdapterSpec,
+    AffinityRouter,
+    CallView,
+    LruEviction,
+    PinnedRouter,
+    ResidentView,
+    WorkerView,
+)
 
-A = AdapterRef(tenant="t", adapter="a", version="v1", pages=100)
+A = AdapterSpec(tenant="t", adapter="a", version="v1", rank=16)
+CALL = CallView("inv-1", A)
+D, H = Tier.device, Tier.host
 
 
-def w(worker_id: str, *, load: int = 0, free: int = 1000, total: int = 1000, draining: bool = False) -> WorkerView:
-    return WorkerView(worker_id=worker_id, total_pages=total, free_pages=free, running=load, draining=draining)
+def w(worker_id: str, *, load: int = 0, free: int = 1000, capacity: int = 64, max_rank: int = 0,
+      draining: bool = False) -> WorkerView:
+    return WorkerView(worker_id=worker_id, total_pages=1000, free_pages=free, outstanding=load, capacity=capacity,
+                      max_rank=max_rank, draining=draining)
 
 
 @pytest.mark.parametrize(
     ("workers", "residency", "expected"),
     [
-        ([], {}, None),
-        ([w("w1")], {}, "w1"),
-        ([w("w1", load=3), w("w2", load=1)], {}, "w2"),  # least loaded
-        ([w("w1", draining=True), w("w2", load=9)], {}, "w2"),  # draining workers take nothing
+        ([], {}, None),  # nobody to run it: the core defers
+        ([w("w1")], {}, ("w1", "cold")),
+        ([w("w1", load=3), w("w2", load=1)], {}, ("w2", "cold")),  # least loaded
+        ([w("w1", draining=True), w("w2", load=9)], {}, ("w2", "cold")),  # draining workers take nothing
         ([w("w1", draining=True)], {}, None),
-        ([w("w1", total=50), w("w2", load=5)], {}, "w2"),  # w1's pool could never hold 100 pages
-        ([w("w1"), w("w2")], {}, "w1"),  # ties: the name decides, deterministically
-        ([w("w1", free=100), w("w2", free=900)], {}, "w2"),  # ties: more free pages
-        ([w("w1"), w("w2")], {"v1": {"w2": "host"}}, "w2"),  # ties: the blob is in w2's host cache
-        ([w("w1"), w("w2", load=1)], {"v1": {"w2": "host"}}, "w1"),  # load beats a cached blob
-        ([w("w1"), w("w2", load=7)], {"v1": {"w2": "device"}}, "w2"),  # already on a device: keep it there
-        ([w("w1"), w("w2", load=7, draining=True)], {"v1": {"w2": "device"}}, "w1"),
-        ([w("w1", load=1), w("w2")], {"v2": {"w1": "device"}}, "w2"),  # another version's residency is irrelevant
+        ([w("w1", load=64), w("w2", load=9)], {}, ("w2", "cold")),  # w1 is at capacity
+        ([w("w1", max_rank=8), w("w2", load=5)], {}, ("w2", "cold")),  # w1's pool cannot hold rank 16
+        ([w("w1"), w("w2")], {}, ("w1", "cold")),  # ties: the name decides, deterministically
+        ([w("w1", free=100), w("w2", free=900)], {}, ("w2", "cold")),  # ties: more free pages
+        ([w("w1"), w("w2")], {"v1": {"w2": H}}, ("w2", "host")),  # the blob is in w2's host cache
+        ([w("w1"), w("w2", load=3)], {"v1": {"w2": H}}, ("w2", "host")),  # ... worth a little extra load
+        ([w("w1"), w("w2", load=4)], {"v1": {"w2": H}}, ("w1", "cold")),  # ... not replicate_margin more
+        ([w("w1"), w("w2", load=7)], {"v1": {"w2": D}}, ("w2", "device")),  # on a device: keep it there
+        ([w("w1"), w("w2", load=8)], {"v1": {"w2": D}}, ("w1", "replicate")),  # a busy holder: replicate
+        ([w("w1", load=5), w("w2", load=8)], {"v1": {"w2": D}}, ("w2", "device")),  # not much lighter: stay
+        ([w("w1", load=9), w("w2", load=8)], {"v1": {"w1": D, "w2": D}}, ("w2", "device")),  # lighter holder
+        ([w("w1"), w("w2", load=7, draining=True)], {"v1": {"w2": D}}, ("w1", "cold")),
+        ([w("w1", load=1), w("w2")], {"v2": {"w1": D}}, ("w2", "cold")),  # another version is irrelevant
     ],
 )
-def test_least_loaded_placement(workers, residency, expected) -> None:  # type: ignore[no-untyped-def]
-    assert LeastLoadedPlacement().choose_worker(A, workers, residency) == expected
+def test_affinity_router(workers, residency, expected) -> None:  # type: ignore[no-untyped-def]
+    route = AffinityRouter(replicate_at=8, replicate_margin=4).route(CALL, workers, residency)
+    assert (None if route is None else (route.worker_id, route.reason)) == expected
 
 
-def test_least_loaded_placement_skips_excluded_workers() -> None:
-    policy = LeastLoadedPlacement(exclude=frozenset({"w1"}))
-    assert policy.choose_worker(A, [w("w1"), w("w2", load=4)], {}) == "w2"
+def test_base_model_calls_go_to_the_least_loaded_worker() -> None:
+    route = AffinityRouter().route(CallView("inv-2", None), [w("w1", load=2), w("w2", load=1)], {"v1": {"w1": D}})
+    assert route is not None and (route.worker_id, route.reason) == ("w2", "base")
+
+
+@pytest.mark.parametrize(
+    ("pins", "workers", "expected"),
+    [
+        ({"v1": "w2"}, [w("w1"), w("w2", load=30)], ("w2", "pinned")),  # pinned by version, even if loaded
+        ({"t/a": "w2"}, [w("w1"), w("w2", load=30)], ("w2", "pinned")),  # pinned by name
+        ({"v1": "w2"}, [w("w1"), w("w2", load=64)], None),  # the pinned worker is full: wait for it
+        ({"v1": "w3"}, [w("w1"), w("w2")], None),  # the pinned worker is not alive: wait for it
+        ({"other": "w2"}, [w("w1"), w("w2")], ("w1", "cold")),  # not pinned: the fallback decides
+    ],
+)
+def test_pinned_router(pins, workers, expected) -> None:  # type: ignore[no-untyped-def]
+    route = PinnedRouter(pins=pins).route(CALL, workers, {})
+    assert (None if route is None else (route.worker_id, route.reason)) == expected
 
 
 def r(version: str, pages: int, last_used: float, in_use: int = 0) -> ResidentView:

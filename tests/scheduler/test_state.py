@@ -1,8 +1,8 @@
-"""The scheduler's warm state: heartbeats, expiry, fresh placements (a fake clock)."""
+"""The scheduler's record of heartbeats for Postgres: dirty tracking, expiry, goodbyes (a fake clock)."""
 
 from __future__ import annotations
 
-from protocol.messages import Heartbeat, ResidentAdapter
+from protocol.messages import Heartbeat, ResidentAdapter, Tier
 from scheduler.state import WarmState
 
 
@@ -14,42 +14,33 @@ class Clock:
         return self.now
 
 
-def hb(worker_id: str, *device: str, draining: bool = False) -> Heartbeat:
+def hb(worker_id: str, *device: str, gone: bool = False) -> Heartbeat:
     return Heartbeat(
-        worker_id=worker_id, host="h", device="cpu", started_at=0.0, draining=draining,
+        worker_id=worker_id, host="h", device="cpu", started_at=0.0, gone=gone,
         capacity={"pool_pages": 1000}, free_pages=900, running=1, queue_depth=2,
-        resident=[ResidentAdapter(tenant="t", adapter=f"a{v}", version=v, tier="device") for v in device],
+        resident=[ResidentAdapter(version=v, tier=Tier.device) for v in device],
     )
 
 
-def test_heartbeats_expiry_and_views() -> None:
+def test_heartbeats_are_written_once_and_expire() -> None:
     clock = Clock()
-    state = WarmState(heartbeat_timeout_s=3.0, placement_grace_s=5.0, clock=clock)
+    state = WarmState(heartbeat_timeout_s=3.0, clock=clock)
     state.observe(hb("w1", "v1"))
-    state.observe(hb("w2", draining=True))
-    [v1, v2] = state.views()
-    assert (v1.worker_id, v1.total_pages, v1.free_pages, v1.load, v1.draining) == ("w1", 1000, 900, 3, False)
-    assert v2.draining
-    assert state.holders("v1") == ["w1"]
-    assert {h.worker_id for h in state.dirty()} == {"w1", "w2"} and state.dirty() == []
+    state.observe(hb("w2"))
+    assert {h.worker_id for h in state.dirty()} == {"w1", "w2"}
+    assert state.dirty() == []  # written: nothing new until the next heartbeat
     clock.now += 2.0
     state.observe(hb("w1", "v1"))
+    assert [h.worker_id for h in state.dirty()] == ["w1"]
     clock.now += 2.0
-    assert state.expire() == ["w2"]
+    assert state.expire() == ["w2"]  # 4 s silent > 3 s
     clock.now += 2.0
-    assert state.expire() == ["w1"] and state.holders("v1") == []
+    assert state.expire() == ["w1"]
+    assert state.workers == {}
 
 
-def test_fresh_placement_counts_until_heartbeat_or_grace() -> None:
-    clock = Clock()
-    state = WarmState(heartbeat_timeout_s=30.0, placement_grace_s=5.0, clock=clock)
+def test_a_goodbye_removes_the_worker_at_once() -> None:
+    state = WarmState(heartbeat_timeout_s=30.0, clock=Clock())
     state.observe(hb("w1"))
-    state.placed("v9", "w1")
-    assert state.holders("v9") == ["w1"]  # not in a heartbeat yet, but just loaded
-    clock.now += 6.0
-    state.observe(hb("w1"))
-    assert state.holders("v9") == []  # the grace is over and heartbeats never showed it
-    state.placed("v9", "w1")
-    state.observe(hb("w1", "v9"))
-    assert state.holders("v9") == ["w1"]
-    state.unplaced("v8", "w1")  # unknown: nothing happens
+    state.observe(hb("w1", gone=True))
+    assert state.workers == {} and state.expire() == []

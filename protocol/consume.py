@@ -1,0 +1,101 @@
+"""The JetStream pull loop, written once: the dispatcher, every worker, the scheduler's results consumer and
+the gateway's callback consumer all run `PullLoop`.
+
+- It creates (or binds to) its durable consumer and re-creates it when it disappears (a worker that was
+  paused past its heartbeat timeout finds its consumer deleted by the rescue; an operator deleted it).
+- It fetches only as many messages as the caller can take now (`want`), so a fetched message never waits
+  in this process while another worker could run it, and it is never cancelled in the middle of a fetch:
+  `stop` is checked between fetches (at most `fetch_timeout_s` late), so no fetched message is stranded
+  until its ack wait.
+- Errors are retried after `retry_s`; a timeout (nothing to fetch) is not an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+import nats.errors
+import nats.js.errors
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig
+
+logger = logging.getLogger(__name__)
+
+# How many empty fetches in a row before the loop checks that its consumer still exists (a fetch against a
+# deleted consumer can simply time out).
+CHECK_EVERY_EMPTY_FETCHES = 10
+
+
+async def _one(_: int = 0) -> int:
+    return 1
+
+
+class PullLoop:
+    """Fetch from one durable pull consumer and hand each batch to `handle` until `stop` is set."""
+
+    def __init__(self, js: JetStreamContext, *, stream: str, config: ConsumerConfig, fetch_timeout_s: float = 1.0,
+                 retry_s: float = 0.5) -> None:
+        if not config.durable_name or not config.filter_subject:
+            raise ValueError("a PullLoop needs a durable consumer with a filter subject")
+        self.js = js
+        self.stream = stream
+        self.config = config
+        self.durable: str = config.durable_name
+        self.fetch_timeout_s = fetch_timeout_s
+        self.retry_s = retry_s
+        self._sub: nats.js.JetStreamContext.PullSubscription | None = None
+
+    async def _subscription(self) -> nats.js.JetStreamContext.PullSubscription:
+        if self._sub is None:
+            subject = self.config.filter_subject
+            assert subject is not None  # checked in __init__
+            self._sub = await self.js.pull_subscribe(subject, durable=self.durable, stream=self.stream,
+                                                     config=self.config)
+        return self._sub
+
+    async def _reset(self) -> None:
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+
+    async def _consumer_exists(self) -> bool:
+        try:
+            await self.js.consumer_info(self.stream, self.durable)
+        except nats.js.errors.NotFoundError:
+            return False
+        except (nats.errors.Error, nats.js.errors.Error, OSError):
+            return True  # cannot tell now; the next fetch error will reset
+        return True
+
+    async def run(self, stop: asyncio.Event, handle: Callable[[list[Msg]], Awaitable[None]],
+                  want: Callable[[], Awaitable[int]] = _one) -> None:
+        """Until `stop`: wait until `want()` says how many messages the caller takes, fetch up to that many,
+        and await `handle(batch)` (which acks, naks or hands each message to a task of its own)."""
+        empty = 0
+        while not stop.is_set():
+            count = await want()
+            if stop.is_set():
+                break
+            try:
+                sub = await self._subscription()
+                batch = await sub.fetch(max(1, count), timeout=self.fetch_timeout_s)
+            except TimeoutError:  # nats.errors.TimeoutError is one: nothing to fetch
+                empty += 1
+                if empty % CHECK_EVERY_EMPTY_FETCHES == 0 and not await self._consumer_exists():
+                    logger.info("consumer %s is gone; creating it again", self.durable)
+                    await self._reset()
+                continue
+            except (nats.errors.Error, nats.js.errors.Error, OSError) as e:
+                logger.warning("pull from %s failed (%r); retrying in %.1f s", self.durable, e, self.retry_s)
+                await self._reset()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=self.retry_s)
+                continue
+            empty = 0
+            await handle(batch)
+        await self._reset()

@@ -1,0 +1,349 @@
+"""The dispatcher: the live driver of `SchedulerCore` (NATS and Postgres in, NATS out).
+
+Mechanism (docs/nats.md, "Dispatch"):
+- ONE durable pull consumer (`dispatcher`) of the invocations stream, filter `lora.invoke.>`, shared by
+  every scheduler replica: JetStream hands each message to one of them, and a replica that dies leaves its
+  unacked messages to the others after `dispatch_ack_wait_s`.
+- For each invocation the core says Dispatch / Defer / Fail. Dispatch publishes it to `lora.work.<worker>`
+  (de-duplicated by `dispatch-<stream sequence>`) and then acks the original; Defer naks it with a delay (it
+  stays in the stream: its adapter's subject depth is the gateway's admission signal); Fail records a
+  failed result (results stream, reply subject, Postgres row) and acks.
+- The dispatcher fetches only while some worker has room (the core's capacity), so a burst waits in the
+  invocations stream, not in a worker's queue.
+- Heartbeats, the work stream's per-worker counts and recorded results become core events; a `Tick` every
+  `tick_s` lets the core declare silent workers gone, and the driver carries out `Rescue`: delete the
+  worker's consumer (a paused worker can take nothing more), requeue what is left on its subject.
+- Everything the core knows is rebuilt after a restart: workers and residency from heartbeats, their load
+  from the work stream, calls in flight from the streams themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from protocol import subjects
+from protocol.consume import PullLoop
+from protocol.dispatch import WorkHeaders, dispatch, invoke_subject, requeue_subject
+from protocol.messages import (
+    BASE_ADAPTER,
+    AdapterEvent,
+    Heartbeat,
+    Invocation,
+    InvocationResult,
+    MessageInvalid,
+    Tier,
+)
+from scheduler.core import (
+    Command,
+    Defer,
+    Dispatch,
+    Event,
+    Fail,
+    InvocationArrived,
+    InvocationFinished,
+    Rescue,
+    ResidentReport,
+    SchedulerCore,
+    Tick,
+    WorkerGone,
+    WorkerReport,
+    WorkQueues,
+)
+from scheduler.policy import AdapterSpec
+from scheduler.settings import PlacementSettings
+from storage import repo
+
+logger = logging.getLogger(__name__)
+
+# Invocations fetched per pull: enough to amortise the round trip under load, few enough that a dispatcher
+# that dies leaves little to its ack wait.
+FETCH_BATCH = 64
+
+
+def worker_report(hb: Heartbeat, at: float) -> WorkerReport:
+    """A heartbeat as a core event."""
+    cap = hb.capacity
+    return WorkerReport(
+        at=at, worker_id=hb.worker_id, total_pages=int(cap.get("pool_pages", 0)), free_pages=hb.free_pages,
+        max_rank=int(cap.get("max_rank", 0)), max_inflight=int(cap.get("max_inflight", 32)),
+        running=hb.running, queue_depth=hb.queue_depth, tokens_per_s=hb.tokens_per_s,
+        draining=hb.draining or hb.gone,
+        resident=tuple(ResidentReport(r.version, Tier(r.tier), r.rank, r.bytes, r.pages, r.in_use)
+                       for r in hb.resident),
+    )
+
+
+@dataclass
+class _Lookup:
+    spec: AdapterSpec | None
+    adapter_id: object | None
+    at: float
+
+
+class AdapterDirectory:
+    """tenant/adapter[/version] -> `AdapterSpec` from Postgres, cached (`adapter_cache_s`; a miss for
+    `miss_cache_s`) and cleared by the registry's AdapterEvents."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], *, ttl_s: float, miss_ttl_s: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.sessions = sessions
+        self.ttl_s = ttl_s
+        self.miss_ttl_s = miss_ttl_s
+        self.clock = clock
+        self._cache: dict[tuple[str, str, str | None], _Lookup] = {}
+
+    def forget(self, tenant: str, adapter: str) -> None:
+        for key in [k for k in self._cache if k[0] == tenant and k[1] == adapter]:
+            del self._cache[key]
+
+    async def lookup(self, tenant: str, adapter: str, version: str | None) -> AdapterSpec | None:
+        key = (tenant, adapter, version)
+        hit = self._cache.get(key)
+        now = self.clock()
+        if hit is not None and now - hit.at < (self.ttl_s if hit.spec is not None else self.miss_ttl_s):
+            return hit.spec
+        async with self.sessions() as session:
+            target = await repo.find_adapter_target(session, tenant=tenant, adapter=adapter, version=version)
+        spec = None if target is None else AdapterSpec(tenant, adapter, target.version, target.max_rank,
+                                                       target.bytes)
+        if len(self._cache) > 100_000:
+            self._cache.clear()
+        self._cache[key] = _Lookup(spec, target.adapter_id if target else None, now)
+        return spec
+
+    def adapter_id(self, tenant: str, adapter: str) -> object | None:
+        """The adapter's row id if a recent lookup found it (demand history needs it)."""
+        for (t, a, _), hit in self._cache.items():
+            if t == tenant and a == adapter and hit.adapter_id is not None:
+                return hit.adapter_id
+        return None
+
+
+FailHook = Callable[[Invocation, InvocationResult], Awaitable[None]]
+DemandHook = Callable[[str, str, float], None]
+
+
+class Dispatcher:
+    """Run with `run(stop)`; see the module docstring."""
+
+    def __init__(self, *, nc: NatsClient, js: JetStreamContext, core: SchedulerCore, directory: AdapterDirectory,
+                 cfg: PlacementSettings, fail: FailHook, demand: DemandHook | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.nc, self.js, self.core, self.directory, self.cfg = nc, js, core, directory, cfg
+        self.fail_hook = fail
+        self.demand_hook = demand
+        self.clock = clock
+        self._room = asyncio.Event()  # set while some worker can take more work
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._unrescued: dict[str, str] = {}  # gone workers whose rescue failed -> why they are gone
+        self.dispatched = 0
+
+    # -- events from NATS ----------------------------------------------------------------------------------
+
+    def apply(self, event: Event) -> list[Command]:
+        """Feed the core one event and carry out what needs no message at hand (rescues)."""
+        commands = self.core.handle(event)
+        for c in commands:
+            if isinstance(c, Rescue):
+                self._spawn(self.rescue(c.worker_id, c.reason), f"rescue-{c.worker_id}")
+        self._update_room()
+        return commands
+
+    def on_heartbeat(self, hb: Heartbeat) -> None:
+        now = self.clock()
+        self.apply(worker_report(hb, now))
+        if hb.gone:
+            self.apply(WorkerGone(now, hb.worker_id))
+
+    def on_result(self, result: InvocationResult) -> None:
+        self.apply(InvocationFinished(self.clock(), result.invocation_id, result.worker_id))
+
+    def on_adapter_event(self, event: AdapterEvent) -> None:
+        self.directory.forget(event.tenant, event.adapter)
+
+    def _update_room(self) -> None:
+        if any(not v.draining and not v.full for v in self.core.views()):
+            self._room.set()
+        else:
+            self._room.clear()
+
+    def _spawn(self, coro: Awaitable[None], name: str) -> None:
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- loops ---------------------------------------------------------------------------------------------
+
+    def consumer_config(self) -> ConsumerConfig:
+        return ConsumerConfig(
+            durable_name=subjects.DISPATCH_CONSUMER, filter_subject=subjects.INVOKE_ALL,
+            ack_policy=AckPolicy.EXPLICIT, ack_wait=self.cfg.dispatch_ack_wait_s, max_deliver=-1,
+            max_ack_pending=-1,
+        )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Dispatch until `stop`; then wait for rescues in flight."""
+        loop = PullLoop(self.js, stream=subjects.INVOCATIONS_STREAM, config=self.consumer_config(),
+                        fetch_timeout_s=self.cfg.dispatch_fetch_timeout_s)
+        ticks = asyncio.create_task(self._tick_loop(stop), name="dispatcher-ticks")
+
+        async def want() -> int:
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._room.wait(), timeout=self.cfg.tick_s)
+                if self._room.is_set():
+                    return FETCH_BATCH
+            return 1
+
+        try:
+            await loop.run(stop, self.handle_batch, want)
+        finally:
+            ticks.cancel()
+            await asyncio.gather(ticks, return_exceptions=True)
+            if self._tasks:
+                await asyncio.wait(set(self._tasks), timeout=5.0)
+
+    async def _tick_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self.cfg.tick_s)
+            try:
+                await self.tick()
+            except (nats.errors.Error, nats.js.errors.Error) as e:
+                logger.warning("dispatcher tick failed: %s", e)
+
+    async def tick(self) -> None:
+        """Read the work stream's per-worker counts, then let time pass in the core."""
+        try:
+            info = await self.js.stream_info(subjects.WORK_STREAM, subjects_filter=subjects.WORK_ALL)
+            counts = tuple((s.rpartition(".")[2], n) for s, n in (info.state.subjects or {}).items())
+            self.apply(WorkQueues(self.clock(), counts))
+        except nats.js.errors.NotFoundError:
+            pass
+        self.apply(Tick(self.clock()))
+        for worker_id, reason in list(self._unrescued.items()):
+            self._spawn(self.rescue(worker_id, reason), f"rescue-{worker_id}")
+
+    # -- one batch -----------------------------------------------------------------------------------------
+
+    async def handle_batch(self, batch: list[Msg]) -> None:
+        """Decide every message of the batch in order, then publish the dispatches together."""
+        sends: list[Awaitable[None]] = []
+        for msg in batch:
+            try:
+                send = await self._decide(msg)
+            except Exception:  # a bug or Postgres down: the message comes back after a delay
+                logger.exception("dispatching %s failed; retrying it in 1 s", msg.subject)
+                await self._nak(msg, 1.0)
+                continue
+            if send is not None:
+                sends.append(send)
+        if sends:
+            await asyncio.gather(*sends)
+
+    async def _decide(self, msg: Msg) -> Awaitable[None] | None:
+        try:
+            inv = Invocation.decode(msg.data)
+        except MessageInvalid as e:
+            logger.error("dropping an undecodable invocation on %s: %s", msg.subject, e)
+            await msg.term()
+            return None
+        work = WorkHeaders.read(msg)
+        published = self._stream_time(msg)
+        arrived = work.arrived_at if work.arrived_at is not None else published
+        now = self.clock()
+        adapter = inv.adapter if inv.adapter is not None else BASE_ADAPTER
+        spec: AdapterSpec | None = None
+        unknown = False
+        if adapter != BASE_ADAPTER:
+            spec = await self.directory.lookup(inv.tenant, adapter, inv.version)
+            unknown = spec is None
+        if work.epoch == 1 and self.demand_hook is not None and adapter != BASE_ADAPTER and \
+                (msg.metadata.num_delivered or 1) == 1:
+            self.demand_hook(inv.tenant, adapter, published)
+        event = InvocationArrived(
+            at=now, invocation_id=inv.id, adapter=spec, unknown=unknown, name=f"{inv.tenant}/{adapter}",
+            published_at=published, max_tokens=inv.sampling.max_tokens, epoch=work.epoch,
+        )
+        for command in self.apply(event):
+            if isinstance(command, Dispatch):
+                data = msg.data
+                if spec is not None and inv.version != spec.version:  # a direct client named no version
+                    data = inv.model_copy(update={"version": spec.version}).encode()
+                headers = WorkHeaders(epoch=work.epoch, arrived_at=arrived,
+                                      subject=work.subject or invoke_subject(inv), route=command.reason)
+                return self._send(msg, data, inv.id, command.worker_id, headers)
+            if isinstance(command, Defer):
+                await self._nak(msg, max(0.0, command.retry_at - now))
+                return None
+            if isinstance(command, Fail):
+                result = InvocationResult(
+                    invocation_id=inv.id, status="failed", epoch=work.epoch,
+                    error={"code": command.code, "message": command.message},  # type: ignore[arg-type]
+                )
+                await self.fail_hook(inv, result)
+                await self._ack(msg)
+                return None
+        return None
+
+    async def _send(self, msg: Msg, data: bytes, invocation_id: str, worker_id: str, work: WorkHeaders) -> None:
+        try:
+            await dispatch(self.js, data, msg.metadata.sequence.stream, worker_id, work)
+        except (nats.errors.Error, nats.js.errors.Error) as e:
+            logger.warning("could not dispatch %s to %s (%s); retrying", invocation_id, worker_id, e)
+            self.apply(InvocationFinished(self.clock(), invocation_id, worker_id))
+            await self._nak(msg, 0.5)
+            return
+        self.dispatched += 1
+        await self._ack(msg)
+
+    @staticmethod
+    def _stream_time(msg: Msg) -> float:
+        ts = msg.metadata.timestamp
+        return ts.timestamp() if isinstance(ts, datetime) else time.time()
+
+    @staticmethod
+    async def _ack(msg: Msg) -> None:
+        try:
+            await msg.ack()
+        except nats.errors.Error as e:  # redelivered after the ack wait; the dispatch is de-duplicated
+            logger.warning("ack of %s failed: %s", msg.subject, e)
+
+    @staticmethod
+    async def _nak(msg: Msg, delay_s: float) -> None:
+        try:
+            await msg.nak(delay=delay_s)
+        except nats.errors.Error as e:
+            logger.warning("nak of %s failed: %s", msg.subject, e)
+
+    # -- rescue --------------------------------------------------------------------------------------------
+
+    async def rescue(self, worker_id: str, reason: str) -> None:
+        """Give the unfinished work of a gone worker to the others: delete its consumer first (a paused worker
+        that wakes up takes nothing more), then requeue what its subject holds."""
+        self._unrescued.pop(worker_id, None)
+        try:
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                await self.js.delete_consumer(subjects.WORK_STREAM, subjects.work_consumer(worker_id))
+            count = await requeue_subject(self.js, worker_id)
+        except (nats.errors.Error, nats.js.errors.Error) as e:
+            logger.warning("rescue of worker %s failed (%s); the next tick tries again", worker_id, e)
+            self._unrescued[worker_id] = reason
+            return
+        logger.warning("worker %s is gone (%s); %d unfinished invocations dispatched again", worker_id, reason,
+                       count)
