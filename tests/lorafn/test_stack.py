@@ -59,6 +59,18 @@ def wait_for(path: Path, proc: subprocess.Popen[str], timeout: float = 90) -> No
     raise AssertionError(f"{path} did not appear in {timeout} s")
 
 
+def wait_for_pids(state: Path, names: set[str], proc: subprocess.Popen[str], timeout: float = 30) -> StackEndpoints:
+    """stack.json once it lists the pids of every process named (the services' come after the servers')."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        endpoints = StackEndpoints.read(state / "stack.json")
+        if names <= set(endpoints.pids):
+            return endpoints
+        assert proc.poll() is None, f"lorafn up exited early with {proc.returncode}"
+        time.sleep(0.2)
+    raise AssertionError(f"stack.json did not list {sorted(names)} in {timeout} s")
+
+
 async def _tenant_of(database_url: str, key: str) -> str | None:
     engine = repo.create_engine(DatabaseSettings(url=database_url))
     try:
@@ -95,8 +107,9 @@ def test_up_push_and_ctrl_c_leaves_nothing_behind(up_process, make_peft_adapter,
     proc, state = up_process
     # The dev key is written by bootstrap, after migrations, bucket and streams: the stack is ready.
     wait_for(state / "dev-api-key", proc)
-    endpoints = StackEndpoints.read(state / "stack.json")
-    assert set(endpoints.pids) == {"nats", "postgres", "s3"}
+    # stack.json names every process of the stack, servers and services, with its pid.
+    endpoints = wait_for_pids(state, {"nats", "postgres", "s3", "scheduler", "worker-1", "gateway"}, proc)
+    assert set(endpoints.pids) == {"nats", "postgres", "s3", "scheduler", "worker-1", "gateway"}
     host = "127.0.0.1"
     ports = [int(endpoints.nats_url.rsplit(":", 1)[1]), int(endpoints.database_url.split("@")[1].split(":")[1].split("/")[0]),
              int(endpoints.s3_endpoint.rsplit(":", 1)[1])]
