@@ -96,7 +96,7 @@ def up(
     try:
         policy = RestartPolicy(first_delay_s=restart_delay, max_delay_s=restart_delay_max)
     except ValueError as e:
-        raise _fail(str(e)) from None
+        raise _fail(f"{e} (--restart-delay {restart_delay}, --restart-delay-max {restart_delay_max})") from None
     settings = _settings(state_dir)
     stack_settings = settings.stack.model_copy(
         update={k: v for k, v in {"host": host, "nats_port": nats_port, "nats_monitor_port": nats_monitor_port,

@@ -192,6 +192,7 @@ class Supervisor:
     on_restart: Callable[[], None] = lambda: None
 
     def check(self, now: float) -> None:
+        """Schedule the restart of every process found dead, and do the restarts due at `now`."""
         for unit in self.units:
             if self.stopping():
                 return

@@ -212,3 +212,15 @@ def test_a_failed_restart_is_logged_and_backs_off_further(tmp_path: Path, caplog
         assert len(attempts) == 2
     finally:
         crasher.stop()
+
+
+def test_lorafn_up_refuses_a_first_delay_above_the_cap_before_starting_anything(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from lorafn.cli import app
+
+    result = CliRunner().invoke(app, ["up", "--state-dir", str(tmp_path), "--restart-delay", "40"])
+    assert result.exit_code == 1
+    message = " ".join(result.output.split())  # the console wraps long lines
+    assert "first_delay_s (40.0) must be between 0 and max_delay_s (30.0) (--restart-delay 40.0" in message
+    assert list(tmp_path.iterdir()) == []  # no server was started, no state written
