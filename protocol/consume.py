@@ -75,7 +75,9 @@ class PullLoop:
     async def run(self, stop: asyncio.Event, handle: Callable[[list[Msg]], Awaitable[None]],
                   want: Callable[[], Awaitable[int]] = _one) -> None:
         """Until `stop`: wait until `want()` says how many messages the caller takes, fetch up to that many,
-        and await `handle(batch)` (which acks, naks or hands each message to a task of its own)."""
+        and await `handle(batch)` (which acks, naks or hands each message to a task of its own). `handle` is
+        called after every `want`, with an empty batch when nothing came, so a caller that reserves capacity
+        in `want` (a worker's free slots) gets it back."""
         empty = 0
         while not stop.is_set():
             count = await want()
@@ -85,6 +87,7 @@ class PullLoop:
                 sub = await self._subscription()
                 batch = await sub.fetch(max(1, count), timeout=self.fetch_timeout_s)
             except TimeoutError:  # nats.errors.TimeoutError is one: nothing to fetch
+                await handle([])  # the caller gets back what `want` reserved
                 empty += 1
                 if empty % CHECK_EVERY_EMPTY_FETCHES == 0 and not await self._consumer_exists():
                     logger.info("consumer %s is gone; creating it again", self.durable)
@@ -92,6 +95,7 @@ class PullLoop:
                 continue
             except (nats.errors.Error, nats.js.errors.Error, OSError) as e:
                 logger.warning("pull from %s failed (%r); retrying in %.1f s", self.durable, e, self.retry_s)
+                await handle([])
                 await self._reset()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=self.retry_s)

@@ -310,6 +310,7 @@ class Dispatcher:
             await self._nak(msg, 0.5)
             return
         self.dispatched += 1
+        logger.debug("dispatched %s to %s (%s, epoch %d)", invocation_id, worker_id, work.route, work.epoch)
         await self._ack(msg)
 
     @staticmethod

@@ -271,6 +271,8 @@ class SchedulerService:
         await loop.run(stop, self._record_batch, want)
 
     async def _record_batch(self, msgs: list[Msg]) -> None:
+        if not msgs:
+            return
         try:
             await self._record_results(msgs)
         except Exception:

@@ -297,7 +297,7 @@ class WorkerService:
         try:
             await loop.run(self._pull_stop, handle, want)
         finally:
-            for _ in range(taken):
+            for _ in range(taken):  # stopped between `want` and `handle`
                 self._slots.release()
 
     def _handler_done(self, task: asyncio.Task[None]) -> None:
