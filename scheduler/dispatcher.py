@@ -33,6 +33,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from protocol import subjects
@@ -271,7 +272,15 @@ class Dispatcher:
         spec: AdapterSpec | None = None
         unknown = False
         if adapter != BASE_ADAPTER:
-            spec = await self.directory.lookup(inv.tenant, adapter, inv.version)
+            try:
+                spec = await self.directory.lookup(inv.tenant, adapter, inv.version)
+            except (OSError, SQLAlchemyError) as e:
+                if inv.version is None:
+                    raise
+                # Postgres is away: versions are immutable, so the one the gateway resolved is served (its rank
+                # unknown to routing) rather than held until the database is back.
+                logger.warning("adapter lookup failed (%s); dispatching %s by its version alone", e, inv.id)
+                spec = AdapterSpec(inv.tenant, adapter, inv.version)
             unknown = spec is None
         if work.epoch == 1 and self.demand_hook is not None and adapter != BASE_ADAPTER and \
                 (msg.metadata.num_delivered or 1) == 1:

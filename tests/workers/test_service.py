@@ -109,6 +109,14 @@ class Cluster:
         if wait:
             try:
                 await asyncio.wait_for(reply.done.wait(), timeout)
+            except TimeoutError:
+                for w in WORKERS:
+                    try:
+                        print("DIAG", w, await self.js.consumer_info(subjects.WORK_STREAM, subjects.work_consumer(w)))
+                    except Exception as e:
+                        print("DIAG", w, repr(e))
+                print("DIAG stream", await self.js.stream_info(subjects.WORK_STREAM, subjects_filter=subjects.WORK_ALL))
+                raise
             finally:
                 await sub.unsubscribe()
         return reply
