@@ -64,6 +64,7 @@ from scheduler.core import (
     WorkerReport,
     WorkQueues,
 )
+from scheduler.metrics import SchedulerMetrics
 from scheduler.policy import AdapterSpec
 from scheduler.settings import PlacementSettings
 from storage import repo
@@ -143,7 +144,7 @@ class Dispatcher:
 
     def __init__(self, *, nc: NatsClient, js: JetStreamContext, core: SchedulerCore, directory: AdapterDirectory,
                  cfg: PlacementSettings, fail: FailHook, demand: DemandHook | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, metrics: SchedulerMetrics | None = None) -> None:
         self.nc, self.js, self.core, self.directory, self.cfg = nc, js, core, directory, cfg
         self.fail_hook = fail
         self.demand_hook = demand
@@ -152,6 +153,7 @@ class Dispatcher:
         self._tasks: set[asyncio.Task[None]] = set()
         self._unrescued: dict[str, str] = {}  # gone workers whose rescue failed -> why they are gone
         self.dispatched = 0
+        self.metrics = metrics  # refreshed on ticks: nothing per invocation
 
     # -- events from NATS ----------------------------------------------------------------------------------
 
@@ -239,6 +241,19 @@ class Dispatcher:
         self.apply(Tick(self.clock()))
         for worker_id, reason in list(self._unrescued.items()):
             self._spawn(self.rescue(worker_id, reason), f"rescue-{worker_id}")
+        if self.metrics is not None:
+            await self._observe(self.metrics)
+
+    async def _observe(self, metrics: SchedulerMetrics) -> None:
+        """Copy the core's decisions and worker queues into the metrics, and read the invocations waiting per
+        adapter subject (one request per tick, whatever the number of adapters)."""
+        metrics.observe_decisions(self.core.decisions)
+        metrics.observe_workers(self.core.views())
+        try:
+            info = await self.js.stream_info(subjects.INVOCATIONS_STREAM, subjects_filter=subjects.INVOKE_ALL)
+        except nats.js.errors.NotFoundError:
+            return
+        metrics.observe_pending(info.state.subjects or {})
 
     # -- one batch -----------------------------------------------------------------------------------------
 
@@ -355,5 +370,7 @@ class Dispatcher:
             logger.warning("rescue of worker %s failed (%s); the next tick tries again", worker_id, e)
             self._unrescued[worker_id] = reason
             return
+        if self.metrics is not None:
+            self.metrics.observe_rescue(count)
         logger.warning("worker %s is gone (%s); %d unfinished invocations dispatched again", worker_id, reason,
                        count)

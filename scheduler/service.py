@@ -55,6 +55,7 @@ from protocol.results import record_result
 from protocol.streams import ensure_streams
 from scheduler.core import CoreConfig, SchedulerCore
 from scheduler.dispatcher import AdapterDirectory, Dispatcher
+from scheduler.metrics import MetricsEndpoint, SchedulerMetrics, serve_metrics
 from scheduler.policy import AffinityRouter, Router
 from scheduler.settings import PlacementSettings, SchedulerSettings
 from scheduler.state import WarmState
@@ -95,6 +96,8 @@ class SchedulerService:
             config=core_config(self.cfg),
         )
         self.state = WarmState(heartbeat_timeout_s=self.cfg.heartbeat_timeout_s)
+        self.metrics = SchedulerMetrics()
+        self.metrics_endpoint: MetricsEndpoint | None = None  # set by run() (None: disabled)
         self.nc: NatsClient | None = None
         self.js: JetStreamContext | None = None
         self.sessions: async_sessionmaker[AsyncSession] | None = None
@@ -118,9 +121,12 @@ class SchedulerService:
             stack.push_async_callback(self._close_nats)
             self.js = self.nc.jetstream()
             await ensure_streams(self.js)
+            self.metrics_endpoint = await stack.enter_async_context(serve_metrics(
+                self.metrics.registry, self.settings.metrics, what=f"scheduler {self.scheduler_id}"))
             self._directory = AdapterDirectory(self.sessions, ttl_s=self.cfg.adapter_cache_s)
             self.dispatcher = Dispatcher(nc=self.nc, js=self.js, core=self.core, directory=self._directory,
-                                         cfg=self.cfg, fail=self._finish_failed, demand=self._count_demand)
+                                         cfg=self.cfg, fail=self._finish_failed, demand=self._count_demand,
+                                         metrics=self.metrics if self.settings.metrics.enabled else None)
             await self.nc.subscribe(subjects.WORKER_EVENTS_ALL, cb=self._on_heartbeat)
             await self.nc.subscribe(subjects.RESULT_ALL, cb=self._on_result)
             await self.nc.subscribe(subjects.ADAPTER_EVENTS_ALL, cb=self._on_adapter_event)

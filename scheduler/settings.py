@@ -1,7 +1,7 @@
 """Settings of the scheduler service: one typed object, built in `scheduler.__main__` and passed down.
 
 Environment variables use the prefix LORAFN_ and `__` between sections, e.g. LORAFN_NATS__URL,
-LORAFN_DATABASE__URL, LORAFN_SCHEDULER__HEARTBEAT_TIMEOUT_S.
+LORAFN_DATABASE__URL, LORAFN_SCHEDULER__HEARTBEAT_TIMEOUT_S, LORAFN_METRICS__PORT.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from protocol.settings import NatsSettings
+from scheduler.metrics import MetricsSettings
 from storage.settings import DatabaseSettings
 
 
@@ -58,3 +59,4 @@ class SchedulerSettings(BaseSettings):
     nats: NatsSettings = Field(default_factory=NatsSettings)
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     scheduler: PlacementSettings = Field(default_factory=PlacementSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)

@@ -1,0 +1,192 @@
+"""Prometheus metrics of one scheduler, in a registry of its own, and the endpoint that serves a registry.
+
+The endpoint (`serve_metrics`) is shared with the workers: each process serves its own registry on its own
+port (`MetricsSettings`, LORAFN_METRICS__*), in prometheus_client's HTTP server thread. That thread only reads
+metric values (prometheus_client guards them with locks); the service's own state is read on its event loop,
+when the dispatcher ticks, and copied into gauges. So a scrape never touches the scheduler core, and the
+dispatcher's per-invocation path does nothing for metrics beyond the core's own `decisions[reason] += 1`.
+
+Metrics (see docs/ARCHITECTURE.md, "Metrics"):
+- `lorafn_dispatch_decisions_total{reason}`: the core's decisions: route reasons (device, replicate, host,
+  cold, base, pinned, or a policy's own word), defer, fail_* (copied from `SchedulerCore.decisions` each tick);
+- `lorafn_scheduler_worker_events_total{event}`: workers that came up / were declared gone;
+- `lorafn_worker_queue{worker}`: calls dispatched to each live worker and not finished (the core's count);
+- `lorafn_live_workers`: workers the core counts as alive;
+- `lorafn_pending_invocations{adapter}`: invocations waiting in the invocations stream, per "tenant/adapter",
+  for the `top_adapters` adapters with the most; the rest are summed under adapter="other";
+- `lorafn_rescues_total`, `lorafn_rescued_invocations_total`: gone workers whose work was dispatched again, and
+  how many invocations that moved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest, start_http_server
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, Field
+
+from protocol import subjects
+from scheduler.policy import WorkerView
+
+logger = logging.getLogger(__name__)
+
+# Label of the pending-invocations series that sums every adapter outside the top N. No adapter can take
+# it: adapter labels are "tenant/adapter".
+OTHER_ADAPTERS = "other"
+# Decisions of the core that are about workers, not about a call: counted apart from dispatch decisions.
+_WORKER_EVENTS = {"worker_up": "up", "worker_gone": "gone"}
+
+
+class MetricsSettings(BaseModel):
+    """The Prometheus endpoint of a scheduler or worker process (GET /metrics, text format)."""
+
+    enabled: bool = Field(True, description="serve the metrics endpoint (false: no port is opened)")
+    host: str = Field("127.0.0.1", description="address the endpoint binds (0.0.0.0 to be scraped from elsewhere)")
+    port: int = Field(0, ge=0, le=65535, description="TCP port of the endpoint (0: a free port, logged at start)")
+
+
+class MetricsUnavailable(Exception):
+    """The metrics endpoint cannot listen where its settings say."""
+
+    def __init__(self, host: str, port: int, reason: str) -> None:
+        super().__init__(f"cannot serve metrics on {host}:{port} ({reason}); set LORAFN_METRICS__PORT to a free "
+                         f"port, 0 for any free one, or LORAFN_METRICS__ENABLED=false")
+        self.host = host
+        self.port = port
+
+
+@dataclass(frozen=True)
+class MetricsEndpoint:
+    """Where a process serves its metrics (the port actually bound, also when the settings said 0)."""
+
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/metrics"
+
+
+@contextlib.asynccontextmanager
+async def serve_metrics(registry: CollectorRegistry, settings: MetricsSettings, *,
+                        what: str) -> AsyncIterator[MetricsEndpoint | None]:
+    """Serve `registry` over HTTP while the context is open (None: disabled). `what` names the process in
+    the log line that gives the URL, which is the only way to learn a port picked by port=0."""
+    if not settings.enabled:
+        yield None
+        return
+    try:
+        server, thread = start_http_server(settings.port, addr=settings.host, registry=registry)
+    except OSError as e:
+        raise MetricsUnavailable(settings.host, settings.port, e.strerror or str(e)) from e
+    endpoint = MetricsEndpoint(settings.host, int(server.server_port))
+    logger.info("%s metrics on %s", what, endpoint.url)
+    try:
+        yield endpoint
+    finally:
+        # shutdown() waits for the server's poll loop (up to half a second): not on the event loop.
+        await asyncio.to_thread(server.shutdown)
+        server.server_close()
+        await asyncio.to_thread(thread.join, 5.0)
+
+
+def pending_by_adapter(counts: Mapping[str, int], top: int) -> dict[str, int]:
+    """Invocations waiting per adapter label from the invocations stream's per-subject counts
+    (`lora.invoke.<tenant>.<adapter>` -> n): the `top` adapters with the most as "tenant/adapter", the others
+    summed under `OTHER_ADAPTERS` (always present, so the series sum to the stream's total). Ties go to the
+    name that sorts first, so the label set does not flicker between equal adapters."""
+    prefix = len(subjects.INVOKE_PREFIX) + 1
+    ranked = sorted(((n, s) for s, n in counts.items() if n > 0), key=lambda x: (-x[0], x[1]))
+    out = {s[prefix:].replace(".", "/", 1): n for n, s in ranked[:top]}
+    out[OTHER_ADAPTERS] = sum(n for n, _ in ranked[top:])
+    return out
+
+
+@dataclass
+class SchedulerMetrics:
+    """The scheduler's metrics. Gauges and the decision counter are refreshed by the dispatcher's tick from
+    plain values (`observe_*`); `render` is the body of GET /metrics. `top_adapters` bounds the adapter
+    labels of the pending-invocations gauge (the rest go to "other")."""
+
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    top_adapters: int = 20
+
+    def __post_init__(self) -> None:
+        if self.top_adapters < 0:
+            raise ValueError(f"top_adapters ({self.top_adapters}) must be at least 0")
+        r = self.registry
+        self.decisions = Counter(
+            "lorafn_dispatch_decisions", "dispatch decisions of the scheduler core by reason (route reasons, "
+            "defer, fail_*)", ["reason"], registry=r,
+        )
+        self.worker_events = Counter(
+            "lorafn_scheduler_worker_events", "workers that came up or were declared gone", ["event"], registry=r,
+        )
+        self.queue = Gauge(
+            "lorafn_worker_queue", "calls dispatched to a live worker and not finished (the core's count)",
+            ["worker"], registry=r,
+        )
+        self.live_workers = Gauge("lorafn_live_workers", "workers the scheduler counts as alive", registry=r)
+        self.pending = Gauge(
+            "lorafn_pending_invocations", "invocations waiting in the invocations stream per tenant/adapter "
+            f"(the {self.top_adapters} with the most; the others summed as adapter=\"{OTHER_ADAPTERS}\")",
+            ["adapter"], registry=r,
+        )
+        self.rescues = Counter("lorafn_rescues", "gone workers whose work was dispatched again", registry=r)
+        self.rescued = Counter(
+            "lorafn_rescued_invocations", "invocations a rescue took from a gone worker and dispatched again",
+            registry=r,
+        )
+        self._decisions_seen: dict[str, int] = {}
+        self._workers: set[str] = set()
+        self._adapters: set[str] = set()
+
+    def observe_decisions(self, decisions: Mapping[str, int]) -> None:
+        """Add what the core's decision counts gained since the last call. A count below the one seen
+        (a new core) starts again from zero."""
+        for reason, n in decisions.items():
+            seen = self._decisions_seen.get(reason, 0)
+            delta = n - seen if n >= seen else n
+            if delta <= 0:
+                continue
+            self._decisions_seen[reason] = n
+            event = _WORKER_EVENTS.get(reason)
+            if event is not None:
+                self.worker_events.labels(event).inc(delta)
+            else:
+                self.decisions.labels(reason).inc(delta)
+
+    def observe_workers(self, views: Iterable[WorkerView]) -> None:
+        """The live workers and their outstanding calls; series of workers no longer alive are removed."""
+        live = set()
+        for v in views:
+            live.add(v.worker_id)
+            self.queue.labels(v.worker_id).set(v.outstanding)
+        for worker_id in self._workers - live:
+            self.queue.remove(worker_id)
+        self._workers = live
+        self.live_workers.set(len(live))
+
+    def observe_pending(self, counts: Mapping[str, int]) -> None:
+        """The invocations stream's per-subject counts (subject -> messages); see `pending_by_adapter`."""
+        pending = pending_by_adapter(counts, self.top_adapters)
+        for adapter, n in pending.items():
+            self.pending.labels(adapter).set(n)
+        for adapter in self._adapters - pending.keys():
+            self.pending.remove(adapter)
+        self._adapters = set(pending)
+
+    def observe_rescue(self, invocations: int) -> None:
+        """A gone worker's work was dispatched again (`invocations` of them)."""
+        self.rescues.inc()
+        self.rescued.inc(invocations)
+
+    def render(self) -> tuple[bytes, str]:
+        """(body, content type) of the Prometheus text format."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
