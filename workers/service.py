@@ -72,11 +72,13 @@ from protocol.messages import (
 )
 from protocol.results import record_result
 from protocol.streams import ensure_streams
+from scheduler.metrics import MetricsEndpoint, serve_metrics
 from storage.objectstore import ObjectStore
 from workers.batcher import Completion, FinishReason, TokenEvent
 from workers.engine import EmptyPrompt, Engine, EngineError, PromptTooLong
 from workers.engine_thread import EngineThread, StepFailed
 from workers.host_cache import HostCache
+from workers.metrics import WorkerMetrics
 from workers.sampling import SamplingParams, SamplingParamsInvalid
 from workers.settings import WorkerSettings
 from workers.tiers import AdapterTiers, AdapterUnavailable
@@ -149,8 +151,11 @@ class WorkerService:
         engine: EngineThread,
         tiers: AdapterTiers,
         device: str,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics or WorkerMetrics()
+        self.metrics_endpoint: MetricsEndpoint | None = None  # set by run() (None: disabled)
         self.worker_id = subjects.check_name("worker", worker_id)
         self.engine = engine
         self.tiers = tiers
@@ -186,6 +191,8 @@ class WorkerService:
             stack.push_async_callback(self._close_nats)
             self.js = self.nc.jetstream()
             await ensure_streams(self.js)
+            self.metrics_endpoint = await stack.enter_async_context(serve_metrics(
+                self.metrics.registry, self.settings.metrics, what=f"worker {self.worker_id}"))
             for verb in ControlVerb:
                 await self.nc.subscribe(subjects.control(self.worker_id, verb.value), cb=self._on_control)
             heartbeats = asyncio.create_task(self._heartbeat_loop(stop), name="heartbeats")
@@ -349,9 +356,11 @@ class WorkerService:
         except Rescued:
             logger.warning("invocation %s was rescued to another worker while this one was silent; abandoned",
                            inv.id)
+            self.metrics.observe_ending("rescued")
             return
         except HandBack:
             await self._hand_back(msg, inv, work)
+            self.metrics.observe_ending("handed_back")
             return
         except Retry as e:
             if time.time() - arrived_at > self.settings.consumer.max_retry_s:
@@ -373,6 +382,7 @@ class WorkerService:
             logger.warning("could not record the result of %s (%s); retrying it later", inv.id, e)
             await self._nak(msg, inv.id, self.settings.consumer.retry_delay_s)
             return
+        self.metrics.observe_result(result)
         await self._reply(inv, result.encode(), subjects.KIND_RESULT)
         await self._ack(msg, inv.id)
 
@@ -720,7 +730,9 @@ class WorkerService:
     async def _publish_heartbeat(self, *, gone: bool = False) -> None:
         if self.nc is None or self.nc.is_closed:
             return
-        await self.nc.publish(subjects.worker_event(self.worker_id), self.heartbeat(gone=gone).encode())
+        heartbeat = self.heartbeat(gone=gone)
+        self.metrics.observe_heartbeat(heartbeat)
+        await self.nc.publish(subjects.worker_event(self.worker_id), heartbeat.encode())
         if gone:
             await self.nc.flush(timeout=2)
 
@@ -746,9 +758,11 @@ async def open_worker(settings: WorkerSettings, *, worker_id: str | None = None)
         if directory is None:
             directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lorafn-host-cache-")))
         cache = HostCache(directory, disk_bytes=settings.host_cache.disk_bytes, ram_bytes=settings.host_cache.ram_bytes)
-        tiers = AdapterTiers(engine=thread, store=ObjectStore(settings.object_store), cache=cache)
+        metrics = WorkerMetrics()
+        tiers = AdapterTiers(engine=thread, store=ObjectStore(settings.object_store), cache=cache,
+                             on_load=metrics.observe_load)
         yield WorkerService(
             settings, worker_id=worker_id or settings.worker_id or default_worker_id(), engine=thread,
-            tiers=tiers, device=str(backbone.device),
+            tiers=tiers, device=str(backbone.device), metrics=metrics,
         )
 

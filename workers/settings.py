@@ -2,7 +2,7 @@
 
 Environment variables use the prefix LORAFN_ and `__` between sections, e.g. LORAFN_NATS__URL,
 LORAFN_OBJECT_STORE__ENDPOINT, LORAFN_ENGINE__ADAPTER_POOL_BYTES, LORAFN_BACKBONE__PATH,
-LORAFN_HOST_CACHE__RAM_BYTES, LORAFN_CONSUMER__ACK_WAIT_S, LORAFN_WORKER_ID.
+LORAFN_HOST_CACHE__RAM_BYTES, LORAFN_CONSUMER__ACK_WAIT_S, LORAFN_WORKER_ID, LORAFN_METRICS__PORT.
 
 The adapter pool's page dtype is LORAFN_ENGINE__ADAPTER_DTYPE (auto, float32, bfloat16, float16; see
 `workers.adapter_pool.adapter_pool_dtype`); LORAFN_NATIVE=0 turns the native CPU LoRA kernel off
@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from protocol.settings import NatsSettings
 from protocol.subjects import NAME_PATTERN
+from scheduler.metrics import MetricsSettings
 from storage.settings import ObjectStoreSettings
 from workers.engine import EngineSettings
 
@@ -80,6 +81,7 @@ class WorkerSettings(BaseSettings):
     heartbeat_s: float = Field(1.0, gt=0, description="seconds between heartbeats")
     drain_timeout_s: float = Field(20.0, ge=0, description="seconds running invocations get to finish on SIGTERM")
     control_timeout_s: float = Field(60.0, gt=0, description="seconds a control verb may take")
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
 
     @model_validator(mode="after")
     def _worker_id_token(self) -> WorkerSettings:

@@ -105,7 +105,8 @@ class AdapterTiers:
     """Adapter versions of one worker across the three tiers (asyncio side; the engine via its thread).
 
     `eviction` chooses the versions that leave the device to make room; None takes the engine's, so that
-    a worker has one policy (whoever builds both may pass the same instance to each)."""
+    a worker has one policy (whoever builds both may pass the same instance to each). `on_load` hears of
+    each load once, however many callers shared it."""
 
     def __init__(
         self,
@@ -114,8 +115,10 @@ class AdapterTiers:
         store: ObjectStore,
         cache: HostCache,
         eviction: EvictionPolicy | None = None,
+        on_load: Callable[[Tier, float], None] | None = None,
     ) -> None:
         self.engine = engine
+        self.on_load = on_load  # told (source tier, ms) of every load onto the device, once per load (metrics)
         self.store = store
         self.cache = cache
         self.eviction: EvictionPolicy = eviction or engine.engine.eviction
@@ -378,6 +381,8 @@ class AdapterTiers:
         facts.source, facts.load_ms = source, ms
         facts.loaded_at = facts.last_used = time.time()
         self.stats["load"].add(ms)
+        if self.on_load is not None:
+            self.on_load(source, ms)
         self._forget_gone()
         logger.info(
             "loaded adapter %s (%d pages, rank %d) in %.1f ms%s", sha, pages, facts.rank, ms,
