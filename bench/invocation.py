@@ -1,13 +1,22 @@
-"""What the invocation path adds: HTTP -> gateway -> NATS JetStream -> worker -> reply, with an instant worker.
+"""What the invocation path adds: HTTP -> gateway -> NATS JetStream -> the scheduler's dispatcher -> a worker's
+work subject -> worker -> reply, with instant workers; and whether the path stays as fast with 1,000 adapters
+as with 10.
 
-The engine is replaced by an echo peer (`EchoPeer`, run in a process of its own): a real JetStream pull
-consumer that answers every invocation at once following the worker contract (started event, token chunks
-when streaming, the result recorded in the results stream, then sent to the reply subject, then the ack).
-Two variants call the same echo, one call of the bare backbone each (a short prompt, 4 tokens, no
-streaming):
+The engine is replaced by a pool of echo workers (`EchoWorker`, all in one process of their own): each speaks
+the worker protocol to the real scheduler (`python -m scheduler`, a child process): it heartbeats on
+`lora.evt.worker.<id>` with its capacity and the adapter versions it holds (every version it has echoed
+for, tier device), consumes its own `lora.work.<id>` through one durable consumer (`protocol.consume.PullLoop`)
+and answers every invocation at once following the worker contract (started event, token chunks when
+streaming, the result recorded in the results stream, then sent to the reply subject, then the ack; every
+message carries the dispatch epoch of its `WorkHeaders`). The answer is the prompt's first `max_tokens` words.
 
-- direct: this process publishes the `Invocation` to JetStream (awaiting the publish ack) and waits for the
-  result on its reply subject (`lora.reply.<id>`, subscribed before the publish), as a NATS client does;
+Table 1, the invocation path (one call of the bare backbone each: a short prompt, 4 tokens, no streaming):
+
+- direct: this process publishes the `Invocation` to `lora.invoke.<tenant>._base` (awaiting the publish ack)
+  and waits for the result on its reply subject (`lora.reply.<id>`, subscribed before the publish), as a
+  NATS client does; the dispatcher routes it to an echo worker;
+- direct_work: the same call published straight to an echo worker's `lora.work.<id>` (the workers in turn),
+  bypassing the dispatcher: direct - direct_work is what the dispatch hop costs;
 - gateway: this process POSTs `/v1/functions/<tenant>/_base/invocations` (synchronous FaaS call) to the
   gateway, run as `python -m gateway` (uvicorn) on a free port, over one keep-alive connection per
   concurrent caller of a minimal HTTP/1.1 client (`RawHttpCaller`);
@@ -16,17 +25,27 @@ streaming):
 
 Added latency = gateway - direct, per percentile (p50 - p50, p99 - p99); the targets are judged on the lean
 client (what the path adds, not the caller's HTTP library) and the httpx figures are reported beside them.
-The gateway process's CPU time per call is read from /proc around each sequential round. The variants are
-interleaved in rounds (A, B, C, A, B, C, ...) after a warm-up of both, so that the noise of a shared machine hits both alike:
-first sequential rounds (one call at a time: latency, sequential invocations/s), then rounds with
-`concurrency` callers (invocations/s under load, and the latency it costs).
+The dispatch hop is also timed per call: from the invocations stream's publish ack (in this process) to the
+echo worker holding the work message (its `InvocationStarted.started_at`, stamped when its fetch returned),
+split with the streams' own timestamps into the dispatcher's part (invocation stored -> work message stored)
+and the worker's pickup (work message stored -> fetched). The gateway's and the scheduler's CPU time per call
+are read from /proc around each sequential round. The variants are interleaved in rounds (A, B, C, D, A, ...)
+after a warm-up of each, so that the noise of a shared machine hits all alike: first sequential rounds (one
+call at a time: latency, sequential invocations/s), then rounds with `concurrency` callers.
 
 To say where the gateway's time goes, the same process then times, one at a time, the pieces the gateway
 does per call besides the NATS work both variants share: an HTTP round trip to the gateway that does
 nothing (`GET /healthz`, with the same client), the Postgres insert of the invocation row exactly as the
-gateway does it (`repo.insert_invocation`: one autocommit statement, `synchronous_commit off`), the same row
-through an ORM session for comparison (pre-ping, BEGIN, INSERT, COMMIT) and a bare Postgres round trip
-(`SELECT 1`).
+gateway does it (`repo.insert_invocation`), the same row through an ORM session for comparison, and a bare
+Postgres round trip (`SELECT 1`).
+
+Table 2, many adapters: `adapter_counts[-1]` adapters registered in Postgres (rows only: the echo workers
+load nothing), then for each N in `adapter_counts` (in increasing order, so that the workers hold N versions
+while N is measured) calls rotating over N adapters (call i goes to adapter i mod N) directly over NATS and
+through the gateway (lean client), the two interleaved in rounds, the same number of calls and callers for
+every N, after a warm-up that calls each adapter once: invocations/s and p50/p99 per N, their ratios to the
+first N (the target: within 10%), the JetStream consumers of each stream and each echo worker's NATS
+subscriptions (neither may grow with N).
 
 `run()` starts NATS, Postgres and S3 with the `lorafn up` launcher on free ports in a temporary directory;
 `measure()` takes running servers (the test fixtures' for the smoke test).
@@ -36,40 +55,53 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
+import hashlib
+import itertools
 import json
 import logging
 import os
 import secrets
 import signal
+import socket
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
 import httpx
 import nats
 import nats.errors
+import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
-from nats.js.errors import NotFoundError
 
 from protocol import subjects
+from protocol.consume import PullLoop
+from protocol.dispatch import WorkHeaders
 from protocol.messages import (
+    Heartbeat,
     Invocation,
     InvocationResult,
     InvocationStarted,
+    MessageInvalid,
+    ResidentAdapter,
     Sampling,
+    SchedulerHeartbeat,
+    Tier,
     Timings,
     TokenChunk,
     Usage,
 )
 from protocol.results import record_result
-from protocol.streams import ensure_streams
+from protocol.streams import ALL_STREAMS, ensure_streams
 from storage.settings import ObjectStoreSettings
 
 log = logging.getLogger(__name__)
@@ -79,11 +111,22 @@ PROMPT = "hello from the invocation benchmark"
 MAX_TOKENS = 4
 TARGET_P50_MS = 2.0  # targets of the gateway's added latency
 TARGET_P99_MS = 10.0
+TARGET_ADAPTER_RATIO = 0.10  # many adapters: throughput and latency within 10% of the fewest adapters
 ECHO_READY = "ready"
-ECHO_BATCH = 32  # messages per pull request of the echo peer
+ECHO_STATS = "stats"  # the command the echo pool answers on its stdin with one JSON line
+ECHO_BATCH = 32  # most messages per pull request of an echo peer
+ECHO_MAX_INFLIGHT = 64  # invocations an echo peer answers at once
+ECHO_POOL_PAGES = 4096  # capacity an echo worker reports (it holds one page per version it has echoed for)
+ECHO_MAX_RANK = 64
+ECHO_HEARTBEAT_S = 1.0  # the workers' default
+ECHO_SEEN_KEPT = 10_000  # invocations an echo peer remembers (tests look at the last ones)
+ADAPTER_RANK = 8  # the rank registered for the benchmark's adapters
+ADAPTER_BYTES = 1 << 20
 START_TIMEOUT_S = 60.0
 CALL_TIMEOUT_S = 10.0
+STATS_TIMEOUT_S = 10.0
 IDLE_REUSE_S = 2.0  # the lean client reuses a keep-alive connection idle for less than this
+CHILD_LINE_LIMIT = 1 << 24  # bytes of one line a child writes to its stdout (the echo pool's stats)
 
 
 @dataclass(frozen=True)
@@ -97,7 +140,9 @@ class Servers:
 
 @dataclass(frozen=True)
 class BenchOptions:
-    """How many calls: `warmup` per variant, then rounds of each variant in turn."""
+    """How many calls. Table 1: `warmup` per variant, then rounds of each variant in turn. Table 2: for each
+    adapter count, one call per adapter to warm up, then `adapter_rounds` rounds of each path in turn,
+    `adapter_calls` calls per path in all."""
 
     warmup: int = 100
     rounds: int = 10  # sequential rounds per variant
@@ -106,20 +151,45 @@ class BenchOptions:
     concurrent_rounds: int = 4  # rounds per variant with `concurrency` callers
     concurrent_calls_per_round: int = 320
     component_calls: int = 200  # calls of each component measured on its own
+    echo_workers: int = 3
+    adapter_counts: tuple[int, ...] = (10, 100, 1000)
+    adapter_calls: int = 2000  # per path and adapter count
+    adapter_rounds: int = 4
+    adapter_concurrency: int = 16
+
+    def __post_init__(self) -> None:
+        if self.echo_workers < 1:
+            raise ValueError(f"echo_workers ({self.echo_workers}) must be at least 1")
+        if list(self.adapter_counts) != sorted(set(self.adapter_counts)) or any(n < 1 for n in self.adapter_counts):
+            raise ValueError(f"adapter_counts {self.adapter_counts} must be positive and increasing")
+        if self.adapter_rounds < 1 or self.adapter_calls < self.adapter_rounds:
+            raise ValueError(f"adapter_calls ({self.adapter_calls}) must be at least adapter_rounds "
+                             f"({self.adapter_rounds}), which must be at least 1")
 
 
-# -- the echo peer ------------------------------------------------------------------------------------
+# -- the echo peer and the echo workers -----------------------------------------------------------------
+
+
+def _stream_time(msg: Msg) -> float | None:
+    """Unix seconds the stream stored `msg` (None for a message that did not come from a stream)."""
+    with contextlib.suppress(ValueError, nats.errors.Error):
+        ts = msg.metadata.timestamp
+        if isinstance(ts, datetime):
+            return ts.timestamp()
+    return None
 
 
 @dataclass
 class EchoPeer:
-    """A worker with an instant engine: answers every invocation of `filter_subject` at once.
+    """An instant engine: answers every invocation of `filter_subject` (in `stream`) at once.
 
-    Follows the worker contract: `InvocationStarted` on lora.evt.invocation.started, `TokenChunk`s with
-    their indices when the invocation streams, the `InvocationResult` recorded in the results stream
-    (`Nats-Msg-Id: result-<id>`, awaited) and then sent to `reply_to`, and the ack last. The output is the
-    prompt's first `max_tokens` words. Subclasses change the answer through `respond` and `chunk_rounds`
-    (the gateway tests use one that fails, stalls or repeats chunks on request).
+    Follows the worker contract: `InvocationStarted` on lora.evt.invocation.started and on `reply_to`,
+    `TokenChunk`s (one per word) with their indices when the invocation streams, the `InvocationResult`
+    recorded in the results stream (`Nats-Msg-Id: result-<id>`, awaited) and then sent to `reply_to`, and
+    the ack last; each message carries the dispatch epoch of the work message's `WorkHeaders`. The output is
+    the prompt's first `max_tokens` words. Pulls through `PullLoop`, at most `max_inflight` at once.
+    Subclasses change the answer through `respond` and `chunk_rounds` (the gateway tests use one that fails,
+    stalls or repeats chunks on request); `EchoWorker` is one the scheduler dispatches to.
     """
 
     nc: Client
@@ -128,48 +198,77 @@ class EchoPeer:
     worker_id: str = "bench-echo"
     tier: str | None = None  # reported as adapter_tier
     load_ms: float = 0.0  # reported as the adapter's load time
-    batch: int = ECHO_BATCH  # messages per pull request
+    batch: int = ECHO_BATCH  # most messages per pull request
+    stream: str = subjects.INVOCATIONS_STREAM
+    max_inflight: int = ECHO_MAX_INFLIGHT
+    fetch_timeout_s: float = 1.0  # the workers' default
     answered: int = 0
-    seen: list[Invocation] = field(default_factory=list)
+    seen: collections.deque[Invocation] = field(default_factory=lambda: collections.deque(maxlen=ECHO_SEEN_KEPT))
+    # invocation id -> (invocation stored -> work message stored, work message stored -> fetched), ms; only
+    # for dispatched invocations (their work headers say when the invocation arrived)
+    samples: dict[str, tuple[float, float]] = field(default_factory=dict)
     _task: asyncio.Task[None] | None = None
-    _psub: Any = None
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _slots: asyncio.Semaphore | None = None
+    _taken: int = 0
     _answering: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def consumer_config(self) -> ConsumerConfig:
+        return ConsumerConfig(durable_name=self.consumer, filter_subject=self.filter_subject,
+                              ack_policy=AckPolicy.EXPLICIT, ack_wait=30, max_deliver=3, max_ack_pending=-1)
 
     async def start(self) -> None:
         """Create the durable consumer (replacing one left by an earlier run) and start pulling."""
         js = self.nc.jetstream()
-        with contextlib.suppress(NotFoundError):
-            await js.delete_consumer(subjects.INVOCATIONS_STREAM, self.consumer)
-        config = ConsumerConfig(durable_name=self.consumer, ack_policy=AckPolicy.EXPLICIT, ack_wait=30,
-                                max_deliver=3, filter_subject=self.filter_subject)
-        self._psub = await js.pull_subscribe(self.filter_subject, durable=self.consumer,
-                                             stream=subjects.INVOCATIONS_STREAM, config=config)
-        self._task = asyncio.create_task(self._run(), name="echo-pull")
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await js.delete_consumer(self.stream, self.consumer)
+        await js.add_consumer(self.stream, self.consumer_config())
+        self._slots = asyncio.Semaphore(self.max_inflight)
+        loop = PullLoop(js, stream=self.stream, config=self.consumer_config(), fetch_timeout_s=self.fetch_timeout_s)
+        self._task = asyncio.create_task(loop.run(self._stop, self._take, self._want), name=f"echo-{self.worker_id}")
 
     async def stop(self) -> None:
-        """Stop pulling, finish the answers under way, delete the consumer."""
+        """Stop pulling, finish the answers under way, delete the consumer.
+
+        The pull loop is cancelled rather than left to end at its next check (up to `fetch_timeout_s`, paid by
+        every test that stops a peer): a fetch it cancels loses nothing, as the consumer goes with it."""
+        self._stop.set()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         if self._answering:
             await asyncio.gather(*self._answering, return_exceptions=True)
-        with contextlib.suppress(Exception):
-            await self._psub.unsubscribe()
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
             # A work-queue stream takes one consumer per subject: leave the subjects free for others.
-            await self.nc.jetstream().delete_consumer(subjects.INVOCATIONS_STREAM, self.consumer)
+            await self.nc.jetstream().delete_consumer(self.stream, self.consumer)
 
-    async def _run(self) -> None:
-        while True:
-            try:
-                msgs = await self._psub.fetch(self.batch, timeout=1.0)
-            except (nats.errors.TimeoutError, TimeoutError):
-                continue
-            for msg in msgs:
-                task = asyncio.create_task(self._answer(msg))
-                self._answering.add(task)
-                task.add_done_callback(self._answering.discard)
+    async def _want(self) -> int:
+        """Wait for a free slot; take every free one, up to `batch` (the pull loop fetches that many)."""
+        assert self._slots is not None
+        await self._slots.acquire()
+        n = 1
+        while n < self.batch and not self._slots.locked():
+            await self._slots.acquire()
+            n += 1
+        self._taken = n
+        return n
+
+    async def _take(self, batch: list[Msg]) -> None:
+        assert self._slots is not None
+        fetched = time.time()
+        for msg in batch:
+            task = asyncio.create_task(self._answer(msg, fetched))
+            self._answering.add(task)
+            task.add_done_callback(self._answered)
+        for _ in range(self._taken - len(batch)):  # slots taken for messages that did not come
+            self._slots.release()
+        self._taken = 0
+
+    def _answered(self, task: asyncio.Task[None]) -> None:
+        self._answering.discard(task)
+        assert self._slots is not None
+        self._slots.release()
 
     def words(self, inv: Invocation) -> list[str]:
         """The words of the prompt (or of the last chat message)."""
@@ -179,6 +278,9 @@ class EchoPeer:
     def chunk_rounds(self, inv: Invocation) -> int:
         """How many times the chunks are sent (a redelivered generation sends them again)."""
         return 1
+
+    def taking(self, inv: Invocation) -> None:
+        """Called for every invocation before it is answered (an `EchoWorker` notes the version it holds)."""
 
     async def respond(self, inv: Invocation, started: float) -> InvocationResult:
         """The result of an invocation: the echo of its first `max_tokens` words."""
@@ -193,54 +295,159 @@ class EchoPeer:
             worker_id=self.worker_id, adapter_tier=self.tier,  # type: ignore[arg-type]
         )
 
-    async def _answer(self, msg: Msg) -> None:
+    async def _answer(self, msg: Msg, fetched: float) -> None:
         try:
             inv = Invocation.decode(msg.data)
-        except Exception:
+        except MessageInvalid:
             log.warning("not an Invocation; terminating it", exc_info=True)
             await msg.term()
             return
+        work = WorkHeaders.read(msg)
+        stored = _stream_time(msg)
+        if work.arrived_at is not None and stored is not None:
+            self.samples[inv.id] = ((stored - work.arrived_at) * 1000, (fetched - stored) * 1000)
         self.seen.append(inv)
-        started = time.time()
-        event = InvocationStarted(invocation_id=inv.id, worker_id=self.worker_id, adapter_tier=self.tier,  # type: ignore[arg-type]
-                                  load_ms=self.load_ms).encode()
+        self.taking(inv)
+        event = InvocationStarted(invocation_id=inv.id, worker_id=self.worker_id, started_at=fetched,
+                                  adapter_tier=self.tier, load_ms=self.load_ms, epoch=work.epoch).encode()  # type: ignore[arg-type]
         await self.nc.publish(subjects.invocation_event("started"), event)
         if inv.reply_to:
             await self.nc.publish(inv.reply_to, event, headers={KIND_HEADER: subjects.KIND_STARTED})
-        result = await self.respond(inv, started)
+        result = (await self.respond(inv, fetched)).model_copy(update={"epoch": work.epoch})
         if inv.stream and inv.reply_to and result.status == "succeeded":
             words = result.text.split(" ") if result.text else []
             for _ in range(self.chunk_rounds(inv)):
                 for i, word in enumerate(words):
-                    chunk = TokenChunk(invocation_id=inv.id, index=i, token_ids=[i], text=word if i == 0 else " " + word)
+                    chunk = TokenChunk(invocation_id=inv.id, index=i, token_ids=[i], text=word if i == 0 else " " + word,
+                                       epoch=work.epoch)
                     await self.nc.publish(inv.reply_to, chunk.encode(), headers={KIND_HEADER: subjects.KIND_CHUNK})
-        await record_result(self.nc.jetstream(), inv.id, result.encode(), callback=inv.callback_url is not None,
+        payload = result.encode()
+        await record_result(self.nc.jetstream(), inv.id, payload, callback=inv.callback_url is not None,
                             headers={KIND_HEADER: subjects.KIND_RESULT})
         if inv.reply_to:
-            await self.nc.publish(inv.reply_to, result.encode(), headers={KIND_HEADER: subjects.KIND_RESULT})
+            await self.nc.publish(inv.reply_to, payload, headers={KIND_HEADER: subjects.KIND_RESULT})
         await msg.ack()
         self.answered += 1
 
 
-async def serve_echo(nats_url: str, consumer: str, filter_subject: str) -> None:
-    """`python -m bench.invocation echo`: run an EchoPeer until SIGTERM/SIGINT; print ECHO_READY when pulling."""
+@dataclass
+class EchoWorker(EchoPeer):
+    """An echo peer that is a worker to the scheduler: it consumes its own work subject through its one durable
+    consumer (`work-<id>`), and heartbeats every `heartbeat_s` with the capacity the dispatcher routes by and,
+    as device-resident, every adapter version it has echoed for (so that the dispatcher's affinity keeps an
+    adapter on the worker that served it first). Stopping sends a last heartbeat with gone=true."""
+
+    pool_pages: int = ECHO_POOL_PAGES
+    max_rank: int = ECHO_MAX_RANK
+    heartbeat_s: float = ECHO_HEARTBEAT_S
+    started_at: float = field(default_factory=time.time)
+    held: dict[str, float] = field(default_factory=dict)  # version -> last used (unix seconds)
+    _beats: asyncio.Task[None] | None = None
+
+    @classmethod
+    def for_worker(cls, nc: Client, worker_id: str) -> EchoWorker:
+        return cls(nc, consumer=subjects.work_consumer(worker_id), filter_subject=subjects.work(worker_id),
+                   worker_id=subjects.check_name("worker", worker_id), stream=subjects.WORK_STREAM)
+
+    def taking(self, inv: Invocation) -> None:
+        if inv.version is not None:
+            self.held[inv.version] = time.time()
+
+    def heartbeat(self, *, gone: bool = False) -> Heartbeat:
+        return Heartbeat(
+            worker_id=self.worker_id, host=socket.gethostname(), device="echo", started_at=self.started_at,
+            gone=gone,
+            capacity={"pool_pages": self.pool_pages, "max_rank": self.max_rank, "max_inflight": self.max_inflight},
+            resident=[ResidentAdapter(version=v, tier=Tier.device, pages=1, last_used=t) for v, t in self.held.items()],
+            free_pages=max(0, self.pool_pages - len(self.held)), running=len(self._answering),
+        )
+
+    async def beat(self, *, gone: bool = False) -> None:
+        await self.nc.publish(subjects.worker_event(self.worker_id), self.heartbeat(gone=gone).encode())
+
+    async def _heartbeats(self) -> None:
+        while True:
+            try:
+                await self.beat()
+            except nats.errors.Error as e:
+                log.warning("heartbeat of %s failed: %s", self.worker_id, e)
+            await asyncio.sleep(self.heartbeat_s)
+
+    async def start(self) -> None:
+        await super().start()
+        self._beats = asyncio.create_task(self._heartbeats(), name=f"heartbeats-{self.worker_id}")
+
+    async def stop(self) -> None:
+        if self._beats is not None:
+            self._beats.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._beats
+        with contextlib.suppress(nats.errors.Error):
+            await self.beat(gone=True)  # the dispatcher sends nothing more here
+            await self.nc.flush(timeout=2)
+        await super().stop()
+
+    def subscriptions(self) -> int:
+        """The NATS subscriptions this worker's connection holds now (read from the client's own table)."""
+        return len(self.nc._subs)
+
+
+async def serve_echo(nats_url: str, prefix: str, count: int) -> None:
+    """`python -m bench.invocation echo`: run `count` echo workers (`<prefix>-<i>`, one NATS connection each)
+    until SIGTERM/SIGINT or the end of stdin; print ECHO_READY when they pull and have sent a heartbeat; answer
+    each ECHO_STATS line on stdin with one JSON line (`pool_stats`)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    nc = await nats.connect(nats_url, connect_timeout=5)
-    try:
-        peer = EchoPeer(nc, consumer=consumer, filter_subject=filter_subject)
-        await peer.start()
-        try:
-            sys.stdout.write(ECHO_READY + "\n")
-            sys.stdout.flush()
-            await stop.wait()
-        finally:
-            await peer.stop()
-        log.info("echo peer answered %d invocations", peer.answered)
-    finally:
-        await nc.drain()
+    stdin = asyncio.StreamReader(limit=CHILD_LINE_LIMIT)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
+    async with contextlib.AsyncExitStack() as stack:
+        workers: list[EchoWorker] = []
+        for i in range(count):
+            worker_id = f"{prefix}-{i}"
+            nc = await nats.connect(nats_url, connect_timeout=5, name=f"lorafn-echo-{worker_id}")
+            # Closed, not drained: a worker's stop returns once it has answered all it took, and a drain would
+            # wait on the subscription of the pull it cancelled.
+            stack.push_async_callback(nc.close)
+            worker = EchoWorker.for_worker(nc, worker_id)
+            await worker.start()
+            stack.push_async_callback(worker.stop)
+            workers.append(worker)
+        for worker in workers:
+            await worker.beat()
+            await worker.nc.flush()
+        sys.stdout.write(ECHO_READY + "\n")
+        sys.stdout.flush()
+        stopping = asyncio.create_task(stop.wait())
+        while not stop.is_set():
+            line = asyncio.create_task(stdin.readline())
+            await asyncio.wait({line, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not line.done():
+                line.cancel()
+                break
+            command = line.result().decode().strip()
+            if not command:  # end of stdin: the benchmark is gone
+                break
+            if command == ECHO_STATS:
+                sys.stdout.write(json.dumps(pool_stats(workers)) + "\n")
+                sys.stdout.flush()
+        stopping.cancel()
+    log.info("echo workers answered %s invocations", [w.answered for w in workers])
+
+
+def pool_stats(workers: Sequence[EchoWorker]) -> dict[str, Any]:
+    """Per worker: invocations answered, versions held, NATS subscriptions; and the hop samples taken since
+    the last call (which forgets them)."""
+    samples: dict[str, tuple[float, float]] = {}
+    for w in workers:
+        samples.update(w.samples)
+        w.samples = {}
+    return {
+        "workers": {w.worker_id: {"answered": w.answered, "versions": len(w.held), "subscriptions": w.subscriptions()}
+                    for w in workers},
+        "samples": samples,
+    }
 
 
 # -- child processes ------------------------------------------------------------------------------------
@@ -249,15 +456,15 @@ async def serve_echo(nats_url: str, consumer: str, filter_subject: str) -> None:
 @contextlib.asynccontextmanager
 async def child_process(argv: list[str], *, env: dict[str, str], log_path: Path,
                         ready: Callable[[asyncio.subprocess.Process], Awaitable[None]],
-                        stop_timeout_s: float = 10.0) -> AsyncIterator[asyncio.subprocess.Process]:
+                        stdin: bool = False, stop_timeout_s: float = 10.0) -> AsyncIterator[asyncio.subprocess.Process]:
     """A child process (its own session) that is ready once `ready(proc)` returns; SIGTERM, then SIGKILL,
-    when the context exits. Its stderr goes to `log_path`."""
+    when the context exits. Its stdout is a pipe, its stdin one when `stdin`; its stderr goes to `log_path`."""
     logf: IO[bytes] = open(log_path, "ab")  # noqa: SIM115 - closed in finally
     proc: asyncio.subprocess.Process | None = None
     try:
         proc = await asyncio.create_subprocess_exec(
-            *argv, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=logf,
-            start_new_session=True,
+            *argv, env=env, stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=logf, start_new_session=True, limit=CHILD_LINE_LIMIT,
         )
         try:
             await asyncio.wait_for(ready(proc), START_TIMEOUT_S)
@@ -280,6 +487,25 @@ async def child_process(argv: list[str], *, env: dict[str, str], log_path: Path,
         logf.close()
 
 
+class EchoPool:
+    """The benchmark's handle on the echo workers' process: their ids, and their stats on request."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, worker_ids: list[str]) -> None:
+        self.proc = proc
+        self.worker_ids = worker_ids
+
+    async def stats(self) -> dict[str, Any]:
+        """`pool_stats` of the child (its hop samples since the last call)."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(ECHO_STATS.encode() + b"\n")
+        await self.proc.stdin.drain()
+        line = await asyncio.wait_for(self.proc.stdout.readline(), STATS_TIMEOUT_S)
+        if not line:
+            raise RuntimeError(f"the echo workers' process exited (code {self.proc.returncode})")
+        out: dict[str, Any] = json.loads(line)
+        return out
+
+
 def _service_env(servers: Servers, **extra: str) -> dict[str, str]:
     """The environment `lorafn up` gives its services (ours without LORAFN_*, plus the endpoints)."""
     from lorafn.services import child_env
@@ -297,7 +523,7 @@ def _free_port() -> int:
 # -- measuring ------------------------------------------------------------------------------------------
 
 
-def percentile(values: list[float], q: float) -> float:
+def percentile(values: Sequence[float], q: float) -> float:
     """The q-th percentile (0..100) with linear interpolation between closest ranks."""
     if not values:
         raise ValueError("no values")
@@ -308,7 +534,7 @@ def percentile(values: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
-def summary(latencies_ms: list[float]) -> dict[str, float]:
+def summary(latencies_ms: Sequence[float]) -> dict[str, float]:
     return {"calls": len(latencies_ms), "p50_ms": percentile(latencies_ms, 50), "p90_ms": percentile(latencies_ms, 90),
             "p99_ms": percentile(latencies_ms, 99), "mean_ms": sum(latencies_ms) / len(latencies_ms),
             "max_ms": max(latencies_ms)}
@@ -345,33 +571,69 @@ async def timed_concurrent(calls: list[Call], n: int) -> tuple[list[float], floa
 
 
 class DirectCaller:
-    """Invokes over NATS without the gateway, as a NATS client does (docs/nats.md)."""
+    """Invokes over NATS without the gateway, as a NATS client does (docs/nats.md): publishes to
+    lora.invoke.<tenant>.<adapter> for the dispatcher, call i to adapter i mod len(adapters). With `workers`,
+    publishes straight to those workers' work subjects in turn instead (no dispatcher).
 
-    def __init__(self, nc: Client, tenant: str) -> None:
+    Per call it keeps the invocation id and the hop: from the publish ack to the worker's `started_at` (when
+    its fetch of the work message returned)."""
+
+    def __init__(self, nc: Client, tenant: str, *, adapters: Sequence[str] = (subjects.BASE_ADAPTER,),
+                 workers: Sequence[str] = ()) -> None:
         self.nc = nc
         self.js = nc.jetstream()
         self.tenant = tenant
-        self.subject = subjects.invoke(tenant, subjects.BASE_ADAPTER)
+        self.adapters = list(adapters)
+        self.subjects = [subjects.invoke(tenant, a) for a in self.adapters]
+        self.workers = [subjects.work(w) for w in workers]
+        self._count = itertools.count()
+        self.ids: list[str] = []
+        self.hops_ms: list[float] = []
+
+    def take(self) -> tuple[list[str], list[float]]:
+        """The ids and hops of the calls since the last take."""
+        out = self.ids, self.hops_ms
+        self.ids, self.hops_ms = [], []
+        return out
 
     async def __call__(self) -> None:
+        i = next(self._count)
+        adapter = self.adapters[i % len(self.adapters)]
         invocation_id = f"inv-{secrets.token_hex(12)}"
         reply = subjects.reply(invocation_id)
-        done: asyncio.Future[InvocationResult] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        started: asyncio.Future[InvocationStarted] = loop.create_future()
+        done: asyncio.Future[InvocationResult] = loop.create_future()
 
         async def on_reply(msg: Msg) -> None:
-            if (msg.headers or {}).get(KIND_HEADER) == subjects.KIND_RESULT and not done.done():
+            kind = (msg.headers or {}).get(KIND_HEADER)
+            if kind == subjects.KIND_STARTED and not started.done():
+                started.set_result(InvocationStarted.decode(msg.data))
+            elif kind == subjects.KIND_RESULT and not done.done():
                 done.set_result(InvocationResult.decode(msg.data))
 
         sub = await self.nc.subscribe(reply, cb=on_reply)  # before publishing, so nothing is missed
         try:
-            invocation = Invocation(id=invocation_id, tenant=self.tenant, prompt=PROMPT,
+            invocation = Invocation(id=invocation_id, tenant=self.tenant,
+                                    adapter=None if adapter == subjects.BASE_ADAPTER else adapter, prompt=PROMPT,
                                     sampling=Sampling(max_tokens=MAX_TOKENS), stream=False, reply_to=reply)
-            await self.js.publish(self.subject, invocation.encode(), headers={"Nats-Msg-Id": invocation_id})
+            headers = {subjects.MSG_ID_HEADER: invocation_id}
+            if self.workers:
+                subject = self.workers[i % len(self.workers)]
+                headers |= WorkHeaders(subject=self.subjects[i % len(self.subjects)]).headers()
+            else:
+                subject = self.subjects[i % len(self.subjects)]
+            await self.js.publish(subject, invocation.encode(), headers=headers)
+            acked = time.time()
             result = await asyncio.wait_for(done, CALL_TIMEOUT_S)
         finally:
             await sub.unsubscribe()
         if result.status != "succeeded":
-            raise RuntimeError(f"direct invocation {invocation_id} failed: {result.error}")
+            raise RuntimeError(f"direct invocation {invocation_id} of {adapter} failed: {result.error}")
+        if not started.done():
+            raise RuntimeError(f"direct invocation {invocation_id} got its result without a started event")
+        self.ids.append(invocation_id)
+        self.hops_ms.append((started.result().started_at - acked) * 1000)
 
 
 class GatewayCaller:
@@ -390,16 +652,22 @@ class GatewayCaller:
 
 class RawHttpCaller:
     """The same FaaS call over a minimal HTTP/1.1 keep-alive client (asyncio streams, the request bytes built
-    once, the response read by its Content-Length): what the path costs without an HTTP library's overhead
-    in the caller. httpx spends about 0.5 ms of CPU per request on this machine, on the same 2 cores as the
-    services, so it would be counted as latency the gateway adds."""
+    once per adapter, the response read by its Content-Length): what the path costs without an HTTP library's
+    overhead in the caller. httpx spends about 0.5 ms of CPU per request on this machine, on the same 2 cores
+    as the services, so it would be counted as latency the gateway adds. Call i goes to adapter
+    i mod len(adapters)."""
 
-    def __init__(self, host: str, port: int, tenant: str, key: str) -> None:
+    def __init__(self, host: str, port: int, tenant: str, key: str, *,
+                 adapters: Sequence[str] = (subjects.BASE_ADAPTER,)) -> None:
         self.host, self.port = host, port
         body = json.dumps({"prompt": PROMPT, "max_tokens": MAX_TOKENS}).encode()
-        path = f"/v1/functions/{tenant}/{subjects.BASE_ADAPTER}/invocations"
-        self.request = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {key}\r\n"
-                        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+        self.requests = [
+            (f"POST /v1/functions/{tenant}/{adapter}/invocations HTTP/1.1\r\nHost: {host}:{port}\r\n"
+             f"Authorization: Bearer {key}\r\nContent-Type: application/json\r\n"
+             f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+            for adapter in adapters
+        ]
+        self._count = itertools.count()
         # Idle keep-alive connections (reader, writer, last used): one per concurrent caller.
         self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = []
 
@@ -413,8 +681,9 @@ class RawHttpCaller:
         return await asyncio.open_connection(self.host, self.port)
 
     async def __call__(self) -> None:
+        request = self.requests[next(self._count) % len(self.requests)]
         reader, writer = await self._connection()
-        writer.write(self.request)
+        writer.write(request)
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), CALL_TIMEOUT_S)
         lines = head.decode("latin-1").split("\r\n")
         status = int(lines[0].split(" ", 2)[1])
@@ -432,7 +701,7 @@ class RawHttpCaller:
         idle, self._idle = self._idle, []
         for _, writer, _ in idle:
             writer.close()
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(OSError):
                 await writer.wait_closed()
 
 
@@ -456,6 +725,34 @@ async def _bench_tenant(database_url: str) -> tuple[str, str]:
     finally:
         await engine.dispose()
     return name, key
+
+
+def adapter_names(count: int) -> list[str]:
+    return [f"a{i:05d}" for i in range(count)]
+
+
+async def _register_adapters(database_url: str, tenant: str, count: int) -> list[str]:
+    """Register `count` adapters of `tenant` in Postgres (rows only, each with one version of rank
+    ADAPTER_RANK whose sha256 is made up: the echo workers load nothing); their names."""
+    from storage import repo
+    from storage.settings import DatabaseSettings
+
+    names = adapter_names(count)
+    engine = repo.create_engine(DatabaseSettings(url=database_url))
+    try:
+        async with repo.session_factory(engine)() as session, session.begin():
+            row = await repo.get_tenant(session, name=tenant)
+            assert row is not None
+            for name in names:
+                sha = hashlib.sha256(f"{tenant}/{name}".encode()).hexdigest()
+                facts = repo.VersionFacts(
+                    sha256=sha, max_rank=ADAPTER_RANK, ranks={"q_proj": ADAPTER_RANK}, lora_alpha=16.0,
+                    use_rslora=False, target_modules=["q_proj"], num_layers=1, base_model=None, dtype="float16",
+                    bytes=ADAPTER_BYTES, object_key=f"bench/{sha}")
+                await repo.register_version(session, tenant=row, name=name, facts=facts)
+    finally:
+        await engine.dispose()
+    return names
 
 
 async def _components(servers: Servers, tenant: str, http: httpx.AsyncClient, n: int) -> dict[str, Any]:
@@ -501,11 +798,33 @@ async def _components(servers: Servers, tenant: str, http: httpx.AsyncClient, n:
     return out
 
 
-async def measure(servers: Servers, options: BenchOptions = BenchOptions(), *,
-                  work_dir: Path | None = None) -> dict[str, Any]:
-    """Start the echo peer and the gateway against `servers`, run the interleaved rounds, return the figures."""
-    started = time.monotonic()
-    tenant, key = await _bench_tenant(servers.database_url)
+# -- the stack --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BenchStack:
+    """The running services of one benchmark: the echo workers, the scheduler and the gateway (child
+    processes), and this process's clients."""
+
+    servers: Servers
+    nc: Client
+    tenant: str
+    key: str
+    echo: EchoPool
+    scheduler_pid: int
+    gateway_pid: int
+    port: int
+    http: httpx.AsyncClient
+
+    def raw(self, adapters: Sequence[str] = (subjects.BASE_ADAPTER,)) -> RawHttpCaller:
+        return RawHttpCaller("127.0.0.1", self.port, self.tenant, self.key, adapters=adapters)
+
+
+@contextlib.asynccontextmanager
+async def bench_stack(servers: Servers, options: BenchOptions, tenant: str, key: str,
+                      work_dir: Path | None = None) -> AsyncIterator[BenchStack]:
+    """Start the echo workers, then the scheduler (ready once it routes to all of them), then the gateway
+    (ready once /readyz says so); stop them in the reverse order."""
     nc = await nats.connect(servers.nats_url, connect_timeout=5)
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(nc.close)
@@ -517,13 +836,35 @@ async def measure(servers: Servers, options: BenchOptions = BenchOptions(), *,
             assert proc.stdout is not None
             line = await proc.stdout.readline()
             if line.decode().strip() != ECHO_READY:
-                raise RuntimeError(f"the echo peer said {line!r}")
+                raise RuntimeError(f"the echo workers said {line!r}")
 
-        await stack.enter_async_context(child_process(
-            [sys.executable, "-m", "bench.invocation", "echo", "--consumer", f"bench-echo-{tenant}",
-             "--filter", f"{subjects.INVOKE_PREFIX}.{tenant}.>"],
-            env=_service_env(servers), log_path=tmp / "echo.log", ready=echo_ready,
+        prefix = f"echo-{tenant}"
+        echo_proc = await stack.enter_async_context(child_process(
+            [sys.executable, "-m", "bench.invocation", "echo", "--prefix", prefix,
+             "--workers", str(options.echo_workers)],
+            env=_service_env(servers), log_path=tmp / "echo.log", ready=echo_ready, stdin=True,
         ))
+        echo = EchoPool(echo_proc, [f"{prefix}-{i}" for i in range(options.echo_workers)])
+
+        beats: asyncio.Queue[SchedulerHeartbeat] = asyncio.Queue()
+
+        async def on_scheduler(msg: Msg) -> None:
+            with contextlib.suppress(MessageInvalid):
+                beats.put_nowait(SchedulerHeartbeat.decode(msg.data))
+
+        beat_sub = await nc.subscribe(subjects.SCHEDULER_EVENTS_ALL, cb=on_scheduler)
+
+        async def scheduler_ready(proc: asyncio.subprocess.Process) -> None:
+            while True:  # its id ends with its pid; it counts the workers it routes to
+                beat = await beats.get()
+                if beat.scheduler_id.endswith(f"-{proc.pid}") and beat.workers >= options.echo_workers:
+                    return
+
+        scheduler = await stack.enter_async_context(child_process(
+            [sys.executable, "-m", "scheduler"], env=_service_env(servers), log_path=tmp / "scheduler.log",
+            ready=scheduler_ready,
+        ))
+        await beat_sub.unsubscribe()
         port = _free_port()
         gateway_url = f"http://127.0.0.1:{port}"
 
@@ -544,26 +885,50 @@ async def measure(servers: Servers, options: BenchOptions = BenchOptions(), *,
         limits = httpx.Limits(max_connections=options.concurrency, max_keepalive_connections=options.concurrency)
         http = await stack.enter_async_context(httpx.AsyncClient(
             base_url=gateway_url, headers={"Authorization": f"Bearer {key}"}, timeout=CALL_TIMEOUT_S, limits=limits))
-        raw = RawHttpCaller("127.0.0.1", port, tenant, key)
-        stack.push_async_callback(raw.aclose)
-        variants: dict[str, Call] = {"direct": DirectCaller(nc, tenant), "gateway": raw,
-                                     "gateway_httpx": GatewayCaller(http, tenant)}
-        setup_s = time.monotonic() - started
+        yield BenchStack(servers=servers, nc=nc, tenant=tenant, key=key, echo=echo, scheduler_pid=scheduler.pid,
+                         gateway_pid=gateway.pid, port=port, http=http)
 
-        for call in variants.values():  # warm-up: connections, caches, JIT-free but lazy imports
+
+# -- table 1: the invocation path -------------------------------------------------------------------------
+
+
+def _hop_pieces(samples: dict[str, list[float]], ids: list[str]) -> dict[str, Any]:
+    """The echo workers' samples of the given calls: the dispatcher's part and the worker's pickup."""
+    got = [samples[i] for i in ids if i in samples]
+    if not got:
+        return {}
+    return {"to_work_stream": summary([s[0] for s in got]), "worker_pickup": summary([s[1] for s in got])}
+
+
+async def measure_path(s: BenchStack, options: BenchOptions) -> dict[str, Any]:
+    """Table 1: the four variants, interleaved; the dispatch hop; the gateway's pieces."""
+    direct = DirectCaller(s.nc, s.tenant)
+    direct_work = DirectCaller(s.nc, s.tenant, workers=s.echo.worker_ids)
+    raw = s.raw()
+    try:
+        variants: dict[str, Call] = {"direct_work": direct_work, "direct": direct, "gateway": raw,
+                                     "gateway_httpx": GatewayCaller(s.http, s.tenant)}
+        for call in variants.values():  # warm-up: connections, caches, lazy imports
             await timed_sequential(call, options.warmup)
             await timed_concurrent([call] * options.concurrency, options.warmup)
+        direct.take()
+        direct_work.take()
+        await s.echo.stats()  # forget the warm-up's samples
 
         seq: dict[str, list[float]] = {name: [] for name in variants}
         seq_wall: dict[str, float] = dict.fromkeys(variants, 0.0)
-        gateway_cpu: dict[str, float] = dict.fromkeys(variants, 0.0)  # the gateway process's CPU seconds
+        cpu: dict[str, dict[str, float]] = {name: {"gateway": 0.0, "scheduler": 0.0} for name in variants}
+        pids = {"gateway": s.gateway_pid, "scheduler": s.scheduler_pid}
         for _ in range(options.rounds):
-            for name, call in variants.items():  # A, B, C, A, B, C, ...
-                cpu = process_cpu_s(gateway.pid)
+            for name, call in variants.items():  # A, B, C, D, A, B, C, D, ...
+                before = {k: process_cpu_s(pid) for k, pid in pids.items()}
                 lat, wall = await timed_sequential(call, options.calls_per_round)
-                gateway_cpu[name] += process_cpu_s(gateway.pid) - cpu
+                for k, pid in pids.items():
+                    cpu[name][k] += process_cpu_s(pid) - before[k]
                 seq[name] += lat
                 seq_wall[name] += wall
+        hops = {"sequential": direct.take(), "sequential_work": direct_work.take()}
+        samples = {"sequential": (await s.echo.stats())["samples"]}
 
         conc: dict[str, list[float]] = {name: [] for name in variants}
         conc_wall: dict[str, float] = dict.fromkeys(variants, 0.0)
@@ -572,26 +937,23 @@ async def measure(servers: Servers, options: BenchOptions = BenchOptions(), *,
                 lat, wall = await timed_concurrent([call] * options.concurrency, options.concurrent_calls_per_round)
                 conc[name] += lat
                 conc_wall[name] += wall
+        hops |= {"concurrent": direct.take(), "concurrent_work": direct_work.take()}
+        samples["concurrent"] = (await s.echo.stats())["samples"]
+    finally:
+        await raw.aclose()
+    components = await _components(s.servers, s.tenant, s.http, options.component_calls)
 
-        components = await _components(servers, tenant, http, options.component_calls)
-
-    result: dict[str, Any] = {
-        "options": {**options.__dict__},
-        "prompt_words": len(PROMPT.split()),
-        "max_tokens": MAX_TOKENS,
-        "targets": {"added_p50_ms": TARGET_P50_MS, "added_p99_ms": TARGET_P99_MS},
-        "setup_s": setup_s,
-        "variants": {},
-        "components": components,
-    }
+    result: dict[str, Any] = {"variants": {}, "components": components}
     for name in variants:
         result["variants"][name] = {
             "sequential": {**summary(seq[name]), "invocations_per_s": len(seq[name]) / seq_wall[name],
-                           "gateway_cpu_ms_per_call": gateway_cpu[name] / len(seq[name]) * 1000},
+                           "gateway_cpu_ms_per_call": cpu[name]["gateway"] / len(seq[name]) * 1000,
+                           "scheduler_cpu_ms_per_call": cpu[name]["scheduler"] / len(seq[name]) * 1000},
             "concurrent": {**summary(conc[name]), "concurrency": options.concurrency,
                            "invocations_per_s": len(conc[name]) / conc_wall[name]},
         }
-    d = result["variants"]["direct"]
+    v = result["variants"]
+    d = v["direct"]
 
     def added_by(g: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -604,53 +966,205 @@ async def measure(servers: Servers, options: BenchOptions = BenchOptions(), *,
         out["p99_within_target"] = out["p99_ms"] <= TARGET_P99_MS
         return out
 
-    result["added"] = added_by(result["variants"]["gateway"])  # the targets are judged on the lean client
-    result["added_httpx"] = added_by(result["variants"]["gateway_httpx"])
-    result["total_calls"] = sum(len(v) for v in seq.values()) + sum(len(v) for v in conc.values()) \
+    result["added"] = added_by(v["gateway"])  # the targets are judged on the lean client
+    result["added_httpx"] = added_by(v["gateway_httpx"])
+    w = v["direct_work"]
+    result["dispatch_hop"] = {
+        # what going through the dispatcher adds to a direct call, per percentile
+        "difference": {
+            "p50_ms": d["sequential"]["p50_ms"] - w["sequential"]["p50_ms"],
+            "p99_ms": d["sequential"]["p99_ms"] - w["sequential"]["p99_ms"],
+            "concurrent_p50_ms": d["concurrent"]["p50_ms"] - w["concurrent"]["p50_ms"],
+            "concurrent_p99_ms": d["concurrent"]["p99_ms"] - w["concurrent"]["p99_ms"],
+        },
+        # publish ack (lora.invoke) -> the echo worker's fetch of the work message returned, per call
+        "measured": {"sequential": summary(hops["sequential"][1]), "concurrent": summary(hops["concurrent"][1]),
+                     **{f"{k}_pieces": _hop_pieces(samples[k], hops[k][0]) for k in ("sequential", "concurrent")}},
+        # publish ack (lora.work) -> the echo worker's fetch returned: the pickup alone, no dispatcher
+        "without_dispatcher": {"sequential": summary(hops["sequential_work"][1]),
+                               "concurrent": summary(hops["concurrent_work"][1])},
+    }
+    result["calls"] = sum(len(x) for x in seq.values()) + sum(len(x) for x in conc.values()) \
         + 2 * len(variants) * options.warmup
-    result["elapsed_s"] = time.monotonic() - started
     return result
+
+
+# -- table 2: many adapters ----------------------------------------------------------------------------------
+
+
+async def consumer_counts(js: JetStreamContext) -> dict[str, int]:
+    """JetStream consumers of each lorafn stream now."""
+    return {spec.name: int((await js.stream_info(spec.name)).state.consumer_count) for spec in ALL_STREAMS}
+
+
+async def measure_adapters(s: BenchStack, options: BenchOptions, names: Sequence[str]) -> dict[str, Any]:
+    """Table 2: for each adapter count N, calls rotating over N adapters, directly and through the gateway."""
+    paths = ("direct", "gateway")
+    by_count: dict[str, Any] = {}
+    per_round = options.adapter_calls // options.adapter_rounds
+    for n in options.adapter_counts:
+        direct = DirectCaller(s.nc, s.tenant, adapters=names[:n])
+        raw = s.raw(names[:n])
+        try:
+            callers: dict[str, Call] = {"direct": direct, "gateway": raw}
+            for call in callers.values():  # each adapter once: resolved, placed on a worker, cached
+                await timed_concurrent([call] * options.adapter_concurrency, n)
+            direct.take()
+            lat: dict[str, list[float]] = {p: [] for p in paths}
+            wall: dict[str, float] = dict.fromkeys(paths, 0.0)
+            for _ in range(options.adapter_rounds):
+                for name, call in callers.items():
+                    got, took = await timed_concurrent([call] * options.adapter_concurrency, per_round)
+                    lat[name] += got
+                    wall[name] += took
+        finally:
+            await raw.aclose()
+        stats = await s.echo.stats()
+        row: dict[str, Any] = {p: {**summary(lat[p]), "invocations_per_s": len(lat[p]) / wall[p]} for p in paths}
+        row["direct"]["hop"] = summary(direct.take()[1])
+        row["consumers"] = await consumer_counts(s.nc.jetstream())
+        row["echo_subscriptions"] = {w: x["subscriptions"] for w, x in stats["workers"].items()}
+        row["echo_versions"] = {w: x["versions"] for w, x in stats["workers"].items()}
+        by_count[str(n)] = row
+
+    first = by_count[str(options.adapter_counts[0])]
+    ratios: dict[str, Any] = {}
+    for count, row in by_count.items():
+        ratios[count] = {}
+        for p in paths:
+            r = {k: row[p][k] / first[p][k] for k in ("invocations_per_s", "p50_ms", "p99_ms")}
+            r["within_target"] = (r["invocations_per_s"] >= 1 - TARGET_ADAPTER_RATIO
+                                  and r["p50_ms"] <= 1 + TARGET_ADAPTER_RATIO and r["p99_ms"] <= 1 + TARGET_ADAPTER_RATIO)
+            ratios[count][p] = r
+    counts_equal = len({json.dumps(row["consumers"], sort_keys=True) for row in by_count.values()}) == 1
+    subs_equal = len({json.dumps(row["echo_subscriptions"], sort_keys=True) for row in by_count.values()}) == 1
+    return {"counts": list(options.adapter_counts), "calls_per_path": per_round * options.adapter_rounds,
+            "concurrency": options.adapter_concurrency, "rounds": options.adapter_rounds,
+            "echo_workers": options.echo_workers, "by_count": by_count, "ratios": ratios,
+            "consumers_equal_across_counts": counts_equal, "subscriptions_equal_across_counts": subs_equal,
+            "calls": len(by_count) * len(paths) * per_round * options.adapter_rounds
+            + len(paths) * sum(options.adapter_counts)}
+
+
+async def measure(servers: Servers, options: BenchOptions = BenchOptions(), *,
+                  work_dir: Path | None = None) -> dict[str, Any]:
+    """Register the adapters, start the echo workers, the scheduler and the gateway against `servers`, and
+    measure both tables."""
+    started = time.monotonic()
+    tenant, key = await _bench_tenant(servers.database_url)
+    names = await _register_adapters(servers.database_url, tenant, max(options.adapter_counts, default=0))
+    async with bench_stack(servers, options, tenant, key, work_dir) as s:
+        setup_s = time.monotonic() - started
+        path = await measure_path(s, options)
+        adapters = await measure_adapters(s, options, names)
+    return {
+        "options": {**options.__dict__, "adapter_counts": list(options.adapter_counts)},
+        "prompt_words": len(PROMPT.split()),
+        "max_tokens": MAX_TOKENS,
+        "targets": {"added_p50_ms": TARGET_P50_MS, "added_p99_ms": TARGET_P99_MS,
+                    "adapter_ratio": TARGET_ADAPTER_RATIO},
+        "setup_s": setup_s,
+        **path,
+        "adapters": adapters,
+        "total_calls": path["calls"] + adapters["calls"],
+        "elapsed_s": time.monotonic() - started,
+    }
 
 
 # -- report ---------------------------------------------------------------------------------------------
 
 
+def _yes(ok: bool) -> str:
+    return "yes" if ok else "NO"
+
+
 def print_report(payload: dict[str, Any]) -> None:
-    """The benchmark's tables: both variants, the added latency against its targets, the components."""
+    """The benchmark's tables: the variants, the added latency against its targets, the dispatch hop, the
+    gateway's pieces, and the many-adapters table."""
     from bench.report import print_table
 
     v, a, ah, c = payload["variants"], payload["added"], payload["added_httpx"], payload["components"]
+    hop = payload["dispatch_hop"]
     conc = payload["options"]["concurrency"]
     rows: list[list[Any]] = []
-    for name, label in (("direct", "direct (NATS)"), ("gateway", "via gateway (HTTP, lean client)"),
+    for name, label in (("direct", "direct (NATS, through the dispatcher)"),
+                        ("direct_work", "direct to a worker's work subject (no dispatcher)"),
+                        ("gateway", "via gateway (HTTP, lean client)"),
                         ("gateway_httpx", "via gateway (HTTP, httpx client)")):
         s, k = v[name]["sequential"], v[name]["concurrent"]
-        cpu = s["gateway_cpu_ms_per_call"] if name != "direct" else ""
+        gw_cpu = s["gateway_cpu_ms_per_call"] if name.startswith("gateway") else ""
         rows.append([label, s["calls"], s["p50_ms"], s["p99_ms"], s["invocations_per_s"], k["p50_ms"], k["p99_ms"],
-                     k["invocations_per_s"], cpu])
+                     k["invocations_per_s"], gw_cpu, s["scheduler_cpu_ms_per_call"]])
+    diff = hop["difference"]
+    rows.append(["dispatch hop (direct - direct to the work subject)", "", diff["p50_ms"], diff["p99_ms"], "",
+                 diff["concurrent_p50_ms"], diff["concurrent_p99_ms"], "", "", ""])
+    m = hop["measured"]
+    rows.append(["dispatch hop, timed per call (publish ack -> worker has it)", m["sequential"]["calls"],
+                 m["sequential"]["p50_ms"], m["sequential"]["p99_ms"], "", m["concurrent"]["p50_ms"],
+                 m["concurrent"]["p99_ms"], "", "", ""])
     for label, x in (("added by the gateway (lean client)", a), ("added by the gateway (httpx client)", ah)):
-        rows.append([label, "", x["p50_ms"], x["p99_ms"], "", x["concurrent_p50_ms"], x["concurrent_p99_ms"], "", ""])
+        rows.append([label, "", x["p50_ms"], x["p99_ms"], "", x["concurrent_p50_ms"], x["concurrent_p99_ms"], "", "", ""])
     rows.append(["target (added, lean client)", "", f"<= {TARGET_P50_MS:g}", f"<= {TARGET_P99_MS:g}", "", "", "", "",
-                 ""])
-    rows.append(["target met", "", "yes" if a["p50_within_target"] else "NO", "yes" if a["p99_within_target"] else "NO",
-                 "", "", "", "", ""])
+                 "", ""])
+    rows.append(["target met", "", _yes(a["p50_within_target"]), _yes(a["p99_within_target"]), "", "", "", "", "", ""])
     print_table(
-        f"invocation path, instant echo worker (ms; one caller, then {conc} concurrent callers)",
+        f"invocation path, {payload['options']['echo_workers']} instant echo workers behind the scheduler "
+        f"(ms; one caller, then {conc} concurrent callers)",
         ["path", "calls", "p50", "p99", "inv/s seq", f"p50 c{conc}", f"p99 c{conc}", f"inv/s c{conc}",
-         "gateway CPU/call"],
+         "gateway CPU/call", "scheduler CPU/call"],
         rows,
     )
+    hop_rows: list[list[Any]] = []
+    for mode in ("sequential", "concurrent"):
+        pieces = m.get(f"{mode}_pieces") or {}
+        for key, label in (("to_work_stream", "dispatcher: invocation stored -> work message stored"),
+                           ("worker_pickup", "worker: work message stored -> its fetch returned")):
+            if key in pieces:
+                x = pieces[key]
+                hop_rows.append([mode, label, x["calls"], x["p50_ms"], x["p99_ms"], x["mean_ms"]])
+        x = m[mode]
+        hop_rows.append([mode, "whole hop: publish ack -> the worker's fetch returned", x["calls"], x["p50_ms"],
+                         x["p99_ms"], x["mean_ms"]])
+        x = hop["without_dispatcher"][mode]
+        hop_rows.append([mode, "no dispatcher: publish ack (work subject) -> fetch returned", x["calls"], x["p50_ms"],
+                         x["p99_ms"], x["mean_ms"]])
+    print_table("the dispatch hop, direct calls (ms; stream timestamps and the worker's clock)",
+                ["callers", "piece", "calls", "p50", "p99", "mean"], hop_rows)
     labels = {"http_healthz": "HTTP round trip, no work (GET /healthz)",
               "pg_invocation_insert": "Postgres row insert as the gateway does it (one statement, autocommit)",
               "pg_insert_transaction": "the same row through an ORM session (pre-ping, BEGIN, INSERT, COMMIT)",
               "pg_select_1": "Postgres round trip (SELECT 1)"}
     print_table("pieces of the gateway's per-call work, timed alone (ms)",
                 ["piece", "calls", "p50", "p99", "mean"],
-                [[labels[k], s["calls"], s["p50_ms"], s["p99_ms"], s["mean_ms"]] for k, s in c.items()])
+                [[labels[k], x["calls"], x["p50_ms"], x["p99_ms"], x["mean_ms"]] for k, x in c.items()])
+    print_adapters(payload["adapters"])
+
+
+def print_adapters(t: dict[str, Any]) -> None:
+    from bench.report import print_table
+
+    rows: list[list[Any]] = []
+    for n, row in t["by_count"].items():
+        consumers = "/".join(str(row["consumers"][spec.name]) for spec in ALL_STREAMS)
+        subs = "/".join(str(x) for x in row["echo_subscriptions"].values())
+        for p, label in (("direct", "direct (NATS)"), ("gateway", "gateway (lean client)")):
+            x, r = row[p], t["ratios"][n][p]
+            rows.append([n, label, x["calls"], x["invocations_per_s"], x["p50_ms"], x["p99_ms"],
+                         f"{r['invocations_per_s']:.2f}", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}",
+                         _yes(r["within_target"]), x["hop"]["p50_ms"] if "hop" in x else "", consumers, subs])
+    first = t["counts"][0]
+    streams = "/".join(spec.name.removeprefix("LORAFN_").lower() for spec in ALL_STREAMS)
+    print_table(
+        f"many adapters: calls rotating over N adapters, {t['concurrency']} callers, {t['echo_workers']} echo "
+        f"workers (ms; ratios to N={first}, target within {TARGET_ADAPTER_RATIO:.0%})",
+        ["N", "path", "calls", "inv/s", "p50", "p99", f"inv/s ÷ N={first}", f"p50 ÷ N={first}", f"p99 ÷ N={first}",
+         "within 10%", "hop p50", f"consumers {streams}", "echo subs per worker"],
+        rows,
+    )
 
 
 def run(*, options: BenchOptions | None = None) -> dict[str, Any]:
-    """`python -m bench invocation`: a throwaway stack on free ports, the benchmark, its table and JSON."""
+    """`python -m bench invocation`: a throwaway stack on free ports, the benchmark, its tables and JSON."""
     from bench.report import write
     from lorafn.bootstrap import object_store_settings, prepare_services
     from lorafn.stack import LocalStack, StackConfig, free_stack_ports
@@ -672,15 +1186,15 @@ def run(*, options: BenchOptions | None = None) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m bench.invocation echo ...` runs the echo peer (NATS URL from LORAFN_NATS__URL)."""
+    """`python -m bench.invocation echo ...` runs the echo workers (NATS URL from LORAFN_NATS__URL)."""
     parser = argparse.ArgumentParser(prog="python -m bench.invocation")
     sub = parser.add_subparsers(dest="command", required=True)
-    echo = sub.add_parser("echo", help="run the echo peer until SIGTERM")
-    echo.add_argument("--consumer", required=True)
-    echo.add_argument("--filter", required=True)
+    echo = sub.add_parser("echo", help="run echo workers until SIGTERM or the end of stdin")
+    echo.add_argument("--prefix", required=True, help="worker ids are <prefix>-0, <prefix>-1, ...")
+    echo.add_argument("--workers", type=int, default=3)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve_echo(os.environ["LORAFN_NATS__URL"], args.consumer, args.filter))
+    asyncio.run(serve_echo(os.environ["LORAFN_NATS__URL"], args.prefix, args.workers))
 
 
 if __name__ == "__main__":
