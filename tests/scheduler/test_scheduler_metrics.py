@@ -312,7 +312,8 @@ async def test_live_scheduler_metrics(services, database_settings: DatabaseSetti
             page = await poll(url, lambda p: (value(p, "lorafn_rescues_total") or 0) >= 1,
                               what="the silent worker's work rescued")
             assert (value(page, "lorafn_rescued_invocations_total") or 0) >= 1
-            assert value(page, "lorafn_scheduler_worker_events_total", event="gone") == 1
+            # (>= 1: work another test left on a dead worker's subject is rescued too)
+            assert (value(page, "lorafn_scheduler_worker_events_total", event="gone") or 0) >= 1
             assert value(page, "lorafn_live_workers") == 0
             assert value(page, "lorafn_worker_queue", worker=worker_id) is None
             # The rescued base call waits in the invocations stream again.
