@@ -8,7 +8,8 @@ Events (each carries `at`, seconds on the driver's clock: unix time live, trace 
 - `InvocationArrived`: a call to route (its adapter's version, rank and bytes, or unknown);
 - `WorkerReport`: a heartbeat (capacity, residency per tier with rank/bytes/in-use, running);
 - `WorkQueues`: how many dispatched calls each worker's work subject holds (read from the stream, so a
-  restarted dispatcher rebuilds the load of every worker);
+  restarted dispatcher rebuilds the load of every worker, and rescues the work of a worker it never heard
+  from: one that died while no scheduler ran);
 - `LoadFinished`: a worker finished (or failed) bringing a version to its device;
 - `InvocationFinished`: a call's result was recorded;
 - `WorkerGone`: a worker said goodbye or the driver knows it died;
@@ -212,6 +213,9 @@ class SchedulerCore:
         self._resident: dict[str, dict[str, Tier]] = {}  # version -> worker -> tier (from heartbeats)
         self._placing: dict[str, dict[str, float]] = {}  # version -> worker -> last dispatch there
         self._where: dict[str, str] = {}  # call -> worker it was dispatched to
+        # Workers with work queued on their subject that this core never heard from (they died while no
+        # scheduler ran, or before this one started) -> when first seen; rescued after a heartbeat timeout.
+        self._orphans: dict[str, float] = {}
         self.decisions: Counter[str] = Counter()  # dispatch reasons and other outcomes, for metrics
         self.now = 0.0
 
@@ -226,10 +230,7 @@ class SchedulerCore:
             case WorkerReport():
                 return self._report(event)
             case WorkQueues():
-                for worker_id, count in event.counts:
-                    if worker_id in self._workers:
-                        self._workers[worker_id].backlog = count
-                return []
+                return self._work_queues(event)
             case LoadFinished():
                 if not event.ok:
                     self._placing.get(event.version, {}).pop(event.worker_id, None)
@@ -315,6 +316,19 @@ class SchedulerCore:
         if version is not None and self._resident.get(version, {}).get(worker_id) != Tier.device:
             self._placing.setdefault(version, {})[worker_id] = at
 
+    def _work_queues(self, e: WorkQueues) -> list[Command]:
+        queued = set()
+        for worker_id, count in e.counts:
+            w = self._workers.get(worker_id)
+            if w is not None:
+                w.backlog = count
+            elif count > 0:
+                queued.add(worker_id)
+                self._orphans.setdefault(worker_id, e.at)
+        for worker_id in set(self._orphans) - queued:
+            del self._orphans[worker_id]
+        return []
+
     def _finished(self, invocation_id: str) -> None:
         worker_id = self._where.pop(invocation_id, None)
         if worker_id is not None and worker_id in self._workers:
@@ -322,6 +336,7 @@ class SchedulerCore:
 
     def _report(self, r: WorkerReport) -> list[Command]:
         w = self._workers.get(r.worker_id)
+        self._orphans.pop(r.worker_id, None)
         if w is None:
             self._workers[r.worker_id] = _Worker(r, r.at)
             self.decisions["worker_up"] += 1
@@ -367,6 +382,12 @@ class SchedulerCore:
             if silent > self.config.heartbeat_timeout_s:
                 commands += self._gone(worker_id, f"no heartbeat for {silent:.1f} s "
                                                   f"(timeout {self.config.heartbeat_timeout_s:.1f} s)")
+        for worker_id, since in list(self._orphans.items()):
+            if now - since > self.config.heartbeat_timeout_s:
+                del self._orphans[worker_id]  # seen again in the next WorkQueues if the rescue did not empty it
+                self.decisions["worker_gone"] += 1
+                commands.append(Rescue(worker_id, f"work is queued for it and no heartbeat came for "
+                                                  f"{now - since:.1f} s"))
         for w in self._workers.values():
             stale = [i for i, (_, at) in w.outstanding.items() if now - at > self.config.outstanding_ttl_s]
             for invocation_id in stale:
