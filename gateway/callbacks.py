@@ -18,6 +18,7 @@ import logging
 
 import httpx
 import nats.errors
+import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -30,6 +31,7 @@ from gateway.invoker import ensure_callback_bucket, result_json
 from gateway.metrics import GatewayMetrics
 from gateway.settings import CallbackSettings
 from protocol import subjects
+from protocol.consume import PullLoop
 from protocol.messages import InvocationResult, MessageInvalid
 
 log = logging.getLogger(__name__)
@@ -47,7 +49,7 @@ class CallbackDispatcher:
         self._task: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[None]] = set()
         self._kv: KeyValue | None = None
-        self._psub: JetStreamContext.PullSubscription | None = None
+        self._stop = asyncio.Event()
         self._slots = asyncio.Semaphore(FETCH_BATCH * 4)
         link.on_connect(self._setup)
 
@@ -71,35 +73,23 @@ class CallbackDispatcher:
             filter_subject=subjects.CALLBACK_ALL,
         )
         if s.consumer != subjects.CALLBACKS_CONSUMER_OLD:  # earlier versions' consumer read every result
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(nats.js.errors.NotFoundError):
                 await js.delete_consumer(subjects.RESULTS_STREAM, subjects.CALLBACKS_CONSUMER_OLD)
-        while True:
-            try:
-                psub = await js.pull_subscribe(subjects.CALLBACK_ALL, durable=s.consumer,
-                                               stream=subjects.RESULTS_STREAM, config=config)
-                self._psub = psub
-                break
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                log.warning("callbacks: cannot create the consumer (%s); retrying", e)
-                await asyncio.sleep(1.0)
-        while True:
-            try:
-                msgs = await psub.fetch(FETCH_BATCH, timeout=FETCH_WAIT_S)
-            except (nats.errors.TimeoutError, TimeoutError):
-                continue
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                log.debug("callbacks: fetch failed (%s)", e)
-                await asyncio.sleep(FETCH_WAIT_S)
-                continue
-            for msg in msgs:
+        loop = PullLoop(js, stream=subjects.RESULTS_STREAM, config=config, fetch_timeout_s=FETCH_WAIT_S)
+
+        async def want() -> int:
+            await self._slots.acquire()  # one delivery may start: fetch up to a batch
+            self._slots.release()
+            return FETCH_BATCH
+
+        async def handle(batch: list[Msg]) -> None:
+            for msg in batch:
                 await self._slots.acquire()
                 task = asyncio.create_task(self._handle(msg))
                 self._inflight.add(task)
                 task.add_done_callback(self._done)
+
+        await loop.run(self._stop, handle, want)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
@@ -135,8 +125,7 @@ class CallbackDispatcher:
         if ok:
             self.metrics.callbacks.labels("delivered").inc()
             await msg.ack()
-            with contextlib.suppress(Exception):
-                await self._kv.delete(result.invocation_id)
+            await self._forget(result.invocation_id)
             return
         if delivered >= self.settings.max_attempts:
             await self._give_up(msg, result, url, delivered, reason)
@@ -150,19 +139,30 @@ class CallbackDispatcher:
         log.warning("callback of %s to %s given up after %d attempts %s", result.invocation_id, url, attempts,
                     reason)
         await msg.term()
-        if self._kv is not None:
-            with contextlib.suppress(Exception):
-                await self._kv.delete(result.invocation_id)
+        await self._forget(result.invocation_id)
+
+    async def _forget(self, invocation_id: str) -> None:
+        """Drop a delivered (or given up) callback URL; its bucket's TTL removes it anyway if this fails."""
+        if self._kv is None:
+            return
+        try:
+            await self._kv.delete(invocation_id)
+        except (nats.errors.Error, nats.js.errors.Error) as e:
+            log.debug("callbacks: could not delete the URL of %s (%s); its TTL will", invocation_id, e)
 
     async def close(self) -> None:
-        """Stop fetching; deliveries in progress are cancelled and will be redelivered (not acked)."""
-        tasks = [t for t in (self._task, *self._inflight) if t is not None]
+        """Stop fetching (between two fetches: no fetched message is stranded); deliveries in progress are
+        cancelled and will be redelivered (not acked)."""
+        self._stop.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), FETCH_WAIT_S + 2.0)
+            except TimeoutError:
+                self._task.cancel()
+            except Exception:  # the loop failed earlier; it is logged by asyncio
+                log.debug("callbacks: the consumer loop had failed", exc_info=True)
+        tasks = list(self._inflight)
         for t in tasks:
             t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
-        if self._psub is not None:
-            with contextlib.suppress(Exception):
-                await self._psub.unsubscribe()
+        await asyncio.gather(*tasks, return_exceptions=True)
 

@@ -199,8 +199,20 @@ class Dispatcher:
             max_ack_pending=-1,
         )
 
+    async def remove_other_consumers(self) -> None:
+        """Delete every other consumer of the invocations stream: on a work-queue stream JetStream refuses a
+        consumer whose filter overlaps another's, and the per-adapter consumers of lorafn's earlier releases
+        (`invoke-<tenant>-<adapter>`) would keep the dispatcher's from being created on an upgraded stack."""
+        for info in await self.js.consumers_info(subjects.INVOCATIONS_STREAM):
+            if info.name != subjects.DISPATCH_CONSUMER:
+                with contextlib.suppress(nats.js.errors.NotFoundError):
+                    await self.js.delete_consumer(subjects.INVOCATIONS_STREAM, info.name)
+                logger.info("deleted consumer %s of the invocations stream (the dispatcher consumes it alone)",
+                            info.name)
+
     async def run(self, stop: asyncio.Event) -> None:
         """Dispatch until `stop`; then wait for rescues in flight."""
+        await self.remove_other_consumers()
         loop = PullLoop(self.js, stream=subjects.INVOCATIONS_STREAM, config=self.consumer_config(),
                         fetch_timeout_s=self.cfg.dispatch_fetch_timeout_s)
         ticks = asyncio.create_task(self._tick_loop(stop), name="dispatcher-ticks")

@@ -105,7 +105,6 @@ class SchedulerService:
         self._directory: AdapterDirectory | None = None
         self._demand: dict[tuple[str, str, datetime], int] = defaultdict(int)
         self._started: list[InvocationStarted] = []
-        self._down: set[str] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
@@ -177,7 +176,6 @@ class SchedulerService:
             return
         if heartbeat.worker_id not in self.state.workers:
             logger.info("worker %s is up", heartbeat.worker_id)
-        self._down.discard(heartbeat.worker_id)
         self.state.observe(heartbeat)
         if self.dispatcher is not None:
             self.dispatcher.on_heartbeat(heartbeat)
@@ -214,8 +212,8 @@ class SchedulerService:
     async def flush(self) -> None:
         """Write heartbeats, residency, demand and started invocations; mark silent workers down."""
         assert self.sessions is not None
-        heartbeats = self.state.dirty()
-        gone = [w for w in self.state.expire() if w not in self._down]
+        self.state.expire()
+        heartbeats, gone = self.state.to_write()
         demand, self._demand = self._demand, defaultdict(int)
         started, self._started = self._started, []
         if not (heartbeats or gone or demand or started):
@@ -224,8 +222,8 @@ class SchedulerService:
             async with self.sessions() as session, session.begin():
                 await self._write_heartbeats(session, heartbeats)
                 for worker_id in gone:
-                    logger.warning("worker %s missed its heartbeats for %.0f s; marking it down", worker_id,
-                                   self.cfg.heartbeat_timeout_s)
+                    logger.warning("worker %s is gone (goodbye, or no heartbeat for %.0f s); marking it down",
+                                   worker_id, self.cfg.heartbeat_timeout_s)
                     await repo.mark_worker_down(session, worker_id=worker_id)
                 for (tenant, adapter, bucket_start), count in demand.items():
                     adapter_id = self._directory.adapter_id(tenant, adapter) if self._directory else None
@@ -241,8 +239,8 @@ class SchedulerService:
             for key, count in demand.items():  # keep what could not be written for the next flush
                 self._demand[key] += count
             self._started[:0] = started
+            self.state.unwritten(heartbeats, gone)
             raise
-        self._down.update(gone)
 
     async def _write_heartbeats(self, session: AsyncSession, heartbeats: list[Heartbeat]) -> None:
         shas = [r.version for hb in heartbeats for r in hb.resident]

@@ -30,12 +30,15 @@ class WarmState:
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.clock = clock
         self.workers: dict[str, WorkerRecord] = {}
+        self._gone: set[str] = set()  # workers to mark down in Postgres (until a flush commits)
 
     def observe(self, heartbeat: Heartbeat) -> None:
         """Record a heartbeat (a worker's last one, `gone`, removes it at once)."""
         if heartbeat.gone:
-            self.workers.pop(heartbeat.worker_id, None)
+            if self.workers.pop(heartbeat.worker_id, None) is not None:
+                self._gone.add(heartbeat.worker_id)
             return
+        self._gone.discard(heartbeat.worker_id)
         self.workers[heartbeat.worker_id] = WorkerRecord(heartbeat, self.clock())
 
     def expire(self) -> list[str]:
@@ -44,11 +47,22 @@ class WarmState:
         gone = [w for w, r in self.workers.items() if now - r.last_seen > self.heartbeat_timeout_s]
         for worker_id in gone:
             del self.workers[worker_id]
+        self._gone.update(gone)
         return gone
 
-    def dirty(self) -> list[Heartbeat]:
-        """Heartbeats not yet written to Postgres (and mark them written)."""
+    def to_write(self) -> tuple[list[Heartbeat], list[str]]:
+        """Heartbeats not yet written to Postgres and workers to mark down; both count as written until
+        `unwritten` hands them back (a flush that failed)."""
         out = [r.heartbeat for r in self.workers.values() if r.dirty]
         for r in self.workers.values():
             r.dirty = False
-        return out
+        gone, self._gone = sorted(self._gone), set()
+        return out, gone
+
+    def unwritten(self, heartbeats: list[Heartbeat], gone: list[str]) -> None:
+        """A flush failed: write these again next time (unless newer news replaced them)."""
+        for hb in heartbeats:
+            record = self.workers.get(hb.worker_id)
+            if record is not None:
+                record.dirty = True
+        self._gone.update(w for w in gone if w not in self.workers)

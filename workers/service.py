@@ -272,8 +272,16 @@ class WorkerService:
         )
 
     async def _free_slots(self) -> int:
-        """Wait for at least one free slot; how many are free (taken now: the loop fetches that many)."""
-        await self._slots.acquire()
+        """Wait for at least one free slot; how many are free (taken now: the loop fetches that many). 0 when
+        the worker stops taking work meanwhile (the loop then ends without fetching)."""
+        while True:
+            if self._pull_stop.is_set():
+                return 0
+            try:
+                await asyncio.wait_for(self._slots.acquire(), timeout=0.5)
+                break
+            except TimeoutError:
+                continue
         n = 1
         while not self._slots.locked() and n < self.settings.consumer.max_inflight:
             await self._slots.acquire()

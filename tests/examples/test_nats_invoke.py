@@ -1,4 +1,5 @@
-"""examples/nats_invoke.py, run as a script against a running worker (in-process, tiny backbone)."""
+"""examples/nats_invoke.py, run as a script against a running worker and scheduler (in-process, tiny
+backbone): a direct NATS client publishes to lora.invoke.<tenant>.<adapter> and the dispatcher routes it."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from storage.settings import ObjectStoreSettings
+from scheduler.service import SchedulerService
+from scheduler.settings import SchedulerSettings
+from storage.settings import DatabaseSettings, ObjectStoreSettings
 from workers.service import open_worker
 from workers.settings import WorkerSettings
 from workers.tiny import write_tiny_backbone
@@ -32,8 +35,11 @@ async def test_example_invokes_the_base_model(services, tmp_path: Path) -> None:
         host_cache={"directory": tmp_path / "cache"},
     )
     stop = asyncio.Event()
+    scheduler = SchedulerService(SchedulerSettings(nats={"url": services.nats_url},
+                                                   database=DatabaseSettings(url=services.database_url)))
     async with open_worker(settings) as worker:
         serving = asyncio.create_task(worker.run(stop))
+        dispatching = asyncio.create_task(scheduler.run(stop))
         try:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, str(ROOT / "examples" / "nats_invoke.py"), "--nats", services.nats_url,
@@ -43,7 +49,7 @@ async def test_example_invokes_the_base_model(services, tmp_path: Path) -> None:
             out, err = await asyncio.wait_for(proc.communicate(), 90)
         finally:
             stop.set()
-            await asyncio.wait_for(serving, 30)
+            await asyncio.wait_for(asyncio.gather(serving, dispatching), 30)
     text = out.decode()
     assert proc.returncode == 0, (text, err.decode())
     assert "queued: stream LORAFN_INVOCATIONS" in err.decode()

@@ -10,6 +10,8 @@ import time
 from typing import Any
 
 from lorafn.stack import find_binary, free_ports
+from protocol import subjects
+from protocol.messages import SchedulerHeartbeat
 from protocol.settings import NatsSettings
 from storage import repo
 from storage.settings import DatabaseSettings
@@ -18,10 +20,18 @@ from tests.gateway.conftest import GatewayFactory, Keys, Pushed, make_settings
 FN = "/v1/functions/acme/bot/invocations"
 
 
-async def test_health_and_ready(client: Any) -> None:
+async def test_health_and_ready(client: Any, nc: Any) -> None:
     assert (await client.get("/healthz")).json() == {"status": "ok"}
+    # No scheduler alive: nothing would dispatch an invocation, so the gateway is not ready.
     ready = await client.get("/readyz")
-    assert ready.status_code == 200 and ready.json() == {"ready": True, "nats": True, "postgres": True}
+    assert ready.status_code == 503
+    assert ready.json() == {"ready": False, "nats": True, "postgres": True, "scheduler": False}
+    await nc.publish(subjects.scheduler_event("s1"), SchedulerHeartbeat(scheduler_id="s1").encode())
+    deadline = time.monotonic() + 5
+    while (ready := await client.get("/readyz")).status_code != 200:
+        assert time.monotonic() < deadline, ready.json()
+        await asyncio.sleep(0.05)
+    assert ready.json() == {"ready": True, "nats": True, "postgres": True, "scheduler": True}
 
 
 async def test_postgres_unreachable_is_503(gateway_factory: GatewayFactory, services: Any,
@@ -55,7 +65,8 @@ async def test_nats_unreachable_is_503_then_service_resumes(
         assert r.status_code == 503 and r.headers["retry-after"] == "5"
         assert "nats" in r.json()["error"]["message"]
         ready = await c.get("/readyz")
-        assert ready.status_code == 503 and ready.json() == {"ready": False, "nats": False, "postgres": True}
+        assert ready.status_code == 503
+        assert ready.json() == {"ready": False, "nats": False, "postgres": True, "scheduler": False}
         async with sessions() as session:
             assert (await repo.count_rows(session))["invocations"] == 0
         binary = find_binary("nats-server")
@@ -65,7 +76,7 @@ async def test_nats_unreachable_is_503_then_service_resumes(
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
                 deadline = time.monotonic() + 20
-                while (await c.get("/readyz")).status_code != 200:
+                while not (await c.get("/readyz")).json()["nats"]:
                     assert time.monotonic() < deadline, "the gateway did not connect to NATS"
                     await asyncio.sleep(0.1)
                 accepted = await c.post(FN, json={"prompt": "hi"}, headers={"Prefer": "respond-async"})
