@@ -41,6 +41,7 @@ from openai import AsyncOpenAI
 
 from gateway.app import create_app
 from gateway.settings import GatewayOptions, GatewaySettings, LimitSettings
+from lorafn.services import child_env
 from protocol import subjects
 from protocol.messages import Heartbeat, InvocationResult, InvocationStarted
 from protocol.settings import NatsSettings
@@ -135,14 +136,7 @@ class Cluster:
     # -- workers ---------------------------------------------------------------------------------------
 
     def spawn_worker(self, worker_id: str) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LORAFN_")}
-        store = self.store_settings
-        env.update({
-            "LORAFN_NATS__URL": self.services.nats_url,
-            "LORAFN_OBJECT_STORE__ENDPOINT": store.endpoint,
-            "LORAFN_OBJECT_STORE__ACCESS_KEY": store.access_key,
-            "LORAFN_OBJECT_STORE__SECRET_KEY": store.secret_key.get_secret_value(),
-            "LORAFN_OBJECT_STORE__BUCKET": store.bucket,
+        env = child_env(nats_url=self.services.nats_url, object_store=self.store_settings, extra={
             "LORAFN_BACKBONE__PATH": str(self.backbone),
             "LORAFN_WORKER_ID": worker_id,
             "LORAFN_ENGINE__KV_CACHE_BYTES": str(KV_CACHE_BYTES),

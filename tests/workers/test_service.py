@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-import os
 import secrets
 import signal
 import subprocess
@@ -27,6 +26,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js.client import JetStreamContext
 
+from lorafn.services import child_env
 from protocol import subjects
 from protocol.messages import (
     BASE_ADAPTER,
@@ -109,14 +109,6 @@ class Cluster:
         if wait:
             try:
                 await asyncio.wait_for(reply.done.wait(), timeout)
-            except TimeoutError:
-                for w in WORKERS:
-                    try:
-                        print("DIAG", w, await self.js.consumer_info(subjects.WORK_STREAM, subjects.work_consumer(w)))
-                    except Exception as e:
-                        print("DIAG", w, repr(e))
-                print("DIAG stream", await self.js.stream_info(subjects.WORK_STREAM, subjects_filter=subjects.WORK_ALL))
-                raise
             finally:
                 await sub.unsubscribe()
         return reply
@@ -145,13 +137,7 @@ def new_id() -> str:
 
 
 def worker_env(services: object, backbone: Path, store: ObjectStoreSettings, worker_id: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAFN_")}
-    env.update({
-        "LORAFN_NATS__URL": services.nats_url,  # type: ignore[attr-defined]
-        "LORAFN_OBJECT_STORE__ENDPOINT": store.endpoint,
-        "LORAFN_OBJECT_STORE__ACCESS_KEY": store.access_key,
-        "LORAFN_OBJECT_STORE__SECRET_KEY": store.secret_key.get_secret_value(),
-        "LORAFN_OBJECT_STORE__BUCKET": store.bucket,
+    return child_env(nats_url=services.nats_url, object_store=store, extra={  # type: ignore[attr-defined]
         "LORAFN_BACKBONE__PATH": str(backbone),
         "LORAFN_WORKER_ID": worker_id,
         "LORAFN_ENGINE__KV_CACHE_BYTES": str(8 << 20),
@@ -163,7 +149,6 @@ def worker_env(services: object, backbone: Path, store: ObjectStoreSettings, wor
         "LORAFN_DRAIN_TIMEOUT_S": "30",
         "OMP_NUM_THREADS": "1",
     })
-    return env
 
 
 @pytest_asyncio.fixture(scope="module")
