@@ -200,6 +200,7 @@ class _Worker:
     report: WorkerReport
     last_seen: float
     backlog: int = 0  # from WorkQueues: calls in its work subject
+    held: dict[str, Tier] = field(default_factory=dict)  # version -> tier, from its latest report
     outstanding: dict[str, tuple[str | None, float]] = field(default_factory=dict)  # call -> (version, at)
 
 
@@ -338,18 +339,19 @@ class SchedulerCore:
         w = self._workers.get(r.worker_id)
         self._orphans.pop(r.worker_id, None)
         if w is None:
-            self._workers[r.worker_id] = _Worker(r, r.at)
+            w = self._workers[r.worker_id] = _Worker(r, r.at)
             self.decisions["worker_up"] += 1
         else:
             w.report, w.last_seen = r, r.at
         held = {x.version: x.tier for x in r.resident}
-        for version in list(self._resident):
-            if version not in held:
-                self._drop_resident(version, r.worker_id)
+        for version in w.held.keys() - held.keys():  # what it dropped since its last report
+            self._drop_resident(version, r.worker_id)
         for version, tier in held.items():
-            self._resident.setdefault(version, {})[r.worker_id] = tier
-            if tier == Tier.device:
-                self._placing.get(version, {}).pop(r.worker_id, None)
+            if w.held.get(version) != tier:
+                self._resident.setdefault(version, {})[r.worker_id] = tier
+            if tier == Tier.device and version in self._placing:
+                self._placing[version].pop(r.worker_id, None)
+        w.held = held
         return []
 
     def _drop_resident(self, version: str, worker_id: str) -> None:
@@ -365,7 +367,7 @@ class SchedulerCore:
             return []
         for invocation_id in w.outstanding:
             self._where.pop(invocation_id, None)
-        for version in list(self._resident):
+        for version in w.held:
             self._drop_resident(version, worker_id)
         for version in list(self._placing):
             self._placing[version].pop(worker_id, None)

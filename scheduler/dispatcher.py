@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -44,6 +45,7 @@ from protocol.messages import (
     AdapterEvent,
     Heartbeat,
     Invocation,
+    InvocationError,
     InvocationResult,
     MessageInvalid,
     Tier,
@@ -92,7 +94,6 @@ def worker_report(hb: Heartbeat, at: float) -> WorkerReport:
 @dataclass
 class _Lookup:
     spec: AdapterSpec | None
-    adapter_id: object | None
     at: float
 
 
@@ -107,10 +108,12 @@ class AdapterDirectory:
         self.miss_ttl_s = miss_ttl_s
         self.clock = clock
         self._cache: dict[tuple[str, str, str | None], _Lookup] = {}
+        self._ids: dict[tuple[str, str], uuid.UUID] = {}  # tenant/adapter -> its row id (demand history)
 
     def forget(self, tenant: str, adapter: str) -> None:
         for key in [k for k in self._cache if k[0] == tenant and k[1] == adapter]:
             del self._cache[key]
+        self._ids.pop((tenant, adapter), None)
 
     async def lookup(self, tenant: str, adapter: str, version: str | None) -> AdapterSpec | None:
         key = (tenant, adapter, version)
@@ -124,15 +127,15 @@ class AdapterDirectory:
                                                        target.bytes)
         if len(self._cache) > 100_000:
             self._cache.clear()
-        self._cache[key] = _Lookup(spec, target.adapter_id if target else None, now)
+            self._ids.clear()
+        self._cache[key] = _Lookup(spec, now)
+        if target is not None:
+            self._ids[(tenant, adapter)] = target.adapter_id
         return spec
 
-    def adapter_id(self, tenant: str, adapter: str) -> object | None:
-        """The adapter's row id if a recent lookup found it (demand history needs it)."""
-        for (t, a, _), hit in self._cache.items():
-            if t == tenant and a == adapter and hit.adapter_id is not None:
-                return hit.adapter_id
-        return None
+    def adapter_id(self, tenant: str, adapter: str) -> uuid.UUID | None:
+        """The adapter's row id if a lookup found it (demand history needs it)."""
+        return self._ids.get((tenant, adapter))
 
 
 FailHook = Callable[[Invocation, InvocationResult], Awaitable[None]]
@@ -328,10 +331,8 @@ class Dispatcher:
                 await self._nak(msg, max(0.0, command.retry_at - now))
                 return None
             if isinstance(command, Fail):
-                result = InvocationResult(
-                    invocation_id=inv.id, status="failed", epoch=work.epoch,
-                    error={"code": command.code, "message": command.message},  # type: ignore[arg-type]
-                )
+                result = InvocationResult(invocation_id=inv.id, status="failed", epoch=work.epoch,
+                                          error=InvocationError(code=command.code, message=command.message))
                 await self.fail_hook(inv, result)
                 await self._ack(msg)
                 return None

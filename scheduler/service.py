@@ -23,7 +23,6 @@ import contextlib
 import logging
 import os
 import socket
-import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -227,7 +226,7 @@ class SchedulerService:
                     await repo.mark_worker_down(session, worker_id=worker_id)
                 for (tenant, adapter, bucket_start), count in demand.items():
                     adapter_id = self._directory.adapter_id(tenant, adapter) if self._directory else None
-                    if isinstance(adapter_id, uuid.UUID):
+                    if adapter_id is not None:
                         await repo.record_demand(session, adapter_id=adapter_id, at=bucket_start,
                                                  bucket_seconds=self.cfg.demand_bucket_s, count=count)
                 for s in started:
