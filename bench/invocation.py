@@ -1012,15 +1012,19 @@ async def measure_adapters(s: BenchStack, options: BenchOptions, names: Sequence
             direct.take()
             lat: dict[str, list[float]] = {p: [] for p in paths}
             wall: dict[str, float] = dict.fromkeys(paths, 0.0)
+            scheduler_cpu = dict.fromkeys(paths, 0.0)
             for _ in range(options.adapter_rounds):
                 for name, call in callers.items():
+                    before = process_cpu_s(s.scheduler_pid)
                     got, took = await timed_concurrent([call] * options.adapter_concurrency, per_round)
+                    scheduler_cpu[name] += process_cpu_s(s.scheduler_pid) - before
                     lat[name] += got
                     wall[name] += took
         finally:
             await raw.aclose()
         stats = await s.echo.stats()
-        row: dict[str, Any] = {p: {**summary(lat[p]), "invocations_per_s": len(lat[p]) / wall[p]} for p in paths}
+        row: dict[str, Any] = {p: {**summary(lat[p]), "invocations_per_s": len(lat[p]) / wall[p],
+                                   "scheduler_cpu_ms_per_call": scheduler_cpu[p] / len(lat[p]) * 1000} for p in paths}
         row["direct"]["hop"] = summary(direct.take()[1])
         row["consumers"] = await consumer_counts(s.nc.jetstream())
         row["echo_subscriptions"] = {w: x["subscriptions"] for w, x in stats["workers"].items()}
@@ -1151,14 +1155,15 @@ def print_adapters(t: dict[str, Any]) -> None:
             x, r = row[p], t["ratios"][n][p]
             rows.append([n, label, x["calls"], x["invocations_per_s"], x["p50_ms"], x["p99_ms"],
                          f"{r['invocations_per_s']:.2f}", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}",
-                         _yes(r["within_target"]), x["hop"]["p50_ms"] if "hop" in x else "", consumers, subs])
+                         _yes(r["within_target"]), x["hop"]["p50_ms"] if "hop" in x else "",
+                         x["scheduler_cpu_ms_per_call"], consumers, subs])
     first = t["counts"][0]
     streams = "/".join(spec.name.removeprefix("LORAFN_").lower() for spec in ALL_STREAMS)
     print_table(
         f"many adapters: calls rotating over N adapters, {t['concurrency']} callers, {t['echo_workers']} echo "
         f"workers (ms; ratios to N={first}, target within {TARGET_ADAPTER_RATIO:.0%})",
         ["N", "path", "calls", "inv/s", "p50", "p99", f"inv/s ÷ N={first}", f"p50 ÷ N={first}", f"p99 ÷ N={first}",
-         "within 10%", "hop p50", f"consumers {streams}", "echo subs per worker"],
+         "within 10%", "hop p50", "scheduler CPU/call", f"consumers {streams}", "echo subs per worker"],
         rows,
     )
 
