@@ -28,6 +28,9 @@ logger = logging.getLogger(__name__)
 # How many empty fetches in a row before the loop checks that its consumer still exists (a fetch against a
 # deleted consumer can simply time out).
 CHECK_EVERY_EMPTY_FETCHES = 10
+# How long a follow-up fetch of messages the consumer reported pending may wait (they are there already,
+# unless another instance of the consumer took them).
+MORE_TIMEOUT_S = 0.05
 
 
 async def _one(_: int = 0) -> int:
@@ -72,6 +75,17 @@ class PullLoop:
             return True  # cannot tell now; the next fetch error will reset
         return True
 
+    async def _fetch(self, sub: nats.js.JetStreamContext.PullSubscription, count: int) -> list[Msg]:
+        """Up to `count` messages without waiting for a batch to fill: one message (a long poll of up to
+        `fetch_timeout_s`), then as many more as the consumer says are pending. nats-py's `fetch(n)` for
+        n > 1 can linger until n messages came or the request expired: 100-500 ms for a lone message."""
+        batch = await sub.fetch(1, timeout=self.fetch_timeout_s)
+        pending = batch[-1].metadata.num_pending if batch else 0
+        if count > 1 and pending:
+            with contextlib.suppress(TimeoutError):  # another consumer instance took them meanwhile
+                batch += await sub.fetch(min(count - 1, pending), timeout=MORE_TIMEOUT_S)
+        return batch
+
     async def run(self, stop: asyncio.Event, handle: Callable[[list[Msg]], Awaitable[None]],
                   want: Callable[[], Awaitable[int]] = _one) -> None:
         """Until `stop`: wait until `want()` says how many messages the caller takes, fetch up to that many,
@@ -85,7 +99,7 @@ class PullLoop:
                 break
             try:
                 sub = await self._subscription()
-                batch = await sub.fetch(max(1, count), timeout=self.fetch_timeout_s)
+                batch = await self._fetch(sub, count)
             except TimeoutError:  # nats.errors.TimeoutError is one: nothing to fetch
                 await handle([])  # the caller gets back what `want` reserved
                 empty += 1

@@ -24,7 +24,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -76,6 +76,8 @@ logger = logging.getLogger(__name__)
 # Invocations fetched per pull: enough to amortise the round trip under load, few enough that a dispatcher
 # that dies leaves little to its ack wait.
 FETCH_BATCH = 64
+# Batches whose dispatches (publish to a work subject, then ack) may be in flight while the next is fetched.
+MAX_BATCHES_IN_FLIGHT = 4
 
 
 def worker_report(hb: Heartbeat, at: float) -> WorkerReport:
@@ -115,23 +117,42 @@ class AdapterDirectory:
             del self._cache[key]
         self._ids.pop((tenant, adapter), None)
 
-    async def lookup(self, tenant: str, adapter: str, version: str | None) -> AdapterSpec | None:
-        key = (tenant, adapter, version)
+    def cached(self, key: tuple[str, str, str | None]) -> _Lookup | None:
+        """A lookup still fresh, else None."""
         hit = self._cache.get(key)
-        now = self.clock()
-        if hit is not None and now - hit.at < (self.ttl_s if hit.spec is not None else self.miss_ttl_s):
-            return hit.spec
+        if hit is None or self.clock() - hit.at >= (self.ttl_s if hit.spec is not None else self.miss_ttl_s):
+            return None
+        return hit
+
+    async def prefetch(self, keys: Iterable[tuple[str, str, str | None]]) -> None:
+        """Look up every key not fresh in the cache, in one round trip (a batch of invocations of many
+        adapters costs one query, not one per invocation)."""
+        missing = list({k for k in keys if self.cached(k) is None})
+        if not missing:
+            return
         async with self.sessions() as session:
-            target = await repo.find_adapter_target(session, tenant=tenant, adapter=adapter, version=version)
-        spec = None if target is None else AdapterSpec(tenant, adapter, target.version, target.max_rank,
-                                                       target.bytes)
-        if len(self._cache) > 100_000:
+            found = await repo.find_adapter_targets(session, keys=missing)
+        now = self.clock()
+        if len(self._cache) + len(missing) > 100_000:
             self._cache.clear()
             self._ids.clear()
-        self._cache[key] = _Lookup(spec, now)
-        if target is not None:
-            self._ids[(tenant, adapter)] = target.adapter_id
-        return spec
+        for key in missing:
+            target = found.get(key)
+            tenant, adapter, _ = key
+            spec = None if target is None else AdapterSpec(tenant, adapter, target.version, target.max_rank,
+                                                           target.bytes)
+            self._cache[key] = _Lookup(spec, now)
+            if target is not None:
+                self._ids[(tenant, adapter)] = target.adapter_id
+
+    async def lookup(self, tenant: str, adapter: str, version: str | None) -> AdapterSpec | None:
+        """The spec of `tenant/adapter` at `version` (its current version when None); None: it does not exist."""
+        key = (tenant, adapter, version)
+        hit = self.cached(key)
+        if hit is None:
+            await self.prefetch([key])
+            hit = self._cache[key]
+        return hit.spec
 
     def adapter_id(self, tenant: str, adapter: str) -> uuid.UUID | None:
         """The adapter's row id if a lookup found it (demand history needs it)."""
@@ -155,6 +176,7 @@ class Dispatcher:
         self._room = asyncio.Event()  # set while some worker can take more work
         self._tasks: set[asyncio.Task[None]] = set()
         self._unrescued: dict[str, str] = {}  # gone workers whose rescue failed -> why they are gone
+        self._sending = asyncio.Semaphore(MAX_BATCHES_IN_FLIGHT)
         self.dispatched = 0
         self.metrics = metrics  # refreshed on ticks: nothing per invocation
 
@@ -273,11 +295,27 @@ class Dispatcher:
     # -- one batch -----------------------------------------------------------------------------------------
 
     async def handle_batch(self, batch: list[Msg]) -> None:
-        """Decide every message of the batch in order, then publish the dispatches together."""
-        sends: list[Awaitable[None]] = []
+        """Decide every message of the batch in order (their adapters looked up in one query), then publish the
+        dispatches together, in the background: the next fetch does not wait for this batch's round trips
+        (at most `MAX_BATCHES_IN_FLIGHT` batches are)."""
+        if not batch:
+            return
+        decoded: list[tuple[Msg, Invocation]] = []
         for msg in batch:
             try:
-                send = await self._decide(msg)
+                decoded.append((msg, Invocation.decode(msg.data)))
+            except MessageInvalid as e:
+                logger.error("dropping an undecodable invocation on %s: %s", msg.subject, e)
+                await msg.term()
+        try:
+            await self.directory.prefetch((inv.tenant, inv.adapter, inv.version) for _, inv in decoded
+                                          if inv.adapter is not None and inv.adapter != BASE_ADAPTER)
+        except (OSError, SQLAlchemyError) as e:  # Postgres away: each message decides alone (see _decide)
+            logger.warning("adapter lookups failed (%s)", e)
+        sends: list[Awaitable[None]] = []
+        for msg, inv in decoded:
+            try:
+                send = await self._decide(msg, inv)
             except Exception:  # a bug or Postgres down: the message comes back after a delay
                 logger.exception("dispatching %s failed; retrying it in 1 s", msg.subject)
                 await self._nak(msg, 1.0)
@@ -285,15 +323,16 @@ class Dispatcher:
             if send is not None:
                 sends.append(send)
         if sends:
-            await asyncio.gather(*sends)
+            await self._sending.acquire()
+            self._spawn(self._send_all(sends), "dispatch-sends")
 
-    async def _decide(self, msg: Msg) -> Awaitable[None] | None:
+    async def _send_all(self, sends: list[Awaitable[None]]) -> None:
         try:
-            inv = Invocation.decode(msg.data)
-        except MessageInvalid as e:
-            logger.error("dropping an undecodable invocation on %s: %s", msg.subject, e)
-            await msg.term()
-            return None
+            await asyncio.gather(*sends)
+        finally:
+            self._sending.release()
+
+    async def _decide(self, msg: Msg, inv: Invocation) -> Awaitable[None] | None:
         work = WorkHeaders.read(msg)
         published = self._stream_time(msg)
         arrived = work.arrived_at if work.arrived_at is not None else published

@@ -75,6 +75,23 @@ def core_config(cfg: PlacementSettings) -> CoreConfig:
     )
 
 
+# A resident adapter's last use is written to Postgres when it moved by this much (a row per adapter and second
+# for every worker would be written otherwise; the live decisions use the heartbeats, not these rows).
+LAST_USED_PRECISION_S = 30
+
+
+def residency_record(hb: Heartbeat) -> dict[tuple[str, Tier], tuple[repo.ResidencyRow, tuple[int, int, int]]]:
+    """A heartbeat's residency as rows keyed by (sha256, tier), each with the mark that says it changed."""
+    out = {}
+    for r in hb.resident:
+        last_used = datetime.fromtimestamp(r.last_used, UTC) if r.last_used else None
+        row = repo.ResidencyRow(sha256=r.version, tier=Tier(r.tier), pages=r.pages, nbytes=r.bytes,
+                                last_used_at=last_used)
+        mark = (r.pages, r.bytes, int(r.last_used or 0) // LAST_USED_PRECISION_S)
+        out[(r.version, Tier(r.tier))] = (row, mark)
+    return out
+
+
 def default_scheduler_id() -> str:
     host = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())[:48]
     return f"{host or 'scheduler'}-{os.getpid()}"
@@ -104,6 +121,8 @@ class SchedulerService:
         self._directory: AdapterDirectory | None = None
         self._demand: dict[tuple[str, str, datetime], int] = defaultdict(int)
         self._started: list[InvocationStarted] = []
+        # What this scheduler last wrote of each worker's residency, so a flush writes only what changed.
+        self._residency: dict[str, dict[tuple[str, Tier], tuple[repo.ResidencyRow, tuple[int, int, int]]]] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
@@ -219,7 +238,7 @@ class SchedulerService:
             return
         try:
             async with self.sessions() as session, session.begin():
-                await self._write_heartbeats(session, heartbeats)
+                written = await self._write_heartbeats(session, heartbeats)
                 for worker_id in gone:
                     logger.warning("worker %s is gone (goodbye, or no heartbeat for %.0f s); marking it down",
                                    worker_id, self.cfg.heartbeat_timeout_s)
@@ -240,22 +259,26 @@ class SchedulerService:
             self._started[:0] = started
             self.state.unwritten(heartbeats, gone)
             raise
+        self._residency.update(written)
+        for worker_id in gone:
+            self._residency.pop(worker_id, None)
 
-    async def _write_heartbeats(self, session: AsyncSession, heartbeats: list[Heartbeat]) -> None:
-        shas = [r.version for hb in heartbeats for r in hb.resident]
-        ids = await repo.version_ids_by_sha(session, shas=shas)
+    async def _write_heartbeats(self, session: AsyncSession, heartbeats: list[Heartbeat]) -> list[Any]:
+        """Workers' rows, and what changed in their residency since this scheduler last wrote it (all of it the
+        first time); the caller commits, then keeps `written` (returned) as the new record."""
+        written = []
         for hb in heartbeats:
             state = hb.model_dump(mode="json", exclude={"resident", "capacity"})
             await repo.upsert_worker(session, worker_id=hb.worker_id, host=hb.host, device=hb.device,
                                      capacity=hb.capacity, state=state)
-            rows = [
-                repo.ResidencyRow(
-                    version_id=ids[r.version], tier=Tier(r.tier), pages=r.pages, nbytes=r.bytes,
-                    last_used_at=datetime.fromtimestamp(r.last_used, UTC) if r.last_used else None,
-                )
-                for r in hb.resident if r.version in ids
-            ]
-            await repo.sync_worker_residency(session, worker_id=hb.worker_id, rows=rows)
+            now = residency_record(hb)
+            before = self._residency.get(hb.worker_id)
+            changed = [row for key, (row, mark) in now.items() if before is None or before.get(key, (None, None))[1] != mark]
+            dropped = [] if before is None else [key for key in before if key not in now]
+            await repo.write_worker_residency(session, worker_id=hb.worker_id, rows=changed, drop=dropped,
+                                              replace=before is None)
+            written.append((hb.worker_id, now))
+        return written
 
     # -- results -----------------------------------------------------------------------------------------
 

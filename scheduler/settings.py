@@ -39,7 +39,8 @@ class PlacementSettings(BaseModel):
         "to another dispatcher")
     dispatch_fetch_timeout_s: float = Field(1.0, gt=0, description="seconds one dispatcher pull request waits")
     demand_bucket_s: int = Field(60, ge=1, description="width of a demand-history bucket in seconds")
-    adapter_cache_s: float = Field(5.0, ge=0, description="seconds a tenant/adapter -> version lookup is reused")
+    adapter_cache_s: float = Field(
+        10.0, ge=0, description="seconds a tenant/adapter -> version lookup is reused (an AdapterEvent clears it)")
     results_consumer: str = Field("scheduler-results", description="durable consumer of the results stream")
 
     @model_validator(mode="after")

@@ -12,7 +12,21 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import delete, func, literal, select, update
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Integer,
+    String,
+    cast,
+    column,
+    delete,
+    func,
+    literal,
+    select,
+    tuple_,
+    update,
+    values,
+)
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
@@ -197,24 +211,29 @@ class AdapterTarget:
     bytes: int
 
 
-async def find_adapter_target(session: AsyncSession, *, tenant: str, adapter: str,
-                              version: str | None) -> AdapterTarget | None:
-    """`tenant/adapter` at `version` (its current version when None), in one query; None when the adapter
-    does not exist (or never had that version)."""
-    query = (
-        select(Adapter.id, AdapterVersion.sha256, AdapterVersion.max_rank, AdapterVersion.bytes)
-        .join(Tenant, Tenant.id == Adapter.tenant_id)
-        .where(Tenant.name == tenant, Adapter.name == adapter)
-    )
-    if version is None:
-        query = query.join(AdapterVersion, AdapterVersion.id == Adapter.current_version_id)
-    else:
-        query = query.join(AdapterVersion, AdapterVersion.adapter_id == Adapter.id).where(
-            AdapterVersion.sha256 == version)
-    row = (await session.execute(query.limit(1))).first()
-    if row is None:
-        return None
-    return AdapterTarget(adapter_id=row[0], version=row[1], max_rank=row[2], bytes=row[3])
+async def find_adapter_targets(
+    session: AsyncSession, *, keys: Sequence[tuple[str, str, str | None]]
+) -> dict[tuple[str, str, str | None], AdapterTarget]:
+    """(tenant, adapter, version or None for the current one) -> its `AdapterTarget`, for many keys in two
+    queries at most; keys of adapters that do not exist (or never had that version) are absent."""
+    out: dict[tuple[str, str, str | None], AdapterTarget] = {}
+    current = {(t, a) for t, a, v in keys if v is None}
+    pinned = {(t, a, v) for t, a, v in keys if v is not None}
+    base = select(Tenant.name, Adapter.name, Adapter.id, AdapterVersion.sha256, AdapterVersion.max_rank,
+                  AdapterVersion.bytes).join(Tenant, Tenant.id == Adapter.tenant_id)
+    if current:
+        rows = await session.execute(
+            base.join(AdapterVersion, AdapterVersion.id == Adapter.current_version_id)
+            .where(tuple_(Tenant.name, Adapter.name).in_(list(current))))
+        for t, a, adapter_id, sha, rank, nbytes in rows:
+            out[(t, a, None)] = AdapterTarget(adapter_id=adapter_id, version=sha, max_rank=rank, bytes=nbytes)
+    if pinned:
+        rows = await session.execute(
+            base.join(AdapterVersion, AdapterVersion.adapter_id == Adapter.id)
+            .where(tuple_(Tenant.name, Adapter.name, AdapterVersion.sha256).in_(list(pinned))))
+        for t, a, adapter_id, sha, rank, nbytes in rows:
+            out[(t, a, sha)] = AdapterTarget(adapter_id=adapter_id, version=sha, max_rank=rank, bytes=nbytes)
+    return out
 
 
 async def list_adapters(session: AsyncSession, *, tenant: Tenant | None = None) -> Sequence[Adapter]:
@@ -453,46 +472,48 @@ async def ping(session: AsyncSession) -> None:
 
 @dataclass(frozen=True)
 class ResidencyRow:
-    """One adapter version a worker reports in a tier (from its heartbeat)."""
+    """One adapter version (by content hash) a worker reports in a tier (from its heartbeat)."""
 
-    version_id: uuid.UUID
+    sha256: str
     tier: Tier
     pages: int = 0
     nbytes: int = 0
     last_used_at: datetime | None = None
 
 
-async def version_ids_by_sha(session: AsyncSession, *, shas: Sequence[str]) -> dict[str, uuid.UUID]:
-    """sha256 -> id of the adapter versions with that content (one of them when several adapters share it)."""
-    if not shas:
-        return {}
-    rows = await session.execute(
-        select(AdapterVersion.sha256, AdapterVersion.id).where(AdapterVersion.sha256.in_(list(set(shas))))
-    )
-    return {r[0]: r[1] for r in rows}
-
-
-async def sync_worker_residency(session: AsyncSession, *, worker_id: str, rows: Sequence[ResidencyRow]) -> None:
-    """Make a worker's residency exactly `rows`: upsert them, delete what it no longer holds."""
-    keep = {(r.version_id, r.tier) for r in rows}
-    existing = await session.execute(
-        select(Residency.adapter_version_id, Residency.tier).where(Residency.worker_id == worker_id)
-    )
-    for version_id, tier in existing:
-        if (version_id, tier) not in keep:
-            await clear_residency(session, version_id=version_id, worker_id=worker_id, tier=tier)
-    for r in rows:
-        stmt = insert(Residency).values(
-            adapter_version_id=r.version_id, worker_id=worker_id, tier=r.tier, pages=r.pages, bytes=r.nbytes,
-            last_used_at=r.last_used_at,
-        )
-        await session.execute(
-            stmt.on_conflict_do_update(
-                index_elements=[Residency.adapter_version_id, Residency.worker_id, Residency.tier],
-                set_={"pages": stmt.excluded.pages, "bytes": stmt.excluded.bytes,
-                      "last_used_at": stmt.excluded.last_used_at},
-            )
-        )
+async def write_worker_residency(session: AsyncSession, *, worker_id: str, rows: Sequence[ResidencyRow],
+                                 drop: Sequence[tuple[str, Tier]] = (), replace: bool = False) -> None:
+    """Upsert a worker's residency rows and delete `drop` ((sha256, tier) pairs), in three statements at most
+    whatever the number of rows. `replace`: the worker holds exactly `rows` (everything else of it is deleted
+    first: a scheduler that has no record of what it wrote before). A hash names every adapter version with
+    that content (identical bytes pushed under two names are resident for both); a hash no version has any
+    more (deleted meanwhile) is skipped, never a foreign-key error."""
+    if replace:
+        await session.execute(delete(Residency).where(Residency.worker_id == worker_id))
+    for tier in {t for _, t in drop}:
+        shas = [sha for sha, t in drop if t == tier]
+        await session.execute(delete(Residency).where(
+            Residency.worker_id == worker_id, Residency.tier == tier,
+            Residency.adapter_version_id.in_(select(AdapterVersion.id).where(AdapterVersion.sha256.in_(shas))),
+        ))
+    if not rows:
+        return
+    reported = values(
+        column("sha256", String), column("tier", String), column("pages", Integer), column("bytes", BigInteger),
+        column("last_used_at", DateTime(timezone=True)), name="reported",
+    ).data([(r.sha256, r.tier.value, r.pages, r.nbytes, r.last_used_at) for r in rows])
+    source = select(
+        # Casts: psycopg sends the VALUES untyped (a NULL last use would be text).
+        AdapterVersion.id, literal(worker_id), cast(reported.c.tier, Residency.__table__.c.tier.type),
+        cast(reported.c.pages, Integer), cast(reported.c.bytes, BigInteger),
+        cast(reported.c.last_used_at, DateTime(timezone=True)),
+    ).join(reported, AdapterVersion.sha256 == reported.c.sha256)
+    stmt = insert(Residency).from_select(
+        ["adapter_version_id", "worker_id", "tier", "pages", "bytes", "last_used_at"], source)
+    await session.execute(stmt.on_conflict_do_update(
+        index_elements=[Residency.adapter_version_id, Residency.worker_id, Residency.tier],
+        set_={"pages": stmt.excluded.pages, "bytes": stmt.excluded.bytes, "last_used_at": stmt.excluded.last_used_at},
+    ))
 
 
 async def mark_invocation_running(

@@ -98,6 +98,39 @@ async def test_residency_workers_and_lru_order(sessions) -> None:
         assert await repo.residency_of(session, version_id=v1.id) == []
 
 
+async def test_worker_residency_is_written_by_content_hash_in_a_few_statements(sessions) -> None:
+    async with sessions() as session, session.begin():
+        acme = await repo.create_tenant(session, name="acme")
+        _, v1, _ = await repo.register_version(session, tenant=acme, name="a", facts=facts("1" * 64))
+        _, twin, _ = await repo.register_version(session, tenant=acme, name="twin", facts=facts("1" * 64))
+        _, v2, _ = await repo.register_version(session, tenant=acme, name="b", facts=facts("2" * 64))
+        await repo.upsert_worker(session, worker_id="w1", host="h", device="cpu", capacity={})
+        at = datetime(2026, 11, 30, tzinfo=UTC)
+        rows = [repo.ResidencyRow("1" * 64, Tier.device, pages=10, nbytes=100, last_used_at=at),
+                repo.ResidencyRow("2" * 64, Tier.host, nbytes=200),
+                repo.ResidencyRow("9" * 64, Tier.host, nbytes=5)]  # no version has it (deleted): skipped
+        await repo.write_worker_residency(session, worker_id="w1", rows=rows, replace=True)
+    async with sessions() as session:
+        device = await repo.worker_residency(session, worker_id="w1", tier=Tier.device)
+        host = await repo.worker_residency(session, worker_id="w1", tier=Tier.host)
+    # Identical bytes under two names: both versions are resident.
+    assert {r.adapter_version_id for r in device} == {v1.id, twin.id}
+    assert {(r.pages, r.bytes, r.last_used_at) for r in device} == {(10, 100, at)}
+    assert [(r.adapter_version_id, r.bytes) for r in host] == [(v2.id, 200)]
+    async with sessions() as session, session.begin():  # a diff: one row changes, one leaves
+        await repo.write_worker_residency(session, worker_id="w1", rows=[repo.ResidencyRow("1" * 64, Tier.device, 12, 100)],
+                                          drop=[("2" * 64, Tier.host)])
+    async with sessions() as session:
+        assert {r.pages for r in await repo.worker_residency(session, worker_id="w1", tier=Tier.device)} == {12}
+        assert await repo.worker_residency(session, worker_id="w1", tier=Tier.host) == []
+    async with sessions() as session, session.begin():  # replace: what it does not report is gone
+        await repo.write_worker_residency(session, worker_id="w1", rows=[repo.ResidencyRow("2" * 64, Tier.device)],
+                                          replace=True)
+    async with sessions() as session:
+        device = await repo.worker_residency(session, worker_id="w1", tier=Tier.device)
+    assert [r.adapter_version_id for r in device] == [v2.id]
+
+
 async def test_invocations_idempotency_key_is_unique_per_tenant(sessions) -> None:
     async with sessions() as session, session.begin():
         acme = await repo.get_or_create_tenant(session, name="acme")
