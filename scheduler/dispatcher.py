@@ -43,6 +43,9 @@ from protocol.dispatch import WorkHeaders, dispatch, invoke_subject, requeue_sub
 from protocol.messages import (
     BASE_ADAPTER,
     AdapterEvent,
+    ControlReply,
+    ControlRequest,
+    ControlVerb,
     Heartbeat,
     Invocation,
     InvocationError,
@@ -55,9 +58,13 @@ from scheduler.core import (
     Defer,
     Dispatch,
     Event,
+    Evict,
     Fail,
+    Fetch,
     InvocationArrived,
     InvocationFinished,
+    Load,
+    LoadFinished,
     Rescue,
     ResidentReport,
     SchedulerCore,
@@ -188,6 +195,8 @@ class Dispatcher:
         for c in commands:
             if isinstance(c, Rescue):
                 self._spawn(self.rescue(c.worker_id, c.reason), f"rescue-{c.worker_id}")
+            elif isinstance(c, Fetch | Load | Evict):
+                self._spawn(self.stage(c), f"stage-{c.worker_id}")
         self._update_room()
         return commands
 
@@ -407,6 +416,27 @@ class Dispatcher:
             await msg.nak(delay=delay_s)
         except nats.errors.Error as e:
             logger.warning("nak of %s failed: %s", msg.subject, e)
+
+    # -- staging -------------------------------------------------------------------------------------------
+
+    async def stage(self, command: Fetch | Load | Evict) -> None:
+        """Carry out a staging verb on its worker (request/reply on lora.ctl.<worker>.<verb>); the outcome of a
+        load comes back to the core as `LoadFinished`."""
+        verb = {Fetch: ControlVerb.fetch, Load: ControlVerb.load, Evict: ControlVerb.evict}[type(command)]
+        tier = command.to_tier if isinstance(command, Evict) else None
+        request = ControlRequest(verb=verb, version=command.version, tier=tier)
+        try:
+            raw = await self.nc.request(subjects.control(command.worker_id, verb.value), request.encode(),
+                                        timeout=self.cfg.control_timeout_s)
+            reply = ControlReply.decode(raw.data)
+        except (nats.errors.Error, MessageInvalid) as e:
+            logger.warning("%s of %s on %s failed: %s", verb.value, command.version[:12], command.worker_id, e)
+            reply = ControlReply(ok=False)
+        if not reply.ok and reply.error is not None:
+            logger.warning("%s of %s on %s refused: %s", verb.value, command.version[:12], command.worker_id,
+                           reply.error.message)
+        if isinstance(command, Load):
+            self.apply(LoadFinished(self.clock(), command.worker_id, command.version, ok=reply.ok))
 
     # -- rescue --------------------------------------------------------------------------------------------
 

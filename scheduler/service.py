@@ -243,16 +243,15 @@ class SchedulerService:
                     logger.warning("worker %s is gone (goodbye, or no heartbeat for %.0f s); marking it down",
                                    worker_id, self.cfg.heartbeat_timeout_s)
                     await repo.mark_worker_down(session, worker_id=worker_id)
+                counts = []
                 for (tenant, adapter, bucket_start), count in demand.items():
                     adapter_id = self._directory.adapter_id(tenant, adapter) if self._directory else None
                     if adapter_id is not None:
-                        await repo.record_demand(session, adapter_id=adapter_id, at=bucket_start,
-                                                 bucket_seconds=self.cfg.demand_bucket_s, count=count)
-                for s in started:
-                    await repo.mark_invocation_running(
-                        session, invocation_id=s.invocation_id, worker_id=s.worker_id, attempt=s.attempt,
-                        started_at=datetime.fromtimestamp(s.started_at, UTC),
-                    )
+                        counts.append((adapter_id, bucket_start, count))
+                await repo.record_demand_many(session, counts=counts, bucket_seconds=self.cfg.demand_bucket_s)
+                await repo.mark_invocations_running(session, started=[
+                    (s.invocation_id, s.worker_id, s.attempt, datetime.fromtimestamp(s.started_at, UTC))
+                    for s in started])
         except BaseException:
             for key, count in demand.items():  # keep what could not be written for the next flush
                 self._demand[key] += count

@@ -38,6 +38,7 @@ class PlacementSettings(BaseModel):
         10.0, gt=0, description="seconds before an invocation a dispatcher took and never acked (it died) goes "
         "to another dispatcher")
     dispatch_fetch_timeout_s: float = Field(1.0, gt=0, description="seconds one dispatcher pull request waits")
+    control_timeout_s: float = Field(60.0, gt=0, description="seconds a worker may take to answer a staging verb")
     demand_bucket_s: int = Field(60, ge=1, description="width of a demand-history bucket in seconds")
     adapter_cache_s: float = Field(
         10.0, ge=0, description="seconds a tenant/adapter -> version lookup is reused (an AdapterEvent clears it)")

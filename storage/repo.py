@@ -27,7 +27,7 @@ from sqlalchemy import (
     update,
     values,
 )
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.dialects.postgresql import UUID, insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import selectinload
@@ -433,6 +433,29 @@ async def record_demand(
     )
 
 
+async def record_demand_many(session: AsyncSession, *, counts: Sequence[tuple[uuid.UUID, datetime, int]],
+                             bucket_seconds: int = 60) -> None:
+    """`record_demand` for many (adapter id, time, count) at once, in one statement (a flush of a thousand
+    adapters' demand is one round trip); adapters deleted meanwhile are skipped."""
+    if not counts:
+        return
+    merged: dict[tuple[uuid.UUID, datetime], int] = {}
+    for adapter_id, at, count in counts:
+        epoch = int(at.timestamp())
+        start = datetime.fromtimestamp(epoch - epoch % bucket_seconds, UTC)
+        merged[(adapter_id, start)] = merged.get((adapter_id, start), 0) + count
+    rows = values(column("adapter_id", UUID(as_uuid=True)), column("bucket_start", DateTime(timezone=True)),
+                  column("count", Integer), name="demand").data([(a, t, n) for (a, t), n in merged.items()])
+    source = select(Adapter.id, cast(rows.c.bucket_start, DateTime(timezone=True)), literal(bucket_seconds),
+                    cast(rows.c.count, Integer)).join(rows, Adapter.id == cast(rows.c.adapter_id, UUID(as_uuid=True)))
+    stmt = insert(DemandBucket).from_select(
+        [DemandBucket.adapter_id, DemandBucket.bucket_start, DemandBucket.bucket_seconds, DemandBucket.count], source)
+    await session.execute(stmt.on_conflict_do_update(
+        index_elements=[DemandBucket.adapter_id, DemandBucket.bucket_start, DemandBucket.bucket_seconds],
+        set_={"count": DemandBucket.count + stmt.excluded.count},
+    ))
+
+
 async def demand_series(
     session: AsyncSession, *, adapter_id: uuid.UUID, since: datetime, bucket_seconds: int = 60
 ) -> list[tuple[datetime, int]]:
@@ -525,6 +548,24 @@ async def mark_invocation_running(
         .where(Invocation.id == invocation_id,
                Invocation.status.in_([InvocationStatus.queued, InvocationStatus.running]))
         .values(status=InvocationStatus.running, worker_id=worker_id, attempts=attempt, started_at=started_at)
+    )
+
+
+async def mark_invocations_running(session: AsyncSession, *,
+                                    started: Sequence[tuple[str, str, int, datetime]]) -> None:
+    """`mark_invocation_running` for many (invocation id, worker id, attempt, started at), in one statement."""
+    if not started:
+        return
+    latest = {inv: (w, a, t) for inv, w, a, t in sorted(started, key=lambda s: s[3])}  # the last start wins
+    rows = values(column("id", String), column("worker_id", String), column("attempt", Integer),
+                  column("started_at", DateTime(timezone=True)), name="started").data(
+        [(i, w, a, t) for i, (w, a, t) in latest.items()])
+    await session.execute(
+        update(Invocation)
+        .where(Invocation.id == rows.c.id,
+               Invocation.status.in_([InvocationStatus.queued, InvocationStatus.running]))
+        .values(status=InvocationStatus.running, worker_id=rows.c.worker_id, attempts=cast(rows.c.attempt, Integer),
+                started_at=cast(rows.c.started_at, DateTime(timezone=True)))
     )
 
 

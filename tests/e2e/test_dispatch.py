@@ -45,9 +45,11 @@ from protocol.messages import (
     InvocationResult,
     InvocationStarted,
     Sampling,
+    Tier,
     TokenChunk,
 )
 from protocol.streams import ensure_streams
+from scheduler.core import Evict, Fetch, Load
 from scheduler.policy import AffinityRouter, PinnedRouter, Router
 from scheduler.service import SchedulerService
 from scheduler.settings import PlacementSettings, SchedulerSettings
@@ -371,6 +373,32 @@ async def test_a_routing_policy_is_obeyed_live_and_in_the_simulator(cluster: Clu
     assert sim_x["w1"] == 100 and sum(sim_x.values()) == 100, sim_x
     assert report.decisions["pinned"] == 100
     assert x.sha256 != y.sha256
+
+
+async def test_the_schedulers_staging_commands_move_an_adapter_between_tiers(cluster: Cluster) -> None:
+    """Fetch, Load and Evict from the core are carried out on the worker they name (the staging policies of
+    later work emit them); the worker's heartbeats, and so the core's residency, follow."""
+    tenant = f"stage{secrets.token_hex(3)}"
+    pushed = await cluster.push(tenant, "staged", seed=6000)
+    sha, worker = pushed.sha256, "dw-2"
+
+    def tier_in_heartbeat() -> str | None:
+        hb = cluster.heartbeats.get(worker)
+        return next((r.tier.value for r in hb.resident if r.version == sha), None) if hb else None
+
+    async with cluster.scheduler() as service:
+        assert service.dispatcher is not None
+        await service.dispatcher.stage(Fetch(sha, worker))
+        await wait_for(lambda: tier_in_heartbeat() == "host", what="the blob in the host cache")
+        await service.dispatcher.stage(Load(sha, worker))
+        await wait_for(lambda: tier_in_heartbeat() == "device", what="the adapter on the device")
+        await wait_for(lambda: service.core.residency().get(sha, {}).get(worker) == Tier.device,
+                       what="the core seeing it on the device")
+        # Routed to where it now is, without a load.
+        result = await cluster.call(cluster.invocation(tenant, "staged"))
+        assert result.worker_id == worker and result.adapter_tier == "device"
+        await service.dispatcher.stage(Evict(sha, worker, Tier.host))
+        await wait_for(lambda: tier_in_heartbeat() == "host", what="the adapter back in the host cache")
 
 
 async def test_two_tenants_pushing_identical_bytes_are_both_served(cluster: Cluster) -> None:

@@ -169,6 +169,34 @@ async def test_demand_history_buckets_and_totals(sessions) -> None:
         assert series == [(datetime(2026, 1, 1, 12, 0, tzinfo=UTC), 2), (datetime(2026, 1, 1, 12, 1, tzinfo=UTC), 1)]
         totals = await repo.demand_totals(session, since=t0 - timedelta(hours=1))
         assert totals == {a.id: 3, b.id: 5}
+    # Many at once, in one statement: added to the same buckets; an adapter that is gone is skipped.
+    async with sessions() as session, session.begin():
+        await repo.record_demand_many(session, counts=[(a.id, t0, 2), (a.id, t0 + timedelta(seconds=1), 1),
+                                                       (b.id, t0 + timedelta(seconds=70), 6), (uuid.uuid4(), t0, 9)])
+    async with sessions() as session:
+        series = await repo.demand_series(session, adapter_id=a.id, since=t0 - timedelta(hours=1))
+        assert series == [(datetime(2026, 1, 1, 12, 0, tzinfo=UTC), 5), (datetime(2026, 1, 1, 12, 1, tzinfo=UTC), 1)]
+        assert await repo.demand_totals(session, since=t0 - timedelta(hours=1)) == {a.id: 6, b.id: 11}
+
+
+async def test_invocations_marked_running_in_one_statement(sessions) -> None:
+    async with sessions() as session, session.begin():
+        acme = await repo.get_or_create_tenant(session, name="acme")
+        for i in range(3):
+            await repo.create_invocation(session, invocation_id=f"run{i}", tenant=acme, adapter=None)
+        await repo.finish_invocation(session, invocation_id="run2", status=InvocationStatus.succeeded,
+                                     finished_at=datetime.now(UTC))
+    t = datetime(2026, 11, 30, 10, tzinfo=UTC)
+    async with sessions() as session, session.begin():
+        await repo.mark_invocations_running(session, started=[
+            ("run0", "w1", 1, t), ("run0", "w2", 1, t + timedelta(seconds=1)), ("run1", "w1", 2, t),
+            ("run2", "w1", 1, t), ("nobody", "w1", 1, t)])
+    async with sessions() as session:
+        rows = {i: await repo.get_invocation(session, invocation_id=i) for i in ("run0", "run1", "run2")}
+    assert (rows["run0"].status, rows["run0"].worker_id, rows["run0"].started_at) == (
+        InvocationStatus.running, "w2", t + timedelta(seconds=1))  # the later start wins
+    assert (rows["run1"].status, rows["run1"].attempts) == (InvocationStatus.running, 2)
+    assert rows["run2"].status == InvocationStatus.succeeded  # a finished one stays finished
 
 
 def test_migrations_upgrade_and_downgrade_cleanly(services) -> None:
