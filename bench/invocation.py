@@ -1002,31 +1002,42 @@ async def measure_adapters(s: BenchStack, options: BenchOptions, names: Sequence
     paths = ("direct", "gateway")
     by_count: dict[str, Any] = {}
     per_round = options.adapter_calls // options.adapter_rounds
-    for n in options.adapter_counts:
-        direct = DirectCaller(s.nc, s.tenant, adapters=names[:n])
-        raw = s.raw(names[:n])
-        try:
-            callers: dict[str, Call] = {"direct": direct, "gateway": raw}
-            for call in callers.values():  # each adapter once: resolved, placed on a worker, cached
+    # Rounds interleave the adapter counts (round 1 of N=10, 100, 1000, then round 2, ...), so that drift over
+    # the run (tables growing, the machine's other load) falls on every N alike.
+    callers: dict[int, dict[str, Any]] = {}
+    lat: dict[int, dict[str, list[float]]] = {}
+    wall: dict[int, dict[str, float]] = {}
+    scheduler_cpu: dict[int, dict[str, float]] = {}
+    counted: dict[int, tuple[dict[str, int], dict[str, Any]]] = {}  # consumers and echo stats after N's warm-up
+    try:
+        for n in options.adapter_counts:
+            callers[n] = {"direct": DirectCaller(s.nc, s.tenant, adapters=names[:n]), "gateway": s.raw(names[:n])}
+            for call in callers[n].values():  # each adapter once: resolved, placed on a worker, cached
                 await timed_concurrent([call] * options.adapter_concurrency, n)
-            direct.take()
-            lat: dict[str, list[float]] = {p: [] for p in paths}
-            wall: dict[str, float] = dict.fromkeys(paths, 0.0)
-            scheduler_cpu = dict.fromkeys(paths, 0.0)
-            for _ in range(options.adapter_rounds):
-                for name, call in callers.items():
+            callers[n]["direct"].take()
+            counted[n] = (await consumer_counts(s.nc.jetstream()), await s.echo.stats())
+            lat[n] = {p: [] for p in paths}
+            wall[n] = dict.fromkeys(paths, 0.0)
+            scheduler_cpu[n] = dict.fromkeys(paths, 0.0)
+        for _ in range(options.adapter_rounds):
+            for n in options.adapter_counts:
+                for name in paths:
+                    call = callers[n][name]
                     before = process_cpu_s(s.scheduler_pid)
                     got, took = await timed_concurrent([call] * options.adapter_concurrency, per_round)
-                    scheduler_cpu[name] += process_cpu_s(s.scheduler_pid) - before
-                    lat[name] += got
-                    wall[name] += took
-        finally:
-            await raw.aclose()
-        stats = await s.echo.stats()
-        row: dict[str, Any] = {p: {**summary(lat[p]), "invocations_per_s": len(lat[p]) / wall[p],
-                                   "scheduler_cpu_ms_per_call": scheduler_cpu[p] / len(lat[p]) * 1000} for p in paths}
-        row["direct"]["hop"] = summary(direct.take()[1])
-        row["consumers"] = await consumer_counts(s.nc.jetstream())
+                    scheduler_cpu[n][name] += process_cpu_s(s.scheduler_pid) - before
+                    lat[n][name] += got
+                    wall[n][name] += took
+    finally:
+        for c in callers.values():
+            await c["gateway"].aclose()
+    for n in options.adapter_counts:
+        consumers, stats = counted[n]
+        row: dict[str, Any] = {p: {**summary(lat[n][p]), "invocations_per_s": len(lat[n][p]) / wall[n][p],
+                                   "scheduler_cpu_ms_per_call": scheduler_cpu[n][p] / len(lat[n][p]) * 1000}
+                               for p in paths}
+        row["direct"]["hop"] = summary(callers[n]["direct"].take()[1])
+        row["consumers"] = consumers
         row["echo_subscriptions"] = {w: x["subscriptions"] for w, x in stats["workers"].items()}
         row["echo_versions"] = {w: x["versions"] for w, x in stats["workers"].items()}
         by_count[str(n)] = row

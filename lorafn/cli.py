@@ -258,6 +258,30 @@ async def _registry(settings: LorafnSettings) -> AsyncIterator[Registry]:
         await engine.dispose()
 
 
+async def _announce(settings: LorafnSettings, event: str, tenant: str, adapter: str, version: str | None = None) -> None:
+    """Tell gateways and schedulers that an adapter changed (they drop their cached lookup of it at once);
+    when NATS cannot be reached their caches expire by themselves (`adapter_ttl_s`, `adapter_cache_s`)."""
+    import nats
+    import nats.errors
+
+    from protocol import subjects
+    from protocol.messages import AdapterEvent
+
+    message = AdapterEvent(event=event, tenant=tenant, adapter=adapter, version=version)  # type: ignore[arg-type]
+    try:
+        nc = await nats.connect(settings.nats.url, connect_timeout=2, max_reconnect_attempts=0,
+                                allow_reconnect=False)
+    except (nats.errors.Error, OSError) as e:
+        console.print(f"[yellow]could not announce the change over NATS ({e}); gateways see it within their "
+                      "cache lifetime[/]")
+        return
+    try:
+        await nc.publish(subjects.adapter_event(event), message.encode())
+        await nc.flush(timeout=2)
+    finally:
+        await nc.close()
+
+
 def _qualified(name: str) -> tuple[str, str]:
     """TENANT/NAME split and checked, or a clean exit naming the problem."""
     try:
@@ -297,6 +321,7 @@ def adapters_push(
                 task = bar.add_task("upload", total=len(prepared.blob))
                 result = await registry.push(tenant=tenant, name=adapter_name, source=prepared,
                                              progress=lambda n: bar.advance(task, n))
+        await _announce(settings, "pushed", tenant, adapter_name, result.sha256)
         state = "new version" if result.created else "unchanged (same content)"
         console.print(
             f"[bold]{tenant}/{adapter_name}[/] {state}: version {result.version_id}\n"
@@ -347,7 +372,9 @@ def adapters_rm(
 
     async def run() -> list[str]:
         async with _registry(settings) as registry:
-            return await registry.remove(tenant=tenant, name=adapter_name)
+            removed = await registry.remove(tenant=tenant, name=adapter_name)
+        await _announce(settings, "deleted", tenant, adapter_name)
+        return removed
 
     removed = _run_client(run())
     console.print(f"removed {name} ({len(removed)} blob(s) deleted from the object store)")

@@ -11,11 +11,14 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import nats
 import pytest
 from minio import Minio
 
@@ -29,6 +32,8 @@ from lorafn.stack import (
     free_stack_ports,
     port_is_free,
 )
+from protocol import subjects
+from protocol.messages import AdapterEvent
 from storage import repo
 from storage.settings import DatabaseSettings
 
@@ -99,6 +104,37 @@ def up_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], Path]]:
                 proc.kill()
 
 
+class AdapterEventTap:
+    """Collects the AdapterEvents published on NATS (a subscriber on its own thread and event loop)."""
+
+    def __init__(self, nats_url: str) -> None:
+        self.events: list[AdapterEvent] = []
+        self._ready = threading.Event()
+        self._loop = asyncio.new_event_loop()
+        self._stop = asyncio.Event()
+        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._run(nats_url),), daemon=True)
+        self._thread.start()
+        assert self._ready.wait(10), "could not subscribe to adapter events"
+
+    async def _run(self, url: str) -> None:
+        nc = await nats.connect(url)
+
+        async def on_event(msg: Any) -> None:
+            self.events.append(AdapterEvent.decode(msg.data))
+
+        await nc.subscribe(subjects.ADAPTER_EVENTS_ALL, cb=on_event)
+        await nc.flush()
+        self._ready.set()
+        await self._stop.wait()
+        await nc.close()
+
+    def close(self) -> list[AdapterEvent]:
+        time.sleep(0.3)  # what was published last arrives
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+        return self.events
+
+
 def cli(*args: str, state: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*LORAFN, *args, "--state-dir", str(state)], capture_output=True, text=True, timeout=180)
 
@@ -117,6 +153,7 @@ def test_up_push_and_ctrl_c_leaves_nothing_behind(up_process, make_peft_adapter,
 
     # Push a real PEFT adapter for the default backbone (all 30 layers) through the CLI.
     adapter = make_peft_adapter(r=8, num_layers=30, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
+    tap = AdapterEventTap(endpoints.nats_url)
     pushed = cli("adapters", "push", str(adapter), "--name", "dev/demo", state=state)
     assert pushed.returncode == 0, pushed.stdout + pushed.stderr
     assert "new version" in pushed.stdout
@@ -137,6 +174,9 @@ def test_up_push_and_ctrl_c_leaves_nothing_behind(up_process, make_peft_adapter,
     removed = cli("adapters", "rm", "dev/demo", state=state)
     assert removed.returncode == 0 and "1 blob(s) deleted" in removed.stdout
     assert cli("adapters", "rm", "dev/demo", state=state).returncode == 1
+    # Gateways and schedulers drop their cached lookups when the CLI changes an adapter.
+    assert [(e.event, e.tenant, e.adapter) for e in tap.close()] == [
+        ("pushed", "dev", "demo"), ("pushed", "dev", "demo"), ("deleted", "dev", "demo")]
 
     created = cli("keys", "create", "acme", state=state)
     assert created.returncode == 0, created.stderr
