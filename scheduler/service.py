@@ -317,17 +317,18 @@ class SchedulerService:
 
     async def _record_results(self, msgs: list[Msg]) -> None:
         assert self.sessions is not None
+        outcomes = []
+        for m in msgs:
+            try:
+                result = InvocationResult.decode(m.data)
+            except MessageInvalid as e:
+                logger.warning("ignoring an undecodable result on %s: %s", m.subject, e)
+                continue
+            ts = m.metadata.timestamp
+            finished = ts if isinstance(ts, datetime) else datetime.now(UTC)
+            outcomes.append(repo.Outcome(invocation_id=result.invocation_id, **self._result_fields(result, finished)))
         async with self.sessions() as session, session.begin():
-            for m in msgs:
-                try:
-                    result = InvocationResult.decode(m.data)
-                except MessageInvalid as e:
-                    logger.warning("ignoring an undecodable result on %s: %s", m.subject, e)
-                    continue
-                ts = m.metadata.timestamp
-                finished = ts if isinstance(ts, datetime) else datetime.now(UTC)
-                await repo.finish_invocation(session, invocation_id=result.invocation_id,
-                                             **self._result_fields(result, finished))
+            await repo.finish_invocations(session, outcomes=outcomes)
 
     @staticmethod
     def _result_fields(result: InvocationResult, finished: datetime) -> dict[str, Any]:

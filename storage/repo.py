@@ -576,16 +576,54 @@ async def finish_invocation(
     error: str | None = None,
 ) -> None:
     """Record an invocation's outcome; timestamps already set (started_at) are kept."""
-    values: dict[str, Any] = {
-        "status": status, "finished_at": finished_at, "first_token_at": first_token_at,
-        "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "error": error,
-        "started_at": func.coalesce(Invocation.started_at, started_at),
-    }
-    if worker_id is not None:
-        values["worker_id"] = worker_id
-    if attempts is not None:
-        values["attempts"] = attempts
-    await session.execute(update(Invocation).where(Invocation.id == invocation_id).values(**values))
+    await finish_invocations(session, outcomes=[Outcome(
+        invocation_id=invocation_id, status=status, finished_at=finished_at, started_at=started_at,
+        first_token_at=first_token_at, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+        worker_id=worker_id, attempts=attempts, error=error)])
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What `finish_invocations` records of one invocation (None leaves worker and attempts as they are)."""
+
+    invocation_id: str
+    status: InvocationStatus
+    finished_at: datetime
+    started_at: datetime | None = None
+    first_token_at: datetime | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    worker_id: str | None = None
+    attempts: int | None = None
+    error: str | None = None
+
+
+async def finish_invocations(session: AsyncSession, *, outcomes: Sequence[Outcome]) -> None:
+    """Record many invocations' outcomes in one statement (the scheduler writes a batch of results at once);
+    a start time already set is kept, as are the worker and attempts an outcome does not name."""
+    if not outcomes:
+        return
+    latest = {o.invocation_id: o for o in outcomes}  # a result recorded twice: either copy says the same
+    rows = values(
+        column("id", String), column("status", String), column("finished_at", DateTime(timezone=True)),
+        column("started_at", DateTime(timezone=True)), column("first_token_at", DateTime(timezone=True)),
+        column("prompt_tokens", Integer), column("completion_tokens", Integer), column("worker_id", String),
+        column("attempts", Integer), column("error", String), name="outcome",
+    ).data([(o.invocation_id, o.status.value, o.finished_at, o.started_at, o.first_token_at, o.prompt_tokens,
+             o.completion_tokens, o.worker_id, o.attempts, o.error) for o in latest.values()])
+    ts = DateTime(timezone=True)
+    await session.execute(
+        update(Invocation).where(Invocation.id == rows.c.id).values(
+            status=cast(rows.c.status, Invocation.__table__.c.status.type),
+            finished_at=cast(rows.c.finished_at, ts),
+            first_token_at=cast(rows.c.first_token_at, ts),
+            started_at=func.coalesce(Invocation.started_at, cast(rows.c.started_at, ts)),
+            prompt_tokens=cast(rows.c.prompt_tokens, Integer),
+            completion_tokens=cast(rows.c.completion_tokens, Integer),
+            error=cast(rows.c.error, String),
+            worker_id=func.coalesce(cast(rows.c.worker_id, String), Invocation.worker_id),
+            attempts=func.coalesce(cast(rows.c.attempts, Integer), Invocation.attempts),
+        ))
 
 
 # The row of a new invocation, as driver SQL: this runs once per invocation on the request path, where building

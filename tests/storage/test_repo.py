@@ -197,6 +197,22 @@ async def test_invocations_marked_running_in_one_statement(sessions) -> None:
         InvocationStatus.running, "w2", t + timedelta(seconds=1))  # the later start wins
     assert (rows["run1"].status, rows["run1"].attempts) == (InvocationStatus.running, 2)
     assert rows["run2"].status == InvocationStatus.succeeded  # a finished one stays finished
+    # Outcomes of many in one statement: the start time already set is kept; worker and attempts left as they
+    # are when an outcome does not name them.
+    end = t + timedelta(seconds=5)
+    async with sessions() as session, session.begin():
+        await repo.finish_invocations(session, outcomes=[
+            repo.Outcome("run0", InvocationStatus.succeeded, end, started_at=t - timedelta(seconds=9),
+                         first_token_at=t + timedelta(seconds=2), prompt_tokens=3, completion_tokens=4),
+            repo.Outcome("run1", InvocationStatus.failed, end, worker_id="w9", attempts=3, error="internal: boom"),
+            repo.Outcome("nobody", InvocationStatus.failed, end)])
+    async with sessions() as session:
+        rows = {i: await repo.get_invocation(session, invocation_id=i) for i in ("run0", "run1")}
+    r0, r1 = rows["run0"], rows["run1"]
+    assert (r0.status, r0.started_at, r0.first_token_at, r0.finished_at, r0.prompt_tokens, r0.completion_tokens,
+            r0.worker_id, r0.attempts) == (InvocationStatus.succeeded, t + timedelta(seconds=1),
+                                           t + timedelta(seconds=2), end, 3, 4, "w2", 1)
+    assert (r1.status, r1.worker_id, r1.attempts, r1.error) == (InvocationStatus.failed, "w9", 3, "internal: boom")
 
 
 def test_migrations_upgrade_and_downgrade_cleanly(services) -> None:
