@@ -423,7 +423,9 @@ class Dispatcher:
         """Carry out a staging verb on its worker (request/reply on lora.ctl.<worker>.<verb>); the outcome of a
         load comes back to the core as `LoadFinished`."""
         verb = {Fetch: ControlVerb.fetch, Load: ControlVerb.load, Evict: ControlVerb.evict}[type(command)]
-        tier = command.to_tier if isinstance(command, Evict) else None
+        tier = None
+        if isinstance(command, Evict):  # the verb names the tier to leave: the device, or the host cache too
+            tier = Tier.host if command.to_tier == Tier.object else Tier.device
         request = ControlRequest(verb=verb, version=command.version, tier=tier)
         try:
             raw = await self.nc.request(subjects.control(command.worker_id, verb.value), request.encode(),

@@ -671,8 +671,12 @@ class WorkerService:
         never depend on them (a worker loads what a dispatched invocation needs)."""
         verb = request.verb
         if verb == ControlVerb.drain:
+            # Take nothing more, and give back what waits on this worker's subject (the dispatcher would not
+            # rescue it: this worker still heartbeats); what runs finishes here.
             self.draining = True
+            await self._publish_heartbeat()
             await self._stop_pulling()
+            await self._hand_back_queue()
             return ControlReply(ok=True)
         sha = request.version
         if sha is None:

@@ -40,6 +40,9 @@ from gateway.invoker import Call
 from lorafn.services import child_env
 from protocol import subjects
 from protocol.messages import (
+    ControlReply,
+    ControlRequest,
+    ControlVerb,
     Heartbeat,
     Invocation,
     InvocationResult,
@@ -519,6 +522,34 @@ async def test_a_paused_worker_is_rescued_and_the_caller_sees_one_stream(cluster
     # The woken worker abandoned its copies: it recorded nothing and is serving again.
     await wait_for(lambda: victim in cluster.heartbeats and not cluster.heartbeats[victim].running,
                    what="the woken worker idle")
+
+
+async def test_a_drained_worker_hands_back_its_queue(cluster: Cluster) -> None:
+    """The `drain` control verb: the worker finishes what it runs, hands back what is queued on its subject
+    (it still heartbeats, so nothing else would move it), and is sent nothing more; every call succeeds."""
+    tenant = f"drain{secrets.token_hex(3)}"
+    await cluster.push(tenant, "q", seed=9700)
+    victim = "dw-1"
+    calls = [cluster.invocation(tenant, "q", max_tokens=300, prompt=f"drain {i}") for i in range(60)]
+    async with cluster.scheduler(router=PinnedRouter(pins={f"{tenant}/q": victim})):
+        replies = [await cluster.publish(inv) for inv in calls]
+        await wait_for(lambda: sum(bool(r.chunks) for r in replies) >= 5, what="calls running on the worker")
+    async with cluster.scheduler(router=AffinityRouter()):
+        request = ControlRequest(verb=ControlVerb.drain)
+        reply = ControlReply.decode((await cluster.nc.request(subjects.control(victim, "drain"), request.encode(),
+                                                              timeout=30)).data)
+        assert reply.ok
+        await asyncio.wait_for(asyncio.gather(*(r.done.wait() for r in replies)), 180)
+        assert cluster.heartbeats[victim].draining
+    results = [r.results[0] for r in replies]
+    assert all(r.status == "succeeded" for r in results), [r.error for r in results]
+    handed_back = [r for r in results if r.epoch == 2]
+    assert handed_back and {r.worker_id for r in handed_back} <= {"dw-2", "dw-3"}
+    assert all(r.worker_id == victim for r in results if r.epoch == 1)  # what ran there finished there
+    cluster.workers[victim].kill()
+    cluster.workers[victim].wait()
+    cluster.spawn_worker(victim)
+    await cluster.wait_workers()
 
 
 async def test_a_deleted_adapters_queued_calls_fail_with_not_found(cluster: Cluster) -> None:
