@@ -102,6 +102,9 @@ def create_app(settings: GatewaySettings, *, registry: Any | None = None) -> Fas
             await nc.subscribe(subjects.SCHEDULER_EVENTS_ALL, cb=on_scheduler_heartbeat)
 
         link.on_connect(subscribe_adapter_events)
+        # Adapter events are what keeps the long-lived lookup cache right; any sent while this process was
+        # disconnected are lost to it, so a reconnection drops the whole cache.
+        link.on_reconnect(resolver.cache.clear)
         http = httpx.AsyncClient(follow_redirects=False)
         dispatcher = CallbackDispatcher(link=link, http=http, settings=options.callbacks, metrics=metrics)
         adapter_registry = registry if registry is not None else _registry(settings, sessions)

@@ -34,11 +34,16 @@ class NatsLink:
         self.js: JetStreamContext | None = None
         self.ready = asyncio.Event()
         self._hooks: list[OnConnect] = []
+        self._reconnect_hooks: list[Callable[[], None]] = []
         self._task: asyncio.Task[None] | None = None
 
     def on_connect(self, hook: OnConnect) -> None:
         """Run `hook(nc, js)` after the first connection (subscriptions survive reconnects)."""
         self._hooks.append(hook)
+
+    def on_reconnect(self, hook: Callable[[], None]) -> None:
+        """Call `hook()` after every reconnection (e.g. to drop caches that events missed while away)."""
+        self._reconnect_hooks.append(hook)
 
     @property
     def connected(self) -> bool:
@@ -62,6 +67,8 @@ class NatsLink:
 
     async def _on_reconnect(self) -> None:
         log.info("nats: reconnected")
+        for hook in self._reconnect_hooks:
+            hook()
 
     async def _connect(self) -> None:
         while True:

@@ -51,7 +51,9 @@ class CacheSettings(BaseModel):
     """Short-lived caches that keep the database off the invocation hot path."""
 
     auth_ttl_s: float = Field(5.0, ge=0.0, description="seconds an API key lookup is reused (per key hash)")
-    adapter_ttl_s: float = Field(30.0, ge=0.0, description="seconds an adapter lookup is reused (AdapterEvent clears)")
+    adapter_ttl_s: float = Field(
+        300.0, ge=0.0, description="seconds an adapter lookup is reused (an AdapterEvent, from the API or the CLI, "
+        "clears it at once, and a NATS reconnection clears them all)")
     max_entries: int = Field(100_000, ge=1, description="entries per cache before it is cleared")
 
 

@@ -119,6 +119,10 @@ class AdapterDirectory:
         self._cache: dict[tuple[str, str, str | None], _Lookup] = {}
         self._ids: dict[tuple[str, str], uuid.UUID] = {}  # tenant/adapter -> its row id (demand history)
 
+    def clear(self) -> None:
+        """Forget every lookup (adapter events may have been missed: a NATS reconnection)."""
+        self._cache.clear()
+
     def forget(self, tenant: str, adapter: str) -> None:
         for key in [k for k in self._cache if k[0] == tenant and k[1] == adapter]:
             del self._cache[key]

@@ -134,6 +134,7 @@ class SchedulerService:
             self.nc = await nats.connect(
                 self.settings.nats.url, connect_timeout=self.settings.nats.connect_timeout_s,
                 max_reconnect_attempts=-1, reconnect_time_wait=0.5, name=f"lorafn-scheduler-{self.scheduler_id}",
+                reconnected_cb=self._on_reconnect,
             )
             stack.push_async_callback(self._close_nats)
             self.js = self.nc.jetstream()
@@ -161,6 +162,12 @@ class SchedulerService:
                 await self.flush()
             except Exception:  # Postgres may be gone at shutdown; the next scheduler rewrites warm state
                 logger.warning("last flush failed", exc_info=True)
+
+    async def _on_reconnect(self) -> None:
+        """Adapter events sent while disconnected are lost to this process: drop the lookups they would clear."""
+        logger.info("reconnected to NATS; adapter lookups are made afresh")
+        if self._directory is not None:
+            self._directory.clear()
 
     async def _close_nats(self) -> None:
         assert self.nc is not None

@@ -41,7 +41,8 @@ class PlacementSettings(BaseModel):
     control_timeout_s: float = Field(60.0, gt=0, description="seconds a worker may take to answer a staging verb")
     demand_bucket_s: int = Field(60, ge=1, description="width of a demand-history bucket in seconds")
     adapter_cache_s: float = Field(
-        30.0, ge=0, description="seconds a tenant/adapter -> version lookup is reused (an AdapterEvent clears it)")
+        300.0, ge=0, description="seconds a tenant/adapter -> version lookup is reused (an AdapterEvent clears it at "
+        "once, and a NATS reconnection clears them all)")
     results_consumer: str = Field("scheduler-results", description="durable consumer of the results stream")
 
     @model_validator(mode="after")

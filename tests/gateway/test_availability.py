@@ -9,6 +9,7 @@ import tempfile
 import time
 from typing import Any
 
+from gateway.bus import NatsLink
 from lorafn.stack import find_binary, free_ports
 from protocol import subjects
 from protocol.messages import SchedulerHeartbeat
@@ -85,3 +86,29 @@ async def test_nats_unreachable_is_503_then_service_resumes(
                 await gw.stop()
                 proc.terminate()
                 proc.wait(10)
+
+
+async def test_a_nats_reconnection_runs_the_reconnect_hooks() -> None:
+    """The gateway drops its adapter cache when NATS reconnects (adapter events sent meanwhile are lost to it):
+    NatsLink runs its reconnect hooks after a real server restart on the same port."""
+    (port,) = free_ports("127.0.0.1", 1)
+    binary = find_binary("nats-server")
+    assert binary is not None
+    reconnected = asyncio.Event()
+    with tempfile.TemporaryDirectory() as store:
+        argv = [str(binary), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", store]
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        link = NatsLink(NatsSettings(url=f"nats://127.0.0.1:{port}", connect_timeout_s=2), reconnect_wait_s=0.2)
+        link.on_reconnect(reconnected.set)
+        try:
+            link.start()
+            assert await link.wait_ready(20)
+            proc.terminate()
+            proc.wait(10)
+            assert not reconnected.is_set()
+            proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            await asyncio.wait_for(reconnected.wait(), 20)
+        finally:
+            await link.close()
+            proc.terminate()
+            proc.wait(10)
