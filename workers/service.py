@@ -501,23 +501,19 @@ class WorkerService:
     async def _bring_to_device(self, sha: str, arrived_at: float) -> tuple[Tier, float]:
         """Load `sha` if needed and pin it; (tier on arrival, load ms).
 
-        An adapter already on the device may have been loaded for this very invocation (a concurrent call of
-        the same adapter started the load). Such an invocation still paid the cold start, so it reports where
-        the adapter was when the invocation arrived and the part of the load it waited for
-        (`AdapterTiers.arrival`)."""
-        tier = self.tiers.tier(sha)
-        load_ms = 0.0
+        The load may have been started by a concurrent call of the same adapter, or finished just before this
+        call was handed to the worker: what the call reports is where the adapter was when the call arrived in
+        lorafn and the part of the load that happened after then (`AdapterTiers.arrival`), whichever call ran
+        the load (one that arrived while the blob was being fetched paid the cold start too)."""
         for _ in range(3):
             try:
-                load_ms += await self.tiers.load(sha)
+                await self.tiers.load(sha)
             except AdapterUnavailable as e:
                 if e.terminal:
                     raise InvocationFailed(e.code, str(e)) from e
                 raise Retry(str(e), self.settings.consumer.retry_delay_s, e.code) from e
             if self.tiers.acquire(sha):  # no await since load returned: nothing evicted it meanwhile
-                if tier == Tier.device:
-                    return self.tiers.arrival(sha, arrived_at)
-                return tier, load_ms
+                return self.tiers.arrival(sha, arrived_at)
         raise Retry(f"adapter {sha} was evicted while loading", self.settings.consumer.retry_delay_s,
                     ErrorCode.overloaded)
 
