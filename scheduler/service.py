@@ -23,6 +23,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -121,6 +122,7 @@ class SchedulerService:
         self._directory: AdapterDirectory | None = None
         self._demand: dict[tuple[str, str, datetime], int] = defaultdict(int)
         self._started: list[InvocationStarted] = []
+        self._demand_flushed = 0.0  # time.monotonic() of the last demand write
         # What this scheduler last wrote of each worker's residency, so a flush writes only what changed.
         self._residency: dict[str, dict[tuple[str, Tier], tuple[repo.ResidencyRow, tuple[int, int, int]]]] = {}
 
@@ -159,7 +161,7 @@ class SchedulerService:
             await stop.wait()
             await asyncio.gather(*loops, return_exceptions=True)
             try:
-                await self.flush()
+                await self.flush(all_demand=True)
             except Exception:  # Postgres may be gone at shutdown; the next scheduler rewrites warm state
                 logger.warning("last flush failed", exc_info=True)
 
@@ -234,12 +236,17 @@ class SchedulerService:
 
     # -- Postgres ----------------------------------------------------------------------------------------
 
-    async def flush(self) -> None:
+    async def flush(self, *, all_demand: bool = False) -> None:
         """Write heartbeats, residency, demand and started invocations; mark silent workers down."""
         assert self.sessions is not None
         self.state.expire()
         heartbeats, gone = self.state.to_write()
-        demand, self._demand = self._demand, defaultdict(int)
+        demand: dict[tuple[str, str, datetime], int] = {}
+        if all_demand or time.monotonic() - self._demand_flushed >= self.cfg.demand_flush_every_s:
+            # Demand is counted per adapter and minute: written every few seconds, a busy adapter costs one row
+            # update per flush, not one per second.
+            demand, self._demand = self._demand, defaultdict(int)
+            self._demand_flushed = time.monotonic()
         started, self._started = self._started, []
         if not (heartbeats or gone or demand or started):
             return

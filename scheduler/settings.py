@@ -18,7 +18,8 @@ class PlacementSettings(BaseModel):
     """Timing and limits of the scheduler's decisions (the core's `CoreConfig` and the dispatcher's loop)."""
 
     heartbeat_timeout_s: float = Field(5.0, gt=0, description="a worker silent this long is gone: its work is rescued")
-    flush_every_s: float = Field(1.0, gt=0, description="seconds between batched writes of warm state and demand")
+    flush_every_s: float = Field(1.0, gt=0, description="seconds between batched writes of warm state")
+    demand_flush_every_s: float = Field(10.0, ge=0, description="seconds between writes of the demand history")
     tick_s: float = Field(0.5, gt=0, description="seconds between the dispatcher's ticks (timeouts, work counts)")
     unknown_adapter_grace_s: float = Field(
         10.0, ge=0, description="seconds an invocation of an adapter that does not exist waits before it fails "
