@@ -153,8 +153,8 @@ class BenchOptions:
     component_calls: int = 200  # calls of each component measured on its own
     echo_workers: int = 3
     adapter_counts: tuple[int, ...] = (10, 100, 1000)
-    adapter_calls: int = 2000  # per path and adapter count
-    adapter_rounds: int = 4
+    adapter_calls: int = 6000  # per path and adapter count (fewer leave p99 at the mercy of a few stalls)
+    adapter_rounds: int = 6
     adapter_concurrency: int = 16
 
     def __post_init__(self) -> None:

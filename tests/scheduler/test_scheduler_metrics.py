@@ -15,7 +15,6 @@ import httpx
 import nats
 import pytest
 from prometheus_client import CollectorRegistry
-from prometheus_client.parser import text_string_to_metric_families
 
 from protocol import subjects
 from protocol.messages import BASE_ADAPTER, Heartbeat, Invocation, Sampling
@@ -33,20 +32,7 @@ from scheduler.policy import AdapterSpec, WorkerView
 from scheduler.service import SchedulerService
 from scheduler.settings import PlacementSettings, SchedulerSettings
 from storage.settings import DatabaseSettings
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def samples(text: str) -> Samples:
-    """Every sample of a Prometheus text page: (name, labels) -> value."""
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text) for s in family.samples
-    }
-
-
-def value(page: Samples, name: str, **labels: str) -> float | None:
-    return page.get((name, frozenset(labels.items())))
+from tests.prometheus import Samples, samples, value
 
 
 def rendered(metrics: SchedulerMetrics) -> Samples:

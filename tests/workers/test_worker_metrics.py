@@ -15,7 +15,6 @@ import nats
 import nats.js.errors
 import pytest
 from nats.aio.msg import Msg
-from prometheus_client.parser import text_string_to_metric_families
 
 from protocol import subjects
 from protocol.dispatch import WorkHeaders, dispatch
@@ -39,24 +38,11 @@ from storage.adapter_format import blob_sha256, canonical_blob, read_upload, val
 from storage.backbone import BackboneSpec
 from storage.objectstore import ObjectStore
 from storage.settings import ObjectStoreSettings
+from tests.prometheus import Samples, samples, value
 from workers.metrics import WorkerMetrics
 from workers.service import open_worker
 from workers.settings import WorkerSettings
 from workers.tiny import write_tiny_backbone
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def samples(text: str) -> Samples:
-    """Every sample of a Prometheus text page: (name, labels) -> value."""
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text) for s in family.samples
-    }
-
-
-def value(page: Samples, name: str, **labels: str) -> float | None:
-    return page.get((name, frozenset(labels.items())))
 
 
 def rendered(metrics: WorkerMetrics) -> Samples:
