@@ -404,8 +404,10 @@ async def cluster(services: Any, e2e_backbone: Path, tmp_path_factory: pytest.Te
 
     scheduler = SchedulerService(SchedulerSettings(
         nats=NatsSettings(url=services.nats_url), database=database,
+        # No replication of busy adapters here: these tests expect a repeated call to find its adapter where
+        # the first one loaded it (replication has its own test in test_dispatch.py).
         scheduler=PlacementSettings(heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S, flush_every_s=0.5, tick_s=0.25,
-                                    placement_grace_s=3.0, adapter_cache_s=0.0),
+                                    placement_grace_s=3.0, adapter_cache_s=0.0, replicate_at=10_000),
     ))
     stop = asyncio.Event()
     scheduler_task = asyncio.create_task(scheduler.run(stop))

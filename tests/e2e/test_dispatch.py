@@ -404,6 +404,23 @@ async def test_the_schedulers_staging_commands_move_an_adapter_between_tiers(clu
         await wait_for(lambda: tier_in_heartbeat() == "host", what="the adapter back in the host cache")
 
 
+async def test_a_busy_adapter_is_replicated_to_another_worker(cluster: Cluster) -> None:
+    """48 concurrent calls of one adapter do not all queue on the worker that loaded it: once it has
+    `replicate_at` (8) calls outstanding and another worker is 4 lighter, calls go there (a second copy)."""
+    tenant = f"hot{secrets.token_hex(3)}"
+    await cluster.push(tenant, "hot", seed=6500)
+    async with cluster.scheduler() as service:
+        results = await cluster.call_all(
+            [cluster.invocation(tenant, "hot", max_tokens=64, prompt=f"hot {i}") for i in range(48)], concurrency=48)
+        assert service.core.decisions["replicate"] > 0
+    assert all(r.status == "succeeded" for r in results)
+    by_worker: dict[str, int] = {}
+    for r in results:
+        by_worker[r.worker_id or "?"] = by_worker.get(r.worker_id or "?", 0) + 1
+    assert len(by_worker) >= 2, by_worker  # served by more than one worker
+    assert max(by_worker.values()) < 48 * 3 // 4, by_worker
+
+
 async def test_two_tenants_pushing_identical_bytes_are_both_served(cluster: Cluster) -> None:
     """Two names whose adapters have the same bytes are one version (one blob, one residency); calls of both
     are served, concurrently and by name."""
