@@ -70,7 +70,6 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -84,7 +83,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from protocol import subjects
-from protocol.consume import PullLoop
+from protocol.consume import PullLoop, stream_time
 from protocol.dispatch import WorkHeaders
 from protocol.messages import (
     Heartbeat,
@@ -168,15 +167,6 @@ class BenchOptions:
 
 
 # -- the echo peer and the echo workers -----------------------------------------------------------------
-
-
-def _stream_time(msg: Msg) -> float | None:
-    """Unix seconds the stream stored `msg` (None for a message that did not come from a stream)."""
-    with contextlib.suppress(ValueError, nats.errors.Error):
-        ts = msg.metadata.timestamp
-        if isinstance(ts, datetime):
-            return ts.timestamp()
-    return None
 
 
 @dataclass
@@ -303,7 +293,7 @@ class EchoPeer:
             await msg.term()
             return
         work = WorkHeaders.read(msg)
-        stored = _stream_time(msg)
+        stored = stream_time(msg)
         if work.arrived_at is not None and stored is not None:
             self.samples[inv.id] = ((stored - work.arrived_at) * 1000, (fetched - stored) * 1000)
         self.seen.append(inv)

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 
 import nats.errors
 import nats.js.errors
@@ -33,8 +34,13 @@ CHECK_EVERY_EMPTY_FETCHES = 10
 MORE_TIMEOUT_S = 0.05
 
 
-async def _one(_: int = 0) -> int:
-    return 1
+def stream_time(msg: Msg) -> float | None:
+    """Unix seconds the stream stored `msg` (None for a message that did not come from a stream)."""
+    try:
+        ts = msg.metadata.timestamp
+    except (ValueError, nats.errors.Error):
+        return None
+    return ts.timestamp() if isinstance(ts, datetime) else None
 
 
 class PullLoop:
@@ -87,7 +93,7 @@ class PullLoop:
         return batch
 
     async def run(self, stop: asyncio.Event, handle: Callable[[list[Msg]], Awaitable[None]],
-                  want: Callable[[], Awaitable[int]] = _one) -> None:
+                  want: Callable[[], Awaitable[int]]) -> None:
         """Until `stop`: wait until `want()` says how many messages the caller takes, fetch up to that many,
         and await `handle(batch)` (which acks, naks or hands each message to a task of its own). `handle` is
         called after every `want`, with an empty batch when nothing came, so a caller that reserves capacity

@@ -88,6 +88,15 @@ class InvalidName(ValueError):
         self.value = value
 
 
+def process_name(fallback: str) -> str:
+    """<host>-<pid> reduced to the subject-token alphabet: the default id of a worker or scheduler process."""
+    import os
+    import socket
+
+    host = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())[:48]
+    return f"{host or fallback}-{os.getpid()}"
+
+
 def check_name(kind: str, value: str) -> str:
     """Return `value` if it is a valid subject token, else raise InvalidName naming `kind`."""
     if not isinstance(value, str) or not NAME_PATTERN.match(value):

@@ -265,6 +265,12 @@ class SchedulerCore:
         each version's holders are merged when asked for, so routing one call costs no copy of the map)."""
         return _ResidencyView(self._resident, self._placing)
 
+    def has_room(self) -> bool:
+        """Whether some live worker may be sent another call now (the dispatcher fetches only then)."""
+        limit = self.config.queue_per_worker
+        return any(not w.report.draining and max(len(w.outstanding), w.backlog) < w.report.max_inflight + limit
+                   for w in self._workers.values())
+
     def workers(self) -> list[str]:
         return sorted(self._workers)
 

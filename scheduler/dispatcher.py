@@ -26,7 +26,6 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime
 
 import nats.errors
 import nats.js.errors
@@ -38,7 +37,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from protocol import subjects
-from protocol.consume import PullLoop
+from protocol.consume import PullLoop, stream_time
 from protocol.dispatch import WorkHeaders, dispatch, invoke_subject, requeue_subject
 from protocol.messages import (
     BASE_ADAPTER,
@@ -217,7 +216,7 @@ class Dispatcher:
         self.directory.forget(event.tenant, event.adapter)
 
     def _update_room(self) -> None:
-        if any(not v.draining and not v.full for v in self.core.views()):
+        if self.core.has_room():
             self._room.set()
         else:
             self._room.clear()
@@ -347,7 +346,7 @@ class Dispatcher:
 
     async def _decide(self, msg: Msg, inv: Invocation) -> Awaitable[None] | None:
         work = WorkHeaders.read(msg)
-        published = self._stream_time(msg)
+        published = stream_time(msg) or self.clock()
         arrived = work.arrived_at if work.arrived_at is not None else published
         now = self.clock()
         adapter = inv.adapter if inv.adapter is not None else BASE_ADAPTER
@@ -401,11 +400,6 @@ class Dispatcher:
         self.dispatched += 1
         logger.debug("dispatched %s to %s (%s, epoch %d)", invocation_id, worker_id, work.route, work.epoch)
         await self._ack(msg)
-
-    @staticmethod
-    def _stream_time(msg: Msg) -> float:
-        ts = msg.metadata.timestamp
-        return ts.timestamp() if isinstance(ts, datetime) else time.time()
 
     @staticmethod
     async def _ack(msg: Msg) -> None:

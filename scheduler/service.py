@@ -21,8 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import socket
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
@@ -94,8 +92,8 @@ def residency_record(hb: Heartbeat) -> dict[tuple[str, Tier], tuple[repo.Residen
 
 
 def default_scheduler_id() -> str:
-    host = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())[:48]
-    return f"{host or 'scheduler'}-{os.getpid()}"
+    """<host>-<pid>, reduced to the subject-token alphabet."""
+    return subjects.process_name("scheduler")
 
 
 class SchedulerService:

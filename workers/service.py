@@ -30,7 +30,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import os
 import socket
 import tempfile
 import time
@@ -93,8 +92,7 @@ KIND_HEADER = subjects.KIND_HEADER
 
 def default_worker_id() -> str:
     """<host>-<pid>, reduced to the subject-token alphabet."""
-    host = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())[:48]
-    return f"{host or 'worker'}-{os.getpid()}"
+    return subjects.process_name("worker")
 
 
 def invocation_seed(invocation_id: str) -> int:
@@ -167,8 +165,6 @@ class WorkerService:
         self.nc: NatsClient | None = None
         self.js: JetStreamContext | None = None
         self._slots = asyncio.Semaphore(settings.consumer.max_inflight)
-        self._fetching = asyncio.Event()  # cleared when the worker stops taking work
-        self._fetching.set()
         self._puller: asyncio.Task[None] | None = None
         self._pull_stop = asyncio.Event()
         self._handlers: set[asyncio.Task[None]] = set()
@@ -235,7 +231,6 @@ class WorkerService:
             task.cancel()
 
     async def _stop_pulling(self) -> None:
-        self._fetching.clear()
         self._pull_stop.set()
         if self._puller is not None:
             await asyncio.gather(self._puller, return_exceptions=True)

@@ -9,7 +9,7 @@ import secrets
 import socket
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import httpx
 import nats
@@ -32,13 +32,7 @@ from scheduler.policy import AdapterSpec, WorkerView
 from scheduler.service import SchedulerService
 from scheduler.settings import PlacementSettings, SchedulerSettings
 from storage.settings import DatabaseSettings
-from tests.prometheus import Samples, samples, value
-
-
-def rendered(metrics: SchedulerMetrics) -> Samples:
-    body, content_type = metrics.render()
-    assert content_type.startswith("text/plain")
-    return samples(body.decode())
+from tests.prometheus import poll, rendered, samples, value
 
 
 def view(worker_id: str, outstanding: int) -> WorkerView:
@@ -214,18 +208,6 @@ def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 # -- a live scheduler -------------------------------------------------------------------------------------------
-
-
-async def poll(url: str, check: Callable[[Samples], bool], *, what: str, timeout: float = 15.0) -> Samples:
-    """Scrape `url` until `check` holds for the page."""
-    deadline = time.monotonic() + timeout
-    async with httpx.AsyncClient(trust_env=False) as client:
-        while True:
-            page = samples((await client.get(url)).text)
-            if check(page):
-                return page
-            assert time.monotonic() < deadline, f"{what} not seen in {timeout} s: {page}"
-            await asyncio.sleep(0.1)
 
 
 @contextlib.asynccontextmanager

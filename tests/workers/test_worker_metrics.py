@@ -7,10 +7,8 @@ import asyncio
 import contextlib
 import secrets
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-import httpx
 import nats
 import nats.js.errors
 import pytest
@@ -38,17 +36,11 @@ from storage.adapter_format import blob_sha256, canonical_blob, read_upload, val
 from storage.backbone import BackboneSpec
 from storage.objectstore import ObjectStore
 from storage.settings import ObjectStoreSettings
-from tests.prometheus import Samples, samples, value
+from tests.prometheus import poll, rendered, value
 from workers.metrics import WorkerMetrics
 from workers.service import open_worker
 from workers.settings import WorkerSettings
 from workers.tiny import write_tiny_backbone
-
-
-def rendered(metrics: WorkerMetrics) -> Samples:
-    body, content_type = metrics.render()
-    assert content_type.startswith("text/plain")
-    return samples(body.decode())
 
 
 def heartbeat(*, running: int = 0, waiting: int = 0, free_pages: int = 0, pool_pages: int = 0, evicted: int = 0,
@@ -141,18 +133,6 @@ def test_each_instance_has_its_own_registry() -> None:
 
 
 # -- a live worker ---------------------------------------------------------------------------------------------
-
-
-async def poll(url: str, check: Callable[[Samples], bool], *, what: str, timeout: float = 15.0) -> Samples:
-    """Scrape `url` until `check` holds for the page."""
-    deadline = time.monotonic() + timeout
-    async with httpx.AsyncClient(trust_env=False) as client:
-        while True:
-            page = samples((await client.get(url)).text)
-            if check(page):
-                return page
-            assert time.monotonic() < deadline, f"{what} not seen in {timeout} s: {page}"
-            await asyncio.sleep(0.1)
 
 
 @pytest.mark.timeout(120)
