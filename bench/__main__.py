@@ -1,5 +1,7 @@
 """`python -m bench [NAME ...]`: run the named benchmarks (all by default).
-`python -m bench simulate --trace FILE ...`: simulate a trace through the scheduler core (`bench.simulate`)."""
+`python -m bench simulate --trace FILE ...`: simulate a trace through the scheduler core (`bench.simulate`).
+`python -m bench reliability [soak|chaos] --minutes M`: the soak and chaos runs with their audit (`bench.reliability`;
+3 minutes each in the default run)."""
 
 from __future__ import annotations
 
@@ -8,9 +10,10 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from bench import engine, invocation, pool
+from bench import engine, invocation, pool, reliability
 
-BENCHMARKS: dict[str, Callable[..., Any]] = {"pool": pool.run, "engine": engine.run, "invocation": invocation.run}
+BENCHMARKS: dict[str, Callable[..., Any]] = {"pool": pool.run, "engine": engine.run, "invocation": invocation.run,
+                                            "reliability": reliability.run}
 
 
 def main() -> None:
@@ -18,6 +21,9 @@ def main() -> None:
         from bench import simulate
 
         simulate.main(sys.argv[2:])
+        return
+    if sys.argv[1:2] == ["reliability"] and sys.argv[2:]:  # its own arguments; bare `reliability` runs the short pair
+        reliability.main(sys.argv[2:])
         return
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("names", nargs="*", metavar="NAME", help=f"benchmarks to run: {', '.join(BENCHMARKS)} (default: all)")
