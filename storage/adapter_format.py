@@ -14,22 +14,22 @@ import hashlib
 import io
 import json
 import math
+import os
 import re
 import struct
-import tarfile
-import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from storage.archive import ArchiveLimits, Member, extract
 from storage.backbone import MODULES, BackboneSpec
 from storage.errors import (
     AdapterInvalid,
-    ArchiveInvalid,
     ConfigInvalid,
     EmptyAdapter,
     EmptyArchive,
@@ -44,12 +44,12 @@ from storage.errors import (
     ShapeMismatch,
     UnexpectedFile,
     UnknownTensorKey,
-    UnsafeArchiveMember,
     UnsupportedDtype,
     UnsupportedFeature,
     UnsupportedModule,
     UploadTooLarge,
 )
+from storage.settings import RegistrySettings
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -137,26 +137,104 @@ class ParsedAdapter:
 # -- reading uploads -----------------------------------------------------------------------------------
 
 
-def read_upload(source: Path | bytes, *, max_bytes: int = 1 << 30, max_members: int = 64) -> UploadFiles:
-    """Read an adapter from a directory, or from the bytes or path of a .tar.gz / .zip archive."""
-    if isinstance(source, Path) and source.is_dir():
-        return _read_directory(source, max_bytes=max_bytes)
+def max_weights_bytes(spec: BackboneSpec, max_rank: int) -> int:
+    """The largest adapter_model.safetensors a valid adapter of `spec` can be: every module of every layer
+    at `max_rank` in F32, behind the largest header accepted. A bigger file is refused before it is read."""
+    per_layer = sum((in_f + out_f) * max_rank for in_f, out_f in spec.module_shapes().values())
+    return spec.num_layers * per_layer * DTYPE_SIZES["F32"] + 8 + MAX_HEADER_BYTES
+
+
+def archive_limits(settings: RegistrySettings, spec: BackboneSpec) -> ArchiveLimits:
+    """The limits an upload is read under (storage/archive.py): the registry's settings, and a member kept
+    (the weights) no larger than any valid adapter of the backbone can be."""
+    return ArchiveLimits(
+        max_upload_bytes=settings.max_upload_bytes,
+        max_members=settings.max_archive_members,
+        max_inflated_bytes=settings.max_inflated_bytes,
+        max_ratio=settings.max_compression_ratio,
+        ratio_grace_bytes=settings.compression_ratio_grace_bytes,
+        max_header_bytes=settings.max_archive_header_bytes,
+        max_member_bytes=min(settings.max_inflated_bytes, max_weights_bytes(spec, settings.max_rank)),
+    )
+
+
+def read_upload(source: Path | bytes | BinaryIO, *, limits: ArchiveLimits | None = None) -> UploadFiles:
+    """Read an adapter from a directory, or from a .tar, .tar.gz or .zip archive given as a path, as bytes or
+    as a seekable file. Archives are read in bounded chunks with every limit enforced while reading; only
+    the two adapter files are kept, and only once the archive passed (see storage/archive.py)."""
+    limits = limits or ArchiveLimits()
     if isinstance(source, Path):
+        if source.is_dir():
+            return _read_directory(source, max_bytes=limits.max_upload_bytes)
         if not source.exists():
             raise MissingFile(f"{source} does not exist", path=str(source))
-        size = source.stat().st_size
-        if size > max_bytes:
-            raise UploadTooLarge(f"upload is {size} bytes, above the limit of {max_bytes}", size=size, limit=max_bytes)
-        source = source.read_bytes()
-    if len(source) > max_bytes:
-        raise UploadTooLarge(
-            f"upload is {len(source)} bytes, above the limit of {max_bytes}", size=len(source), limit=max_bytes
-        )
-    return _read_archive(source, max_bytes=max_bytes, max_members=max_members)
+        with source.open("rb") as f:
+            return _read_archive(f, limits)
+    if isinstance(source, bytes | bytearray):
+        return _read_archive(io.BytesIO(source), limits)
+    return _read_archive(source, limits)
+
+
+def read_files(files: Mapping[str, BinaryIO], *, limits: ArchiveLimits | None = None) -> UploadFiles:
+    """The adapter sent as separate files (multipart parts: name -> seekable file): the same checks of names
+    and sizes as an archive's members, each before the file is read into memory."""
+    policy = _AdapterMembers(limits or ArchiveLimits())
+    kept: dict[str, Member] = {}
+    for name, f in files.items():
+        size = f.seek(0, os.SEEK_END)
+        wanted = policy(name)
+        if wanted is None:
+            continue
+        if size > wanted:
+            raise UploadTooLarge(f"{name} is {size} bytes, above the limit of {wanted} for it",
+                                 file=name, size=size, limit=wanted)
+        f.seek(0)
+        kept[name] = Member(name=name, size=size, file=f)
+    return policy.upload(kept)
+
+
+class _AdapterMembers:
+    """The archive policy of an adapter upload (`storage.archive.Keep`): which members are kept and how big
+    they may be; pickles and unexpected files are refused by name, before a byte of them is read."""
+
+    def __init__(self, limits: ArchiveLimits) -> None:
+        self.limits = limits
+        self.seen: list[str] = []
+
+    def __call__(self, name: str) -> int | None:
+        base = PurePosixPath(name).name
+        if base.endswith(PICKLE_SUFFIXES):
+            raise PickleRefused(
+                f"{name} is a pickle checkpoint; lorafn accepts only {WEIGHTS_FILE} (pickles are never loaded)",
+                file=name,
+            )
+        if base in (CONFIG_FILE, WEIGHTS_FILE) and any(PurePosixPath(n).name == base for n in self.seen):
+            raise UnexpectedFile(f"the upload holds more than one {base}", file=name)
+        self.seen.append(name)
+        if base == CONFIG_FILE:
+            return MAX_CONFIG_BYTES
+        if base == WEIGHTS_FILE:
+            return self.limits.max_member_bytes
+        if base in IGNORED_FILES:
+            return None
+        raise UnexpectedFile(f"unexpected file {name!r}: an adapter is {CONFIG_FILE} and {WEIGHTS_FILE}", file=name)
+
+    def upload(self, kept: Mapping[str, Member]) -> UploadFiles:
+        """The two files out of the kept members; the weights' header length is checked before they are read."""
+        by_base = {PurePosixPath(name).name: m for name, m in kept.items()}
+        for required in (CONFIG_FILE, WEIGHTS_FILE):
+            if required not in by_base:
+                raise MissingFile(f"{required} is missing from the upload", file=required)
+        weights = by_base[WEIGHTS_FILE]
+        prefix = weights.file.read(8)
+        if len(prefix) == 8:
+            _check_header_length(struct.unpack("<Q", prefix)[0], weights.size - 8, MAX_HEADER_BYTES)
+        weights.file.seek(0)
+        return UploadFiles(config=by_base[CONFIG_FILE].file.read(), weights=weights.file.read())
 
 
 def files_from_mapping(files: dict[str, bytes]) -> UploadFiles:
-    """Pick the config and weights out of named files (two multipart parts, or archive members)."""
+    """Pick the config and weights out of named files (a directory's)."""
     for name in files:
         base = PurePosixPath(name).name
         if base.endswith(PICKLE_SUFFIXES):
@@ -200,76 +278,13 @@ def _read_directory(path: Path, *, max_bytes: int) -> UploadFiles:
     return files_from_mapping(files)
 
 
-def _check_member_name(name: str) -> str:
-    p = PurePosixPath(name)
-    if p.is_absolute() or name.startswith(("/", "\\")) or ".." in p.parts or "\\" in name or ":" in name:
-        raise UnsafeArchiveMember(f"archive member {name!r} has an unsafe path", member=name)
-    return name
-
-
-def _read_archive(data: bytes, *, max_bytes: int, max_members: int) -> UploadFiles:
-    if data[:2] == b"\x1f\x8b" or _looks_like_tar(data):
-        files = _read_tar(data, max_bytes=max_bytes, max_members=max_members)
-    elif data[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
-        files = _read_zip(data, max_bytes=max_bytes, max_members=max_members)
-    else:
-        raise ArchiveInvalid("upload is neither a directory, a .tar.gz nor a .zip archive")
-    if not files:
-        raise EmptyArchive("the archive holds no files")
-    return files_from_mapping(files)
-
-
-def _looks_like_tar(data: bytes) -> bool:
-    return len(data) >= 262 and data[257:262] == b"ustar"
-
-
-def _read_tar(data: bytes, *, max_bytes: int, max_members: int) -> dict[str, bytes]:
-    files: dict[str, bytes] = {}
-    total = 0
-    try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
-            for count, member in enumerate(tar, start=1):
-                if count > max_members:
-                    raise ArchiveInvalid(f"archive has more than {max_members} members", limit=max_members)
-                _check_member_name(member.name)
-                if member.isdir():
-                    continue
-                if not member.isreg():
-                    raise UnsafeArchiveMember(
-                        f"archive member {member.name!r} is a link or special file", member=member.name
-                    )
-                total += member.size
-                if total > max_bytes:
-                    raise UploadTooLarge(f"archive expands beyond {max_bytes} bytes", limit=max_bytes)
-                f = tar.extractfile(member)
-                assert f is not None  # regular files always have data
-                files[member.name] = f.read()
-    except (tarfile.TarError, EOFError, OSError) as e:
-        raise ArchiveInvalid(f"cannot read the tar archive: {e}") from e
-    return files
-
-
-def _read_zip(data: bytes, *, max_bytes: int, max_members: int) -> dict[str, bytes]:
-    files: dict[str, bytes] = {}
-    total = 0
-    try:
-        with zipfile.ZipFile(io.BytesIO(data)) as zf:
-            infos = zf.infolist()
-            if len(infos) > max_members:
-                raise ArchiveInvalid(f"archive has more than {max_members} members", limit=max_members)
-            for info in infos:
-                _check_member_name(info.filename)
-                if info.is_dir():
-                    continue
-                if (info.external_attr >> 16) & 0o170000 == 0o120000:
-                    raise UnsafeArchiveMember(f"archive member {info.filename!r} is a symlink", member=info.filename)
-                total += info.file_size
-                if total > max_bytes:
-                    raise UploadTooLarge(f"archive expands beyond {max_bytes} bytes", limit=max_bytes)
-                files[info.filename] = zf.read(info)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as e:
-        raise ArchiveInvalid(f"cannot read the zip archive: {e}") from e
-    return files
+def _read_archive(f: BinaryIO, limits: ArchiveLimits) -> UploadFiles:
+    size = f.seek(0, os.SEEK_END)
+    policy = _AdapterMembers(limits)
+    with extract(f, size, limits, policy) as kept:
+        if not policy.seen:
+            raise EmptyArchive("the archive holds no files")
+        return policy.upload(kept)
 
 
 # -- validation ----------------------------------------------------------------------------------------
@@ -340,21 +355,26 @@ def _pattern_value(pattern: dict[str, Any], module_path: str, default: float) ->
     return default
 
 
-def parse_safetensors_header(data: bytes, *, max_header_bytes: int = MAX_HEADER_BYTES) -> dict[str, Any]:
-    """Check the safetensors framing and every tensor entry before safetensors itself reads the file."""
-    if len(data) < 8:
-        raise SafetensorsInvalid(f"{WEIGHTS_FILE} is {len(data)} bytes: too short to hold a header", size=len(data))
-    (header_len,) = struct.unpack("<Q", data[:8])
+def _check_header_length(header_len: int, available: int, max_header_bytes: int) -> None:
+    """The safetensors header length (the file's first 8 bytes) against the limit and the bytes that follow."""
     if header_len > max_header_bytes:
         raise HeaderTooLarge(
             f"{WEIGHTS_FILE} header claims {header_len} bytes, above the limit of {max_header_bytes}",
             header_bytes=header_len, limit=max_header_bytes,
         )
-    if 8 + header_len > len(data):
+    if header_len > available:
         raise SafetensorsInvalid(
-            f"{WEIGHTS_FILE} is truncated: header claims {header_len} bytes but the file has {len(data) - 8}",
-            header_bytes=header_len, size=len(data),
+            f"{WEIGHTS_FILE} is truncated: header claims {header_len} bytes but the file has {available}",
+            header_bytes=header_len, size=available + 8,
         )
+
+
+def parse_safetensors_header(data: bytes, *, max_header_bytes: int = MAX_HEADER_BYTES) -> dict[str, Any]:
+    """Check the safetensors framing and every tensor entry before safetensors itself reads the file."""
+    if len(data) < 8:
+        raise SafetensorsInvalid(f"{WEIGHTS_FILE} is {len(data)} bytes: too short to hold a header", size=len(data))
+    (header_len,) = struct.unpack("<Q", data[:8])
+    _check_header_length(header_len, len(data) - 8, max_header_bytes)
     try:
         header = json.loads(data[8 : 8 + header_len])
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

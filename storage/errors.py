@@ -42,10 +42,37 @@ class UnexpectedFile(AdapterInvalid):
     code = "unexpected_file"
 
 
-class UploadTooLarge(AdapterInvalid):
-    """The upload exceeds the configured byte limit."""
+class UploadLimitExceeded(AdapterInvalid):
+    """The upload crosses a size limit (bytes sent or inflated, compression ratio, archive headers, members).
+
+    These are refused while the upload is read, before the bytes over the limit exist; the gateway answers 413.
+    """
+
+    code = "upload_limit_exceeded"
+
+
+class UploadTooLarge(UploadLimitExceeded):
+    """The upload, an archive member, or the archive's inflated content exceeds its byte limit."""
 
     code = "upload_too_large"
+
+
+class TooManyMembers(UploadLimitExceeded):
+    """The archive holds more entries than allowed."""
+
+    code = "too_many_members"
+
+
+class ArchiveHeaderTooLarge(UploadLimitExceeded):
+    """A member name, a tar extended header (pax, GNU long name) or a zip central directory is too large."""
+
+    code = "archive_header_too_large"
+
+
+class CompressionRatioTooHigh(UploadLimitExceeded):
+    """A member or the whole archive inflates to more than the allowed multiple of its compressed size."""
+
+    code = "compression_ratio_too_high"
 
 
 class ArchiveInvalid(AdapterInvalid):
@@ -86,7 +113,7 @@ class SafetensorsInvalid(AdapterInvalid):
     code = "safetensors_invalid"
 
 
-class HeaderTooLarge(AdapterInvalid):
+class HeaderTooLarge(UploadLimitExceeded):
     """The safetensors header is larger than allowed."""
 
     code = "header_too_large"

@@ -21,6 +21,7 @@ from storage import repo
 from storage.adapter_format import (
     ParsedAdapter,
     UploadFiles,
+    archive_limits,
     blob_sha256,
     canonical_blob,
     read_upload,
@@ -82,9 +83,7 @@ class Registry:
         files = (
             source
             if isinstance(source, UploadFiles)
-            else read_upload(
-                source, max_bytes=self.settings.max_upload_bytes, max_members=self.settings.max_archive_members
-            )
+            else read_upload(source, limits=archive_limits(self.settings, self.spec))
         )
         adapter = validate(files, self.spec, max_rank=self.settings.max_rank)
         return Prepared(adapter, canonical_blob(adapter))

@@ -45,12 +45,35 @@ class ObjectStoreSettings(BaseModel):
 
 
 class RegistrySettings(BaseModel):
-    """Limits the registry enforces on uploaded adapters."""
+    """Limits the registry enforces on uploaded adapters.
+
+    Archives are read with every limit checked while reading (storage/archive.py), so memory does not
+    depend on what an archive claims or holds. Per concurrent upload, the process's peak RSS grows by at
+    most 16 MiB (storage.archive.READ_MEMORY_BYTES) while the upload is read; an upload refused there (a
+    decompression bomb, a huge tar long name or pax header, too many members, a safetensors header length
+    of gigabytes, a file larger than any adapter of the backbone) never costs more. An upload that passes
+    is then validated and re-encoded in memory: about 3 times its weights file more, which is at most
+    the largest adapter the backbone admits at `max_rank` (every module of every layer in F32: 165 MiB for
+    SmolLM2-135M at rank 128). The upload itself is on disk (spooled by the multipart parser), never in
+    memory as a whole.
+    """
 
     max_rank: int = Field(128, ge=1, le=4096, description="largest LoRA rank accepted per module")
     max_upload_bytes: int = Field(
         1 << 30, ge=1024, description="largest accepted upload (archive or files together), in bytes"
     )
     max_archive_members: int = Field(64, ge=2, description="most entries an uploaded archive may hold")
+    max_inflated_bytes: int = Field(
+        1 << 30, ge=1024, description="most bytes an archive's members may inflate to, all together (also the "
+        "largest weights file kept; the backbone's largest adapter at max_rank usually bounds it lower)")
+    max_compression_ratio: float = Field(
+        100.0, ge=1.0, description="most a zip member, or a whole archive, may inflate relative to its compressed "
+        "bytes (adapter weights compress about 1.1x, zero-initialised ones about 2x; deflate bombs 1000x)")
+    compression_ratio_grace_bytes: int = Field(
+        4 << 20, ge=0, description="inflated bytes below which the ratio is not enforced (a JSON config "
+        "compresses well and is harmless)")
+    max_archive_header_bytes: int = Field(
+        256 << 10, ge=4096, description="largest tar extended header (pax record, GNU long name) or zip central "
+        "directory, in bytes: they are read into memory whole")
     backbone_gguf: Path | None = Field(None, description="GGUF file of the backbone (default: SmolLM2-135M)")
     backbone_hf_dir: Path | None = Field(None, description="Hugging Face checkpoint dir of the backbone")
