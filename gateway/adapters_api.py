@@ -3,8 +3,9 @@ another tenant's adapter is a 404. Every push and delete is announced as an Adap
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from typing import Any
+from typing import Any, BinaryIO
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
@@ -17,7 +18,15 @@ from protocol import subjects
 from protocol.messages import AdapterEvent
 from protocol.subjects import InvalidName
 from storage import repo
-from storage.adapter_format import CONFIG_FILE, WEIGHTS_FILE, files_from_mapping
+from storage.adapter_format import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    UploadFiles,
+    archive_limits,
+    read_files,
+    read_upload,
+)
+from storage.archive import ArchiveLimits
 from storage.errors import NotFound
 from storage.models import Adapter, Tenant
 
@@ -72,6 +81,15 @@ async def _current_sha(gw: GatewayState, tenant: Tenant, name: str) -> str | Non
     return adapter.current_version.sha256 if adapter.current_version else None
 
 
+def _read_parts(parts: dict[str, BinaryIO], limits: ArchiveLimits) -> UploadFiles:
+    """One archive, or the adapter's files as separate parts, read under the registry's limits."""
+    if len(parts) == 1:
+        ((filename, f),) = parts.items()
+        if filename not in (CONFIG_FILE, WEIGHTS_FILE):
+            return read_upload(f, limits=limits)
+    return read_files(parts, limits=limits)
+
+
 @router.post("/v1/adapters")
 async def push_adapter(
     request: Request, tenant: Tenant = Depends(current_tenant), gw: GatewayState = Depends(gateway_of)
@@ -91,21 +109,21 @@ async def push_adapter(
         subjects.check_name("adapter", name)
         if name.startswith("_"):
             raise InvalidName("adapter", name)
-        files: dict[str, bytes] = {}
+        parts: dict[str, BinaryIO] = {}
         for field_name, value in form.multi_items():
             if isinstance(value, UploadFile):
                 filename = value.filename or field_name
-                if filename in files:
+                if filename in parts:
                     raise BadRequest(f"the file {filename!r} was sent twice", param="files")
-                files[filename] = await value.read()
+                parts[filename] = value.file
+        if not parts:
+            raise BadRequest(f"no adapter files: send {CONFIG_FILE} and {WEIGHTS_FILE}, or one .tar.gz/.zip",
+                             param="files", code="missing_file")
+        # The parts are on disk (the multipart parser spools them); reading them is blocking work in bounded
+        # chunks, kept off the event loop.
+        source = await asyncio.to_thread(_read_parts, parts, archive_limits(gw.registry.settings, gw.registry.spec))
     finally:
         await form.close()
-    if not files:
-        raise BadRequest(f"no adapter files: send {CONFIG_FILE} and {WEIGHTS_FILE}, or one .tar.gz/.zip",
-                         param="files", code="missing_file")
-    only = next(iter(files)) if len(files) == 1 else None
-    source: Any = files[only] if only is not None and only not in (CONFIG_FILE, WEIGHTS_FILE) \
-        else files_from_mapping(files)
     before = await _current_sha(gw, tenant, name)
     result = await gw.registry.push(tenant=tenant.name, name=name, source=source)
     async with gw.sessions() as session:
