@@ -202,18 +202,26 @@ def error_response(request: Request | None, exc: BaseException) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+# Validation errors whose type is itself the error code (raised by gateway/params.py with the offending
+# parameter in their context, since a whole-body check has no location of its own).
+_CODED_VALIDATION_ERRORS = frozenset({"unsupported_parameter", "invalid_unicode"})
+
+
+def _validation_error(exc: RequestValidationError) -> BadRequest:
     errors = exc.errors()
     if not errors:
-        return "invalid request", None
+        return BadRequest("invalid request")
     first = errors[0]
+    kind = first.get("type")
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    if kind in _CODED_VALIDATION_ERRORS:
+        return BadRequest(f"{first.get('msg', kind)}{more}", param=(first.get("ctx") or {}).get("param"), code=kind)
     loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
     param = ".".join(loc) or None
-    if first.get("type") == "json_invalid":
-        return f"the request body is not valid JSON: {first.get('msg', '')}", None
+    if kind == "json_invalid":
+        return BadRequest(f"the request body is not valid JSON: {first.get('msg', '')}")
     msg = first.get("msg", "invalid value")
-    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    return (f"{param}: {msg}{more}" if param else f"{msg}{more}"), param
+    return BadRequest(f"{param}: {msg}{more}" if param else f"{msg}{more}", param=param)
 
 
 def install(app: FastAPI) -> None:
@@ -221,8 +229,7 @@ def install(app: FastAPI) -> None:
 
     async def on_validation(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        message, param = _validation_message(exc)
-        return error_response(request, BadRequest(message, param=param))
+        return error_response(request, _validation_error(exc))
 
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)

@@ -8,16 +8,16 @@ first call's invocation.
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import model_validator
 
 from gateway.auth import current_tenant
+from gateway.callbacks import check_callback_url
 from gateway.errors import BadRequest
 from gateway.invoker import Call, InvocationRequest, invocation_json, request_hash, result_json
-from gateway.openai_api import serve
+from gateway.openai_api import serve, token_limit
 from gateway.params import (
     DEFAULT_CHAT_MAX_TOKENS,
     MessageParam,
@@ -49,26 +49,6 @@ class FunctionCall(SamplingParams):
         return self
 
 
-def check_callback_url(url: str, *, max_length: int) -> str:
-    """An absolute http(s) URL of bounded length, or BadRequest."""
-    if len(url) > max_length:
-        raise BadRequest(f"X-Callback-Url is {len(url)} characters long, the limit is {max_length}",
-                         param="X-Callback-Url", code="invalid_callback_url")
-    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):
-        raise BadRequest("X-Callback-Url must not contain whitespace or control characters",
-                         param="X-Callback-Url", code="invalid_callback_url")
-    try:
-        parts = urlsplit(url)
-        port_ok = parts.port is None or parts.port > 0
-    except ValueError as e:
-        raise BadRequest(f"X-Callback-Url is not a valid URL: {e}", param="X-Callback-Url",
-                         code="invalid_callback_url") from e
-    if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
-        raise BadRequest(f"X-Callback-Url must be an absolute http:// or https:// URL, got {url!r}",
-                         param="X-Callback-Url", code="invalid_callback_url")
-    return url
-
-
 def _prefers_async(request: Request) -> bool:
     prefer = request.headers.get("prefer", "")
     return any(p.strip().lower() == "respond-async" for p in prefer.replace(";", ",").split(","))
@@ -83,17 +63,18 @@ async def invoke_function(
     options = gw.settings.gateway
     callback = request.headers.get("x-callback-url")
     if callback is not None:
-        check_callback_url(callback, max_length=options.callbacks.max_url_length)
+        await check_callback_url(callback, options.callbacks)  # 400 for a private address (gateway/callbacks.py)
     key = request.headers.get("idempotency-key")
     if key is not None and not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY:
         raise BadRequest(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters", param="Idempotency-Key")
+    sampling = params.sampling(default_max_tokens=DEFAULT_CHAT_MAX_TOKENS, limit=token_limit(gw))
     if params.messages is not None:
         inv = InvocationRequest(None, chat_messages(params.messages, max_chars=options.http.max_prompt_chars),
-                                params.sampling(default_max_tokens=DEFAULT_CHAT_MAX_TOKENS))
+                                sampling)
     else:
         assert params.prompt is not None
         check_prompt_chars(len(params.prompt), max_chars=options.http.max_prompt_chars, param="prompt")
-        inv = InvocationRequest(params.prompt, None, params.sampling(default_max_tokens=DEFAULT_CHAT_MAX_TOKENS))
+        inv = InvocationRequest(params.prompt, None, sampling)
     target = await gw.target_of(owner, adapter, tenant)
     if _prefers_async(request):
         body = await request.body()

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
-from typing import Any, Literal
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, ClassVar, Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -19,8 +19,12 @@ from gateway.invoker import Call, InvocationRequest, Target, request_hash
 from gateway.params import (
     DEFAULT_CHAT_MAX_TOKENS,
     DEFAULT_COMPLETION_MAX_TOKENS,
+    UNSUPPORTED_CHAT,
+    UNSUPPORTED_COMPLETION,
     MessageParam,
     SamplingParams,
+    TokenLimit,
+    Unsupported,
     chat_messages,
     check_prompt_chars,
 )
@@ -56,13 +60,22 @@ class OpenAIParams(SamplingParams):
 
 
 class CompletionRequest(OpenAIParams):
+    unsupported: ClassVar[Mapping[str, Unsupported]] = UNSUPPORTED_COMPLETION
+
     prompt: str | list[str]
-    best_of: int | None = Field(None, ge=1)
 
 
 class ChatCompletionRequest(OpenAIParams):
+    unsupported: ClassVar[Mapping[str, Unsupported]] = UNSUPPORTED_CHAT
+
     messages: list[MessageParam] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+
+
+def token_limit(gw: GatewayState) -> TokenLimit:
+    """The largest max_tokens a call may ask for here: the deployment's cap and the backbone's context window."""
+    return TokenLimit(cap=gw.settings.gateway.limits.max_tokens,
+                      context=int(gw.registry.spec.max_position_embeddings))
 
 
 def _finish_reason(result: InvocationResult) -> str:
@@ -200,8 +213,6 @@ async def completions(
 ) -> Any:
     """OpenAI text completion of `prompt` by the adapter named in `model`."""
     params.check_n()
-    if params.best_of not in (None, 1):
-        raise BadRequest("best_of > 1 is not supported", param="best_of", code="unsupported_parameter")
     if isinstance(params.prompt, list):
         if len(params.prompt) != 1:
             raise BadRequest(f"prompt must be one string (a list of {len(params.prompt)} was sent)",
@@ -210,8 +221,9 @@ async def completions(
     else:
         prompt = params.prompt
     check_prompt_chars(len(prompt), max_chars=gw.settings.gateway.http.max_prompt_chars, param="prompt")
+    sampling = params.sampling(default_max_tokens=DEFAULT_COMPLETION_MAX_TOKENS, limit=token_limit(gw))
     target = await gw.target_of_model(params.model, tenant)
-    inv = InvocationRequest(prompt, None, params.sampling(default_max_tokens=DEFAULT_COMPLETION_MAX_TOKENS))
+    inv = InvocationRequest(prompt, None, sampling)
 
     def body(call: Call, result: InvocationResult) -> dict[str, Any]:
         return {
@@ -235,8 +247,9 @@ async def chat_completions(
     """OpenAI chat completion of `messages` by the adapter named in `model`."""
     params.check_n()
     messages = chat_messages(params.messages, max_chars=gw.settings.gateway.http.max_prompt_chars)
+    sampling = params.sampling(default_max_tokens=DEFAULT_CHAT_MAX_TOKENS, limit=token_limit(gw),
+                               max_tokens=params.max_completion_tokens, max_tokens_param="max_completion_tokens")
     target = await gw.target_of_model(params.model, tenant)
-    sampling = params.sampling(default_max_tokens=DEFAULT_CHAT_MAX_TOKENS, max_tokens=params.max_completion_tokens)
     inv = InvocationRequest(None, messages, sampling)
 
     def body(call: Call, result: InvocationResult) -> dict[str, Any]:

@@ -7,7 +7,9 @@ the environment: tests build a GatewaySettings directly.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field, model_validator
+import ipaddress
+
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from protocol import subjects
@@ -45,6 +47,9 @@ class LimitSettings(BaseModel):
     unavailable_retry_after_s: int = Field(5, ge=1, description="Retry-After of a 503")
     sync_timeout_s: float = Field(300.0, gt=0.0, description="a synchronous call waits this long for its result (504)")
     publish_timeout_s: float = Field(5.0, gt=0.0, description="wait for the JetStream ack of a publish this long")
+    max_tokens: int = Field(
+        4096, ge=1, description="largest max_tokens (max_completion_tokens) a call may ask for, refused with 400 "
+        "above it; the model's context window bounds it too")
 
 
 class CacheSettings(BaseModel):
@@ -70,6 +75,23 @@ class CallbackSettings(BaseModel):
         subjects.CALLBACKS_BUCKET, description="JetStream key-value bucket mapping invocation id -> callback URL"
     )
     bucket_ttl_s: float = Field(24 * 3600.0, gt=0.0, description="how long a callback URL is kept (as the results)")
+    allow_http: bool = Field(False, description="accept http:// callback URLs too (https only by default)")
+    allow_networks: tuple[str, ...] = Field(
+        (), description="addresses or CIDRs callbacks may reach although they are loopback, private, link-local "
+        "etc. (refused by default: gateway/callbacks.py); in the environment a JSON list: '[\"10.20.0.0/16\"]'")
+    allow_hosts: tuple[str, ...] = Field(
+        (), description="host names (exact, or *.suffix) whose addresses callbacks may reach whatever they are")
+    resolve_timeout_s: float = Field(2.0, gt=0.0, description="longest wait for the DNS answer of a callback host")
+
+    @field_validator("allow_networks")
+    @classmethod
+    def _networks(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for net in v:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError as e:
+                raise ValueError(f"allow_networks entry {net!r} is not an address or CIDR: {e}") from e
+        return v
 
     @model_validator(mode="after")
     def _backoff_order(self) -> CallbackSettings:

@@ -27,7 +27,7 @@ from nats.aio.client import Client
 
 from bench.invocation import EchoPeer
 from gateway.app import create_app
-from gateway.settings import GatewayOptions, GatewaySettings, LimitSettings
+from gateway.settings import CallbackSettings, GatewayOptions, GatewaySettings, LimitSettings
 from protocol import subjects
 from protocol.messages import (
     ErrorCode,
@@ -133,13 +133,17 @@ async def worker(nc: Client) -> AsyncIterator[EchoWorker]:
         await w.stop()
 
 
+# The callback receivers of the tests listen on http://127.0.0.1, which the gateway refuses by default.
+TEST_CALLBACKS = CallbackSettings(allow_http=True, allow_networks=("127.0.0.1/32",))
+
+
 def make_settings(services: Any, object_store: ObjectStoreSettings, **limits: Any) -> GatewaySettings:
     """Gateway settings for the test services; `limits` override LimitSettings fields."""
     return GatewaySettings(
         nats=NatsSettings(url=services.nats_url, connect_timeout_s=1),
         database=DatabaseSettings(url=services.database_url),
         object_store=object_store,
-        gateway=GatewayOptions(limits=LimitSettings(**{"sync_timeout_s": 10.0, **limits})),
+        gateway=GatewayOptions(limits=LimitSettings(**{"sync_timeout_s": 10.0, **limits}), callbacks=TEST_CALLBACKS),
     )
 
 
