@@ -618,11 +618,13 @@ class LocalStack:
             ]
         }
         _write_private(config, json.dumps(identities))
+        # Only the S3 API (with the keys) may reach the blobs: see seaweedfs_security for the side ports.
+        security = seaweedfs_security(self.state_dir / SEAWEEDFS_CONFIG_DIR)
         h = self.config.host
         s3 = self.config.ports.s3
         master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3_grpc = self.config.ports.s3_internal()
         argv = [
-            str(binary), "server",
+            str(binary), f"-config_dir={security.config_dir}", "server",
             f"-dir={data}", f"-ip={h}", f"-ip.bind={h}",
             f"-master.port={master}", f"-master.port.grpc={master_grpc}",
             f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}",
@@ -631,11 +633,20 @@ class LocalStack:
             "-s3.port.iceberg=0", "-s3.port.lance=0", "-metricsPort=0",
             f"-s3.config={config}",
             "-master.volumeSizeLimitMB=256", "-volume.max=0", "-volume.preStopSeconds=0",
+            # The master's and the filer's HTTP APIs (assign, lookup, collection delete; the filer's file tree)
+            # are off: the S3 gateway reaches them over gRPC (mutual TLS). The volume HTTP port stays, for data,
+            # and takes only requests signed with the JWT keys of security.toml.
+            "-disableHttp",
+            f"-filer.localSocket={security.socket_dir / 'filer.sock'}",
+            f"-s3.localSocket={security.socket_dir / 's3.sock'}",
+            "-master.telemetry=false",  # on by default: usage reports to seaweedfs.com
         ]
         # Every bucket is a SeaweedFS collection with volumes of its own, and by default the master creates 7
         # at a time; with the volume count capped by free disk (-volume.max=0) a few dozen buckets then leave no
         # free volume and writes fail with 500. One volume at a time is plenty for a local stack.
-        env = {**os.environ, "WEED_MASTER_VOLUME_GROWTH_COPY_1": "1"}
+        # WEED_* variables of the caller would override security.toml (weed reads them first): none pass.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("WEED_")}
+        env["WEED_MASTER_VOLUME_GROWTH_COPY_1"] = "1"
         self._spawn(ManagedProcess("s3", argv, self.state_dir / "s3.log", env=env, stop_signal=signal.SIGINT,
                                    stop_timeout_s=3.0), self._s3_ready, "S3 API")
 
@@ -694,3 +705,85 @@ def running_stack(config: StackConfig) -> Iterator[LocalStack]:
         yield stack
     finally:
         stack.stop()
+
+
+# -- the local S3 server's side ports ------------------------------------------------------------------------
+
+SEAWEEDFS_CONFIG_DIR = "s3-config"  # under the state directory: security.toml, the gRPC certificates, sockets
+_SEAWEEDFS_GRPC_ROLES = ("master", "volume", "filer", "s3", "client")
+_UNIX_SOCKET_PATH_MAX = 100  # sun_path holds 108 bytes on Linux, 104 on macOS
+
+
+@dataclass(frozen=True)
+class SeaweedfsSecurity:
+    """Where `weed` finds its security settings (`-config_dir`) and the files behind them."""
+
+    config_dir: Path
+    ca: Path  # the CA that signed `cert`; every gRPC peer must present a certificate it signed
+    cert: Path  # one certificate for every component, server and client side (weed does not check names)
+    key: Path
+    socket_dir: Path  # the filer's and the S3 gateway's unix sockets (weed's default is /tmp)
+
+
+def seaweedfs_security(config_dir: Path) -> SeaweedfsSecurity:
+    """Write `security.toml` (0600) into `config_dir` (0700), with certificates made on first use.
+
+    SeaweedFS enforces the S3 keys on its S3 port only. Its master, volume and filer ports take requests
+    from anyone who can connect: the master hands out write grants and deletes collections, the filer
+    lists, reads, writes and deletes every file, and the gRPC ports do all of that too. Here every gRPC
+    port requires mutual TLS with a certificate of a CA made for this state directory (whose key is
+    deleted once it signed, so no one can make another), the volume server takes only reads and writes
+    signed by the master (JWT keys, new at every start), and the filer's HTTP writes and reads need the
+    filer JWT keys (its HTTP API is off as well, see `-disableHttp` in `_start_seaweedfs`).
+    """
+    config_dir.mkdir(parents=True, exist_ok=True)
+    config_dir.chmod(0o700)
+    ca, cert, key = _seaweedfs_certificates(config_dir)
+    lines = []
+    for section in ("jwt.signing", "jwt.signing.read", "jwt.filer_signing", "jwt.filer_signing.read"):
+        lines += [f"[{section}]", f'key = "{secrets.token_urlsafe(32)}"', "expires_after_seconds = 10", ""]
+    lines += ["[access]", "ui = false", "", "[filer.expose_directory_metadata]", "enabled = false", ""]
+    lines += ["[grpc]", f'ca = "{ca}"', ""]
+    for role in _SEAWEEDFS_GRPC_ROLES:
+        lines += [f"[grpc.{role}]", f'cert = "{cert}"', f'key = "{key}"', ""]
+    _write_private(config_dir / "security.toml", "\n".join(lines))
+    socket_dir = config_dir
+    if len(str(config_dir / "filer.sock")) > _UNIX_SOCKET_PATH_MAX:
+        import tempfile
+
+        socket_dir = Path(tempfile.mkdtemp(prefix="lorafn-s3-"))  # 0700; a deep state directory would not fit
+    return SeaweedfsSecurity(config_dir=config_dir, ca=ca, cert=cert, key=key, socket_dir=socket_dir)
+
+
+def _seaweedfs_certificates(directory: Path) -> tuple[Path, Path, Path]:
+    """(CA certificate, certificate, key) in `directory`, made with openssl if missing: ECDSA P-256, 10 years."""
+    ca, cert, key = directory / "ca.crt", directory / "grpc.crt", directory / "grpc.key"
+    if ca.exists() and cert.exists() and key.exists():
+        return ca, cert, key
+    openssl = find_binary("openssl")
+    if openssl is None:
+        raise BinaryNotFound("openssl", "install OpenSSL: the local S3 server's gRPC ports use mutual TLS")
+    ca_key, csr, ext = directory / "ca.key", directory / "grpc.csr", directory / "grpc.ext"
+    ext.write_text("basicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth,clientAuth\n"
+                   "subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    steps = [
+        ["ecparam", "-genkey", "-name", "prime256v1", "-noout", "-out", str(ca_key)],
+        ["req", "-new", "-x509", "-key", str(ca_key), "-out", str(ca), "-days", "3650",
+         "-subj", "/CN=lorafn local S3 CA"],
+        ["ecparam", "-genkey", "-name", "prime256v1", "-noout", "-out", str(key)],
+        ["req", "-new", "-key", str(key), "-out", str(csr), "-subj", "/CN=lorafn-seaweedfs"],
+        ["x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-set_serial",
+         str(secrets.randbits(63)), "-days", "3650", "-extfile", str(ext), "-out", str(cert)],
+    ]
+    old_umask = os.umask(0o077)  # the keys are private from their first byte
+    try:
+        for args in steps:
+            result = subprocess.run([str(openssl), *args], capture_output=True, text=True, check=False)
+            if result.returncode != 0:
+                raise StackError(f"openssl {args[0]} failed (exit {result.returncode}) making the S3 server's "
+                                 f"certificates in {directory}: {result.stderr.strip()[-500:]}")
+    finally:
+        os.umask(old_umask)
+        for leftover in (ca_key, csr, ext):
+            leftover.unlink(missing_ok=True)
+    return ca, cert, key

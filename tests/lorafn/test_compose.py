@@ -86,3 +86,13 @@ def test_lorafn_init_prepares_the_services(services, object_store_settings) -> N
     assert result.returncode == 0, result.stderr
     assert INVOCATIONS_STREAM in result.stdout and RESULTS_STREAM in result.stdout
     assert ObjectStore(object_store_settings).client.bucket_exists(object_store_settings.bucket)
+
+
+def test_minio_publishes_only_its_s3_api(compose: dict[str, Any]) -> None:
+    """The S3 API requires the keys; the web console (its own port, its own login) is off and unpublished."""
+    minio = compose["services"]["minio"]
+    assert [p.rsplit(":", 1)[-1] for p in minio["ports"]] == ["9000"]
+    assert str(minio["environment"]["MINIO_BROWSER"]) == "off"
+    assert "--console-address" not in minio["command"]
+    published = [p for s in compose["services"].values() for p in s.get("ports", [])]
+    assert not [p for p in published if p.rsplit(":", 1)[-1] == "9001"]
