@@ -95,7 +95,77 @@ def cases(keys: Keys) -> list[Case]:
         Case("upload with an invalid name", 400, "/v1/adapters", data={"name": "a b"},
              files=[("f", ("adapter_config.json", b"{}", "application/json"))]),
         Case("upload as JSON", 400, "/v1/adapters", {"name": "x"}),
+        *small_cases(),
     ]
+
+
+HUGE = 2**70  # past int64: it used to reach the bus encoder and answer 500 text/plain
+JSON = {"content-type": "application/json"}
+
+
+def small_cases() -> list[Case]:
+    """Text that is not Unicode, huge integers, names with control characters, unimplemented OpenAI
+    parameters and max_tokens above the cap (4096 by default) or the context window (8192 for SmolLM2)."""
+    def raw(path: str, body: str, code: str, name: str) -> Case:
+        return Case(name, 400, path, content=body.encode(), headers=JSON, code=code)
+
+    model = '"model": "acme/bot"'
+    return [
+        raw(FN, '{"prompt": "a \\ud800 b"}', "invalid_unicode", "lone surrogate in a prompt"),
+        raw(FN, '{"prompt": "\\udfff"}', "invalid_unicode", "lone low surrogate alone"),
+        raw(CHAT, '{' + model + ', "messages": [{"role": "user", "content": "hi \\ud83d"}]}', "invalid_unicode",
+            "lone surrogate in a chat message"),
+        raw(CHAT, '{' + model + ', "messages": [{"role": "user", "content": [{"type": "text", "text": "\\ud800"}]}]}',
+            "invalid_unicode", "lone surrogate in a content part"),
+        raw(COMPLETIONS, '{' + model + ', "prompt": "hi", "stop": ["\\ud800"]}', "invalid_unicode",
+            "lone surrogate in a stop sequence"),
+        raw(FN, '{"messages": [{"role": "user", "content": "ok", "name": "\\udc00"}]}', "invalid_unicode",
+            "lone surrogate in a message name"),
+        Case("max_tokens 2^70 (FaaS)", 400, FN, {"prompt": "hi", "max_tokens": HUGE}, code="max_tokens_too_large"),
+        Case("max_tokens 2^70", 400, COMPLETIONS, {"model": "acme/bot", "prompt": "hi", "max_tokens": HUGE},
+             code="max_tokens_too_large"),
+        Case("max_completion_tokens 2^70", 400, CHAT, {"model": "acme/bot", "messages": USER,
+                                                       "max_completion_tokens": HUGE}, code="max_tokens_too_large"),
+        Case("max_tokens 1e9", 400, CHAT, {"model": "acme/bot", "messages": USER, "max_tokens": 10**9},
+             code="max_tokens_too_large"),
+        Case("max_tokens above the cap", 400, FN, {"prompt": "hi", "max_tokens": 4097}, code="max_tokens_too_large"),
+        Case("seed 2^70", 400, FN, {"prompt": "hi", "seed": HUGE}),
+        Case("n 2^70", 400, CHAT, {"model": "acme/bot", "messages": USER, "n": HUGE}, code="unsupported_parameter"),
+        Case("best_of 2^70", 400, COMPLETIONS, {"model": "acme/bot", "prompt": "hi", "best_of": HUGE},
+             code="unsupported_parameter"),
+        Case("temperature 2^70", 400, FN, {"prompt": "hi", "temperature": HUGE}),
+        Case("adapter name with a trailing newline", 400, "/v1/adapters", data={"name": "bot\n"},
+             files=[("f", ("adapter_config.json", b"{}", "application/json"))], code="invalid_name"),
+        Case("adapter name with a control character", 400, "/v1/adapters", data={"name": "b\x01ot"},
+             files=[("f", ("adapter_config.json", b"{}", "application/json"))], code="invalid_name"),
+        Case("model name with a trailing newline", 400, CHAT, {"model": "acme/bot\n", "messages": USER},
+             code="invalid_model"),
+        *[Case(f"unsupported {name}", 400, path, {**base, name: value}, code="unsupported_parameter")
+          for path, base, name, value in UNSUPPORTED],
+    ]
+
+
+_C = {"model": "acme/bot", "messages": USER}
+_P = {"model": "acme/bot", "prompt": "hi"}
+UNSUPPORTED: list[tuple[str, dict[str, Any], str, Any]] = [
+    (CHAT, _C, "tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+    (CHAT, _C, "tool_choice", "auto"),
+    (CHAT, _C, "functions", [{"name": "f", "parameters": {}}]),
+    (CHAT, _C, "function_call", "auto"),
+    (CHAT, _C, "response_format", {"type": "json_object"}),
+    (CHAT, _C, "logit_bias", {"50256": -100}),
+    (CHAT, _C, "presence_penalty", 0.5),
+    (CHAT, _C, "frequency_penalty", 1),
+    (CHAT, _C, "logprobs", True),
+    (CHAT, _C, "top_logprobs", 3),
+    (COMPLETIONS, _P, "logprobs", 0),  # on completions, 0 still asks for the chosen tokens' logprobs
+    (COMPLETIONS, _P, "echo", True),
+    (COMPLETIONS, _P, "suffix", "the end"),
+    (COMPLETIONS, _P, "best_of", 2),
+    (COMPLETIONS, _P, "presence_penalty", -1.0),
+    (FN, {"prompt": "hi"}, "logit_bias", {"1": 5}),
+    (FN, {"prompt": "hi"}, "frequency_penalty", 0.1),
+]
 
 
 async def test_bad_requests_change_nothing(gateway_factory: GatewayFactory, keys: Keys, adapters: Pushed,
@@ -130,6 +200,8 @@ async def test_bad_requests_change_nothing(gateway_factory: GatewayFactory, keys
                 wrong.append(f"{case.name}: not OpenAI's error shape: {error}")
             if case.code is not None and error["code"] != case.code:
                 wrong.append(f"{case.name}: code {error['code']!r}, expected {case.code!r}")
+            if case.code == "unsupported_parameter" and case.json and error["param"] not in case.json:
+                wrong.append(f"{case.name}: param {error['param']!r} names no parameter of the request")
         assert not wrong, "\n".join(wrong)
         async with sessions() as session:
             assert await repo.count_rows(session) == rows_before

@@ -5,7 +5,7 @@ from __future__ import annotations
 import openai
 import pytest
 
-from tests.gateway.conftest import EchoWorker, Keys, Pushed, RunningGateway
+from tests.gateway.conftest import EchoWorker, GatewayFactory, Keys, Pushed, RunningGateway
 
 
 def _client(gateway: RunningGateway, keys: Keys) -> openai.AsyncOpenAI:
@@ -110,3 +110,38 @@ async def test_worker_failure_maps_to_openai_error(gateway: RunningGateway, keys
     with pytest.raises(openai.APIError, match="test worker failed it"):
         async for _ in stream:
             pass
+
+
+async def test_unimplemented_parameters_at_their_defaults_are_accepted(gateway: RunningGateway, keys: Keys,
+                                                                       adapters: Pushed, worker: EchoWorker) -> None:
+    """Clients that send OpenAI's defaults explicitly are served; only a value that asks for the feature is
+    refused (tests/gateway/test_bad_requests.py); max_tokens up to the cap is accepted."""
+    async with gateway.client(headers=keys.auth()) as c:
+        chat = await c.post("/v1/chat/completions", json={
+            "model": adapters.bot, "messages": [{"role": "user", "content": "plain defaults"}],
+            "tools": [], "tool_choice": "none", "functions": None, "response_format": {"type": "text"},
+            "logit_bias": {}, "presence_penalty": 0, "frequency_penalty": 0.0, "logprobs": False,
+            "top_logprobs": None, "n": 1, "modalities": ["text"], "max_completion_tokens": 4096,
+        })
+        assert chat.status_code == 200, chat.text
+        assert chat.json()["choices"][0]["message"]["content"] == "plain defaults"
+        completion = await c.post("/v1/completions", json={
+            "model": adapters.bot, "prompt": "still fine", "echo": False, "suffix": None, "best_of": 1,
+            "logprobs": None, "max_tokens": 4096,
+        })
+        assert completion.status_code == 200, completion.text
+    assert worker.seen[-1].sampling.max_tokens == 4096
+
+
+async def test_max_tokens_cap_is_a_setting(gateway_factory: GatewayFactory, keys: Keys, adapters: Pushed,
+                                           worker: EchoWorker) -> None:
+    gw = await gateway_factory(max_tokens=8)
+    async with gw.client(headers=keys.auth()) as c:
+        over = await c.post("/v1/functions/acme/bot/invocations", json={"prompt": "hi", "max_tokens": 9})
+        assert over.status_code == 400
+        assert over.json()["error"]["code"] == "max_tokens_too_large"
+        assert "limit of 8 tokens" in over.json()["error"]["message"]
+        default = await c.post("/v1/chat/completions", json={"model": adapters.bot,
+                                                              "messages": [{"role": "user", "content": "hi"}]})
+        assert default.status_code == 200, default.text
+    assert worker.seen[-1].sampling.max_tokens == 8  # the chat default (256) is lowered to the cap, not refused
