@@ -1,8 +1,10 @@
-"""The plain FaaS API: POST /v1/functions/<tenant>/<adapter>/invocations and GET /v1/invocations/<id>.
+"""The plain FaaS API: POST /v1/functions/<tenant>/<adapter>/invocations, GET /v1/invocations/<id> and
+POST /v1/invocations/<id>/cancel.
 
 Synchronous by default; `Prefer: respond-async` answers 202 at once. `X-Callback-Url` has the result
 POSTed there when it is ready (gateway/callbacks.py); `Idempotency-Key` makes a retried call return the
-first call's invocation.
+first call's invocation. A synchronous caller that disconnects cancels its invocation; any invocation of the
+caller's that has not finished can be cancelled explicitly.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pydantic import model_validator
 
 from gateway.auth import current_tenant
 from gateway.callbacks import check_callback_url
-from gateway.errors import BadRequest
+from gateway.errors import BadRequest, error_body
 from gateway.invoker import Call, InvocationRequest, invocation_json, request_hash, result_json
 from gateway.openai_api import serve, token_limit
 from gateway.params import (
@@ -94,6 +96,25 @@ async def invoke_function(
         return out
 
     return await serve(request, gw, target, inv, stream=False, on_result=body_of, callback_url=callback)
+
+
+@router.post("/v1/invocations/{invocation_id}/cancel")
+async def cancel_invocation(
+    invocation_id: str, request: Request, tenant: Tenant = Depends(current_tenant),
+    gw: GatewayState = Depends(gateway_of),
+) -> Any:
+    """Cancel an invocation of the caller's that is queued or running: it never runs, or its worker stops it
+    and frees what it held. Idempotent (a cancelled invocation answers 200 again); 409 with the final status
+    when it already finished; 404 for an id the caller cannot see."""
+    verdict, view = await gw.invoker.cancel(tenant, invocation_id)
+    headers = {"x-lorafn-invocation-id": invocation_id}
+    remember_headers(request, headers)
+    if verdict == "finished":
+        body = error_body(409, f"invocation {invocation_id} already {view.status}; only a queued or running "
+                               f"invocation can be cancelled", code="invocation_finished")
+        body["error"]["status"] = view.status  # the final status, as GET /v1/invocations/<id> shows it
+        return JSONResponse(body, status_code=409, headers=headers)
+    return JSONResponse(invocation_json(view), headers=headers)
 
 
 @router.get("/v1/invocations/{invocation_id}")

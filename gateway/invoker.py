@@ -8,6 +8,14 @@ when NATS connects, so it is in place before any publish; messages are routed to
 token) and yields the worker's `InvocationStarted`, `TokenChunk`s (deduplicated by index: a redelivered
 invocation may resend tokens; and by epoch: once a rescued invocation's new worker spoke, what its old worker
 still sends is dropped) and the final `InvocationResult`.
+
+Cancellation: `Invoker.cancel` (POST /v1/invocations/<id>/cancel) and a synchronous caller that goes away
+(`Call.gone`, from `cancel_when_gone` or the end of an unfinished stream) record a `cancelled` result in the
+results stream, de-duplicated like a worker's (`result-<id>`): whichever result is recorded first is the
+invocation's outcome, so a cancel that races the end of a generation is answered with what finished. Then
+`lora.cancel.<id>` tells the worker running it to abort (slot and KV blocks freed at its next step); a worker
+that picks it up later finds the record and never runs it. Asynchronous invocations have no caller waiting,
+so only the endpoint cancels them.
 """
 
 from __future__ import annotations
@@ -18,10 +26,10 @@ import hashlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import nats.errors
 from nats.aio.client import Client
@@ -29,7 +37,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
-from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -46,6 +54,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.settings import CallbackSettings, LimitSettings
 from protocol import subjects
 from protocol.messages import (
+    CancelInvocation,
     ChatMessage,
     ErrorCode,
     Invocation,
@@ -56,6 +65,7 @@ from protocol.messages import (
     Sampling,
     TokenChunk,
 )
+from protocol.results import record_callback, record_result
 from storage import repo
 from storage.errors import NotFound
 from storage.models import Adapter, InvocationStatus, Tenant
@@ -69,6 +79,38 @@ ID_PREFIX = "inv_"
 ID_RANDOM_BYTES = 16  # 22 URL-safe characters
 
 Event = InvocationStarted | TokenChunk | InvocationResult
+Receive = Callable[[], Awaitable[Mapping[str, Any]]]  # an ASGI receive()
+# The status a server logs for a request whose client closed the connection first (nobody reads it).
+CLIENT_CLOSED_REQUEST = 499
+
+
+class ClientGone(Exception):
+    """The HTTP client of a synchronous call went away before its result (the invocation is cancelled)."""
+
+    def __init__(self, invocation_id: str) -> None:
+        super().__init__(f"the client of invocation {invocation_id} went away")
+        self.invocation_id = invocation_id
+
+
+class _Gone:
+    """Queued into a call when its client went away: `events()` raises ClientGone."""
+
+
+CancelVerdict = Literal["cancel", "cancelled", "finished"]
+
+
+def cancel_verdict(row_status: InvocationStatus, recorded: InvocationResult | None) -> CancelVerdict:
+    """What a cancel request does to an invocation: "cancel" it (queued or running, no result yet), nothing
+    because it is "cancelled" already (a repeated cancel answers as the first did), or nothing because it
+    "finished" otherwise (409). The results stream is the outcome when it holds one; the row otherwise (a
+    result older than the stream's max age, a row marked failed when its publish failed)."""
+    if recorded is not None:
+        return "cancelled" if recorded.status == "cancelled" else "finished"
+    if row_status == InvocationStatus.cancelled:
+        return "cancelled"
+    if row_status in (InvocationStatus.succeeded, InvocationStatus.failed):
+        return "finished"
+    return "cancel"
 
 
 def new_invocation_id() -> str:
@@ -140,12 +182,32 @@ class Call:
     tier: str | None = None
     load_ms: float | None = None
     first_token_at: float | None = None
-    _queue: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    _queue: asyncio.Queue[Event | _Gone] = field(default_factory=asyncio.Queue)
     _next_index: int = 0
     _epoch: int = 1  # the highest dispatch of the invocation heard from (see InvocationStarted.epoch)
     _done: bool = False
+    _ended: bool = False  # the result arrived or the call timed out: nothing to cancel when it closes
+    _gone: bool = False
     _subs: list[Subscription] = field(default_factory=list)
     _on_close: list[Any] = field(default_factory=list)
+    _on_gone: list[Callable[[], None]] = field(default_factory=list)
+
+    @property
+    def ended(self) -> bool:
+        """Whether the call reached its result or its deadline (a call closed before either was abandoned)."""
+        return self._ended
+
+    def gone(self) -> None:
+        """The client went away before the result: `events()` raises ClientGone, and the invocation is
+        cancelled (once; a replayed Idempotency-Key call only stops waiting, the invocation is the first
+        caller's). Synchronous, so that it also runs where the request's task is being cancelled."""
+        if self._ended or self._gone:
+            return
+        self._gone = True
+        self._queue.put_nowait(_Gone())
+        hooks, self._on_gone = self._on_gone, []
+        for hook in hooks:
+            hook()
 
     def headers(self) -> dict[str, str]:
         """The x-lorafn-* headers known so far."""
@@ -194,15 +256,20 @@ class Call:
             self.load_ms = event.timings.load_ms
 
     async def events(self) -> AsyncIterator[Event]:
-        """Started events, new token chunks, then the result (last). InvocationTimeout at the deadline."""
+        """Started events, new token chunks, then the result (last). InvocationTimeout at the deadline,
+        ClientGone once `gone()` was called."""
         while not self._done:
             remaining = self.deadline - time.monotonic()
             if remaining <= 0:
+                self._ended = True
                 raise InvocationTimeout(self.invocation_id, self.timeout_s)
             try:
                 event = await asyncio.wait_for(self._queue.get(), remaining)
             except TimeoutError:
+                self._ended = True
                 raise InvocationTimeout(self.invocation_id, self.timeout_s) from None
+            if isinstance(event, _Gone):
+                raise ClientGone(self.invocation_id)
             if isinstance(event, InvocationResult) and event.invocation_id != self.invocation_id:
                 continue
             if isinstance(event, InvocationStarted | TokenChunk):
@@ -217,7 +284,7 @@ class Call:
                 if self.first_token_at is None:
                     self.first_token_at = time.monotonic()
             elif isinstance(event, InvocationResult):
-                self._done = True
+                self._done = self._ended = True
             yield event
 
     async def result(self) -> InvocationResult:
@@ -237,6 +304,28 @@ class Call:
         hooks, self._on_close = self._on_close, []
         for hook in hooks:
             hook()
+
+
+@contextlib.contextmanager
+def cancel_when_gone(call: Call, receive: Receive) -> Iterator[None]:
+    """While inside, a disconnect of the call's HTTP client calls `call.gone()` (so whoever waits on the call
+    raises ClientGone and the invocation is cancelled). The request body must have been read already: from
+    then on the server's `receive()` answers only when the client disconnects."""
+
+    async def watch() -> None:
+        try:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+        except Exception:  # the server could not tell; the call goes on
+            log.debug("watching the client of %s failed", call.invocation_id, exc_info=True)
+            return
+        call.gone()
+
+    task = asyncio.ensure_future(watch())
+    try:
+        yield
+    finally:
+        task.cancel()
 
 
 @dataclass(frozen=True)
@@ -291,17 +380,31 @@ class Invoker:
         self._depths: dict[str, list[float]] = {}  # subject -> [depth, read at (monotonic)]
         self._callback_urls: KeyValue | None = None
         self._expiring: set[asyncio.Future[None]] = set()
+        self._cancelling: set[asyncio.Future[Any]] = set()  # cancels of calls whose client went away
         self.gateway_id = f"gw-{secrets.token_hex(6)}"
         link.on_connect(self._subscribe_events)
 
     async def _subscribe_events(self, nc: Client, js: JetStreamContext) -> None:
         self._callback_urls = await ensure_callback_bucket(js, self.callbacks)
         await nc.subscribe(subjects.gateway_replies(self.gateway_id), cb=self._on_reply)
+        await nc.subscribe(subjects.CANCEL_ALL, cb=self._on_cancel)
 
     async def _on_reply(self, msg: Msg) -> None:
         call = self._calls.get(msg.subject.rpartition(".")[2])
         if call is not None:
             await call.on_reply(msg)
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        """A cancel of a call this gateway holds (cancelled through another request, maybe on another gateway):
+        answer its caller now rather than when a worker picks the cancelled invocation up."""
+        call = self._calls.get(msg.subject.rpartition(".")[2])
+        if call is None:
+            return
+        try:
+            reason = CancelInvocation.decode(msg.data).reason
+        except MessageInvalid:
+            reason = "cancelled"
+        call.push(cancelled_result(call.invocation_id, reason))
 
     # -- admission -------------------------------------------------------------------------------
 
@@ -423,10 +526,12 @@ class Invoker:
         self.inflight -= 1
         self.metrics.inflight.dec()
 
-    def _new_call(self, invocation_id: str, target: Target) -> Call:
+    def _new_call(self, invocation_id: str, target: Target, *, cancel_when_gone: bool = True) -> Call:
         timeout = self.limits.sync_timeout_s
         call = Call(invocation_id, target.label, deadline=time.monotonic() + timeout, timeout_s=timeout)
         self._calls[invocation_id] = call
+        if cancel_when_gone:
+            call._on_gone.append(lambda: self._cancel_abandoned(call))
 
         def forget() -> None:
             self._calls.pop(invocation_id, None)
@@ -482,7 +587,7 @@ class Invoker:
         nc, _ = self._bus()
         self.inflight += 1
         self.metrics.inflight.inc()
-        call = self._new_call(found.invocation_id, target)
+        call = self._new_call(found.invocation_id, target, cancel_when_gone=False)
         try:
             call._subs.append(await nc.subscribe(subjects.result(found.invocation_id), cb=call.on_result))
             recorded = await self._recorded_result(found.invocation_id)
@@ -501,6 +606,64 @@ class Invoker:
             self.metrics.ttft.labels(call.label).observe(call.first_token_at - call.submitted)
         elif result.timings.first_token_ms is not None:
             self.metrics.ttft.labels(call.label).observe(result.timings.first_token_ms / 1000.0)
+
+    # -- cancelling ------------------------------------------------------------------------------
+
+    def _cancel_abandoned(self, call: Call) -> None:
+        """The client of a synchronous call went away: cancel its invocation in the background (the request's
+        own task may be being cancelled)."""
+        self.metrics.invocations.labels(call.label, "cancelled").inc()
+        task = asyncio.ensure_future(self._cancel_quietly(call.invocation_id))
+        self._cancelling.add(task)
+        task.add_done_callback(self._cancelling.discard)
+
+    async def _cancel_quietly(self, invocation_id: str) -> None:
+        try:
+            result = await self._record_cancel(invocation_id, "the client went away before the result")
+        except Unavailable as e:  # the generation runs to its end; its result is recorded as usual
+            log.warning("could not cancel invocation %s whose client went away: %s", invocation_id, e)
+            return
+        log.info("invocation %s cancelled: its client went away (outcome %s)", invocation_id, result.status)
+
+    async def cancel(self, tenant: Tenant, invocation_id: str) -> tuple[CancelVerdict, InvocationView]:
+        """POST /v1/invocations/<id>/cancel: cancel an invocation of `tenant` that has not finished. The verdict
+        (see `cancel_verdict`; "cancel" when this request cancelled it) and the invocation as it is now.
+        InvocationNotFound for an id of another tenant."""
+        view = await self.lookup(tenant, invocation_id)
+        verdict = cancel_verdict(InvocationStatus(view.row.status), view.result)
+        if verdict != "cancel":
+            return verdict, view
+        result = await self._record_cancel(invocation_id, "cancelled through the API")
+        if result.status != "cancelled":  # it finished between the lookup and the cancel
+            return "finished", InvocationView(view.row, result)
+        return "cancel", InvocationView(view.row, result)
+
+    async def _record_cancel(self, invocation_id: str, reason: str) -> InvocationResult:
+        """Record the invocation cancelled unless a result is recorded first, then tell its worker to stop;
+        the invocation's outcome (this cancel, or the result recorded before it)."""
+        nc, js = self._bus()
+        result = cancelled_result(invocation_id, reason)
+        payload = result.encode()
+        timeout = self.limits.publish_timeout_s
+        try:
+            if not await record_result(js, invocation_id, payload, callback=False, timeout=timeout):
+                return await self._recorded_result(invocation_id) or result
+            if await self._callback_url(js, invocation_id) is not None:
+                await record_callback(js, invocation_id, payload, timeout=timeout)
+            await nc.publish(subjects.cancel(invocation_id),
+                             CancelInvocation(invocation_id=invocation_id, reason=reason).encode())
+        except (nats.errors.Error, TimeoutError) as e:
+            raise Unavailable("nats", f"recording the cancel of {invocation_id} failed ({e!r})",
+                              self.limits.unavailable_retry_after_s) from e
+        return result
+
+    async def _callback_url(self, js: JetStreamContext, invocation_id: str) -> str | None:
+        kv = self._callback_urls or await ensure_callback_bucket(js, self.callbacks)
+        try:
+            entry = await kv.get(invocation_id)
+        except KeyNotFoundError:
+            return None
+        return (entry.value or b"").decode()
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -557,6 +720,13 @@ def invocation_json(view: InvocationView) -> dict[str, Any]:
         body["error"] = {"code": code if sep and code in ErrorCode.__members__ else ErrorCode.internal.value,
                          "message": message if sep else row.error}
     return body
+
+
+def cancelled_result(invocation_id: str, reason: str) -> InvocationResult:
+    """The result a cancel records (a worker that ran the invocation records its own, with what it generated,
+    when it got there first)."""
+    return InvocationResult(invocation_id=invocation_id, status="cancelled", finish_reason="abort",
+                            error=InvocationError(code=ErrorCode.cancelled, message=reason))
 
 
 def result_json(result: InvocationResult) -> dict[str, Any]:

@@ -10,12 +10,21 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any, ClassVar, Literal
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.types import Receive, Scope, Send
 
 from gateway.auth import current_tenant
 from gateway.errors import BadRequest, GatewayError, InvocationFailed, error_status
-from gateway.invoker import Call, InvocationRequest, Target, request_hash
+from gateway.invoker import (
+    CLIENT_CLOSED_REQUEST,
+    Call,
+    ClientGone,
+    InvocationRequest,
+    Target,
+    cancel_when_gone,
+    request_hash,
+)
 from gateway.params import (
     DEFAULT_CHAT_MAX_TOKENS,
     DEFAULT_COMPLETION_MAX_TOKENS,
@@ -133,7 +142,7 @@ async def _stream_body(
                 yield _sse(chunks.text(event.text))
             elif isinstance(event, InvocationResult):
                 gw.invoker.observe(call, event)
-                if event.status == "failed":
+                if event.status != "succeeded":
                     error = event.error
                     exc = InvocationFailed(call.invocation_id, error.code if error else ErrorCode.internal,
                                            error.message if error else "the invocation failed")
@@ -154,8 +163,26 @@ async def _stream_body(
     except GatewayError as e:  # the sync timeout, mid-stream: tell the client in-band
         yield _sse(error_status(e)[1])
     finally:
+        if not call.ended:  # the server stopped this body before the result: the client went away
+            call.gone()
         await call.close()
     yield b"data: [DONE]\n\n"
+
+
+class _CallStream(StreamingResponse):
+    """The SSE response of a call: if it ends before the call did (the client went away, even before the body
+    began, when the body's own cleanup never runs), the call's invocation is cancelled."""
+
+    def __init__(self, call: Call, content: AsyncIterator[bytes], headers: dict[str, str]) -> None:
+        super().__init__(content, media_type="text/event-stream", headers=headers)
+        self.call = call
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.call.gone()  # nothing once the call has ended
+            await self.call.close()
 
 
 async def serve(
@@ -174,12 +201,15 @@ async def serve(
     remember_headers(request, call.headers())
     if not stream or stream_kind is None:
         try:
-            result = await call.result()
+            with cancel_when_gone(call, request.receive):  # a client that goes away cancels its invocation
+                result = await call.result()
+        except ClientGone:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         finally:
             await call.close()
             remember_headers(request, call.headers())
         gw.invoker.observe(call, result)
-        if result.status == "failed":
+        if result.status != "succeeded":
             error = result.error
             raise InvocationFailed(call.invocation_id, error.code if error else ErrorCode.internal,
                                    error.message if error else "the invocation failed")
@@ -187,23 +217,26 @@ async def serve(
     # Headers go out with the first event (started, a chunk or the result): they carry the adapter's tier.
     events = call.events()
     try:
-        first = await anext(events)
-        while isinstance(first, InvocationStarted) and call.tier is None:
+        with cancel_when_gone(call, request.receive):  # until the stream begins; then the server watches
             first = await anext(events)
+            while isinstance(first, InvocationStarted) and call.tier is None:
+                first = await anext(events)
+    except ClientGone:
+        await call.close()
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
     except BaseException:
         await call.close()
         remember_headers(request, call.headers())
         raise
     remember_headers(request, call.headers())
-    if isinstance(first, InvocationResult) and first.status == "failed":
+    if isinstance(first, InvocationResult) and first.status != "succeeded":
         await call.close()
         gw.invoker.observe(call, first)
         error = first.error
         raise InvocationFailed(call.invocation_id, error.code if error else ErrorCode.internal,
                                error.message if error else "the invocation failed")
     headers = {**call.headers(), "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return StreamingResponse(_stream_body(gw, call, events, first, stream_kind, model, include_usage),
-                             media_type="text/event-stream", headers=headers)
+    return _CallStream(call, _stream_body(gw, call, events, first, stream_kind, model, include_usage), headers)
 
 
 @router.post("/v1/completions")

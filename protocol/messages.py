@@ -14,6 +14,7 @@ Each subject carries one message type (see protocol/subjects.py):
 | `lora.evt.adapter.<event>` (core)       | `AdapterEvent`       | registry -> scheduler, workers  |
 | `lora.evt.invocation.started` (core)    | `InvocationStarted`  | worker -> scheduler             |
 | `lora.evt.scheduler.<scheduler id>` (core) | `SchedulerHeartbeat` | scheduler -> gateways        |
+| `lora.cancel.<invocation id>` (core)    | `CancelInvocation`   | gateway -> the worker running it |
 
 Decoding ignores unknown fields, so a newer sender can add fields without breaking older readers;
 a missing or mistyped field raises `MessageInvalid`.
@@ -52,6 +53,7 @@ class ErrorCode(enum.StrEnum):
     unavailable = "unavailable"  # 503: a dependency is down
     timeout = "timeout"  # 504: no worker answered in time
     dead_letter = "dead_letter"  # 500: delivered max_deliver times, never completed
+    cancelled = "cancelled"  # 409: the caller cancelled it (or went away while waiting for it)
     internal = "internal"  # 500: a bug
 
 
@@ -158,7 +160,7 @@ class InvocationResult(Message):
 
     kind: ClassVar[str] = "result"
     invocation_id: str
-    status: Literal["succeeded", "failed"]
+    status: Literal["succeeded", "failed", "cancelled"]  # cancelled: error.code is `cancelled`
     text: str = ""
     token_ids: list[int] = Field(default_factory=list)
     finish_reason: Literal["stop", "length", "abort"] | None = None
@@ -169,6 +171,17 @@ class InvocationResult(Message):
     attempt: int = 1
     epoch: int = 1  # the dispatch that produced this result
     error: InvocationError | None = None
+
+
+class CancelInvocation(Message):
+    """Stop an invocation (on lora.cancel.<invocation id>). Its cancelled result is recorded in the results
+    stream first, so a worker that has not started it yet refuses it when it picks it up; the worker running
+    it aborts the generation (freeing its batch slot and KV blocks) and acks it."""
+
+    kind: ClassVar[str] = "cancel"
+    invocation_id: str
+    reason: str = "cancelled"
+    sent_at: float = Field(default_factory=time.time)
 
 
 class InvocationStarted(Message):

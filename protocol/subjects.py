@@ -10,7 +10,8 @@ Layout (see ARCHITECTURE.md, "NATS layout", and docs/nats.md):
   (so that the gateway's callback consumer reads only those);
 - core subjects `lora.reply.<invocation id>` (`lora.reply.<gateway id>.<invocation id>` for calls made
   through a gateway), `lora.ctl.<worker id>.<verb>`, `lora.evt.worker.<worker id>`,
-  `lora.evt.adapter.<event>`.
+  `lora.evt.adapter.<event>`, `lora.cancel.<invocation id>` (stop a cancelled invocation; every worker
+  listens).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ WORKER_EVENT_PREFIX = "lora.evt.worker"
 SCHEDULER_EVENT_PREFIX = "lora.evt.scheduler"
 ADAPTER_EVENT_PREFIX = "lora.evt.adapter"
 INVOCATION_EVENT_PREFIX = "lora.evt.invocation"
+CANCEL_PREFIX = "lora.cancel"
 # The base model's pseudo adapter name: invocations of the bare backbone go to lora.invoke.<tenant>._base.
 # Adapter names starting with "_" are reserved, so no adapter can take it.
 BASE_ADAPTER = "_base"
@@ -68,6 +70,7 @@ RESULT_ALL = f"{RESULT_PREFIX}.>"
 CALLBACK_ALL = f"{CALLBACK_PREFIX}.>"
 WORKER_EVENTS_ALL = f"{WORKER_EVENT_PREFIX}.*"
 SCHEDULER_EVENTS_ALL = f"{SCHEDULER_EVENT_PREFIX}.*"
+CANCEL_ALL = f"{CANCEL_PREFIX}.*"
 
 # Tenant, adapter and worker names become subject tokens: no dots, spaces or wildcards. \A and \Z, not ^ and
 # $: `$` also matches before a trailing newline, so "bot\n" passed and then failed the database's CHECK.
@@ -191,6 +194,12 @@ def adapter_event(event: str) -> str:
 def invocation_event(event: str) -> str:
     """Subject of invocation lifecycle events (`started`)."""
     return f"{INVOCATION_EVENT_PREFIX}.{check_name('event', event)}"
+
+
+def cancel(invocation_id: str) -> str:
+    """Core subject that tells the worker running an invocation to stop it (its cancelled result is recorded
+    first; a worker that picks the invocation up later finds that record and never runs it)."""
+    return f"{CANCEL_PREFIX}.{check_name('invocation', invocation_id)}"
 
 
 def result_msg_id(invocation_id: str) -> str:

@@ -10,6 +10,9 @@ Mechanism (docs/nats.md, "Dispatch"):
   failed result (results stream, reply subject, Postgres row) and acks.
 - The dispatcher fetches only while some worker has room (the core's capacity), so a burst waits in the
   invocations stream, not in a worker's queue.
+- A cancelled invocation (its `cancelled` result seen on `lora.result.>`) still in the invocations stream is
+  acked and never dispatched (a scheduler that missed the cancel dispatches it, and its worker answers from
+  the recorded result).
 - Heartbeats, the work stream's per-worker counts and recorded results become core events; a `Tick` every
   `tick_s` lets the core declare silent workers gone, and the driver carries out `Rescue`: delete the
   worker's consumer (a paused worker can take nothing more), requeue what is left on its subject.
@@ -24,6 +27,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
@@ -84,6 +88,9 @@ logger = logging.getLogger(__name__)
 FETCH_BATCH = 64
 # Batches whose dispatches (publish to a work subject, then ack) may be in flight while the next is fetched.
 MAX_BATCHES_IN_FLIGHT = 4
+# Cancelled invocation ids remembered so that their queued copies are dropped, not dispatched (the oldest are
+# forgotten first; a forgotten one is dispatched, and its worker answers it from the recorded result).
+CANCELLED_REMEMBERED = 100_000
 
 
 def worker_report(hb: Heartbeat, at: float) -> WorkerReport:
@@ -187,6 +194,7 @@ class Dispatcher:
         self._tasks: set[asyncio.Task[None]] = set()
         self._unrescued: dict[str, str] = {}  # gone workers whose rescue failed -> why they are gone
         self._sending = asyncio.Semaphore(MAX_BATCHES_IN_FLIGHT)
+        self._cancelled: OrderedDict[str, None] = OrderedDict()  # invocations cancelled before their dispatch
         self.dispatched = 0
         self.metrics = metrics  # refreshed on ticks: nothing per invocation
 
@@ -210,6 +218,10 @@ class Dispatcher:
             self.apply(WorkerGone(now, hb.worker_id))
 
     def on_result(self, result: InvocationResult) -> None:
+        if result.status == "cancelled":
+            self._cancelled[result.invocation_id] = None
+            if len(self._cancelled) > CANCELLED_REMEMBERED:
+                self._cancelled.popitem(last=False)
         self.apply(InvocationFinished(self.clock(), result.invocation_id, result.worker_id))
 
     def on_adapter_event(self, event: AdapterEvent) -> None:
@@ -345,6 +357,9 @@ class Dispatcher:
             self._sending.release()
 
     async def _decide(self, msg: Msg, inv: Invocation) -> Awaitable[None] | None:
+        if inv.id in self._cancelled:  # its cancelled result is recorded: nothing to run
+            await self._ack(msg)
+            return None
         work = WorkHeaders.read(msg)
         published = stream_time(msg) or self.clock()
         arrived = work.arrived_at if work.arrived_at is not None else published

@@ -8,8 +8,8 @@
   `heartbeat_timeout_s` are marked down.
 - Demand: the dispatcher counts each invocation once, at its first dispatch, in the bucket of the time the
   invocations stream stored it; counts are batched into the demand history.
-- Invocation lifecycle in Postgres: running on `InvocationStarted`; succeeded/failed, timestamps and token
-  counts from the results stream (a durable consumer shared by the scheduler replicas).
+- Invocation lifecycle in Postgres: running on `InvocationStarted`; succeeded/failed/cancelled, timestamps and
+  token counts from the results stream (a durable consumer shared by the scheduler replicas).
 - Liveness: a `SchedulerHeartbeat` every second on `lora.evt.scheduler.<id>`; gateways are ready only while
   some scheduler is alive (without one, nothing dispatches).
 Several schedulers may run: they share the dispatcher's and the results' durable consumers, and each keeps
@@ -352,7 +352,7 @@ class SchedulerService:
             return finished - timedelta(milliseconds=max(0.0, t.total_ms - ms))
 
         return {
-            "status": InvocationStatus.succeeded if result.status == "succeeded" else InvocationStatus.failed,
+            "status": InvocationStatus(result.status),  # succeeded, failed or cancelled
             "finished_at": finished,
             "started_at": before_end(t.queued_ms),
             "first_token_at": before_end(t.first_token_ms),

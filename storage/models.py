@@ -59,6 +59,7 @@ class InvocationStatus(enum.StrEnum):
     running = "running"
     succeeded = "succeeded"
     failed = "failed"
+    cancelled = "cancelled"  # by the caller (POST /v1/invocations/<id>/cancel, or a client that went away)
 
 
 class Tenant(Base):

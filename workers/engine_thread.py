@@ -138,6 +138,12 @@ class EngineThread:
         batcher = self.engine.batcher
         return len(batcher.waiting), len(batcher.running)
 
+    def kv_blocks(self) -> tuple[int, int]:
+        """(free, total) blocks of the engine's KV cache (a racy but harmless read for heartbeats: what a
+        cancelled or finished request held is back in `free` after the step that dropped it)."""
+        kv = self.engine.kv
+        return kv.num_free_blocks, kv.num_blocks
+
     def _deliver(self, events: dict[str, list[TokenEvent]], done: list[Completion], error: str | None) -> None:
         for request_id, evs in events.items():
             generation = self._generations.get(request_id)

@@ -12,8 +12,8 @@ The rest are lorafn's own:
   device by the tier each started from (host or object);
 - `lorafn_adapter_evictions_total`: versions that left the device;
 - `lorafn_adapter_pool_pages`, `lorafn_adapter_pool_free_pages`: the device pool;
-- `lorafn_worker_invocations_total{status}`: invocations that ended here: succeeded, failed (a result was
-  recorded), rescued (the dispatcher gave it to another worker), handed_back (this worker stopped).
+- `lorafn_worker_invocations_total{status}`: invocations that ended here: succeeded, failed, cancelled (a
+  result was recorded), rescued (the dispatcher gave it to another worker), handed_back (this worker stopped).
 
 Gauges come from the heartbeat the worker publishes anyway (`observe_heartbeat`); per-invocation metrics are
 a few observations when an invocation ends, none per token.
@@ -37,7 +37,7 @@ _E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 
 # Adapter loads: a host-cache load of a small adapter takes milliseconds, a cold fetch of a large one seconds.
 _LOAD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
-Ending = Literal["succeeded", "failed", "rescued", "handed_back"]
+Ending = Literal["succeeded", "failed", "cancelled", "rescued", "handed_back"]
 
 
 @dataclass
@@ -84,7 +84,8 @@ class WorkerMetrics:
         self.free_pages = Gauge("lorafn_adapter_pool_free_pages", "pages of the device adapter pool no adapter holds",
                                 registry=r)
         # Children bound once: an invocation's end costs no label lookup.
-        self._endings = {s: self.invocations.labels(s) for s in ("succeeded", "failed", "rescued", "handed_back")}
+        self._endings = {s: self.invocations.labels(s) for s in ("succeeded", "failed", "cancelled", "rescued",
+                                                                   "handed_back")}
         self._resident = {t: self.resident.labels(t.value) for t in (Tier.device, Tier.host)}
         self._evictions_seen = 0
 

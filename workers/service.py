@@ -16,6 +16,13 @@ this module is the asyncio side:
   scheduler's heartbeat timeout (paused, partitioned), the dispatcher has rescued its work: the work
   message is gone from the stream. The worker checks that on every in-progress tick and before recording
   a result, and abandons a rescued invocation (abort, no result, no more chunks);
+- stops a cancelled invocation: the canceller records its `cancelled` result, then publishes
+  `lora.cancel.<invocation id>` (every worker listens). The worker running it aborts the generation (its
+  batch slot and KV blocks are free at the next step), records its own cancelled result (dropped as a
+  duplicate: the first one recorded is the outcome), answers with the recorded one and acks. A cancelled
+  invocation still queued is answered from its record when it is picked up, so it never runs; the
+  in-progress tick also looks for a recorded result, so a cancel whose message was lost ends the
+  generation within `in_progress_every_s`;
 - answers the control verbs fetch / load / evict / drain on `lora.ctl.<worker id>.<verb>`;
 - publishes a typed `Heartbeat` every `heartbeat_s` (per resident adapter: tier, rank, bytes, pages,
   in-use count; what it is running);
@@ -53,6 +60,7 @@ from protocol.consume import PullLoop
 from protocol.dispatch import WorkHeaders, requeue, requeue_subject
 from protocol.messages import (
     BASE_ADAPTER,
+    CancelInvocation,
     ControlReply,
     ControlRequest,
     ControlVerb,
@@ -127,6 +135,14 @@ class HandBack(Exception):
     """The worker is stopping: hand the invocation back to the dispatcher."""
 
 
+class Cancelled(Exception):
+    """The invocation was cancelled: record `result` (its cancelled result, with what was generated)."""
+
+    def __init__(self, result: InvocationResult) -> None:
+        super().__init__(result.error.message if result.error else "cancelled")
+        self.result = result
+
+
 @dataclass
 class _Running:
     """An invocation being handled on this worker."""
@@ -136,6 +152,7 @@ class _Running:
     request_id: str | None = None
     aborted: bool = False
     rescued: bool = False
+    cancelled: str | None = None  # why, once a cancel arrived
 
 
 class WorkerService:
@@ -191,6 +208,7 @@ class WorkerService:
                 self.metrics.registry, self.settings.metrics, what=f"worker {self.worker_id}"))
             for verb in ControlVerb:
                 await self.nc.subscribe(subjects.control(self.worker_id, verb.value), cb=self._on_control)
+            await self.nc.subscribe(subjects.CANCEL_ALL, cb=self._on_cancel)
             heartbeats = asyncio.create_task(self._heartbeat_loop(stop), name="heartbeats")
             stack.push_async_callback(self._cancel, heartbeats)
             self._puller = asyncio.create_task(self._pull(), name="pull-work")
@@ -361,6 +379,9 @@ class WorkerService:
                            inv.id)
             self.metrics.observe_ending("rescued")
             return
+        except Cancelled as e:
+            logger.info("invocation %s cancelled after %d tokens: %s", inv.id, e.result.usage.completion_tokens, e)
+            result = e.result
         except HandBack:
             await self._hand_back(msg, inv, work)
             self.metrics.observe_ending("handed_back")
@@ -379,14 +400,19 @@ class WorkerService:
         finally:
             ticker.cancel()
             self._running.pop(inv.id, None)
+        payload = result.encode()
         try:
-            await self._record(inv, result.encode())
+            if not await self._record(inv, payload):
+                # A result was recorded first (a cancel that raced the end of the generation): it is the outcome.
+                recorded = await self._recorded_or(inv.id, payload)
+                with contextlib.suppress(MessageInvalid):
+                    result, payload = InvocationResult.decode(recorded), recorded
         except (nats.errors.Error, nats.js.errors.Error) as e:
             logger.warning("could not record the result of %s (%s); retrying it later", inv.id, e)
             await self._nak(msg, inv.id, self.settings.consumer.retry_delay_s)
             return
         self.metrics.observe_result(result)
-        await self._reply(inv, result.encode(), subjects.KIND_RESULT)
+        await self._reply(inv, payload, subjects.KIND_RESULT)
         await self._ack(msg, inv.id)
 
     async def _ack(self, msg: Msg, invocation_id: str) -> None:
@@ -427,16 +453,33 @@ class WorkerService:
 
     async def _keep_alive(self, msg: Msg, running: _Running) -> None:
         """In-progress acks while the invocation runs, so ack_wait does not redeliver it; abandon it when the
-        dispatcher has rescued it meanwhile."""
+        dispatcher has rescued it meanwhile, stop it when a result was recorded meanwhile (a cancel whose
+        message this worker missed)."""
         while True:
             await asyncio.sleep(self.settings.consumer.in_progress_every_s)
             if await self._was_rescued(running):
                 await self._abort(running)
                 return
+            if running.cancelled is None and await self._answered(running.invocation.id):
+                await self._stop_cancelled(running, "a result was recorded while it ran (a cancel)")
             try:
                 await msg.in_progress()
             except nats.errors.Error as e:
                 logger.debug("in-progress ack of %s failed: %s", running.invocation.id, e)
+
+    async def _answered(self, invocation_id: str) -> bool:
+        """Whether the results stream holds a result of the invocation (unknown counts as no)."""
+        try:
+            return await self._recorded_result(invocation_id) is not None
+        except Retry:
+            return False
+
+    async def _recorded_or(self, invocation_id: str, payload: bytes) -> bytes:
+        """The recorded result of an invocation, or `payload` if it cannot be read now."""
+        try:
+            return await self._recorded_result(invocation_id) or payload
+        except Retry:
+            return payload
 
     async def _recorded_result(self, invocation_id: str) -> bytes | None:
         assert self.js is not None
@@ -448,16 +491,15 @@ class WorkerService:
             raise Retry(f"cannot read the results stream: {e}", self.settings.consumer.retry_delay_s) from e
         return raw.data
 
-    async def _record(self, inv: Invocation, payload: bytes) -> None:
+    async def _record(self, inv: Invocation, payload: bytes) -> bool:
         """Publish the encoded result (and its callback copy) to the results stream and wait for the acks,
         retrying through reconnects. Idempotent: a redelivered invocation whose result exists calls it again
-        in case the callback copy was not published before a crash."""
+        in case the callback copy was not published before a crash. False: a result was recorded before."""
         assert self.js is not None
         deadline = time.monotonic() + self.settings.consumer.ack_wait_s
         while True:
             try:
-                await record_result(self.js, inv.id, payload, callback=inv.callback_url is not None)
-                return
+                return await record_result(self.js, inv.id, payload, callback=inv.callback_url is not None)
             except (nats.errors.Error, nats.js.errors.Error) as e:
                 if time.monotonic() > deadline:
                     raise
@@ -481,6 +523,40 @@ class WorkerService:
             timings=Timings(total_ms=(time.time() - inv.submitted_at) * 1e3),
         )
 
+    def _cancelled(self, inv: Invocation, attempt: int, epoch: int, reason: str, tier: Tier | None,
+                   load_ms: float | None, completion: Completion | None = None) -> InvocationResult:
+        """The cancelled result of an invocation, with what it generated before it stopped."""
+        return InvocationResult(
+            invocation_id=inv.id, status="cancelled", worker_id=self.worker_id, attempt=attempt, epoch=epoch,
+            adapter_tier=tier, finish_reason="abort",
+            text=completion.text if completion else "", token_ids=completion.token_ids if completion else [],
+            usage=Usage(prompt_tokens=completion.prompt_tokens if completion else 0,
+                        completion_tokens=len(completion.token_ids) if completion else 0),
+            timings=Timings(load_ms=load_ms, total_ms=(time.time() - inv.submitted_at) * 1e3),
+            error=InvocationError(code=ErrorCode.cancelled, message=reason),
+        )
+
+    # -- cancellation ------------------------------------------------------------------------------------
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        """lora.cancel.<id>: stop the invocation if it is on this worker (every worker hears every cancel)."""
+        running = self._running.get(msg.subject.rpartition(".")[2])
+        if running is None or running.cancelled is not None:
+            return
+        try:
+            reason = CancelInvocation.decode(msg.data).reason
+        except MessageInvalid:
+            reason = "cancelled"
+        self._spawn(self._stop_cancelled(running, reason), f"cancel-{running.invocation.id}")
+
+    async def _stop_cancelled(self, running: _Running, reason: str) -> None:
+        """Mark the invocation cancelled and abort its generation (`_generate` checks the mark before it
+        submits, so a cancel during the adapter's load never reaches the engine)."""
+        if running.cancelled is not None:
+            return
+        running.cancelled = reason
+        logger.info("invocation %s cancelled: %s", running.invocation.id, reason)
+        await self._abort(running)
 
     @staticmethod
     def _version_of(inv: Invocation) -> str | None:
@@ -558,6 +634,9 @@ class WorkerService:
         self, inv: Invocation, attempt: int, epoch: int, sha: str | None, tier: Tier | None, load_ms: float | None
     ) -> InvocationResult:
         assert self.nc is not None
+        running = self._running[inv.id]
+        if running.cancelled is not None:
+            raise Cancelled(self._cancelled(inv, attempt, epoch, running.cancelled, tier, load_ms))
         started = time.time()
         event = InvocationStarted(
             invocation_id=inv.id, worker_id=self.worker_id, attempt=attempt, started_at=started,
@@ -570,7 +649,6 @@ class WorkerService:
         prompt_ids = self._prompt_ids(inv)
         params = self._params(inv)
         request_id = f"{inv.id}#{epoch}.{attempt}"
-        running = self._running[inv.id]
         self._pending_submit += 1
         try:
             try:
@@ -590,6 +668,8 @@ class WorkerService:
         if completion.finish_reason == FinishReason.ABORT:
             if running.rescued:
                 raise Rescued()
+            if running.cancelled is not None:
+                raise Cancelled(self._cancelled(inv, attempt, epoch, running.cancelled, tier, load_ms, completion))
             raise HandBack()
         ended = time.time()
         return InvocationResult(
@@ -631,7 +711,7 @@ class WorkerService:
                 continue
             if first_token_at is None:
                 first_token_at = time.time()
-            if inv.stream and not running.rescued:
+            if inv.stream and not running.rescued and running.cancelled is None:
                 chunk = TokenChunk(invocation_id=inv.id, index=index, token_ids=token_ids,
                                    text="".join(e.text for e in item), epoch=epoch)
                 await self._reply(inv, chunk.encode(), subjects.KIND_CHUNK)
@@ -703,6 +783,7 @@ class WorkerService:
     def heartbeat(self, *, gone: bool = False) -> Heartbeat:
         """This worker's state now."""
         waiting, running = self.engine.counts()
+        kv_free, kv_blocks = self.engine.kv_blocks()
         resident = [
             ResidentAdapter(version=r.version, tier=r.tier, rank=r.rank, pages=r.pages, bytes=r.bytes,
                             in_use=r.in_use, last_used=r.last_used)
@@ -720,6 +801,8 @@ class WorkerService:
                 "page_bytes": self.tiers.page_bytes,
                 "max_rank": self.tiers.max_rank,
                 "max_inflight": self.settings.consumer.max_inflight,
+                "kv_blocks": kv_blocks,
+                "kv_free_blocks": kv_free,
                 **self.tiers.cache.usage(),
                 "transitions": {k: v.as_dict() for k, v in self.tiers.stats.items()},
             },
