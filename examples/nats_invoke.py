@@ -1,11 +1,14 @@
 """Invoke a lorafn function over NATS, without the gateway: a standalone client (nats-py + msgpack messages).
 
-    python examples/nats_invoke.py --nats nats://user:pass@127.0.0.1:4222 --tenant dev --adapter support-bot \
-        "Write a haiku about queues"
+    lorafn keys create dev --nats        # prints the tenant's NATS URL (user: the tenant, password: a secret)
+    python examples/nats_invoke.py --nats nats://dev:lfnats_...@127.0.0.1:4222 --tenant dev \
+        --adapter support-bot "Write a haiku about queues"
     python examples/nats_invoke.py --tenant dev --chat "Hi!"          # the bare backbone, chat template
 
 What it does (docs/nats.md has the full format, for clients in any language):
-1. subscribes to its reply subject `lora.reply.<invocation id>` (core NATS);
+0. connects with the tenant's NATS credential, inbox prefix `lora.reply.<tenant>`: the credential may read only
+   the tenant's reply namespace `lora.reply.<tenant>.>` (JetStream's publish acks come back there too);
+1. subscribes to its reply subject `lora.reply.<tenant>.<invocation id>` (core NATS);
 2. publishes an `Invocation` (a msgpack map) to the JetStream subject `lora.invoke.<tenant>.<adapter>`
    (`_base` for the bare backbone) with header `Nats-Msg-Id: <invocation id>` and waits for the ack;
 3. prints the text of each `TokenChunk` (header `Lorafn-Kind: chunk`) as it arrives, dropping chunks whose
@@ -45,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 async def invoke(args: argparse.Namespace) -> InvocationResult | None:
     invocation_id = f"inv-{secrets.token_hex(12)}"
-    reply_subject = f"lora.reply.{invocation_id}"
+    reply_subject = f"lora.reply.{args.tenant}.{invocation_id}"  # in the tenant's reply namespace
     adapter = args.adapter or BASE_ADAPTER
     invocation = Invocation(
         id=invocation_id,
@@ -57,7 +60,7 @@ async def invoke(args: argparse.Namespace) -> InvocationResult | None:
         sampling=Sampling(temperature=args.temperature, seed=args.seed, max_tokens=args.max_tokens),
         reply_to=reply_subject,
     )
-    nc = await nats.connect(args.nats)
+    nc = await nats.connect(args.nats, inbox_prefix=f"lora.reply.{args.tenant}")
     done: asyncio.Future[InvocationResult] = asyncio.get_running_loop().create_future()
     seen: set[int] = set()
 

@@ -85,6 +85,7 @@ class NatsLink:
                     error_cb=self._on_error,
                     disconnected_cb=self._on_disconnect,
                     reconnected_cb=self._on_reconnect,
+                    inbox_prefix=self.settings.inbox_prefix,
                 )
                 js = nc.jetstream()
                 await ensure_streams(js)

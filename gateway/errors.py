@@ -126,6 +126,7 @@ ERROR_CODE_STATUS: Mapping[ErrorCode, int] = {
     ErrorCode.bad_request: 400,
     ErrorCode.prompt_too_long: 400,
     ErrorCode.not_found: 404,
+    ErrorCode.forbidden: 403,
     ErrorCode.adapter_invalid: 422,
     ErrorCode.adapter_corrupted: 502,
     ErrorCode.overloaded: 429,

@@ -3,9 +3,9 @@
 One `Invoker` per process. `submit` admits a request (429/503 before anything is written), records the
 invocations row, and publishes the `Invocation` to JetStream, awaiting the ack: an accepted invocation is
 never lost. A synchronous submission returns a `Call` that receives what arrives on its reply subject
-`lora.reply.<gateway id>.<invocation id>` (one subscription per gateway, `lora.reply.<gateway id>.*`, made
-when NATS connects, so it is in place before any publish; messages are routed to their call by the last
-token) and yields the worker's `InvocationStarted`, `TokenChunk`s (deduplicated by index: a redelivered
+`lora.reply.<tenant>.<gateway id>.<invocation id>`, in the tenant's reply namespace (one subscription per
+gateway, `lora.reply.*.<gateway id>.*`, made when NATS connects, so it is in place before any publish;
+messages are routed to their call by the last token) and yields the worker's `InvocationStarted`, `TokenChunk`s (deduplicated by index: a redelivered
 invocation may resend tokens; and by epoch: once a rescued invocation's new worker spoke, what its old worker
 still sends is dropped) and the final `InvocationResult`.
 
@@ -504,7 +504,8 @@ class Invoker:
                 id=invocation_id, tenant=target.tenant.name, adapter=target.adapter.name if target.adapter else None,
                 version=target.version, prompt=request.prompt, messages=request.messages,
                 sampling=request.sampling, stream=sync and stream,
-                reply_to=subjects.gateway_reply(self.gateway_id, invocation_id) if sync else None,
+                reply_to=subjects.gateway_reply(self.gateway_id, invocation_id, tenant=target.tenant.name)
+                if sync else None,
                 callback_url=callback_url,
             )
             await self._publish(js, target, message)

@@ -76,6 +76,8 @@ def up(
     host: Annotated[str | None, typer.Option(help="address the servers bind to")] = None,
     nats_port: Annotated[int | None, typer.Option(help="NATS client port")] = None,
     nats_monitor_port: Annotated[int | None, typer.Option(help="NATS monitoring port")] = None,
+    nats_monitor: Annotated[bool, typer.Option(
+        "--nats-monitor", help="serve NATS monitoring (no authentication: on 127.0.0.1 only)")] = False,
     postgres_port: Annotated[int | None, typer.Option(help="Postgres port")] = None,
     s3_port: Annotated[int | None, typer.Option(help="S3 API port (SeaweedFS also takes the next 7)")] = None,
     auto_ports: Annotated[bool, typer.Option("--auto-ports", help="pick free ports for every server")] = False,
@@ -108,7 +110,7 @@ def up(
     elif not port_is_free(stack_settings.host, gateway_port):
         raise _fail(str(PortInUse("the gateway", stack_settings.host, gateway_port, "--gateway-port")))
     stack = LocalStack(StackConfig(state_dir=settings.state_dir, host=stack_settings.host, ports=ports,
-                                   bucket=settings.object_store.bucket))
+                                   bucket=settings.object_store.bucket, nats_monitor=nats_monitor))
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -384,9 +386,14 @@ def adapters_rm(
 def keys_create(
     tenant: Annotated[str, typer.Argument(help="tenant name (created if new)")],
     label: Annotated[str | None, typer.Option(help="a note to tell keys apart")] = None,
+    nats: Annotated[bool, typer.Option("--nats", help="a credential for direct NATS clients instead (docs/nats.md)")]
+    = False,
     state_dir: StateDir = None,
 ) -> None:
     """Create an API key for a tenant and print it (it is shown only once)."""
+    if nats:
+        _nats_credential_create(tenant, label, state_dir)
+        return
     from protocol.subjects import check_name
 
     try:
@@ -405,6 +412,34 @@ def keys_create(
             await engine.dispose()
 
     console.print(asyncio.run(run()), highlight=False)
+
+
+def _nats_credential_create(tenant: str, label: str | None, state_dir: Path | None) -> None:
+    """Create a NATS credential for a tenant and print how a direct client connects with it (shown once)."""
+    from protocol.nats_auth import tenant_inbox_prefix, tenant_replies
+    from protocol.settings import NatsSettings
+    from protocol.subjects import INVOKE_PREFIX, check_name
+
+    try:
+        check_name("tenant", tenant)
+    except InvalidName as e:
+        raise _fail(str(e)) from None
+    settings = _settings(state_dir).with_running_stack()
+
+    async def run() -> str:
+        engine = repo.create_engine(settings.database)
+        try:
+            async with repo.session_factory(engine)() as session, session.begin():
+                t = await repo.get_or_create_tenant(session, name=tenant)
+                return (await repo.new_nats_credential(session, tenant=t, label=label))[1]
+        finally:
+            await engine.dispose()
+
+    secret = _run_client(run())
+    server = NatsSettings(url=settings.nats.url).redacted_url.partition("://")[2]
+    console.print(f"user {tenant}\npassword {secret}\nurl nats://{tenant}:{secret}@{server}\n"
+                  f"publish {INVOKE_PREFIX}.{tenant}.<adapter>   read {tenant_replies(tenant)}   "
+                  f"inbox prefix {tenant_inbox_prefix(tenant)}", highlight=False)
 
 
 def main() -> None:

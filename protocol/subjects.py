@@ -8,8 +8,9 @@ Layout (see ARCHITECTURE.md, "NATS layout", and docs/nats.md):
 - stream `LORAFN_RESULTS` holds `lora.result.<invocation id>` (limits retention with a max age) and, for
   invocations that asked for an X-Callback-Url, a copy of the result on `lora.callback.<invocation id>`
   (so that the gateway's callback consumer reads only those);
-- core subjects `lora.reply.<invocation id>` (`lora.reply.<gateway id>.<invocation id>` for calls made
-  through a gateway), `lora.ctl.<worker id>.<verb>`, `lora.evt.worker.<worker id>`,
+- core subjects `lora.reply.<tenant>.<...>` (a tenant's reply namespace: `lora.reply.<tenant>.<gateway
+  id>.<invocation id>` for calls made through a gateway), `lora.ctl.<worker id>.<verb>`,
+  `lora.evt.worker.<worker id>`,
   `lora.evt.adapter.<event>`, `lora.cancel.<invocation id>` (stop a cancelled invocation; every worker
   listens).
 """
@@ -32,6 +33,7 @@ WORKER_EVENT_PREFIX = "lora.evt.worker"
 SCHEDULER_EVENT_PREFIX = "lora.evt.scheduler"
 ADAPTER_EVENT_PREFIX = "lora.evt.adapter"
 INVOCATION_EVENT_PREFIX = "lora.evt.invocation"
+KEY_EVENT_PREFIX = "lora.evt.key"
 CANCEL_PREFIX = "lora.cancel"
 # The base model's pseudo adapter name: invocations of the bare backbone go to lora.invoke.<tenant>._base.
 # Adapter names starting with "_" are reserved, so no adapter can take it.
@@ -42,6 +44,7 @@ DISPATCH_CONSUMER = "dispatcher"
 INVOKE_ALL = f"{INVOKE_PREFIX}.>"
 WORK_ALL = f"{WORK_PREFIX}.*"
 ADAPTER_EVENTS_ALL = f"{ADAPTER_EVENT_PREFIX}.*"
+KEY_EVENTS_ALL = f"{KEY_EVENT_PREFIX}.*"
 # The gateway's durable delivery of X-Callback-Url: a key-value bucket (invocation id -> URL) and a
 # durable consumer of the callback copies of results (lora.callback.>). CALLBACKS_CONSUMER_OLD read every
 # result (lora.result.>); the gateway deletes it where it still exists.
@@ -136,15 +139,25 @@ def reply(invocation_id: str) -> str:
     return f"{REPLY_PREFIX}.{check_name('invocation', invocation_id)}"
 
 
-def gateway_reply(gateway_id: str, invocation_id: str) -> str:
-    """Reply subject of an invocation made through gateway `gateway_id`: each gateway holds ONE subscription
-    (`gateway_replies`) for all its calls instead of one per call."""
-    return f"{REPLY_PREFIX}.{check_name('gateway', gateway_id)}.{check_name('invocation', invocation_id)}"
+def tenant_reply(tenant: str, invocation_id: str) -> str:
+    """A reply subject in tenant `tenant`'s reply namespace `lora.reply.<tenant>.>`: the only subjects an
+    invocation on the tenant's `lora.invoke` subjects may name as `reply_to` (protocol.nats_auth), and the
+    only ones the tenant's own NATS credential may read."""
+    return f"{REPLY_PREFIX}.{check_name('tenant', tenant)}.{check_name('invocation', invocation_id)}"
+
+
+def gateway_reply(gateway_id: str, invocation_id: str, *, tenant: str) -> str:
+    """Reply subject of an invocation of `tenant` made through gateway `gateway_id`, inside the tenant's reply
+    namespace: each gateway holds ONE subscription (`gateway_replies`) for all its calls instead of one per
+    call."""
+    return (f"{REPLY_PREFIX}.{check_name('tenant', tenant)}.{check_name('gateway', gateway_id)}."
+            f"{check_name('invocation', invocation_id)}")
 
 
 def gateway_replies(gateway_id: str) -> str:
-    """Filter of every reply subject of gateway `gateway_id` (its last token is the invocation id)."""
-    return f"{REPLY_PREFIX}.{check_name('gateway', gateway_id)}.*"
+    """Filter of every reply subject of gateway `gateway_id`, all tenants (its last token is the invocation
+    id)."""
+    return f"{REPLY_PREFIX}.*.{check_name('gateway', gateway_id)}.*"
 
 
 def work(worker_id: str) -> str:

@@ -42,13 +42,14 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from protocol import subjects
 from protocol.consume import PullLoop, stream_time
-from protocol.dispatch import WorkHeaders, dispatch, invoke_subject, requeue_subject
+from protocol.dispatch import WorkHeaders, dispatch, requeue_subject
 from protocol.messages import (
     BASE_ADAPTER,
     AdapterEvent,
     ControlReply,
     ControlRequest,
     ControlVerb,
+    ErrorCode,
     Heartbeat,
     Invocation,
     InvocationError,
@@ -56,6 +57,7 @@ from protocol.messages import (
     MessageInvalid,
     Tier,
 )
+from protocol.nats_auth import envelope_problem
 from scheduler.core import (
     Command,
     Defer,
@@ -361,6 +363,10 @@ class Dispatcher:
             await self._ack(msg)
             return None
         work = WorkHeaders.read(msg)
+        problem = envelope_problem(msg.subject, inv)
+        if problem is not None:
+            await self._refuse(msg, inv, work, problem.code, problem.reason, reply_ok=problem.reply_ok)
+            return None
         published = stream_time(msg) or self.clock()
         arrived = work.arrived_at if work.arrived_at is not None else published
         now = self.clock()
@@ -368,15 +374,18 @@ class Dispatcher:
         spec: AdapterSpec | None = None
         unknown = False
         if adapter != BASE_ADAPTER:
-            try:
-                spec = await self.directory.lookup(inv.tenant, adapter, inv.version)
-            except (OSError, SQLAlchemyError) as e:
-                if inv.version is None:
-                    raise
-                # Postgres is away: versions are immutable, so the one the gateway resolved is served (its rank
-                # unknown to routing) rather than held until the database is back.
-                logger.warning("adapter lookup failed (%s); dispatching %s by its version alone", e, inv.id)
-                spec = AdapterSpec(inv.tenant, adapter, inv.version)
+            # Postgres away: the lookup raises and the invocation waits (nak). A version named by the payload is
+            # never served unchecked: anyone who may publish on the tenant's subjects may name any version.
+            spec = await self.directory.lookup(inv.tenant, adapter, inv.version)
+            if spec is None and inv.version is not None and \
+                    await self.directory.lookup(inv.tenant, adapter, None) is not None:
+                # The adapter exists and this is not one of its versions (they live as long as the adapter): a
+                # version of another tenant or adapter, named on purpose. An adapter that does not exist takes
+                # the unknown-adapter path below (deleted while queued: not_found after the grace period).
+                await self._refuse(msg, inv, work, ErrorCode.forbidden,
+                                   f"version {inv.version[:16]} is not a version of {inv.tenant}/{adapter}",
+                                   reply_ok=True)
+                return None
             unknown = spec is None
         if work.epoch == 1 and self.demand_hook is not None and adapter != BASE_ADAPTER and \
                 (msg.metadata.num_delivered or 1) == 1:
@@ -390,8 +399,9 @@ class Dispatcher:
                 data = msg.data
                 if spec is not None and inv.version != spec.version:  # a direct client named no version
                     data = inv.model_copy(update={"version": spec.version}).encode()
-                headers = WorkHeaders(epoch=work.epoch, arrived_at=arrived,
-                                      subject=work.subject or invoke_subject(inv), route=command.reason)
+                # The subject it arrived on, not a header a publisher could have set: they agree (checked above).
+                headers = WorkHeaders(epoch=work.epoch, arrived_at=arrived, subject=msg.subject,
+                                      route=command.reason)
                 return self._send(msg, data, inv.id, command.worker_id, headers)
             if isinstance(command, Defer):
                 await self._nak(msg, max(0.0, command.retry_at - now))
@@ -403,6 +413,18 @@ class Dispatcher:
                 await self._ack(msg)
                 return None
         return None
+
+    async def _refuse(self, msg: Msg, inv: Invocation, work: WorkHeaders, code: str, reason: str, *,
+                      reply_ok: bool) -> None:
+        """Fail an invocation that must not run (its payload disagrees with its subject, or names what its tenant
+        may not use): a failed result in the results stream, to its reply subject only when that is the tenant's
+        own, and a log line; then ack it. It never reaches a worker."""
+        logger.warning("refused invocation %s on %s (%s): %s", inv.id, msg.subject, code, reason)
+        result = InvocationResult(invocation_id=inv.id, status="failed", epoch=work.epoch,
+                                  error=InvocationError(code=ErrorCode(code), message=reason))
+        target = inv if reply_ok else inv.model_copy(update={"reply_to": None, "callback_url": None})
+        await self.fail_hook(target, result)
+        await self._ack(msg)
 
     async def _send(self, msg: Msg, data: bytes, invocation_id: str, worker_id: str, work: WorkHeaders) -> None:
         try:

@@ -54,6 +54,7 @@ from protocol.streams import ensure_streams
 from scheduler.core import CoreConfig, SchedulerCore
 from scheduler.dispatcher import AdapterDirectory, Dispatcher
 from scheduler.metrics import MetricsEndpoint, SchedulerMetrics, serve_metrics
+from scheduler.nats_callout import NatsCallout
 from scheduler.policy import AffinityRouter, Router
 from scheduler.settings import PlacementSettings, SchedulerSettings
 from scheduler.state import WarmState
@@ -134,7 +135,7 @@ class SchedulerService:
             self.nc = await nats.connect(
                 self.settings.nats.url, connect_timeout=self.settings.nats.connect_timeout_s,
                 max_reconnect_attempts=-1, reconnect_time_wait=0.5, name=f"lorafn-scheduler-{self.scheduler_id}",
-                reconnected_cb=self._on_reconnect,
+                reconnected_cb=self._on_reconnect, inbox_prefix=self.settings.nats.inbox_prefix,
             )
             stack.push_async_callback(self._close_nats)
             self.js = self.nc.jetstream()
@@ -155,6 +156,9 @@ class SchedulerService:
                 asyncio.create_task(self._every(1.0, self._announce, stop), name="announce"),
                 asyncio.create_task(self._results_loop(stop), name="results"),
             ]
+            if self.settings.nats_callout.enabled:  # tenants' direct NATS clients (scheduler.nats_callout)
+                callout = NatsCallout(self.settings.nats_callout, self.sessions)
+                loops.append(asyncio.create_task(callout.run(stop), name="nats-callout"))
             logger.info("scheduler %s ready", self.scheduler_id)
             await stop.wait()
             await asyncio.gather(*loops, return_exceptions=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from protocol.settings import NatsSettings
+from protocol.settings import NatsCalloutSettings, NatsSettings
 from scheduler.metrics import MetricsSettings
 from storage.settings import DatabaseSettings
 
@@ -61,6 +61,7 @@ class SchedulerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LORAFN_", env_nested_delimiter="__", extra="ignore")
 
     nats: NatsSettings = Field(default_factory=NatsSettings)
+    nats_callout: NatsCalloutSettings = Field(default_factory=NatsCalloutSettings)
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     scheduler: PlacementSettings = Field(default_factory=PlacementSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)

@@ -88,6 +88,25 @@ class ApiKey(Base):
     tenant: Mapped[Tenant] = relationship()
 
 
+class NatsCredential(Base):
+    """A tenant's credential for direct NATS clients (user: the tenant's name, password: the secret), checked
+    by the auth callout (scheduler.nats_callout). Apart from API keys: a key for HTTP grants no bus access.
+    Only a hash is stored; the prefix finds the row without scanning."""
+
+    __tablename__ = "nats_credentials"
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    prefix: Mapped[str] = mapped_column(String(16), unique=True)
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    label: Mapped[str | None] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    tenant: Mapped[Tenant] = relationship()
+
+
 class Adapter(Base):
     """A named function of a tenant: `tenant/name`, pointing at its current immutable version."""
 

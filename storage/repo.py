@@ -40,6 +40,7 @@ from storage.models import (
     DemandBucket,
     Invocation,
     InvocationStatus,
+    NatsCredential,
     Residency,
     Tenant,
     Tier,
@@ -49,6 +50,7 @@ from storage.models import (
 from storage.settings import DatabaseSettings
 
 API_KEY_PREFIX = "lfn_"
+NATS_CREDENTIAL_PREFIX = "lfnats_"
 
 
 def create_engine(settings: DatabaseSettings) -> AsyncEngine:
@@ -122,6 +124,55 @@ async def revoke_api_key(session: AsyncSession, *, key: str) -> bool:
     result = await session.execute(
         update(ApiKey)
         .where(ApiKey.prefix == prefix, ApiKey.key_hash == hash_api_key(key), ApiKey.revoked_at.is_(None))
+        .values(revoked_at=func.now())
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+# -- NATS credentials of tenants -----------------------------------------------------------------------
+
+
+async def new_nats_credential(session: AsyncSession, *, tenant: Tenant,
+                              label: str | None = None) -> tuple[NatsCredential, str]:
+    """Make a NATS credential for `tenant`: its row and the secret in clear (shown once; only its hash is
+    stored). Direct clients connect with the tenant's name as user and the secret as password."""
+    prefix = secrets.token_hex(6)
+    secret = f"{NATS_CREDENTIAL_PREFIX}{prefix}_{secrets.token_urlsafe(24)}"
+    row = NatsCredential(tenant_id=tenant.id, prefix=prefix, secret_hash=hash_api_key(secret), label=label)
+    session.add(row)
+    await session.flush()
+    return row, secret
+
+
+async def find_nats_credential(session: AsyncSession, *, tenant: str, secret: str) -> NatsCredential | None:
+    """The active credential row (its tenant loaded) of `secret` if it belongs to tenant `tenant`, else None:
+    unknown, malformed, revoked, or another tenant's."""
+    if not secret.startswith(NATS_CREDENTIAL_PREFIX):
+        return None
+    prefix = secret[len(NATS_CREDENTIAL_PREFIX):].partition("_")[0]
+    row = await session.scalar(
+        select(NatsCredential).options(selectinload(NatsCredential.tenant))
+        .where(NatsCredential.prefix == prefix, NatsCredential.revoked_at.is_(None))
+    )
+    if row is None or row.tenant.name != tenant or not hmac.compare_digest(row.secret_hash, hash_api_key(secret)):
+        return None
+    return row
+
+
+async def touch_nats_credential(session: AsyncSession, *, credential_id: uuid.UUID) -> None:
+    """Record that a NATS credential was used (a connection was authorised) now."""
+    await session.execute(update(NatsCredential).where(NatsCredential.id == credential_id)
+                          .values(last_used_at=func.now()))
+
+
+async def revoke_nats_credential(session: AsyncSession, *, secret_or_prefix: str) -> bool:
+    """Revoke a NATS credential given in clear or by its prefix; True if it existed and was active. Open
+    connections keep their grant until it expires (`NatsCalloutSettings.grant_ttl_s`)."""
+    prefix = secret_or_prefix
+    if prefix.startswith(NATS_CREDENTIAL_PREFIX):
+        prefix = prefix[len(NATS_CREDENTIAL_PREFIX):].partition("_")[0]
+    result = await session.execute(
+        update(NatsCredential).where(NatsCredential.prefix == prefix, NatsCredential.revoked_at.is_(None))
         .values(revoked_at=func.now())
     )
     return bool(result.rowcount)  # type: ignore[attr-defined]

@@ -12,7 +12,7 @@ import os
 import secrets
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -21,6 +21,8 @@ import torch
 from sqlalchemy import text
 
 from lorafn.stack import LocalStack, StackConfig, free_stack_ports
+from protocol.nats_auth import inbox_prefix
+from protocol.settings import NatsCalloutSettings, NatsSettings
 from storage import repo
 from storage.migrate import upgrade
 from storage.objectstore import ObjectStore
@@ -43,6 +45,28 @@ class Services:
     s3_access_key: str
     s3_secret_key: str
     stack: LocalStack | None = None  # set when the servers are ours (fault tests can restart them)
+    # Each component's own NATS user (gateway, scheduler, worker, auth) and the callout's signing key, when the
+    # servers are ours; `nats_url` is the unrestricted admin user.
+    nats_urls: dict[str, str] = field(default_factory=dict)
+    nats_callout_seed: str = ""
+
+    def nats_url_of(self, component: str) -> str:
+        """The NATS URL `component` connects with (the admin's when the servers are not ours)."""
+        return self.nats_urls.get(component, self.nats_url)
+
+    def nats_of(self, component: str) -> NatsSettings:
+        """`component`'s NATS settings: its own user and inbox prefix (protocol.nats_auth)."""
+        return NatsSettings(url=self.nats_url_of(component), connect_timeout_s=1, inbox_prefix=inbox_prefix(component))
+
+    def nats_env_of(self, component: str) -> dict[str, str]:
+        """The same as environment variables of a child process (over `child_env`'s LORAFN_NATS__URL)."""
+        return {"LORAFN_NATS__URL": self.nats_url_of(component), "LORAFN_NATS__INBOX_PREFIX": inbox_prefix(component)}
+
+    def callout(self) -> NatsCalloutSettings:
+        """Settings of the NATS auth callout (unset when the servers are not ours: no callout there)."""
+        if "auth" not in self.nats_urls or not self.nats_callout_seed:
+            return NatsCalloutSettings()
+        return NatsCalloutSettings(url=self.nats_urls["auth"], issuer_seed=self.nats_callout_seed)  # type: ignore[arg-type]
 
 
 def _services_from_env() -> Services | None:
@@ -102,7 +126,8 @@ def services() -> Iterator[Services]:
             yield svc
         return
     state = Path(tempfile.mkdtemp(prefix="lorafn-test-"))
-    stack = LocalStack(StackConfig(state_dir=state, ports=free_stack_ports()))
+    # Monitoring on (loopback): tests read the server's connections and subscriptions.
+    stack = LocalStack(StackConfig(state_dir=state, ports=free_stack_ports(), nats_monitor=True))
     endpoints = stack.start()
     try:
         upgrade(endpoints.database_url)
@@ -113,6 +138,8 @@ def services() -> Iterator[Services]:
             s3_access_key=endpoints.s3_access_key,
             s3_secret_key=endpoints.s3_secret_key,
             stack=stack,
+            nats_urls=endpoints.nats_urls,
+            nats_callout_seed=endpoints.nats_callout_seed,
         )
     finally:
         stack.stop()

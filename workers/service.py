@@ -200,6 +200,7 @@ class WorkerService:
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=0.5,
                 name=f"lorafn-worker-{self.worker_id}",
+                inbox_prefix=self.settings.nats.inbox_prefix,
             )
             stack.push_async_callback(self._close_nats)
             self.js = self.nc.jetstream()

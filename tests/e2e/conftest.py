@@ -44,7 +44,6 @@ from gateway.settings import GatewayOptions, GatewaySettings, LimitSettings
 from lorafn.services import child_env
 from protocol import subjects
 from protocol.messages import Heartbeat, InvocationResult, InvocationStarted
-from protocol.settings import NatsSettings
 from protocol.streams import ensure_streams
 from scheduler.service import SchedulerService
 from scheduler.settings import PlacementSettings, SchedulerSettings
@@ -137,6 +136,7 @@ class Cluster:
 
     def spawn_worker(self, worker_id: str) -> None:
         env = child_env(nats_url=self.services.nats_url, object_store=self.store_settings, extra={
+            **self.services.nats_env_of("worker"),  # the workers' own NATS user
             "LORAFN_BACKBONE__PATH": str(self.backbone),
             "LORAFN_WORKER_ID": worker_id,
             "LORAFN_ENGINE__KV_CACHE_BYTES": str(KV_CACHE_BYTES),
@@ -378,8 +378,9 @@ async def cluster(services: Any, e2e_backbone: Path, tmp_path_factory: pytest.Te
     finally:
         await engine.dispose()
 
+    # The gateway, the scheduler and the workers each connect as their own NATS user, with its permissions.
     settings = GatewaySettings(
-        nats=NatsSettings(url=services.nats_url, connect_timeout_s=1),
+        nats=services.nats_of("gateway"),
         database=database,
         object_store=store_settings,
         registry=RegistrySettings(backbone_hf_dir=e2e_backbone),
@@ -403,7 +404,7 @@ async def cluster(services: Any, e2e_backbone: Path, tmp_path_factory: pytest.Te
     await nc.subscribe(subjects.invocation_event("started"), cb=on_started)
 
     scheduler = SchedulerService(SchedulerSettings(
-        nats=NatsSettings(url=services.nats_url), database=database,
+        nats=services.nats_of("scheduler"), nats_callout=services.callout(), database=database,
         # No replication of busy adapters here: these tests expect a repeated call to find its adapter where
         # the first one loaded it (replication has its own test in test_dispatch.py).
         scheduler=PlacementSettings(heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S, flush_every_s=0.5, tick_s=0.25,
