@@ -10,6 +10,7 @@ import random
 import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -137,7 +138,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, list
         yield stack, adapters
 
 
-def _check_audit(payload: dict[str, object]) -> dict[str, object]:
+def _check_audit(payload: dict[str, Any]) -> dict[str, Any]:
     a = payload["audit"]
     assert isinstance(a, dict)
     assert a["lost"] == 0, (a["lost_ids"], payload["supervision"])
