@@ -296,7 +296,7 @@ def parse_config(data: bytes) -> dict[str, Any]:
         raise ConfigInvalid(f"{CONFIG_FILE} is {len(data)} bytes, above {MAX_CONFIG_BYTES}", size=len(data))
     try:
         config = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # also: nesting too deep, integers of over 4300 digits
         raise ConfigInvalid(f"{CONFIG_FILE} is not valid JSON: {e}") from e
     if not isinstance(config, dict):
         raise ConfigInvalid(f"{CONFIG_FILE} must hold a JSON object")
@@ -320,6 +320,9 @@ def parse_config(data: bytes) -> dict[str, Any]:
         if config.get(key):
             raise UnsupportedFeature(f"{key} is set: not supported", field=key)
     targets = config.get("target_modules")
+    if not isinstance(targets, str | list | None):
+        raise ConfigInvalid(f"target_modules must be a list of names or a pattern, got {targets!r}",
+                            field="target_modules")
     target_list = [targets] if isinstance(targets, str) else list(targets or [])
     for t in target_list:
         if isinstance(t, str) and _EMBEDDING_KEY.search(t):
@@ -336,21 +339,29 @@ def parse_config(data: bytes) -> dict[str, Any]:
         if not isinstance(pattern, dict):
             raise ConfigInvalid(f"{key} must be an object, got {pattern!r}", field=key)
         for k, v in pattern.items():
-            if not isinstance(v, int | float) or isinstance(v, bool):
-                raise ConfigInvalid(f"{key}[{k!r}] must be a number, got {v!r}", field=key)
+            if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v):
+                raise ConfigInvalid(f"{key}[{k!r}] must be a finite number, got {v!r}", field=key)
             try:
-                re.compile(k)
-            except re.error as e:
+                re.compile(_pattern_regex(k))  # as _pattern_value uses it
+            except (re.error, RecursionError, OverflowError) as e:
                 raise ConfigInvalid(f"{key} key {k!r} is not a valid pattern: {e}", field=key) from e
+    base_model = config.get("base_model_name_or_path")
+    if not isinstance(base_model, str | None):
+        raise ConfigInvalid(f"base_model_name_or_path must be a string, got {base_model!r}",
+                            field="base_model_name_or_path")
     if not isinstance(config.get("use_rslora", False), bool):
         raise ConfigInvalid(f"use_rslora must be true or false, got {config['use_rslora']!r}", field="use_rslora")
     return config
 
 
+def _pattern_regex(key: str) -> str:
+    return rf"(.*\.)?({key})$"
+
+
 def _pattern_value(pattern: dict[str, Any], module_path: str, default: float) -> float:
     """PEFT's rule: the first key K such that the module path matches `(.*\\.)?(K)$` wins."""
     for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", module_path):
+        if re.match(_pattern_regex(key), module_path):
             return value
     return default
 
@@ -377,7 +388,7 @@ def parse_safetensors_header(data: bytes, *, max_header_bytes: int = MAX_HEADER_
     _check_header_length(header_len, len(data) - 8, max_header_bytes)
     try:
         header = json.loads(data[8 : 8 + header_len])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:
         raise SafetensorsInvalid(f"{WEIGHTS_FILE} header is not valid JSON: {e}") from e
     if not isinstance(header, dict):
         raise SafetensorsInvalid(f"{WEIGHTS_FILE} header must be a JSON object")
