@@ -141,6 +141,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, list
 def _check_audit(payload: dict[str, Any]) -> dict[str, Any]:
     a = payload["audit"]
     assert isinstance(a, dict)
+    assert payload["results_stream_error"] is None  # duplicates were looked for in the results stream
     assert a["lost"] == 0, (a["lost_ids"], payload["supervision"])
     assert a["duplicated"] == 0, a["duplicated_ids"]
     assert a["accepted"] >= 10, payload
