@@ -30,11 +30,11 @@ SIGINT) at a third and two thirds of the run; the launcher's supervisor brings e
 plan is drawn up front from the seed (`chaos_plan`), so a run can be repeated.
 
 The audit, after the load stops and a grace period: an invocation counts as accepted when its client got its
-id (a 2xx answer, a 202, or the first event of a stream). Its final state is its row in Postgres (the
-scheduler writes it from the results stream) or, where the row is not final, its result in the results stream
-(`LORAFN_RESULTS`, one subject per invocation). `lost` = accepted with no final state (succeeded, failed or
-cancelled) at the end of the grace period, abandoned streams apart: those still running at the end are
-reported as `abandoned_running` (an abandoned stream should end `cancelled`, item 1 of the hardening work).
+id (a 2xx answer, a 202, the first event of a stream, or an error answer that names it). Its final state is its
+row in Postgres (the scheduler writes it from the results stream) or, where the row is not final, its result in
+the results stream (`LORAFN_RESULTS`, one subject per invocation). `lost` = accepted with no final state
+(succeeded, failed or cancelled) at the end of the grace period, abandoned streams apart: those still running
+at the end are reported as `abandoned_running` (an abandoned stream should end `cancelled`).
 `duplicated` = two or more results recorded for one invocation (the stream's per-subject message count) or a
 client stream that finished twice. Rows written since the start that no client was told about and that never
 finished (a gateway killed between its insert and its publish) are reported as `unaccepted_unfinished`.
@@ -522,10 +522,15 @@ class Load:
             body = r.json()
             self.tally.accept(body["id"], "sync").client_status = body["status"]
             return "ok"
-        inv_id = r.headers.get("x-lorafn-invocation-id")
-        if inv_id and r.status_code < 500:  # a failed invocation answers with its id (and its error)
-            self.tally.accept(inv_id, "sync").client_status = "failed"
+        self._accept_error(r, "sync")
         return _http_outcome(r)
+
+    def _accept_error(self, r: httpx.Response, kind: str) -> None:
+        """An error answer that carries an invocation id (a failed invocation, a sync timeout) tells the client
+        the invocation exists: it is accepted, its final state unknown to the client."""
+        inv_id = r.headers.get("x-lorafn-invocation-id")
+        if inv_id:
+            self.tally.accept(inv_id, kind)
 
     async def _async(self, http: httpx.AsyncClient, adapter: str, rng: random.Random) -> str:
         r = await http.post(f"/v1/functions/{TENANT}/{adapter}/invocations", headers={"Prefer": "respond-async"},
@@ -557,6 +562,7 @@ class Load:
             async with http.stream("POST", "/v1/chat/completions", json=body) as r:
                 if r.status_code != 200:
                     await r.aread()
+                    self._accept_error(r, kind)
                     return _http_outcome(r)
                 a = self.tally.accept(r.headers["x-lorafn-invocation-id"], kind)
                 events = 0
