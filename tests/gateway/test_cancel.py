@@ -178,6 +178,7 @@ async def test_a_waiting_caller_gets_409_when_its_invocation_is_cancelled(
     for _ in range(500):
         async with sessions() as session:
             acme = await repo.get_tenant(session, name="acme")
+            assert acme is not None
             row = await repo.find_idempotent_invocation(session, tenant=acme, key="cancel-me")
         if row is not None:
             break

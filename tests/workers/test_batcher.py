@@ -160,3 +160,20 @@ def test_a_duplicate_request_id_is_refused() -> None:
 def test_policy_limits_must_be_positive(field: str) -> None:
     with pytest.raises(ValueError, match=f"{field} \\(0\\)"):
         BatchPolicy(**{field: 0})
+
+
+def test_an_aborted_request_gives_its_slot_and_blocks_to_the_next_one_at_once() -> None:
+    """What a cancel relies on: the next plan admits a waiting request into the aborted one's place."""
+    kv = _kv(num_blocks=4, block_size=4)  # 16 tokens: one request of 6 prompt tokens and up to 10 generated
+    b = Batcher(kv, BatchPolicy(max_running=1))
+    b.add(_request(0, 6, max_tokens=10))
+    b.add(_request(1, 6, max_tokens=2))
+    b.commit(plan := b.plan(), _fake_tokens(plan))
+    assert [r.request_id for r in b.running] == ["r0"] and kv.num_free_blocks == 2
+    b.abort("r0")
+    assert kv.num_free_blocks == kv.num_blocks and not b.running
+    plan = b.plan()
+    assert plan.seq_ids == ["r1"] and plan.query_lens == [6]
+    done = b.commit(plan, _fake_tokens(plan))
+    assert not done and b.abort("r1") is not None  # a waiting or running request alike
+    assert kv.num_free_blocks == kv.num_blocks and not b.has_work
