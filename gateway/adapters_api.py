@@ -13,6 +13,7 @@ from starlette.datastructures import UploadFile
 
 from gateway.auth import current_tenant
 from gateway.errors import BadRequest, ModelNotFound
+from gateway.quotas import check_storage
 from gateway.state import GatewayState, gateway_of
 from protocol import subjects
 from protocol.messages import AdapterEvent
@@ -110,12 +111,14 @@ async def push_adapter(
         if name.startswith("_"):
             raise InvalidName("adapter", name)
         parts: dict[str, BinaryIO] = {}
+        incoming_bytes = 0
         for field_name, value in form.multi_items():
             if isinstance(value, UploadFile):
                 filename = value.filename or field_name
                 if filename in parts:
                     raise BadRequest(f"the file {filename!r} was sent twice", param="files")
                 parts[filename] = value.file
+                incoming_bytes += value.size or 0
         if not parts:
             raise BadRequest(f"no adapter files: send {CONFIG_FILE} and {WEIGHTS_FILE}, or one .tar.gz/.zip",
                              param="files", code="missing_file")
@@ -124,6 +127,9 @@ async def push_adapter(
         source = await asyncio.to_thread(_read_parts, parts, archive_limits(gw.registry.settings, gw.registry.spec))
     finally:
         await form.close()
+    async with gw.sessions() as session:  # the tenant's storage quotas (403), before anything is stored
+        await check_storage(session, tenant=tenant, quota=gw.limiter.quota(tenant), adapter=name,
+                            incoming_bytes=incoming_bytes)
     before = await _current_sha(gw, tenant, name)
     result = await gw.registry.push(tenant=tenant.name, name=name, source=source)
     async with gw.sessions() as session:

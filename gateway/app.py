@@ -10,23 +10,25 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway import adapters_api, errors, faas, openai_api
+from gateway import adapters_api, errors, faas, keys_api, openai_api
 from gateway.auth import AdapterResolver, Authenticator
 from gateway.bus import NatsLink
 from gateway.callbacks import CallbackDispatcher
 from gateway.invoker import Invoker
 from gateway.metrics import GatewayMetrics
+from gateway.quotas import Limiter
 from gateway.settings import GatewaySettings
 from gateway.state import GatewayState
 from protocol import subjects
-from protocol.messages import AdapterEvent, MessageInvalid
+from protocol.messages import AdapterEvent, InvocationResult, KeyEvent, MessageInvalid
+from scheduler.metrics import serve_metrics
 from storage import repo
 
 log = logging.getLogger(__name__)
@@ -85,8 +87,10 @@ def create_app(settings: GatewaySettings, *, registry: Any | None = None) -> Fas
         metrics = GatewayMetrics()
         link = NatsLink(settings.nats, reconnect_wait_s=options.nats_reconnect_wait_s)
         resolver = AdapterResolver(sessions, options.cache)
+        limiter = Limiter(options.quotas)
+        authenticator = Authenticator(sessions, options.cache, limiter)
         invoker = Invoker(link=link, sessions=sessions, rows=rows, limits=options.limits, callbacks=options.callbacks,
-                          metrics=metrics)
+                          metrics=metrics, quotas=limiter)
 
         async def on_adapter_event(msg: Msg) -> None:
             try:
@@ -97,20 +101,41 @@ def create_app(settings: GatewaySettings, *, registry: Any | None = None) -> Fas
         async def on_scheduler_heartbeat(msg: Msg) -> None:
             state.scheduler_seen_at = time.monotonic()
 
+        async def on_key_event(msg: Msg) -> None:
+            try:
+                authenticator.on_event(KeyEvent.decode(msg.data))
+            except MessageInvalid:
+                return
+
+        async def on_result(msg: Msg) -> None:
+            """Results of the invocations this gateway accepted: their tokens count for their tenant's
+            tokens/min and they leave its concurrency count (any other result is skipped undecoded)."""
+            invocation_id = msg.subject.rpartition(".")[2]
+            if not limiter.tracks(invocation_id):
+                return
+            try:
+                result = InvocationResult.decode(msg.data)
+            except MessageInvalid:
+                return
+            limiter.on_result(invocation_id, result.usage.completion_tokens, time.monotonic())
+
         async def subscribe_adapter_events(nc: Client, js: JetStreamContext) -> None:
             await nc.subscribe(subjects.ADAPTER_EVENTS_ALL, cb=on_adapter_event)
             await nc.subscribe(subjects.SCHEDULER_EVENTS_ALL, cb=on_scheduler_heartbeat)
+            await nc.subscribe(subjects.KEY_EVENTS_ALL, cb=on_key_event)
+            await nc.subscribe(subjects.RESULT_ALL, cb=on_result)
 
         link.on_connect(subscribe_adapter_events)
         # Adapter events are what keeps the long-lived lookup cache right; any sent while this process was
         # disconnected are lost to it, so a reconnection drops the whole cache.
         link.on_reconnect(resolver.cache.clear)
+        link.on_reconnect(authenticator.clear)  # a key revoked while away must not stay cached
         http = httpx.AsyncClient(follow_redirects=False)
         dispatcher = CallbackDispatcher(link=link, http=http, settings=options.callbacks, metrics=metrics)
         adapter_registry = registry if registry is not None else _registry(settings, sessions)
         state = GatewayState(
             settings=settings, engine=engine, sessions=sessions, link=link, metrics=metrics,
-            authenticator=Authenticator(sessions, options.cache), resolver=resolver, invoker=invoker, http=http,
+            authenticator=authenticator, limiter=limiter, resolver=resolver, invoker=invoker, http=http,
             registry=adapter_registry, base_model=str(adapter_registry.spec.name),
         )
         app.state.gateway = state
@@ -118,7 +143,11 @@ def create_app(settings: GatewaySettings, *, registry: Any | None = None) -> Fas
         if not await link.wait_ready(options.startup_nats_wait_s):
             log.warning("NATS at %s is not reachable yet; invocations answer 503 until it is", settings.nats.url)
         try:
-            yield
+            # The metrics name every tenant's adapters: they are served on a listener of their own (loopback
+            # by default, LORAFN_METRICS__*), never on the API port.
+            async with serve_metrics(metrics.registry, settings.metrics, what="gateway") as endpoint:
+                state.metrics_endpoint = endpoint
+                yield
         finally:
             await dispatcher.close()
             await link.close()
@@ -131,6 +160,7 @@ def create_app(settings: GatewaySettings, *, registry: Any | None = None) -> Fas
     app.include_router(openai_api.router)
     app.include_router(faas.router)
     app.include_router(adapters_api.router)
+    app.include_router(keys_api.router)
     _health_routes(app)
     upload_limit = settings.registry.max_upload_bytes + MULTIPART_OVERHEAD
     app.add_middleware(BodyLimit, limit=settings.gateway.http.max_body_bytes, upload_limit=upload_limit)
@@ -169,9 +199,3 @@ def _health_routes(app: FastAPI) -> None:
         ready = postgres and nats_ok and scheduler
         return JSONResponse({"ready": ready, "nats": nats_ok, "postgres": postgres, "scheduler": scheduler},
                             status_code=200 if ready else 503)
-
-    @app.get("/metrics", include_in_schema=False)
-    async def metrics(request: Request) -> Response:
-        """Prometheus text format."""
-        body, content_type = request.app.state.gateway.metrics.render()
-        return Response(body, media_type=content_type)

@@ -1,45 +1,119 @@
 """API key authentication and adapter resolution, both cached briefly so the invocation path rarely
-touches Postgres. A tenant sees only its own adapters: another tenant's adapter is "not found"."""
+touches Postgres. A tenant sees only its own adapters: another tenant's adapter is "not found". Revoked keys
+leave every gateway's cache at once (KeyEvent); failed authentications are throttled per client address."""
 
 from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NoReturn
 
 from fastapi import Request
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from gateway.cache import TtlCache
 from gateway.errors import ModelNotFound, Unauthenticated
+from gateway.quotas import Limiter
 from gateway.settings import CacheSettings
-from protocol.messages import AdapterEvent
+from protocol.messages import AdapterEvent, KeyEvent
 from storage import repo
 from storage.errors import NotFound
 from storage.models import Adapter, Tenant
 
 
+@dataclass(frozen=True)
+class KeyOwner:
+    """What the auth cache holds for a valid key: its tenant and the key's id (revocation events name it)."""
+
+    tenant: Tenant
+    key_id: uuid.UUID
+
+
 class Authenticator:
     """Bearer key -> tenant, cached per key hash for `auth_ttl_s` (unknown keys too, so a flood of bad keys
-    does not reach the database more than once per key and interval)."""
+    does not reach the database more than once per key and interval). A KeyEvent drops a revoked key at once.
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], settings: CacheSettings) -> None:
+    Failed authentications are throttled per client address (`Limiter.check_auth`): past the limit, any
+    attempt whose key is not a valid one in the cache is answered 429 without a database lookup.
+    """
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], settings: CacheSettings, limiter: Limiter,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.sessions = sessions
-        self.cache: TtlCache[str, Tenant | None] = TtlCache(settings.auth_ttl_s, settings.max_entries)
+        self.limiter = limiter
+        self.clock = clock
+        self.max_entries = settings.max_entries
+        self.cache: TtlCache[str, KeyOwner | None] = TtlCache(settings.auth_ttl_s, settings.max_entries)
+        self._digests: dict[uuid.UUID, str] = {}  # key id -> its cache key, for revocations
+        self._generation = 0  # +1 per event: a lookup that straddles one does not cache what it read
 
-    async def tenant(self, authorization: str | None) -> Tenant:
-        """The tenant of an `Authorization: Bearer <key>` header; Unauthenticated otherwise."""
+    async def tenant(self, authorization: str | None, *, address: str | None = None) -> Tenant:
+        """The tenant of an `Authorization: Bearer <key>` header; Unauthenticated otherwise, QuotaExceeded
+        (429) while `address` is throttled."""
+        now = self.clock()
         if not authorization:
-            raise Unauthenticated("no API key: send the header 'Authorization: Bearer <key>'")
+            self._refuse(address, now, "no API key: send the header 'Authorization: Bearer <key>'")
         scheme, _, key = authorization.partition(" ")
         key = key.strip()
         if scheme.lower() != "bearer" or not key:
-            raise Unauthenticated("malformed Authorization header: expected 'Bearer <key>'")
+            self._refuse(address, now, "malformed Authorization header: expected 'Bearer <key>'")
         digest = repo.hash_api_key(key)
-        hit, tenant = self.cache.get(digest)
+        hit, owner = self.cache.get(digest)
+        if hit and owner is not None:
+            return owner.tenant
+        self.limiter.check_auth(address, now)  # a throttled address reaches no database
         if not hit:
-            async with self.sessions() as session:
-                tenant = await repo.authenticate(session, key=key)
-            self.cache.put(digest, tenant)
-        if tenant is None:
-            raise Unauthenticated("invalid API key")
-        return tenant
+            generation = self._generation
+            owner = await self._lookup(key)
+            if generation == self._generation:
+                self._remember(digest, owner)
+        if owner is None:
+            self._refuse(address, now, "invalid API key")
+        return owner.tenant
+
+    def _refuse(self, address: str | None, now: float, message: str) -> NoReturn:
+        self.limiter.check_auth(address, now)
+        self.limiter.auth_failed(address, now)
+        raise Unauthenticated(message)
+
+    async def _lookup(self, key: str) -> KeyOwner | None:
+        """The key's owner from Postgres; a valid key's `last_used_at` is set (once per cache lifetime)."""
+        async with self.sessions() as session:
+            row = await repo.find_api_key(session, key=key)
+            if row is None:
+                return None
+            await repo.touch_api_key(session, key_id=row.id)
+            await session.commit()
+        return KeyOwner(row.tenant, row.id)
+
+    def _remember(self, digest: str, owner: KeyOwner | None) -> None:
+        self.cache.put(digest, owner)
+        if owner is not None:
+            if len(self._digests) >= self.max_entries:
+                self._digests.clear()
+                self.cache.clear()  # an entry the index lost could not be revoked by an event
+            self._digests[owner.key_id] = digest
+
+    def on_event(self, event: KeyEvent) -> None:
+        """Forget a revoked key (or, when a tenant changed, every cached key: rare, and the cache refills)."""
+        self._generation += 1
+        if event.event == "revoked" and event.key_id is not None:
+            try:
+                digest = self._digests.pop(uuid.UUID(event.key_id), None)
+            except ValueError:
+                return
+            if digest is not None:
+                self.cache.discard(digest)
+            return
+        self.clear()
+
+    def clear(self) -> None:
+        """Drop every cached lookup (after a NATS reconnection: events sent meanwhile were missed)."""
+        self._generation += 1
+        self.cache.clear()
+        self._digests.clear()
 
 
 class AdapterResolver:
@@ -71,6 +145,9 @@ class AdapterResolver:
 
 
 async def current_tenant(request: Request) -> Tenant:
-    """FastAPI dependency: the authenticated tenant of the request."""
+    """FastAPI dependency: the authenticated tenant of the request, counted against its request rate."""
     authenticator: Authenticator = request.app.state.gateway.authenticator
-    return await authenticator.tenant(request.headers.get("authorization"))
+    client = request.client
+    tenant = await authenticator.tenant(request.headers.get("authorization"), address=client.host if client else None)
+    authenticator.limiter.check_request(tenant, authenticator.clock())
+    return tenant

@@ -94,6 +94,17 @@ class Overloaded(GatewayError):
         self.scope, self.depth, self.limit, self.retry_after_s = scope, depth, limit, retry_after_s
 
 
+class QuotaExceeded(GatewayError):
+    """A per-tenant quota or a throttle refused the call (gateway/quotas.py): 429 with Retry-After for rates,
+    tokens, concurrency and failed authentications; 403 without it for storage and key counts (waiting does
+    not free them: deleting does). The body names the limit and carries its numbers."""
+
+    def __init__(self, limit: str, message: str, *, value: float, current: float,
+                 retry_after_s: int | None) -> None:
+        super().__init__(message)
+        self.limit, self.value, self.current, self.retry_after_s = limit, value, current, retry_after_s
+
+
 class Unavailable(GatewayError):
     """NATS or Postgres cannot be reached right now (503 with Retry-After)."""
 
@@ -137,7 +148,8 @@ ERROR_CODE_STATUS: Mapping[ErrorCode, int] = {
     ErrorCode.internal: 500,
 }
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "insufficient_quota",
+          404: "invalid_request_error",
           413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error"}
 
 
@@ -173,6 +185,12 @@ def error_status(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str
             return 422, error_body(422, str(exc), code=exc.code, detail=_jsonable(exc.detail)), {}
         case Overloaded():
             return 429, error_body(429, str(exc), code="overloaded"), {"Retry-After": str(exc.retry_after_s)}
+        case QuotaExceeded():
+            status = 403 if exc.retry_after_s is None else 429
+            body = error_body(status, str(exc), code="quota_exceeded" if status == 403 else "rate_limit_exceeded",
+                              limit=exc.limit, limit_value=exc.value, current=exc.current,
+                              retry_after_s=exc.retry_after_s)
+            return status, body, {} if exc.retry_after_s is None else {"Retry-After": str(exc.retry_after_s)}
         case Unavailable():
             return 503, error_body(503, str(exc), code="unavailable"), {"Retry-After": str(exc.retry_after_s)}
         case StorageUnavailable():

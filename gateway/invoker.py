@@ -51,6 +51,7 @@ from gateway.errors import (
     Unavailable,
 )
 from gateway.metrics import GatewayMetrics
+from gateway.quotas import Limiter
 from gateway.settings import CallbackSettings, LimitSettings
 from protocol import subjects
 from protocol.messages import (
@@ -368,8 +369,10 @@ class Invoker:
         limits: LimitSettings,
         callbacks: CallbackSettings,
         metrics: GatewayMetrics,
+        quotas: Limiter | None = None,
     ) -> None:
         self.link = link
+        self.quotas = quotas  # per-tenant tokens/min and concurrency (gateway/quotas.py); None: no quotas
         self.sessions = sessions
         self.rows = rows  # autocommit engine of the invocation rows (repo.create_fast_write_engine)
         self.limits = limits
@@ -488,6 +491,8 @@ class Invoker:
             if found is not None:
                 return await self._replay(found, target, sync)
         entry = await self._admit(js, target)
+        if self.quotas is not None:
+            self.quotas.check_invocation(target.tenant, time.monotonic())  # 429 before anything is written
         invocation_id = new_invocation_id()
         if callback_url is not None:  # before the row: a stray URL of an unused id expires harmlessly
             await self._remember_callback(js, invocation_id, callback_url)
@@ -496,6 +501,8 @@ class Invoker:
             return await self._replay(found, target, sync)
         self.inflight += 1
         self.metrics.inflight.inc()
+        if self.quotas is not None:  # in flight for its tenant until its result reaches this gateway
+            self.quotas.acquire(target.tenant, invocation_id, time.monotonic())
         call: Call | None = None
         try:
             if sync:
@@ -510,6 +517,8 @@ class Invoker:
             )
             await self._publish(js, target, message)
         except BaseException as e:
+            if self.quotas is not None:
+                self.quotas.forget(invocation_id)
             if call is not None:
                 await call.close()  # releases the slot
             else:

@@ -14,7 +14,8 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 
 @dataclass
 class GatewayMetrics:
-    """The gateway's metrics; `render` is the body of GET /metrics."""
+    """The gateway's metrics; served on a listener of their own (`scheduler.metrics.serve_metrics`, loopback
+    by default), never on the API port: their labels name every tenant's adapters. `render` gives the page."""
 
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
 

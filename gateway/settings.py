@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from protocol import subjects
 from protocol.settings import NatsSettings
+from scheduler.metrics import MetricsSettings
 from storage.settings import DatabaseSettings, ObjectStoreSettings, RegistrySettings
 
 
@@ -50,6 +51,32 @@ class LimitSettings(BaseModel):
     max_tokens: int = Field(
         4096, ge=1, description="largest max_tokens (max_completion_tokens) a call may ask for, refused with 400 "
         "above it; the model's context window bounds it too")
+
+
+class QuotaSettings(BaseModel):
+    """Per-tenant quotas and throttles (LORAFN_GATEWAY__QUOTAS__...): every tenant's defaults; a tenant's
+    `quota_*` columns in Postgres (`lorafn tenants quota`) override them. Requests, tokens and concurrency are
+    counted by each gateway process on its own; stored adapters and bytes in Postgres (docs/ARCHITECTURE.md,
+    "Quotas and keys"). None: no limit."""
+
+    requests_per_s: float | None = Field(1000.0, gt=0.0, description="authenticated API requests per second per "
+                                         "tenant (a token bucket), 429 above it")
+    burst: int | None = Field(None, ge=1, description="requests a tenant may make at once on top of the rate "
+                              "(the bucket's size; None: one second's worth, at least 1)")
+    tokens_per_min: int | None = Field(1_000_000, ge=1, description="generated tokens per tenant in any 60 s "
+                                       "(counted from results); new invocations get 429 while at or above it")
+    concurrent: int | None = Field(500, ge=1, description="invocations of one tenant queued or running at once")
+    adapters: int | None = Field(1000, ge=1, description="adapters one tenant may store (403 at push above it)")
+    stored_bytes: int | None = Field(50 << 30, ge=1, description="bytes of adapter versions one tenant may store "
+                                     "(403 at push above it)")
+    api_keys: int = Field(100, ge=1, description="active API keys per tenant (403 on creating one more)")
+    pending_ttl_s: float = Field(900.0, gt=0.0, description="an invocation whose result this gateway never saw "
+                                 "stops counting as in flight (and for tokens) this long after it was accepted")
+    auth_failures: int = Field(20, ge=1, description="failed authentications one client address may make per "
+                               "window; further attempts get 429 without a database lookup")
+    auth_failure_window_s: float = Field(60.0, gt=0.0, description="the failed-authentication window, seconds")
+    max_tracked: int = Field(100_000, ge=1, description="tenants, client addresses and pending invocations each "
+                             "tracked at once (bounded memory: the oldest are dropped beyond it)")
 
 
 class CacheSettings(BaseModel):
@@ -107,6 +134,7 @@ class GatewayOptions(BaseModel):
 
     http: HttpSettings = Field(default_factory=HttpSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
+    quotas: QuotaSettings = Field(default_factory=QuotaSettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
     callbacks: CallbackSettings = Field(default_factory=CallbackSettings)
     base_model_aliases: tuple[str, ...] = Field(
@@ -127,6 +155,8 @@ class GatewaySettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LORAFN_", env_nested_delimiter="__", extra="ignore")
 
     gateway: GatewayOptions = Field(default_factory=GatewayOptions)
+    # GET /metrics on a listener of its own (loopback by default): the metrics name every tenant's adapters.
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     nats: NatsSettings = Field(default_factory=NatsSettings)
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     object_store: ObjectStoreSettings = Field(default_factory=ObjectStoreSettings)

@@ -15,8 +15,10 @@ from gateway.bus import NatsLink
 from gateway.errors import HEADERS_STATE, BadRequest, ModelNotFound
 from gateway.invoker import Invoker, Target
 from gateway.metrics import GatewayMetrics
+from gateway.quotas import Limiter
 from gateway.settings import GatewaySettings
 from protocol import subjects
+from scheduler.metrics import MetricsEndpoint
 from storage.models import Tenant
 
 
@@ -30,12 +32,14 @@ class GatewayState:
     link: NatsLink
     metrics: GatewayMetrics
     authenticator: Authenticator
+    limiter: Limiter  # per-tenant quotas and throttles of this process
     resolver: AdapterResolver
     invoker: Invoker
     http: httpx.AsyncClient
     registry: Any  # storage.registry.Registry (imported in the lifespan: it pulls in torch)
     base_model: str
     scheduler_seen_at: float | None = None  # time.monotonic() of the last scheduler heartbeat
+    metrics_endpoint: MetricsEndpoint | None = None  # the metrics listener (None: disabled)
 
     def scheduler_alive(self) -> bool:
         """A scheduler (dispatcher) sent a heartbeat within `scheduler_timeout_s`."""

@@ -10,6 +10,7 @@ import signal
 import threading
 import time
 from collections.abc import AsyncIterator, Coroutine
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
@@ -43,6 +44,8 @@ adapters_app = typer.Typer(help="Push, list and remove adapters.", no_args_is_he
 keys_app = typer.Typer(help="Manage API keys.", no_args_is_help=True)
 app.add_typer(adapters_app, name="adapters")
 app.add_typer(keys_app, name="keys")
+tenants_app = typer.Typer(help="Tenants and their quotas.", no_args_is_help=True)
+app.add_typer(tenants_app, name="tenants")
 
 console = Console()
 err = Console(stderr=True)
@@ -263,13 +266,18 @@ async def _registry(settings: LorafnSettings) -> AsyncIterator[Registry]:
 async def _announce(settings: LorafnSettings, event: str, tenant: str, adapter: str, version: str | None = None) -> None:
     """Tell gateways and schedulers that an adapter changed (they drop their cached lookup of it at once);
     when NATS cannot be reached their caches expire by themselves (`adapter_ttl_s`, `adapter_cache_s`)."""
-    import nats
-    import nats.errors
-
     from protocol import subjects
     from protocol.messages import AdapterEvent
 
     message = AdapterEvent(event=event, tenant=tenant, adapter=adapter, version=version)  # type: ignore[arg-type]
+    await _publish_event(settings, subjects.adapter_event(event), message.encode())
+
+
+async def _publish_event(settings: LorafnSettings, subject: str, payload: bytes) -> None:
+    """Publish one event for the services' caches, best effort (they also expire by themselves)."""
+    import nats
+    import nats.errors
+
     try:
         nc = await nats.connect(settings.nats.url, connect_timeout=2, max_reconnect_attempts=0,
                                 allow_reconnect=False)
@@ -278,7 +286,7 @@ async def _announce(settings: LorafnSettings, event: str, tenant: str, adapter: 
                       "cache lifetime[/]")
         return
     try:
-        await nc.publish(subjects.adapter_event(event), message.encode())
+        await nc.publish(subject, payload)
         await nc.flush(timeout=2)
     finally:
         await nc.close()
@@ -440,6 +448,137 @@ def _nats_credential_create(tenant: str, label: str | None, state_dir: Path | No
     console.print(f"user {tenant}\npassword {secret}\nurl nats://{tenant}:{secret}@{server}\n"
                   f"publish {INVOKE_PREFIX}.{tenant}.<adapter>   read {tenant_replies(tenant)}   "
                   f"inbox prefix {tenant_inbox_prefix(tenant)}", highlight=False)
+
+
+KeyRef = Annotated[str, typer.Argument(help="the key's id, or its prefix as `keys ls` shows it (lfn_<hex>)")]
+
+
+def _when(t: datetime | None) -> str:
+    return t.strftime("%Y-%m-%d %H:%M:%S") if t is not None else "-"
+
+
+@keys_app.command("ls")
+def keys_ls(
+    tenant: Annotated[str | None, typer.Argument(help="only this tenant's keys")] = None,
+    state_dir: StateDir = None,
+) -> None:
+    """List API keys (never the keys themselves: id, prefix, name, dates)."""
+    settings = _settings(state_dir).with_running_stack()
+
+    async def run() -> list[Any]:
+        engine = repo.create_engine(settings.database)
+        try:
+            async with repo.session_factory(engine)() as session:
+                owner = await repo.get_tenant(session, name=tenant) if tenant else None
+                return list(await repo.list_api_keys(session, tenant=owner))
+        finally:
+            await engine.dispose()
+
+    table = Table("id", "tenant", "prefix", "name", "created", "last used", "revoked")
+    for k in _run_client(run()):
+        table.add_row(str(k.id), k.tenant.name, f"{repo.API_KEY_PREFIX}{k.prefix}", k.label or "-",
+                      _when(k.created_at), _when(k.last_used_at), _when(k.revoked_at))
+    console.print(table)
+
+
+async def _revoked(settings: LorafnSettings, key: Any) -> None:
+    """Tell every gateway to drop a revoked key from its auth cache at once."""
+    from protocol import subjects
+    from protocol.messages import KeyEvent
+
+    event = KeyEvent(event="revoked", tenant=key.tenant.name, key_id=str(key.id))
+    await _publish_event(settings, subjects.key_event(event.event), event.encode())
+
+
+@keys_app.command("revoke")
+def keys_revoke(ref: KeyRef, state_dir: StateDir = None) -> None:
+    """Revoke an API key: every gateway refuses it within a second."""
+    settings = _settings(state_dir).with_running_stack()
+
+    async def run() -> tuple[Any, bool]:
+        engine = repo.create_engine(settings.database)
+        try:
+            async with repo.session_factory(engine)() as session, session.begin():
+                key = await repo.get_api_key(session, ref=ref.removeprefix(repo.API_KEY_PREFIX))
+                revoked = await repo.revoke_api_key_row(session, key=key)
+        finally:
+            await engine.dispose()
+        await _revoked(settings, key)
+        return key, revoked
+
+    key, revoked = _run_client(run())
+    state = "revoked" if revoked else "was already revoked"
+    console.print(f"key {key.id} ({repo.API_KEY_PREFIX}{key.prefix}) of {key.tenant.name} {state}", highlight=False)
+
+
+@keys_app.command("rotate")
+def keys_rotate(ref: KeyRef, state_dir: StateDir = None) -> None:
+    """Replace an active API key: print a new key with the same name (shown only once), revoke the old one."""
+    settings = _settings(state_dir).with_running_stack()
+
+    async def run() -> tuple[Any, str | None]:
+        engine = repo.create_engine(settings.database)
+        try:
+            async with repo.session_factory(engine)() as session, session.begin():
+                old = await repo.get_api_key(session, ref=ref.removeprefix(repo.API_KEY_PREFIX))
+                if not await repo.revoke_api_key_row(session, key=old):
+                    return old, None
+                _, secret = await repo.new_api_key(session, tenant=old.tenant, label=old.label)
+        finally:
+            await engine.dispose()
+        await _revoked(settings, old)
+        return old, secret
+
+    old, secret = _run_client(run())
+    if secret is None:
+        raise _fail(f"key {old.id} is revoked already: `lorafn keys create {old.tenant.name}` makes a new one")
+    console.print(secret, highlight=False)
+
+
+QuotaOption = Annotated[int | None, typer.Option(min=0, help="0: back to the gateway's default")]
+
+
+@tenants_app.command("quota")
+def tenants_quota(
+    tenant: Annotated[str, typer.Argument(help="tenant name")],
+    requests_per_s: Annotated[float | None, typer.Option(min=0.0, help="API requests per second; 0: default")] = None,
+    burst: QuotaOption = None,
+    tokens_per_min: QuotaOption = None,
+    concurrent: QuotaOption = None,
+    adapters: QuotaOption = None,
+    stored_bytes: QuotaOption = None,
+    state_dir: StateDir = None,
+) -> None:
+    """Show a tenant's quota overrides, or set them (gateways apply them at once; unset: the gateway's
+    LORAFN_GATEWAY__QUOTAS__* defaults)."""
+    from protocol import subjects
+    from protocol.messages import KeyEvent
+    from storage.models import QUOTA_FIELDS
+
+    given = {"quota_requests_per_s": requests_per_s, "quota_burst": burst, "quota_tokens_per_min": tokens_per_min,
+             "quota_concurrent": concurrent, "quota_adapters": adapters, "quota_stored_bytes": stored_bytes}
+    values = {k: (v or None) for k, v in given.items() if v is not None}
+    settings = _settings(state_dir).with_running_stack()
+
+    async def run() -> dict[str, Any]:
+        engine = repo.create_engine(settings.database)
+        try:
+            async with repo.session_factory(engine)() as session, session.begin():
+                t = await repo.get_tenant(session, name=tenant)
+                assert t is not None
+                await repo.set_tenant_quotas(session, tenant=t, values=values)
+                current = {name: getattr(t, name) for name in QUOTA_FIELDS}
+        finally:
+            await engine.dispose()
+        if values:
+            event = KeyEvent(event="tenant_changed", tenant=tenant)
+            await _publish_event(settings, subjects.key_event(event.event), event.encode())
+        return current
+
+    table = Table("quota", "override", title=f"tenant {tenant}")
+    for name, value in _run_client(run()).items():
+        table.add_row(name.removeprefix("quota_"), "default" if value is None else f"{value:g}")
+    console.print(table)
 
 
 def main() -> None:

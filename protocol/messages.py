@@ -14,6 +14,7 @@ Each subject carries one message type (see protocol/subjects.py):
 | `lora.evt.adapter.<event>` (core)       | `AdapterEvent`       | registry -> scheduler, workers  |
 | `lora.evt.invocation.started` (core)    | `InvocationStarted`  | worker -> scheduler             |
 | `lora.evt.scheduler.<scheduler id>` (core) | `SchedulerHeartbeat` | scheduler -> gateways        |
+| `lora.evt.key.<event>` (core)           | `KeyEvent`           | gateway / CLI -> gateways       |
 | `lora.cancel.<invocation id>` (core)    | `CancelInvocation`   | gateway -> the worker running it |
 
 Decoding ignores unknown fields, so a newer sender can add fields without breaking older readers;
@@ -266,6 +267,18 @@ class AdapterEvent(Message):
     tenant: str
     adapter: str
     version: str | None = None
+
+
+class KeyEvent(Message):
+    """An API key was revoked (`revoked`, also when rotated), or a tenant's quotas changed (`tenant_changed`,
+    key_id None): every gateway drops what its auth cache holds about it at once, so a revoked key stops
+    working everywhere within a second rather than the cache's lifetime. Carries the key's id, never the key
+    nor its hash."""
+
+    kind: ClassVar[str] = "key_event"
+    event: Literal["revoked", "tenant_changed"]
+    tenant: str
+    key_id: str | None = None
 
 
 class SchedulerHeartbeat(Message):

@@ -34,6 +34,7 @@ SCHEDULER_EVENT_PREFIX = "lora.evt.scheduler"
 ADAPTER_EVENT_PREFIX = "lora.evt.adapter"
 INVOCATION_EVENT_PREFIX = "lora.evt.invocation"
 KEY_EVENT_PREFIX = "lora.evt.key"
+KEY_EVENT_PREFIX = "lora.evt.key"
 CANCEL_PREFIX = "lora.cancel"
 # The base model's pseudo adapter name: invocations of the bare backbone go to lora.invoke.<tenant>._base.
 # Adapter names starting with "_" are reserved, so no adapter can take it.
@@ -44,6 +45,7 @@ DISPATCH_CONSUMER = "dispatcher"
 INVOKE_ALL = f"{INVOKE_PREFIX}.>"
 WORK_ALL = f"{WORK_PREFIX}.*"
 ADAPTER_EVENTS_ALL = f"{ADAPTER_EVENT_PREFIX}.*"
+KEY_EVENTS_ALL = f"{KEY_EVENT_PREFIX}.*"
 KEY_EVENTS_ALL = f"{KEY_EVENT_PREFIX}.*"
 # The gateway's durable delivery of X-Callback-Url: a key-value bucket (invocation id -> URL) and a
 # durable consumer of the callback copies of results (lora.callback.>). CALLBACKS_CONSUMER_OLD read every
@@ -202,6 +204,11 @@ def worker_event(worker_id: str) -> str:
 def adapter_event(event: str) -> str:
     """Subject of an adapter lifecycle event (`pushed`, `deleted`, ...)."""
     return f"{ADAPTER_EVENT_PREFIX}.{check_name('event', event)}"
+
+
+def key_event(event: str) -> str:
+    """Subject of an API key event (`revoked`, `tenant_changed`): every gateway drops its cached lookups."""
+    return f"{KEY_EVENT_PREFIX}.{check_name('event', event)}"
 
 
 def invocation_event(event: str) -> str:

@@ -62,14 +62,29 @@ class InvocationStatus(enum.StrEnum):
     cancelled = "cancelled"  # by the caller (POST /v1/invocations/<id>/cancel, or a client that went away)
 
 
+# Per-tenant quota overrides: column quota_X of tenants overrides gateway.settings.QuotaSettings.X.
+QUOTA_FIELDS = ("quota_requests_per_s", "quota_burst", "quota_tokens_per_min", "quota_concurrent", "quota_adapters",
+                "quota_stored_bytes")
+
+
 class Tenant(Base):
     __tablename__ = "tenants"
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
     name: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+    # Quota overrides of this tenant (NULL: the gateway's default, LORAFN_GATEWAY__QUOTAS__*).
+    quota_requests_per_s: Mapped[float | None] = mapped_column(Float)
+    quota_burst: Mapped[int | None] = mapped_column(Integer)
+    quota_tokens_per_min: Mapped[int | None] = mapped_column(BigInteger)
+    quota_concurrent: Mapped[int | None] = mapped_column(Integer)
+    quota_adapters: Mapped[int | None] = mapped_column(Integer)
+    quota_stored_bytes: Mapped[int | None] = mapped_column(BigInteger)
 
-    __table_args__ = (CheckConstraint("name ~ '^[A-Za-z0-9_-]{1,64}$'", name="name_token"),)
+    __table_args__ = (
+        CheckConstraint("name ~ '^[A-Za-z0-9_-]{1,64}$'", name="name_token"),
+        CheckConstraint(" AND ".join(f"({c} IS NULL OR {c} > 0)" for c in QUOTA_FIELDS), name="quota_positive"),
+    )
 
 
 class ApiKey(Base):
@@ -84,6 +99,7 @@ class ApiKey(Base):
     label: Mapped[str | None] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     tenant: Mapped[Tenant] = relationship()
 

@@ -34,6 +34,7 @@ from sqlalchemy.orm import joinedload, selectinload
 
 from storage.errors import AlreadyExists, NotFound
 from storage.models import (
+    QUOTA_FIELDS,
     Adapter,
     AdapterVersion,
     ApiKey,
@@ -98,15 +99,28 @@ def hash_api_key(key: str) -> str:
 
 async def create_api_key(session: AsyncSession, *, tenant: Tenant, label: str | None = None) -> str:
     """Make a new key for `tenant` and return it in clear; only its hash is stored."""
+    return (await new_api_key(session, tenant=tenant, label=label))[1]
+
+
+async def new_api_key(session: AsyncSession, *, tenant: Tenant, label: str | None = None) -> tuple[ApiKey, str]:
+    """Make a new key for `tenant`: its row and the key in clear (shown once; only its hash is stored)."""
     prefix = secrets.token_hex(6)
     key = f"{API_KEY_PREFIX}{prefix}_{secrets.token_urlsafe(24)}"
-    session.add(ApiKey(tenant_id=tenant.id, prefix=prefix, key_hash=hash_api_key(key), label=label))
+    row = ApiKey(tenant_id=tenant.id, prefix=prefix, key_hash=hash_api_key(key), label=label)
+    session.add(row)
     await session.flush()
-    return key
+    await session.refresh(row, ["created_at"])
+    return row, key
 
 
 async def authenticate(session: AsyncSession, *, key: str) -> Tenant | None:
     """The tenant a key belongs to, or None for an unknown, malformed or revoked key."""
+    row = await find_api_key(session, key=key)
+    return row.tenant if row is not None else None
+
+
+async def find_api_key(session: AsyncSession, *, key: str) -> ApiKey | None:
+    """The active key row (its tenant loaded) of a key in clear, or None: unknown, malformed or revoked."""
     if not key.startswith(API_KEY_PREFIX):
         return None
     prefix, _, _ = key[len(API_KEY_PREFIX) :].partition("_")
@@ -115,7 +129,92 @@ async def authenticate(session: AsyncSession, *, key: str) -> Tenant | None:
     )
     if row is None or not hmac.compare_digest(row.key_hash, hash_api_key(key)):
         return None
-    return row.tenant
+    return row
+
+
+async def touch_api_key(session: AsyncSession, *, key_id: uuid.UUID) -> None:
+    """Record that a key was used now."""
+    await session.execute(update(ApiKey).where(ApiKey.id == key_id).values(last_used_at=func.now()))
+
+
+async def list_api_keys(session: AsyncSession, *, tenant: Tenant | None = None) -> Sequence[ApiKey]:
+    """Keys (of one tenant, or all), revoked ones included, with their tenant, oldest first."""
+    query = select(ApiKey).options(selectinload(ApiKey.tenant)).order_by(ApiKey.created_at, ApiKey.prefix)
+    if tenant is not None:
+        query = query.where(ApiKey.tenant_id == tenant.id)
+    return (await session.scalars(query)).all()
+
+
+async def get_api_key(session: AsyncSession, *, ref: str, tenant: Tenant | None = None) -> ApiKey:
+    """A key by its id or its prefix (of `tenant` only, when given), with its tenant; NotFound otherwise."""
+    try:
+        condition = ApiKey.id == uuid.UUID(ref)
+    except ValueError:
+        condition = ApiKey.prefix == ref
+    query = select(ApiKey).options(selectinload(ApiKey.tenant)).where(condition)
+    if tenant is not None:
+        query = query.where(ApiKey.tenant_id == tenant.id)
+    row = await session.scalar(query)
+    if row is None:
+        raise NotFound("api key", ref)
+    return row
+
+
+async def revoke_api_key_row(session: AsyncSession, *, key: ApiKey) -> bool:
+    """Revoke a key by its row; True if it was active (revoking twice is harmless)."""
+    result = await session.execute(
+        update(ApiKey).where(ApiKey.id == key.id, ApiKey.revoked_at.is_(None)).values(revoked_at=func.now())
+        .returning(ApiKey.revoked_at)
+    )
+    revoked_at = result.scalar_one_or_none()
+    if revoked_at is not None:
+        key.revoked_at = revoked_at
+    return revoked_at is not None
+
+
+async def count_active_api_keys(session: AsyncSession, *, tenant: Tenant) -> int:
+    """Keys of `tenant` that are not revoked."""
+    n = await session.scalar(
+        select(func.count()).select_from(ApiKey).where(ApiKey.tenant_id == tenant.id, ApiKey.revoked_at.is_(None))
+    )
+    return int(n or 0)
+
+
+async def set_tenant_quotas(session: AsyncSession, *, tenant: Tenant, values: dict[str, float | int | None]) -> None:
+    """Set quota overrides of a tenant (keys from models.QUOTA_FIELDS; None: back to the default)."""
+    unknown = set(values) - set(QUOTA_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown quota fields {sorted(unknown)}; known: {list(QUOTA_FIELDS)}")
+    if values:
+        await session.execute(update(Tenant).where(Tenant.id == tenant.id).values(**values))
+        for name, value in values.items():
+            setattr(tenant, name, value)
+
+
+@dataclass(frozen=True)
+class StorageUse:
+    """What a tenant stores: adapters, and bytes of its distinct adapter versions (by content hash)."""
+
+    adapters: int
+    bytes: int
+    has_adapter: bool  # the adapter asked about exists already
+
+
+async def storage_use(session: AsyncSession, *, tenant: Tenant, adapter: str | None = None) -> StorageUse:
+    """A tenant's stored adapters and bytes (counted in SQL), and whether `adapter` is one of them."""
+    adapters = await session.scalar(select(func.count()).select_from(Adapter).where(Adapter.tenant_id == tenant.id))
+    distinct = (
+        select(AdapterVersion.sha256, func.max(AdapterVersion.bytes).label("bytes"))
+        .join(Adapter, AdapterVersion.adapter_id == Adapter.id)
+        .where(Adapter.tenant_id == tenant.id)
+        .group_by(AdapterVersion.sha256)
+        .subquery()
+    )
+    nbytes = await session.scalar(select(func.coalesce(func.sum(distinct.c.bytes), 0)))
+    exists = adapter is not None and bool(await session.scalar(
+        select(func.count()).select_from(Adapter).where(Adapter.tenant_id == tenant.id, Adapter.name == adapter)
+    ))
+    return StorageUse(adapters=int(adapters or 0), bytes=int(nbytes or 0), has_adapter=exists)
 
 
 async def revoke_api_key(session: AsyncSession, *, key: str) -> bool:

@@ -37,6 +37,7 @@ from protocol.messages import (
 )
 from protocol.settings import NatsSettings
 from protocol.streams import ensure_streams
+from scheduler.metrics import MetricsSettings
 from storage import repo
 from storage.backbone import default_backbone_spec
 from storage.objectstore import ObjectStore
@@ -144,6 +145,7 @@ def make_settings(services: Any, object_store: ObjectStoreSettings, **limits: An
         database=DatabaseSettings(url=services.database_url),
         object_store=object_store,
         gateway=GatewayOptions(limits=LimitSettings(**{"sync_timeout_s": 10.0, **limits}), callbacks=TEST_CALLBACKS),
+        metrics=MetricsSettings(enabled=False),  # its listener's shutdown takes up to 0.5 s; test_metrics turns it on
     )
 
 

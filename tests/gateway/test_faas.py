@@ -13,8 +13,17 @@ from nats.aio.client import Client
 
 from protocol import subjects
 from protocol.messages import InvocationResult
+from scheduler.metrics import MetricsSettings
 from storage import repo
-from tests.gateway.conftest import EchoWorker, GatewayFactory, Keys, Pushed, RunningGateway, stream_messages
+from tests.gateway.conftest import (
+    EchoWorker,
+    GatewayFactory,
+    Keys,
+    Pushed,
+    RunningGateway,
+    make_settings,
+    stream_messages,
+)
 
 FN = "/v1/functions/acme/bot/invocations"
 
@@ -225,9 +234,19 @@ async def test_gateway_inflight_limit_is_429(gateway_factory: GatewayFactory, ke
         assert (await c.post(FN, json={"prompt": "now"})).status_code == 200
 
 
-async def test_metrics(client: httpx.AsyncClient, adapters: Pushed, worker: EchoWorker) -> None:
-    assert (await client.post(FN, json={"prompt": "count me"})).status_code == 200
-    text = (await client.get("/metrics")).text
+async def test_metrics(gateway_factory: GatewayFactory, services: Any, object_store_settings: Any, keys: Keys,
+                       adapters: Pushed, worker: EchoWorker) -> None:
+    """The metrics (which name every tenant's adapters) are served on a loopback listener of their own, not on
+    the API port."""
+    settings = make_settings(services, object_store_settings).model_copy(update={"metrics": MetricsSettings()})
+    gw = await gateway_factory(settings=settings)
+    async with gw.client(headers=keys.auth()) as client:
+        assert (await client.post(FN, json={"prompt": "count me"})).status_code == 200
+        assert (await client.get("/metrics")).status_code == 404
+    endpoint = gw.app.state.gateway.metrics_endpoint
+    assert endpoint.host == "127.0.0.1" and endpoint.port != int(gw.url.rsplit(":", 1)[1])
+    async with httpx.AsyncClient(trust_env=False) as scraper:
+        text = (await scraper.get(endpoint.url)).text
     assert 'lorafn_invocations_total{adapter="acme/bot",status="succeeded"} 1.0' in text
     assert "lorafn_invocation_latency_seconds_bucket" in text
     assert "lorafn_queue_time_seconds_count" in text
