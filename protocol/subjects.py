@@ -34,7 +34,6 @@ SCHEDULER_EVENT_PREFIX = "lora.evt.scheduler"
 ADAPTER_EVENT_PREFIX = "lora.evt.adapter"
 INVOCATION_EVENT_PREFIX = "lora.evt.invocation"
 KEY_EVENT_PREFIX = "lora.evt.key"
-KEY_EVENT_PREFIX = "lora.evt.key"
 CANCEL_PREFIX = "lora.cancel"
 # The base model's pseudo adapter name: invocations of the bare backbone go to lora.invoke.<tenant>._base.
 # Adapter names starting with "_" are reserved, so no adapter can take it.
@@ -45,7 +44,6 @@ DISPATCH_CONSUMER = "dispatcher"
 INVOKE_ALL = f"{INVOKE_PREFIX}.>"
 WORK_ALL = f"{WORK_PREFIX}.*"
 ADAPTER_EVENTS_ALL = f"{ADAPTER_EVENT_PREFIX}.*"
-KEY_EVENTS_ALL = f"{KEY_EVENT_PREFIX}.*"
 KEY_EVENTS_ALL = f"{KEY_EVENT_PREFIX}.*"
 # The gateway's durable delivery of X-Callback-Url: a key-value bucket (invocation id -> URL) and a
 # durable consumer of the callback copies of results (lora.callback.>). CALLBACKS_CONSUMER_OLD read every
