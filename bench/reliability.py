@@ -246,9 +246,10 @@ class Sample:
     children_fds: int = 0
 
 
-def summarise_samples(samples: Sequence[Sample]) -> dict[str, dict[str, Any]]:
+def summarise_samples(samples: Sequence[Sample], *, points: int = 60) -> dict[str, dict[str, Any]]:
     """Per process name: memory (MB) at the first and last reading and at its peak, descriptors likewise, the
-    children's figures when it has any, and how many pids it had (more than one: it was restarted)."""
+    children's figures when it has any, how many pids it had (more than one: it was restarted), and about
+    `points` readings (seconds, RSS MB, fds) spread over the run, to see a trend."""
     by_name: dict[str, list[Sample]] = collections.defaultdict(list)
     for s in sorted(samples, key=lambda s: s.at_s):
         by_name[s.name].append(s)
@@ -260,6 +261,7 @@ def summarise_samples(samples: Sequence[Sample]) -> dict[str, dict[str, Any]]:
             "rss_mb_start": first.rss_kb / KB, "rss_mb_end": last.rss_kb / KB,
             "rss_mb_peak": max(s.rss_kb for s in ss) / KB,
             "fds_start": first.fds, "fds_end": last.fds, "fds_peak": max(s.fds for s in ss),
+            "series": [[round(s.at_s, 1), round(s.rss_kb / KB, 1), s.fds] for s in ss[::max(1, len(ss) // points)]],
         }
         if any(s.children for s in ss):
             row |= {"children_start": first.children, "children_end": last.children,
@@ -717,7 +719,8 @@ def read_rows(database_url: str, since: float) -> dict[str, str]:
 
 async def read_results(nats_url: str, ids: Sequence[str]) -> tuple[dict[str, int], dict[str, str]]:
     """(id -> results recorded, id -> status of the last one) from the results stream: the per-subject
-    message counts of `lora.result.>` (paged), and the last message of each of `ids` that has one."""
+    message counts of `lora.result.>` (paged), and the last result of each of `ids` (those whose row is not
+    final) that has one."""
     import msgpack
     import nats
     import nats.js.errors
@@ -804,7 +807,8 @@ async def measure(stack: Stack, options: ReliabilityOptions, adapters: Sequence[
     rows = await settle(stack, tally, since, options.grace_s)
     results_error = None
     try:
-        counts, status = await read_results(stack.nats_url(), sorted(set(tally.accepted) | set(rows)))
+        unfinished = sorted(i for i in set(tally.accepted) | set(rows) if rows.get(i) not in FINAL)
+        counts, status = await read_results(stack.nats_url(), unfinished)
     except Exception as e:  # the audit then rests on the rows and on what the clients saw: said in the report
         log.warning("reading the results stream failed: %r", e)
         counts, status, results_error = {}, {}, repr(e)
