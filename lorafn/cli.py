@@ -83,8 +83,11 @@ def up(
         "--nats-monitor", help="serve NATS monitoring (no authentication: on 127.0.0.1 only)")] = False,
     postgres_port: Annotated[int | None, typer.Option(help="Postgres port")] = None,
     s3_port: Annotated[int | None, typer.Option(help="S3 API port (SeaweedFS also takes the next 7)")] = None,
-    auto_ports: Annotated[bool, typer.Option("--auto-ports", help="pick free ports for every server")] = False,
-    gateway_port: Annotated[int, typer.Option(min=1, max=65535, help="HTTP port of the gateway")] = 8000,
+    auto_ports: Annotated[bool, typer.Option(
+        "--auto-ports", help="pick free ports for every server and the gateway, except those given by an option")
+    ] = False,
+    gateway_port: Annotated[int | None, typer.Option(
+        min=1, max=65535, help="HTTP port of the gateway (default 8000, or a free one with --auto-ports)")] = None,
     backbone: Annotated[Path | None, typer.Option(
         help=".gguf file or checkpoint dir the workers serve and the gateway checks adapters against "
              "(default: SmolLM2-135M); `lorafn adapters push` reads LORAFN_REGISTRY__BACKBONE_*", exists=True,
@@ -107,11 +110,21 @@ def up(
         update={k: v for k, v in {"host": host, "nats_port": nats_port, "nats_monitor_port": nats_monitor_port,
                                   "postgres_port": postgres_port, "s3_port": s3_port}.items() if v is not None}
     )
-    ports = free_stack_ports(stack_settings.host) if auto_ports else stack_settings.ports()
-    if auto_ports:
+    if auto_ports:  # free ports for what no option names: an explicit port always wins
+        explicit = {"nats": nats_port, "nats_monitor": nats_monitor_port, "postgres": postgres_port, "s3": s3_port}
+        ports = free_stack_ports(stack_settings.host, **{k: v for k, v in explicit.items() if v is not None},
+                                 avoid=() if gateway_port is None else (gateway_port,))
+    else:
+        ports = stack_settings.ports()
+    if gateway_port is None and auto_ports:
+        used = {*ports.all().values(), *ports.s3_internal()}
         gateway_port = free_ports(stack_settings.host, 1)[0]
-    elif not port_is_free(stack_settings.host, gateway_port):
-        raise _fail(str(PortInUse("the gateway", stack_settings.host, gateway_port, "--gateway-port")))
+        while gateway_port in used:
+            gateway_port = free_ports(stack_settings.host, 1)[0]
+    else:
+        gateway_port = 8000 if gateway_port is None else gateway_port
+        if not port_is_free(stack_settings.host, gateway_port):
+            raise _fail(str(PortInUse("the gateway", stack_settings.host, gateway_port, "--gateway-port")))
     stack = LocalStack(StackConfig(state_dir=settings.state_dir, host=stack_settings.host, ports=ports,
                                    bucket=settings.object_store.bucket, nats_monitor=nats_monitor))
     stop = threading.Event()

@@ -28,7 +28,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
@@ -203,15 +203,27 @@ def free_ports(host: str, count: int) -> list[int]:
     return ports
 
 
-def free_stack_ports(host: str = "127.0.0.1") -> StackPorts:
-    """A StackPorts whose every port, the S3 server's internal ones included, is free now."""
+def free_stack_ports(host: str = "127.0.0.1", *, nats: int | None = None, nats_monitor: int | None = None,
+                     postgres: int | None = None, s3: int | None = None, avoid: Collection[int] = ()) -> StackPorts:
+    """A StackPorts whose every port, the S3 server's internal ones included, is free now.
+
+    A port given is kept as it is (`lorafn up --auto-ports --postgres-port 5433`: an explicit option wins;
+    whether it is free is checked when its server starts), and no port picked collides with a given one, with
+    the S3 server's range, or with `avoid` (the gateway's port).
+    """
+    given = {p for p in (nats, nats_monitor, postgres) if p is not None} | set(avoid)
+    if s3 is not None:
+        given |= set(range(s3, s3 + 8))
     for _ in range(50):
-        nats, monitor, pg = free_ports(host, 3)
+        picked = iter(free_ports(host, 3))
+        n, m, pg = (p if p is not None else next(picked) for p in (nats, nats_monitor, postgres))
+        new = {p for p, was in ((n, nats), (m, nats_monitor), (pg, postgres)) if was is None}
         # The S3 server needs 8 consecutive ports; probe a random base in the ephemeral-free range.
-        base = 20000 + secrets.randbelow(30000)
-        s3_ports = [base + i for i in range(8)]
-        if all(port_is_free(host, p) for p in s3_ports) and not {nats, monitor, pg} & set(s3_ports):
-            return StackPorts(nats=nats, nats_monitor=monitor, postgres=pg, s3=base)
+        base = s3 if s3 is not None else 20000 + secrets.randbelow(30000)
+        s3_ports = set(range(base, base + 8))
+        s3_ok = s3 is not None or (all(port_is_free(host, p) for p in s3_ports) and not s3_ports & given)
+        if s3_ok and not new & (given | s3_ports):
+            return StackPorts(nats=n, nats_monitor=m, postgres=pg, s3=base)
     raise StackError("could not find free ports for the stack")
 
 
