@@ -148,6 +148,19 @@ class Adapter(Base):
     )
 
 
+class Blob(Base):
+    """A blob of the object store, by content hash. Its row's lock orders every decision about the blob's life:
+    a push registers a version of it, and a removal deletes it, only while holding the lock (storage.registry),
+    so a push of bytes another tenant is deleting can never leave a version without its blob."""
+
+    __tablename__ = "blobs"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+
+    __table_args__ = (CheckConstraint("sha256 ~ '^[0-9a-f]{64}$'", name="sha256_hex"),)
+
+
 class AdapterVersion(Base):
     """An immutable, content-addressed version of an adapter (sha256 of its canonical blob)."""
 
@@ -155,7 +168,7 @@ class AdapterVersion(Base):
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
     adapter_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("adapters.id", ondelete="CASCADE"), index=True)
-    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    sha256: Mapped[str] = mapped_column(ForeignKey("blobs.sha256"), index=True)
     max_rank: Mapped[int] = mapped_column(Integer)
     ranks: Mapped[dict[str, Any]] = mapped_column(comment="rank per adapted module: {'layers.3.q_proj': 8}")
     lora_alpha: Mapped[float] = mapped_column(Float)

@@ -4,6 +4,14 @@ A push validates everything first (nothing is written for a refused adapter), th
 blob in S3 under its sha256, then registers the version in one Postgres transaction. A push that is
 interrupted before the transaction commits leaves no registered version; a blob it stored is removed
 again unless another version already refers to it.
+
+Blobs are shared by content: two tenants pushing the same bytes share one blob, and removing an adapter
+deletes a blob only once no version refers to it. Both decisions are taken under the lock of the blob's
+row (`repo.lock_blob`), each in one transaction: a push registers its version only after checking, under
+the lock, that the object is there (and storing it again if a removal deleted it since the push's first
+store); a removal deletes the object only under the lock, while no version refers to it, and deletes the
+row in the same transaction. So a push that saw the blob present while another tenant's removal was
+deleting it never leaves a version without its blob.
 """
 
 from __future__ import annotations
@@ -104,6 +112,7 @@ class Registry:
         prepared = source if isinstance(source, Prepared) else await asyncio.to_thread(self.prepare, source)
         adapter, blob = prepared.adapter, prepared.blob
         sha = blob_sha256(blob)
+        # The upload, which may be long, happens outside any transaction; what it stored is checked again below.
         _, created_blob = await asyncio.to_thread(self.store.put_blob, blob, progress=progress)
         facts = repo.VersionFacts(
             sha256=sha,
@@ -120,6 +129,10 @@ class Registry:
         )
         try:
             async with self.sessions() as session, session.begin():
+                await repo.lock_blob(session, sha256=sha)
+                # Under the lock, a removal that deleted the blob since our upload has finished and none can start
+                # until we commit: the object we find now stays. Stored again if it is gone (a HEAD otherwise).
+                await asyncio.to_thread(self.store.put_blob, blob)
                 tenant_row = await repo.get_or_create_tenant(session, name=tenant)
                 _, version, created = await repo.register_version(session, tenant=tenant_row, name=name, facts=facts)
         except BaseException as e:
@@ -143,12 +156,26 @@ class Registry:
     async def _remove_orphan(self, sha: str) -> None:
         """Remove a blob this push stored if no registered version refers to it (best effort)."""
         try:
-            async with self.sessions() as session:
-                referenced = await repo.sha_is_referenced(session, sha256=sha)
-            if not referenced:
-                await asyncio.to_thread(self.store.delete_blob, sha)
+            await self.collect(sha)
         except Exception:
             log.warning("could not remove unregistered blob %s; it is harmless and can be collected", sha)
+
+    async def collect(self, sha: str) -> bool:
+        """Delete the blob `sha` from the object store if no version refers to it; True if it was deleted.
+
+        The object is deleted while the blob's row is locked, and the row in the same transaction: a push of
+        the same bytes waits for the lock, then finds the object gone and stores it again. Should the commit
+        fail after the object was deleted, the row stays and a later push still checks for the object.
+        """
+        try:
+            async with self.sessions() as session, session.begin():
+                if await repo.lock_blob(session, sha256=sha):
+                    return False
+                await asyncio.to_thread(self.store.delete_blob, sha)
+                await repo.forget_blob(session, sha256=sha)
+        except OperationalError as e:
+            raise _unavailable(e) from e
+        return True
 
     async def list_adapters(self, *, tenant: str | None = None) -> list[Adapter]:
         """Adapters of one tenant (or all) with their current versions."""
@@ -160,17 +187,24 @@ class Registry:
             raise _unavailable(e) from e
 
     async def remove(self, *, tenant: str, name: str) -> list[str]:
-        """Delete `tenant/name` and every version of it; remove blobs nothing else refers to."""
+        """Delete `tenant/name` and every version of it, then the blobs they used that no version refers to any
+        more (each decided under its lock, after the delete committed: see `collect`). Returns the sha256 of
+        the blobs deleted. A blob that could not be deleted stays (unused, harmless) and is logged."""
         try:
             async with self.sessions() as session, session.begin():
                 tenant_row = await repo.get_tenant(session, name=tenant)
                 assert tenant_row is not None
-                orphans = await repo.delete_adapter(session, tenant=tenant_row, name=name)
+                used = await repo.delete_adapter(session, tenant=tenant_row, name=name)
         except OperationalError as e:
             raise _unavailable(e) from e
-        for sha in orphans:
-            await asyncio.to_thread(self.store.delete_blob, sha)
-        return orphans
+        deleted = []
+        for sha in used:
+            try:
+                if await self.collect(sha):
+                    deleted.append(sha)
+            except StorageUnavailable as e:
+                log.warning("%s/%s removed, but its unused blob %s stays: %s", tenant, name, sha, e)
+        return deleted
 
     async def fetch(self, version: AdapterVersion) -> bytes:
         """The verified canonical blob of a version."""

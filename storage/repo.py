@@ -38,6 +38,7 @@ from storage.models import (
     Adapter,
     AdapterVersion,
     ApiKey,
+    Blob,
     DemandBucket,
     Invocation,
     InvocationStatus,
@@ -303,8 +304,10 @@ async def register_version(
     """Create the adapter if new, its version if new, and make the version current.
 
     Returns (adapter, version, created) where created is False when this exact content was already a
-    version of the adapter (re-upload is idempotent).
+    version of the adapter (re-upload is idempotent). Takes the blob's lock first (`lock_blob`): callers
+    that stored the blob check that it is still there after this call, before they commit.
     """
+    await lock_blob(session, sha256=facts.sha256)
     await session.execute(
         insert(Adapter).values(id=uuid.uuid4(), tenant_id=tenant.id, name=name).on_conflict_do_nothing()
     )
@@ -408,16 +411,15 @@ async def list_versions(session: AsyncSession, *, adapter: Adapter) -> Sequence[
 
 
 async def delete_adapter(session: AsyncSession, *, tenant: Tenant, name: str) -> list[str]:
-    """Delete an adapter and its versions. Returns the sha256 of blobs no other version refers to."""
+    """Delete an adapter and its versions. Returns the sha256 of the blobs they used: whether a blob is still
+    used is decided after the commit, under its lock (`lock_blob`); before it, another transaction's delete
+    of the blob's last other version would not be seen by either of the two."""
     adapter = await get_adapter(session, tenant=tenant, name=name)
     shas = set(
         (await session.scalars(select(AdapterVersion.sha256).where(AdapterVersion.adapter_id == adapter.id))).all()
     )
     await session.execute(delete(Adapter).where(Adapter.id == adapter.id))
-    still_used = set(
-        (await session.scalars(select(AdapterVersion.sha256).where(AdapterVersion.sha256.in_(shas)))).all()
-    )
-    return sorted(shas - still_used)
+    return sorted(shas)
 
 
 async def count_rows(session: AsyncSession) -> dict[str, int]:
@@ -432,6 +434,27 @@ async def sha_is_referenced(session: AsyncSession, *, sha256: str) -> bool:
     """True if any adapter version refers to this blob."""
     n = await session.scalar(select(func.count()).select_from(AdapterVersion).where(AdapterVersion.sha256 == sha256))
     return bool(n)
+
+
+async def lock_blob(session: AsyncSession, *, sha256: str) -> int:
+    """Lock the blob's row until the transaction ends (making the row if there is none) and return how many
+    versions refer to the blob. A push registers a version, and a removal deletes the object, only while
+    holding this lock, so one transaction at a time decides about a blob (storage.registry)."""
+    # DO UPDATE locks an existing row (DO NOTHING would not); should a removal delete the row while we wait for
+    # its lock, the insert goes ahead instead. Either way we hold the lock of a live row.
+    await session.execute(
+        insert(Blob).values(sha256=sha256)
+        .on_conflict_do_update(index_elements=[Blob.sha256], set_={"created_at": Blob.__table__.c.created_at})
+    )
+    # Read committed: this statement's snapshot is taken after the lock was granted, so it sees every version
+    # committed by whoever held the lock before us.
+    n = await session.scalar(select(func.count()).select_from(AdapterVersion).where(AdapterVersion.sha256 == sha256))
+    return int(n or 0)
+
+
+async def forget_blob(session: AsyncSession, *, sha256: str) -> None:
+    """Delete the blob's row: its object was deleted under the row's lock and no version refers to it."""
+    await session.execute(delete(Blob).where(Blob.sha256 == sha256))
 
 
 # -- workers and residency -------------------------------------------------------------------------
