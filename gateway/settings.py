@@ -160,4 +160,6 @@ class GatewaySettings(BaseSettings):
     nats: NatsSettings = Field(default_factory=NatsSettings)
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     object_store: ObjectStoreSettings = Field(default_factory=ObjectStoreSettings)
+    # Adapter uploads are read under these limits: per concurrent upload the gateway's peak RSS grows by at most
+    # 16 MiB while it is read (a refused bomb never costs more), then at most 5x the weights of a valid one.
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
