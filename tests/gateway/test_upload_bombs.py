@@ -204,3 +204,26 @@ async def test_an_upload_is_spooled_to_disk_not_held_in_memory(gateway_process: 
     growth = gw.status("VmHWM") - baseline
     log.info("a %d MiB upload grew the gateway's peak RSS by %.1f MiB", size_mib, growth / MIB)
     assert growth < size_mib * MIB // 2, f"{growth / MIB:.1f} MiB for a {size_mib} MiB upload"
+
+
+async def test_a_valid_adapter_costs_a_few_times_its_weights(gateway_process: GatewayProcess, keys: Keys,
+                                                                  tmp_path: Path) -> None:
+    """The bound after reading: a valid upload is validated and re-encoded in memory (its bytes, its tensors,
+    the canonical blob and the encoder's copy of it): about four times its weights file, at most five."""
+    gw = gateway_process
+    small = write_peft_adapter(tmp_path / "small", default_backbone_spec(), rank=2, modules=("q_proj",))
+    big = write_peft_adapter(tmp_path / "big", default_backbone_spec(), rank=32, seed=1)
+    weights = (big / "adapter_model.safetensors").stat().st_size
+    async with httpx.AsyncClient(base_url=gw.url, timeout=300, headers=keys.auth()) as c:
+        def files(path: Path) -> list[Any]:
+            return [("files", (p.name, p.read_bytes(), "application/octet-stream")) for p in sorted(path.iterdir())]
+
+        assert (await _upload(c, "small", files(small))).status_code == 201  # warm-up
+        baseline = gw.status("VmRSS")
+        gw.reset_peak()
+        r = await _upload(c, "big", files(big))
+    assert r.status_code == 201, r.text
+    growth = gw.status("VmHWM") - baseline
+    log.info("a valid adapter with %.1f MiB of weights grew the gateway's peak RSS by %.1f MiB (%.1fx)",
+             weights / MIB, growth / MIB, growth / weights)
+    assert growth <= 5 * weights + READ_MEMORY_BYTES, f"{growth / MIB:.1f} MiB for {weights / MIB:.1f} MiB of weights"

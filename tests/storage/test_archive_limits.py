@@ -14,6 +14,7 @@ import tracemalloc
 import zipfile
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -220,3 +221,17 @@ def _zip_symlink() -> bytes:
 def test_defaults_match_the_settings() -> None:
     """ArchiveLimits() (read_upload without limits) is what RegistrySettings() gives, but for the weights bound."""
     assert replace(LIMITS, max_member_bytes=ArchiveLimits().max_member_bytes) == ArchiveLimits()
+
+
+def test_a_bomb_on_disk_is_streamed_too(tmp_path: Path) -> None:
+    """`lorafn adapters push FILE` reads a path: the same limits, the file is never read whole."""
+    path = tmp_path / "bomb.tar.gz"
+    path.write_bytes(bombs.tar_gz_bomb(160))
+    tracemalloc.start()
+    try:
+        with pytest.raises(errors.CompressionRatioTooHigh):
+            read_upload(path, limits=LIMITS)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < READ_MEMORY_BYTES // 2
