@@ -13,7 +13,7 @@ message carries the dispatch epoch of its `WorkHeaders`). The answer is the prom
 Table 1, the invocation path (one call of the bare backbone each: a short prompt, 4 tokens, no streaming):
 
 - direct: this process publishes the `Invocation` to `lora.invoke.<tenant>._base` (awaiting the publish ack)
-  and waits for the result on its reply subject (`lora.reply.<id>`, subscribed before the publish), as a
+  and waits for the result on its reply subject (`lora.reply.<tenant>.<id>`, subscribed before the publish), as a
   NATS client does; the dispatcher routes it to an echo worker;
 - direct_work: the same call published straight to an echo worker's `lora.work.<id>` (the workers in turn),
   bypassing the dispatcher: direct - direct_work is what the dispatch hop costs;
@@ -590,7 +590,7 @@ class DirectCaller:
         i = next(self._count)
         adapter = self.adapters[i % len(self.adapters)]
         invocation_id = f"inv-{secrets.token_hex(12)}"
-        reply = subjects.reply(invocation_id)
+        reply = subjects.tenant_reply(self.tenant, invocation_id)  # the tenant's reply namespace
         loop = asyncio.get_running_loop()
         started: asyncio.Future[InvocationStarted] = loop.create_future()
         done: asyncio.Future[InvocationResult] = loop.create_future()

@@ -6,7 +6,7 @@ Each subject carries one message type (see protocol/subjects.py):
 |-----------------------------------------|----------------------|---------------------------------|
 | `lora.invoke.<tenant>.<adapter>` (JS)   | `Invocation`         | gateway / any client -> dispatcher |
 | `lora.work.<worker id>` (JS)            | `Invocation`         | dispatcher -> one worker        |
-| `lora.reply.<invocation id>` (core)     | `InvocationStarted`, `TokenChunk`s, then `InvocationResult` | worker -> caller |
+| `lora.reply.<tenant>.<...>` (core)      | `InvocationStarted`, `TokenChunk`s, then `InvocationResult` | worker -> caller |
 | `lora.result.<invocation id>` (JS)      | `InvocationResult`   | worker -> results stream        |
 | `lora.callback.<invocation id>` (JS)    | `InvocationResult`   | worker -> gateway (callbacks)   |
 | `lora.ctl.<worker id>.<verb>` (core req)| `ControlRequest` / `ControlReply` | scheduler -> worker |
@@ -120,7 +120,7 @@ class Invocation(Message):
     messages: list[ChatMessage] | None = None  # ... or a chat, with the backbone's chat template
     sampling: Sampling = Field(default_factory=Sampling)
     stream: bool = True  # send TokenChunks to the reply subject as they come
-    reply_to: str | None = None  # core subject of the caller, usually lora.reply.<id>
+    reply_to: str | None = None  # core subject of the caller, in its tenant's namespace lora.reply.<tenant>.>
     callback_url: str | None = None
     submitted_at: float = Field(default_factory=time.time)  # unix seconds
 

@@ -187,22 +187,55 @@ def tenant_permissions(tenant: str) -> Permissions:
                        subscribe=(tenant_replies(tenant),))
 
 
-def server_config(*, passwords: Mapping[str, str], issuer_public_key: str | None) -> str:
-    """The `authorization` block of the server's config: one user per component with its permissions and,
-    when `issuer_public_key` is set, the auth callout that every other user (tenants) goes through."""
+def password_variable(component: str) -> str:
+    """The environment variable a config written with `env_refs` reads a component's password from."""
+    return f"NATS_{component.upper()}_PASSWORD"
+
+
+ISSUER_VARIABLE = "NATS_CALLOUT_ISSUER"
+
+
+def server_config(*, passwords: Mapping[str, str] | None, issuer_public_key: str | None,
+                  env_refs: bool = False) -> str:
+    """The `authorization` block of the server's config: one user per component with its permissions and
+    the auth callout that every other user (tenants) goes through (left out when no issuer is given).
+
+    env_refs: the passwords and the issuer are references to environment variables (`password_variable`,
+    `ISSUER_VARIABLE`) that the server reads at start (docker-compose's deploy/nats.conf)."""
+    components = [c for c in COMPONENTS if env_refs or (passwords is not None and c in passwords)]
     users = []
-    for component in COMPONENTS:
-        if component in passwords:
-            perms = component_permissions(component).config()
-            users.append(f"    {{ user: {json.dumps(user_name(component))}, "
-                         f"password: {json.dumps(passwords[component])}{', ' + perms if perms else ''} }}")
+    for component in components:
+        perms = component_permissions(component).config()
+        password = f"${password_variable(component)}" if env_refs else json.dumps((passwords or {})[component])
+        users.append(f"    {{ user: {json.dumps(user_name(component))}, password: {password}"
+                     f"{', ' + perms if perms else ''} }}")
     lines = ["authorization {", "  users: [", *users, "  ]"]
-    if issuer_public_key is not None:
-        bypass = ", ".join(json.dumps(user_name(c)) for c in COMPONENTS if c in passwords)
-        lines += ["  auth_callout {", f"    issuer: {json.dumps(issuer_public_key)}",
-                  f"    auth_users: [ {bypass} ]", "  }"]
+    if issuer_public_key is not None or env_refs:
+        issuer = f"${ISSUER_VARIABLE}" if env_refs else json.dumps(issuer_public_key)
+        bypass = ", ".join(json.dumps(user_name(c)) for c in components)
+        lines += ["  auth_callout {", f"    issuer: {issuer}", f"    auth_users: [ {bypass} ]", "  }"]
     lines.append("}")
     return "\n".join(lines)
+
+
+def compose_config() -> str:
+    """docker-compose's nats.conf (deploy/nats.conf): JetStream under /data, monitoring on 8222 (compose
+    publishes it on the host's loopback only), the users and callout of `server_config` read from the
+    environment."""
+    return "\n".join([
+        "# NATS for docker-compose: JetStream, one user per lorafn component with its subject permissions, and the",
+        "# auth callout through which tenants' NATS credentials are checked (docs/nats.md, \"Security\").",
+        "# Generated from protocol/nats_auth.py (tests/lorafn/test_compose.py checks that it matches):",
+        "#   python -c \"from protocol.nats_auth import compose_config; print(compose_config(), end='')\" "
+        "> deploy/nats.conf",
+        "# Passwords and the callout's issuer come from the environment (docker-compose.yml sets them).",
+        'listen: "0.0.0.0:4222"',
+        'http: "0.0.0.0:8222"',
+        'jetstream { store_dir: "/data" }',
+        server_config(passwords=None, issuer_public_key=None, env_refs=True),
+        "max_payload: 8MB",
+        "",
+    ])
 
 
 # -- invocation envelope -----------------------------------------------------------------------------------

@@ -69,6 +69,9 @@ EPOCH_HEADER = "Lorafn-Epoch"
 ARRIVED_HEADER = "Lorafn-Arrived"
 SUBJECT_HEADER = "Lorafn-Subject"
 ROUTE_HEADER = "Lorafn-Route"
+# On a recorded result: the tenant whose call it answers. Invocation ids are the callers' choice on the bus, so
+# a worker answers a call from a record only when the record is the same tenant's.
+TENANT_HEADER = "Lorafn-Tenant"
 RESULT_ALL = f"{RESULT_PREFIX}.>"
 CALLBACK_ALL = f"{CALLBACK_PREFIX}.>"
 WORKER_EVENTS_ALL = f"{WORKER_EVENT_PREFIX}.*"
@@ -135,7 +138,8 @@ def callback(invocation_id: str) -> str:
 
 
 def reply(invocation_id: str) -> str:
-    """Core subject the token chunks of an invocation are streamed to."""
+    """`lora.reply.<invocation id>`: outside every tenant's reply namespace, so the dispatcher refuses it as an
+    invocation's `reply_to` (`tenant_reply` is the one to use); only a publisher of work subjects (tests) may."""
     return f"{REPLY_PREFIX}.{check_name('invocation', invocation_id)}"
 
 

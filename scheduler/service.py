@@ -374,7 +374,8 @@ class SchedulerService:
         subject, then the Postgres row) for an invocation no worker will answer."""
         assert self.js is not None and self.nc is not None and self.sessions is not None
         payload = result.encode()
-        await record_result(self.js, inv.id, payload, callback=inv.callback_url is not None)
+        await record_result(self.js, inv.id, payload, callback=inv.callback_url is not None,
+                            headers={subjects.TENANT_HEADER: inv.tenant})
         if inv.reply_to:
             try:
                 await self.nc.publish(inv.reply_to, payload, headers={KIND_HEADER: subjects.KIND_RESULT})

@@ -131,6 +131,16 @@ class Rescued(Exception):
     """The dispatcher gave this invocation to another worker (this one was silent too long): abandon it."""
 
 
+class IdTaken(Exception):
+    """The invocation's id already has a result recorded by a call of another tenant: this call is not answered
+    from that record (it would hand one tenant's output to another, or one tenant's forged answer to another's
+    caller)."""
+
+    def __init__(self, invocation_id: str, recorder: str) -> None:
+        super().__init__(f"invocation id {invocation_id} is already used by another call; pick a new id")
+        self.recorder = recorder
+
+
 class HandBack(Exception):
     """The worker is stopping: hand the invocation back to the dispatcher."""
 
@@ -361,7 +371,7 @@ class WorkerService:
         self._running[inv.id] = running
         ticker = asyncio.create_task(self._keep_alive(msg, running), name=f"in-progress-{inv.id}")
         try:
-            existing = await self._recorded_result(inv.id)
+            existing = await self._recorded_result(inv.id, tenant=inv.tenant)
             if existing is not None:
                 logger.info("invocation %s already has a result; sending it again", inv.id)
                 if inv.callback_url is not None:
@@ -383,6 +393,13 @@ class WorkerService:
         except Cancelled as e:
             logger.info("invocation %s cancelled after %d tokens: %s", inv.id, e.result.usage.completion_tokens, e)
             result = e.result
+        except IdTaken as e:
+            logger.warning("invocation %s of tenant %s refused: its id has a result of tenant %s", inv.id, inv.tenant,
+                           e.recorder)
+            failed = self._failed(inv, attempt, work.epoch, ErrorCode.bad_request, str(e))
+            await self._reply(inv, failed.encode(), subjects.KIND_RESULT)  # not recorded: the id's record is not its
+            await self._ack(msg, inv.id)
+            return
         except HandBack:
             await self._hand_back(msg, inv, work)
             self.metrics.observe_ending("handed_back")
@@ -405,7 +422,7 @@ class WorkerService:
         try:
             if not await self._record(inv, payload):
                 # A result was recorded first (a cancel that raced the end of the generation): it is the outcome.
-                recorded = await self._recorded_or(inv.id, payload)
+                recorded = await self._recorded_or(inv.id, payload, tenant=inv.tenant)
                 with contextlib.suppress(MessageInvalid):
                     result, payload = InvocationResult.decode(recorded), recorded
         except (nats.errors.Error, nats.js.errors.Error) as e:
@@ -461,28 +478,31 @@ class WorkerService:
             if await self._was_rescued(running):
                 await self._abort(running)
                 return
-            if running.cancelled is None and await self._answered(running.invocation.id):
+            if running.cancelled is None and await self._answered(running.invocation.id, running.invocation.tenant):
                 await self._stop_cancelled(running, "a result was recorded while it ran (a cancel)")
             try:
                 await msg.in_progress()
             except nats.errors.Error as e:
                 logger.debug("in-progress ack of %s failed: %s", running.invocation.id, e)
 
-    async def _answered(self, invocation_id: str) -> bool:
-        """Whether the results stream holds a result of the invocation (unknown counts as no)."""
+    async def _answered(self, invocation_id: str, tenant: str) -> bool:
+        """Whether the results stream holds a result of the invocation (unknown, or another tenant's record of
+        the same id, counts as no)."""
         try:
-            return await self._recorded_result(invocation_id) is not None
-        except Retry:
+            return await self._recorded_result(invocation_id, tenant=tenant) is not None
+        except (Retry, IdTaken):
             return False
 
-    async def _recorded_or(self, invocation_id: str, payload: bytes) -> bytes:
-        """The recorded result of an invocation, or `payload` if it cannot be read now."""
+    async def _recorded_or(self, invocation_id: str, payload: bytes, *, tenant: str | None = None) -> bytes:
+        """The recorded result of an invocation, or `payload` if it cannot be read now (or is another tenant's)."""
         try:
-            return await self._recorded_result(invocation_id) or payload
-        except Retry:
+            return await self._recorded_result(invocation_id, tenant=tenant) or payload
+        except (Retry, IdTaken):
             return payload
 
-    async def _recorded_result(self, invocation_id: str) -> bytes | None:
+    async def _recorded_result(self, invocation_id: str, *, tenant: str | None = None) -> bytes | None:
+        """The recorded result of an invocation (None: none yet). IdTaken when `tenant` is given and the record
+        was made for another tenant's call of the same id (ids are the callers' choice on the bus)."""
         assert self.js is not None
         try:
             raw = await self.js.get_last_msg(subjects.RESULTS_STREAM, subjects.result(invocation_id))
@@ -490,6 +510,9 @@ class WorkerService:
             return None
         except (nats.errors.Error, nats.js.errors.Error) as e:
             raise Retry(f"cannot read the results stream: {e}", self.settings.consumer.retry_delay_s) from e
+        recorder = (raw.headers or {}).get(subjects.TENANT_HEADER)
+        if tenant is not None and recorder is not None and recorder != tenant:
+            raise IdTaken(invocation_id, recorder)
         return raw.data
 
     async def _record(self, inv: Invocation, payload: bytes) -> bool:
@@ -500,7 +523,8 @@ class WorkerService:
         deadline = time.monotonic() + self.settings.consumer.ack_wait_s
         while True:
             try:
-                return await record_result(self.js, inv.id, payload, callback=inv.callback_url is not None)
+                return await record_result(self.js, inv.id, payload, callback=inv.callback_url is not None,
+                                           headers={subjects.TENANT_HEADER: inv.tenant})
             except (nats.errors.Error, nats.js.errors.Error) as e:
                 if time.monotonic() > deadline:
                     raise

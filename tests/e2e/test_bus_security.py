@@ -268,3 +268,43 @@ async def test_components_are_held_to_their_own_subjects(services: Any, cluster:
     if services.stack is not None and services.stack.config.nats_monitor:
         assert "127.0.0.1" in (services.stack.state_dir / "nats.conf").read_text().split("http:")[1].splitlines()[0]
     await asyncio.sleep(0)
+
+
+async def test_an_id_of_another_tenants_call_is_not_answered_from_its_record(
+    services: Any, cluster: Cluster, adapters: dict[str, str], tenant_a: TenantClient
+) -> None:
+    """Ids are the callers' choice on the bus: B's recorded result of id X never answers A's call of id X."""
+    other = adapters["other_tenant"]
+    assert tenant_a.nc is not None
+    b = await TenantClient(other).connect(f"nats://{other}:{await new_credential(cluster, other)}@"
+                                          f"{nats_address(services)}")
+    shared = f"job-{secrets.token_hex(4)}"
+    try:
+        assert b.nc is not None
+        inv_b = Invocation(id=shared, tenant=other, adapter="secret", prompt="b's secret prompt",
+                           sampling=Sampling(temperature=0.0, max_tokens=6),
+                           reply_to=subjects.tenant_reply(other, "b" + secrets.token_hex(4)))
+        assert inv_b.reply_to is not None
+        b_replies = await collect(b.nc, inv_b.reply_to)
+        await b.invoke(inv_b)
+        await wait_for(lambda: any((m.headers or {}).get(subjects.KIND_HEADER) == subjects.KIND_RESULT
+                                   for m in b_replies), timeout=60, what="B's result")
+        b_result = InvocationResult.decode(b_replies[-1].data)
+        assert b_result.status == "succeeded" and b_result.token_ids
+    finally:
+        await b.close()
+    inv_a = Invocation(id=shared, tenant=cluster.tenant, adapter=None, prompt="hello",
+                       sampling=Sampling(temperature=0.0, max_tokens=6),
+                       reply_to=subjects.tenant_reply(cluster.tenant, "a" + secrets.token_hex(4)))
+    assert inv_a.reply_to is not None
+    a_replies = await collect(tenant_a.nc, inv_a.reply_to)
+    await tenant_a.nc.jetstream().publish(subjects.invoke(cluster.tenant, subjects.BASE_ADAPTER), inv_a.encode(),
+                                          headers={subjects.MSG_ID_HEADER: f"{shared}-a"})
+    await wait_for(lambda: any((m.headers or {}).get(subjects.KIND_HEADER) == subjects.KIND_RESULT
+                               for m in a_replies), timeout=60, what="A's answer")
+    a_result = InvocationResult.decode(a_replies[-1].data)
+    assert a_result.status == "failed" and a_result.error is not None and a_result.error.code == "bad_request"
+    assert "already used" in a_result.error.message and a_result.token_ids == [] and a_result.text == ""
+    # The record is still B's.
+    recorded = await cluster.recorded_result(shared)
+    assert recorded.token_ids == b_result.token_ids

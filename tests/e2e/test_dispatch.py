@@ -73,7 +73,9 @@ UNKNOWN_GRACE_S = 3.0
 # 64 rank-8 adapters of the tiny backbone per worker (512 pages of 128 bytes each): 300 adapters over three
 # workers must be evicted and loaded again.
 ADAPTER_POOL_BYTES = 64 * 512 * 128
-REPLY_PREFIX = "lora.reply.dispatch-test"
+# Replies come back as to a gateway of this name: lora.reply.<tenant>.dispatch-test.<invocation id>, inside the
+# tenant's reply namespace (the dispatcher refuses a reply subject outside it).
+REPLIES_AS = "dispatch-test"
 
 
 def scheduler_settings(services: Any) -> dict[str, str]:
@@ -114,6 +116,7 @@ class Cluster:
 
     def spawn_worker(self, worker_id: str) -> None:
         env = child_env(nats_url=self.services.nats_url, object_store=self.store_settings, extra={
+            **self.services.nats_env_of("worker"),  # the workers' own NATS user
             "LORAFN_BACKBONE__PATH": str(self.backbone), "LORAFN_WORKER_ID": worker_id,
             "LORAFN_ENGINE__KV_CACHE_BYTES": str(16 << 20),
             "LORAFN_ENGINE__ADAPTER_POOL_BYTES": str(ADAPTER_POOL_BYTES),
@@ -128,6 +131,7 @@ class Cluster:
 
     def spawn_scheduler(self, name: str) -> None:
         extra = {f"LORAFN_SCHEDULER__{k}": v for k, v in scheduler_settings(self.services).items()}
+        extra |= self.services.nats_env_of("scheduler")  # the scheduler's own NATS user
         env = child_env(nats_url=self.services.nats_url, database_url=self.services.database_url, extra=extra)
         with open(self.logs / f"{name}.log", "ab") as log:
             self.schedulers[name] = subprocess.Popen([sys.executable, "-m", "scheduler"], env=env, stdout=log,
@@ -158,7 +162,7 @@ class Cluster:
         """An in-process scheduler with `router` for the duration of the block (once it has heard from the
         workers in `expect`)."""
         settings = SchedulerSettings(
-            nats={"url": self.services.nats_url}, database=DatabaseSettings(url=self.services.database_url),
+            nats=self.services.nats_of("scheduler"), database=DatabaseSettings(url=self.services.database_url),
             scheduler=PlacementSettings.model_validate(
                 {k.lower(): v for k, v in scheduler_settings(self.services).items()}),
         )
@@ -187,7 +191,7 @@ class Cluster:
         inv_id = f"inv-{secrets.token_hex(8)}"
         return Invocation(id=inv_id, tenant=tenant, adapter=adapter, version=version, prompt=prompt,
                           sampling=Sampling(temperature=0.0, max_tokens=max_tokens),
-                          reply_to=f"{REPLY_PREFIX}.{inv_id}")
+                          reply_to=subjects.gateway_reply(REPLIES_AS, inv_id, tenant=tenant))
 
     async def publish(self, inv: Invocation) -> Reply:
         reply = self.replies[inv.id] = Reply()
@@ -289,7 +293,7 @@ async def cluster(services: Any, tmp_path_factory: pytest.TempPathFactory) -> As
             reply.done.set()
 
     await nc.subscribe(subjects.WORKER_EVENTS_ALL, cb=on_heartbeat)
-    await nc.subscribe(f"{REPLY_PREFIX}.*", cb=on_reply)
+    await nc.subscribe(subjects.gateway_replies(REPLIES_AS), cb=on_reply)
     for worker_id in WORKERS:
         c.spawn_worker(worker_id)
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +43,13 @@ def test_ports_match_the_settings_defaults(compose: dict[str, Any]) -> None:
     services = compose["services"]
     stack = StackSettings()
     assert f"{stack.nats_port}:4222" in services["nats"]["ports"]
-    assert f"{stack.nats_monitor_port}:8222" in services["nats"]["ports"]
+    # NATS monitoring has no authentication: published on the host's loopback only
+    assert f"127.0.0.1:{stack.nats_monitor_port}:8222" in services["nats"]["ports"]
     assert f"{stack.postgres_port}:5432" in services["postgres"]["ports"]
     assert f"{stack.s3_port}:9000" in services["minio"]["ports"]
-    assert "--jetstream" in services["nats"]["command"]
+    assert services["nats"]["command"] == ["--config", "/etc/nats/nats.conf"]
     assert any("/data" in v for v in services["nats"]["volumes"])
+    assert "./deploy/nats.conf:/etc/nats/nats.conf:ro" in services["nats"]["volumes"]
 
 
 def test_init_job_waits_for_healthy_services_and_its_env_parses(
@@ -61,7 +64,7 @@ def test_init_job_waits_for_healthy_services_and_its_env_parses(
     for key, value in init["environment"].items():
         monkeypatch.setenv(key, _expand(str(value)))
     settings = LorafnSettings()
-    assert settings.nats.url == "nats://nats:4222"
+    assert settings.nats.url.startswith("nats://lorafn.admin:") and settings.nats.url.endswith("@nats:4222")
     assert settings.database.url.startswith("postgresql+psycopg://lorafn:") and "@postgres:5432/lorafn" in settings.database.url
     assert settings.object_store.endpoint == "minio:9000"
     postgres_env = compose["services"]["postgres"]["environment"]
@@ -96,3 +99,57 @@ def test_minio_publishes_only_its_s3_api(compose: dict[str, Any]) -> None:
     assert "--console-address" not in minio["command"]
     published = [p for s in compose["services"].values() for p in s.get("ports", [])]
     assert not [p for p in published if p.rsplit(":", 1)[-1] == "9001"]
+
+
+def test_compose_nats_config_is_generated_and_its_users_and_callout_work(compose: dict[str, Any], tmp_path: Path) -> None:
+    """deploy/nats.conf is what protocol.nats_auth writes; a real nats-server runs it with compose's environment
+    defaults: the admin connects, a component is held to its permissions, the dev issuer key pair matches."""
+    import asyncio
+
+    import nats
+
+    from lorafn.stack import find_binary, free_ports, nats_jetstream_ready
+    from protocol.nats_auth import Signer, compose_config
+
+    assert (ROOT / "deploy" / "nats.conf").read_text() == compose_config()
+    env_nats = {k: _expand(str(v)) for k, v in compose["services"]["nats"]["environment"].items()}
+    seed = _expand(str(compose["x-lorafn-env"]["LORAFN_NATS_CALLOUT__ISSUER_SEED"]))
+    assert Signer(seed).public_key == env_nats["NATS_CALLOUT_ISSUER"]
+    binary = find_binary("nats-server")
+    assert binary is not None
+    port, monitor = free_ports("127.0.0.1", 2)
+    conf = compose_config().replace('"0.0.0.0:4222"', f'"127.0.0.1:{port}"').replace(
+        '"0.0.0.0:8222"', f'"127.0.0.1:{monitor}"').replace('"/data"', f'"{tmp_path}"')
+    (tmp_path / "nats.conf").write_text(conf)
+    with open(tmp_path / "nats.log", "wb") as log:
+        proc = subprocess.Popen([str(binary), "-c", str(tmp_path / "nats.conf")], env=env_nats, stdout=log,
+                                stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if nats_jetstream_ready("127.0.0.1", port, user="lorafn.admin", password=env_nats["NATS_ADMIN_PASSWORD"]):
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, (tmp_path / "nats.log").read_text()
+            time.sleep(0.1)
+
+        async def worker_may_not_publish_work() -> list[str]:
+            errors: list[str] = []
+
+            async def on_error(e: Exception) -> None:
+                errors.append(str(e))
+
+            nc = await nats.connect(f"nats://lorafn.worker:{env_nats['NATS_WORKER_PASSWORD']}@127.0.0.1:{port}",
+                                    error_cb=on_error, allow_reconnect=False)
+            await nc.publish("lora.work.w1", b"x")
+            await nc.flush()
+            await asyncio.sleep(0.3)
+            await nc.close()
+            return errors
+
+        assert any("permissions violation" in e.lower() for e in asyncio.run(worker_may_not_publish_work()))
+    finally:
+        proc.terminate()
+        proc.wait(10)

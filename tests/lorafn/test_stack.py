@@ -293,3 +293,85 @@ def test_each_bucket_gets_one_seaweedfs_volume_at_a_time(services, object_store_
     # The master's HTTP API is off (see test_object_store_ports); a volume is a file <collection>_<id>.dat.
     volumes = sorted(p.name for p in (stack.state_dir / "s3").glob(f"{bucket}_*.dat"))
     assert len(volumes) == 1, volumes
+
+
+def _nats_only(tmp_path: Path, *, monitor: bool) -> LocalStack:
+    """A stack whose NATS alone is started (the servers' other parts are not needed here)."""
+    from lorafn.stack import Credentials, find_binary
+
+    stack = LocalStack(StackConfig(state_dir=tmp_path, ports=free_stack_ports(), nats_monitor=monitor))
+    stack.state_dir.mkdir(parents=True, exist_ok=True)
+    stack.credentials = Credentials.load_or_create(tmp_path / "credentials.json")
+    binary = find_binary("nats-server")
+    assert binary is not None
+    stack._start_nats(binary)
+    return stack
+
+
+async def _connect_errors(url: str, publish: str) -> list[str]:
+    errors: list[str] = []
+
+    async def on_error(e: Exception) -> None:
+        errors.append(str(e))
+
+    nc = await nats.connect(url, error_cb=on_error, allow_reconnect=False, connect_timeout=3)
+    await nc.publish(publish, b"x")
+    await nc.flush()
+    await asyncio.sleep(0.2)
+    await nc.close()
+    return errors
+
+
+def test_nats_has_a_user_per_component_and_no_monitoring_unless_asked(tmp_path: Path) -> None:
+    import urllib.request
+
+    from protocol.nats_auth import COMPONENTS, user_name
+
+    stack = _nats_only(tmp_path / "off", monitor=False)
+    try:
+        assert stack.credentials is not None
+        ports, passwords = stack.config.ports, stack.credentials.nats_passwords
+        assert sorted(passwords) == sorted(COMPONENTS)
+        assert "http:" not in (stack.state_dir / "nats.conf").read_text()
+        assert port_is_free("127.0.0.1", ports.nats_monitor)  # nothing listens there
+        url = f"nats://{{}}:{{}}@127.0.0.1:{ports.nats}"
+        # Each component's user connects and is held to its own subjects; the admin is not.
+        assert asyncio.run(_connect_errors(url.format(user_name("admin"), passwords["admin"]), "lora.work.w1")) == []
+        errors = asyncio.run(_connect_errors(url.format(user_name("gateway"), passwords["gateway"]), "lora.work.w1"))
+        assert any('permissions violation for publish to "lora.work.w1"' in e for e in errors), errors
+        # A wrong password is refused, and so is the one shared user of earlier releases.
+        for user, password in ((user_name("worker"), passwords["gateway"]), ("lorafn", passwords["admin"])):
+            with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+                asyncio.run(nats.connect(url.format(user, password), allow_reconnect=False, max_reconnect_attempts=0,
+                                         connect_timeout=3))
+        # A restart (supervision, fault tests) waits with the same probe.
+        stack.restart("nats")
+    finally:
+        stack.stop()
+    stack = _nats_only(tmp_path / "on", monitor=True)
+    try:
+        monitor = stack.config.ports.nats_monitor
+        assert f'http: "127.0.0.1:{monitor}"' in (stack.state_dir / "nats.conf").read_text()
+        with urllib.request.urlopen(f"http://127.0.0.1:{monitor}/healthz", timeout=2) as r:
+            assert r.status == 200
+    finally:
+        stack.stop()
+
+
+def test_credentials_of_an_earlier_release_gain_a_nats_user_per_component(tmp_path: Path) -> None:
+    from lorafn.stack import Credentials
+    from protocol.nats_auth import COMPONENTS, Signer
+
+    path = tmp_path / "credentials.json"
+    old = {"nats_user": "lorafn", "nats_password": "p1", "postgres_user": "lorafn", "postgres_password": "p2",
+           "s3_access_key": "k", "s3_secret_key": "s"}
+    path.write_text(json.dumps(old))
+    os.chmod(path, 0o600)
+    creds = Credentials.load_or_create(path)
+    assert sorted(creds.nats_passwords) == sorted(COMPONENTS)
+    assert (creds.postgres_password, creds.s3_access_key, creds.s3_secret_key) == ("p2", "k", "s")  # data made with them
+    assert Signer(creds.nats_issuer_seed).public_key.startswith("A")
+    stored = json.loads(path.read_text())
+    assert "nats_password" not in stored and stored["nats_passwords"] == creds.nats_passwords
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert Credentials.load_or_create(path) == creds  # stable once written

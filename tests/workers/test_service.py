@@ -103,7 +103,7 @@ class Cluster:
     async def invoke(self, inv: Invocation, *, timeout: float = 60.0, wait: bool = True,
                      msg_id: str | None = None) -> Reply:
         reply = Reply()
-        sub = await self.nc.subscribe(inv.reply_to or subjects.reply(inv.id), cb=_collector(reply))
+        sub = await self.nc.subscribe(inv.reply_to or subjects.tenant_reply(inv.tenant, inv.id), cb=_collector(reply))
         await self.js.publish(subjects.invoke(inv.tenant, inv.adapter or BASE_ADAPTER), inv.encode(),
                               headers={"Nats-Msg-Id": msg_id or inv.id})
         if wait:
@@ -268,7 +268,7 @@ async def test_adapter_invocation_end_to_end(cluster: Cluster, registry: Registr
         adapter_row = await repo.get_adapter(session, tenant=tenant_row, name="bot")
         await repo.create_invocation(session, invocation_id=inv_id, tenant=tenant_row, adapter=adapter_row)
     inv = Invocation(id=inv_id, tenant=tenant, adapter="bot", version=pushed.sha256, prompt="Hello there",
-                     sampling=Sampling(temperature=0.0, max_tokens=12), reply_to=subjects.reply(inv_id))
+                     sampling=Sampling(temperature=0.0, max_tokens=12), reply_to=subjects.tenant_reply(tenant, inv_id))
     reply = await cluster.invoke(inv)
     [result] = reply.results
     assert result.status == "succeeded", result.error
@@ -310,7 +310,7 @@ async def test_adapter_invocation_end_to_end(cluster: Cluster, registry: Registr
     assert await results_in_stream(cluster.js, inv_id) == 1
 
     # A second call of the same adapter finds it on the device.
-    second = await cluster.invoke(inv.model_copy(update={"id": (i := new_id()), "reply_to": subjects.reply(i)}))
+    second = await cluster.invoke(inv.model_copy(update={"id": (i := new_id()), "reply_to": subjects.tenant_reply(tenant, i)}))
     assert second.results[0].adapter_tier == "device" and second.results[0].token_ids == result.token_ids
 
 
@@ -318,7 +318,7 @@ async def test_base_model_chat_invocation(cluster: Cluster) -> None:
     inv_id = new_id()
     inv = Invocation(id=inv_id, tenant="dev", messages=[ChatMessage(role="user", content="Say hi")],
                      sampling=Sampling(temperature=0.7, seed=7, max_tokens=8, stop=["zzz"]),
-                     reply_to=subjects.reply(inv_id))
+                     reply_to=subjects.tenant_reply("dev", inv_id))
     reply = await cluster.invoke(inv)
     [result] = reply.results
     assert result.status == "succeeded", result.error
@@ -339,9 +339,9 @@ async def test_callback_copy_of_the_result(cluster: Cluster) -> None:
     plain_id, cb_id, crashed_id = new_id(), new_id(), new_id()
     sampling = Sampling(temperature=0.0, max_tokens=4)
     plain = await cluster.invoke(Invocation(id=plain_id, tenant="dev", prompt="hi", sampling=sampling,
-                                            reply_to=subjects.reply(plain_id)))
+                                            reply_to=subjects.tenant_reply("dev", plain_id)))
     with_cb = await cluster.invoke(Invocation(id=cb_id, tenant="dev", prompt="hi", sampling=sampling,
-                                              reply_to=subjects.reply(cb_id), callback_url="http://127.0.0.1:9/cb"))
+                                              reply_to=subjects.tenant_reply("dev", cb_id), callback_url="http://127.0.0.1:9/cb"))
     assert plain.results[0].status == with_cb.results[0].status == "succeeded"
     assert await messages_on(cluster.js, subjects.callback(plain_id)) == 0
     assert await messages_on(cluster.js, subjects.callback(cb_id)) == 1
@@ -353,7 +353,7 @@ async def test_callback_copy_of_the_result(cluster: Cluster) -> None:
     await cluster.js.publish(subjects.result(crashed_id), recorded.encode(),
                              headers={subjects.MSG_ID_HEADER: subjects.result_msg_id(crashed_id)})
     again = await cluster.invoke(Invocation(id=crashed_id, tenant="dev", prompt="hi", sampling=sampling,
-                                            reply_to=subjects.reply(crashed_id),
+                                            reply_to=subjects.tenant_reply("dev", crashed_id),
                                             callback_url="http://127.0.0.1:9/cb"))
     assert again.results == [recorded] and not again.chunks
     assert await messages_on(cluster.js, subjects.callback(crashed_id)) == 1
@@ -363,7 +363,7 @@ async def test_callback_copy_of_the_result(cluster: Cluster) -> None:
 async def test_prompt_too_long_is_a_terminal_failure(cluster: Cluster) -> None:
     inv_id = new_id()
     reply = await cluster.invoke(Invocation(id=inv_id, tenant="dev", prompt="word " * 3000,
-                                            reply_to=subjects.reply(inv_id)))
+                                            reply_to=subjects.tenant_reply("dev", inv_id)))
     [result] = reply.results
     assert result.status == "failed" and result.error is not None
     assert result.error.code == "prompt_too_long" and "tokens" in result.error.message
@@ -380,7 +380,7 @@ async def test_corrupted_adapter_fails_and_is_not_redelivered(
     store.client.put_object(store.bucket, blob_key(pushed.sha256), io.BytesIO(bad), len(bad))
     inv_id = new_id()
     reply = await cluster.invoke(Invocation(id=inv_id, tenant=tenant, adapter="tampered", version=pushed.sha256,
-                                            prompt="hi", reply_to=subjects.reply(inv_id)))
+                                            prompt="hi", reply_to=subjects.tenant_reply(tenant, inv_id)))
     [result] = reply.results
     assert result.status == "failed" and result.error is not None
     assert result.error.code == "adapter_corrupted"
@@ -464,7 +464,8 @@ async def test_worker_killed_mid_generation_is_redelivered(
     pushed = await push_adapter(registry, cluster, tmp_path, tenant, "long", seed=5)
     inv_id = new_id()
     inv = Invocation(id=inv_id, tenant=tenant, adapter="long", version=pushed.sha256, prompt="Tell me a story",
-                     sampling=Sampling(temperature=0.8, max_tokens=120), reply_to=subjects.reply(inv_id))
+                     sampling=Sampling(temperature=0.8, max_tokens=120),
+                     reply_to=subjects.tenant_reply(tenant, inv_id))
     reply = await cluster.invoke(inv, wait=False)
     await wait_for(lambda: len(reply.chunks) >= 3, what="first chunks")
     [victim] = {s.worker_id for s in cluster.started if s.invocation_id == inv_id}
@@ -485,7 +486,8 @@ async def test_sigterm_drains_running_invocation(cluster: Cluster) -> None:
     [survivor] = [w for w, p in cluster.workers.items() if p.poll() is None]
     inv_id = new_id()
     inv = Invocation(id=inv_id, tenant="dev", prompt="a long answer please",
-                     sampling=Sampling(temperature=0.0, max_tokens=60), reply_to=subjects.reply(inv_id))
+                     sampling=Sampling(temperature=0.0, max_tokens=60),
+                     reply_to=subjects.tenant_reply("dev", inv_id))
     reply = await cluster.invoke(inv, wait=False)
     await wait_for(lambda: len(reply.chunks) >= 2, what="first chunks")
     cluster.workers[survivor].send_signal(signal.SIGTERM)
