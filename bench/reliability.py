@@ -470,8 +470,7 @@ class Tally:
         self.outcomes[kind][outcome] += 1
 
     def accept(self, inv_id: str, kind: str) -> Accepted:
-        a = self.accepted.setdefault(inv_id, Accepted(inv_id, kind))
-        return a
+        return self.accepted.setdefault(inv_id, Accepted(inv_id, kind))
 
 
 def _http_outcome(r: httpx.Response) -> str:
@@ -490,19 +489,19 @@ class Load:
         self.stable = [f"stable-{i}" for i in range(options.stable_adapters)]
         self.stop = asyncio.Event()
 
-    def _model(self, rng: random.Random) -> str:
-        name = rng.choice([*self.stable, subjects.BASE_ADAPTER])
-        return name
+    def _adapter(self, rng: random.Random) -> str:
+        """A stable adapter or the bare backbone."""
+        return rng.choice([*self.stable, subjects.BASE_ADAPTER])
 
     async def caller(self, index: int) -> None:
         rng = random.Random(f"{self.options.seed}-caller-{index}")
+        calls = {"sync": self._sync, "async": self._async, "stream": self._stream, "abandoned": self._abandoned}
         async with self.stack.http() as http:
             while not self.stop.is_set():
                 kind = choose_kind(rng, self.options.weights)
-                adapter = self._model(rng)
                 t0 = time.perf_counter()
                 try:
-                    outcome = await getattr(self, f"_{kind}")(http, adapter, rng)
+                    outcome = await calls[kind](http, self._adapter(rng), rng)
                 except (httpx.HTTPError, OSError) as e:
                     outcome = error_kind(e)
                 self.tally.note(kind, outcome)
