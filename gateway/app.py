@@ -87,7 +87,7 @@ def create_app(settings: GatewaySettings, *, registry: Any | None = None) -> Fas
         metrics = GatewayMetrics()
         link = NatsLink(settings.nats, reconnect_wait_s=options.nats_reconnect_wait_s)
         resolver = AdapterResolver(sessions, options.cache)
-        limiter = Limiter(options.quotas)
+        limiter = Limiter(options.quotas, on_refusal=lambda limit: metrics.rejections.labels(f"quota_{limit}").inc())
         authenticator = Authenticator(sessions, options.cache, limiter)
         invoker = Invoker(link=link, sessions=sessions, rows=rows, limits=options.limits, callbacks=options.callbacks,
                           metrics=metrics, quotas=limiter)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ipaddress
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -200,8 +201,9 @@ class Pending:
 class Limiter:
     """The quota state of one gateway process; every method takes the time (`time.monotonic()`)."""
 
-    def __init__(self, settings: QuotaSettings) -> None:
+    def __init__(self, settings: QuotaSettings, on_refusal: Callable[[str], None] = lambda limit: None) -> None:
         self.settings = settings
+        self.on_refusal = on_refusal  # told the limit's name at each refusal (the gateway counts them)
         self._buckets: dict[str, TokenBucket] = {}
         self._tokens: dict[str, SlidingWindow] = {}
         self._inflight: dict[str, int] = {}
@@ -211,6 +213,10 @@ class Limiter:
 
     def quota(self, tenant: Tenant) -> Quota:
         return Quota.of(tenant, self.settings)
+
+    def _refused(self, refusal: QuotaExceeded) -> QuotaExceeded:
+        self.on_refusal(refusal.limit)
+        return refusal
 
     # -- requests ------------------------------------------------------------------------------------
 
@@ -227,12 +233,12 @@ class Limiter:
         wait = bucket.take(now)
         if wait > 0:
             retry = retry_seconds(wait)
-            raise QuotaExceeded(
+            raise self._refused(QuotaExceeded(
                 "requests_per_s",
                 f"tenant {tenant.name} is over its request rate of {q.requests_per_s:g} requests/s (bursts of "
                 f"{q.bucket_size:g}); retry in {retry} s",
                 value=q.requests_per_s, current=round(q.bucket_size - bucket.level, 3), retry_after_s=retry,
-            )
+            ))
 
     # -- invocations ---------------------------------------------------------------------------------
 
@@ -245,22 +251,22 @@ class Limiter:
             if window is not None and (wait := window.wait(now, q.tokens_per_min)) > 0:
                 retry = retry_seconds(wait)
                 used = window.total(now)
-                raise QuotaExceeded(
+                raise self._refused(QuotaExceeded(
                     "tokens_per_min",
                     f"tenant {tenant.name} generated {used} tokens in the last {TOKENS_WINDOW_S:g} s, the limit is "
                     f"{q.tokens_per_min} per minute; retry in {retry} s",
                     value=q.tokens_per_min, current=used, retry_after_s=retry,
-                )
+                ))
         if q.concurrent is not None:
             self._expire(now)
             n = self._inflight.get(tenant.name, 0)
             if n >= q.concurrent:
-                raise QuotaExceeded(
+                raise self._refused(QuotaExceeded(
                     "concurrent",
                     f"tenant {tenant.name} has {n} invocations queued or running, the limit is {q.concurrent}; "
                     f"retry when one has finished",
                     value=q.concurrent, current=n, retry_after_s=CONCURRENCY_RETRY_S,
-                )
+                ))
 
     def acquire(self, tenant: Tenant, invocation_id: str, now: float) -> None:
         """`invocation_id` of `tenant` was accepted: it counts as in flight until `release` or its result."""
@@ -335,12 +341,12 @@ class Limiter:
         if wait > 0:
             retry = retry_seconds(wait)
             s = self.settings
-            raise QuotaExceeded(
+            raise self._refused(QuotaExceeded(
                 "auth_failures",
                 f"{s.auth_failures} failed authentications from {key} within {s.auth_failure_window_s:g} s; "
                 f"retry in {retry} s",
                 value=s.auth_failures, current=self.auth_failures.failures(key, now), retry_after_s=retry,
-            )
+            ))
 
     def auth_failed(self, address: str | None, now: float) -> None:
         """A request from `address` failed to authenticate."""

@@ -14,6 +14,7 @@ from gateway.settings import GatewaySettings, QuotaSettings
 from storage import repo
 from storage.objectstore import ObjectStore
 from tests.gateway.conftest import EchoWorker, GatewayFactory, Keys, Pushed, make_settings
+from tests.prometheus import rendered, value
 
 FN = "/v1/functions/acme/bot/invocations"
 
@@ -50,6 +51,8 @@ async def test_requests_per_second(gateway_factory: GatewayFactory, services: An
         assert (await c.get("/v1/models", headers=keys.auth(keys.other))).status_code == 200  # per tenant
         await asyncio.sleep(0.6)  # one request's worth refilled at 2/s
         assert (await c.get("/v1/models", headers=keys.auth())).status_code == 200
+    page = rendered(gw.app.state.gateway.metrics)
+    assert value(page, "lorafn_rejections_total", reason="quota_requests_per_s") == 1.0
 
 
 async def test_a_tenant_override_in_postgres_wins(gateway_factory: GatewayFactory, services: Any,
