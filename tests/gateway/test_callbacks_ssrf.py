@@ -32,7 +32,7 @@ from gateway.callbacks import (
 from gateway.settings import CallbackSettings
 from storage import repo
 from storage.settings import ObjectStoreSettings
-from tests.gateway.conftest import GatewayFactory, Keys, Pushed, make_settings, stream_messages
+from tests.gateway.conftest import EchoWorker, GatewayFactory, Keys, Pushed, make_settings, stream_messages
 
 FN = "/v1/functions/acme/bot/invocations"
 
@@ -285,3 +285,31 @@ async def test_private_callback_urls_are_refused_at_submit(
     async with sessions() as session:
         assert await repo.count_rows(session) == rows_before
     assert await stream_messages(nc) == messages_before
+
+
+async def test_the_gateway_refuses_at_delivery_what_it_no_longer_allows(
+    gateway_factory: GatewayFactory, keys: Keys, adapters: Pushed, worker: EchoWorker, serve: Any, services: Any,
+    object_store_settings: ObjectStoreSettings,
+) -> None:
+    """A callback accepted by one gateway (127.0.0.1 allowed) is delivered by another that refuses it: the
+    delivery is given up at once (no HTTP request, no retry) and counted `refused`."""
+    receiver = Receiver()
+    port = await serve(receiver)
+    first = await gateway_factory()  # the tests' settings: http and 127.0.0.1 allowed
+    async with first.client(headers=keys.auth()) as c:
+        r = await c.post(FN, json={"prompt": "SLOW 1 later"},
+                         headers={"Prefer": "respond-async", "X-Callback-Url": f"http://127.0.0.1:{port}/hook"})
+    assert r.status_code == 202, r.text
+    await first.stop()  # gone before the result exists
+    strict = make_settings(services, object_store_settings)
+    strict.gateway.callbacks = CallbackSettings(allow_http=True)  # http still, but no private addresses
+    second = await gateway_factory(settings=strict)
+    line = 'lorafn_callbacks_total{outcome="refused"} 1.0'
+    deadline = asyncio.get_running_loop().time() + 15
+    while line not in second.app.state.gateway.metrics.render()[0].decode():
+        assert asyncio.get_running_loop().time() < deadline, "the delivery was not refused"
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(0.5)  # a retry would come after backoff_initial_s (0.5 s)
+    assert receiver.seen == []
+    page = second.app.state.gateway.metrics.render()[0].decode()
+    assert 'outcome="delivered"' not in page and 'outcome="retried"' not in page
