@@ -541,7 +541,7 @@ class Invoker:
         call = Call(invocation_id, target.label, deadline=time.monotonic() + timeout, timeout_s=timeout)
         self._calls[invocation_id] = call
         if cancel_when_gone:
-            call._on_gone.append(lambda: self._cancel_abandoned(call))
+            call._on_gone.append(lambda: self._cancel_abandoned(call, target.tenant.name))
 
         def forget() -> None:
             self._calls.pop(invocation_id, None)
@@ -619,17 +619,17 @@ class Invoker:
 
     # -- cancelling ------------------------------------------------------------------------------
 
-    def _cancel_abandoned(self, call: Call) -> None:
+    def _cancel_abandoned(self, call: Call, tenant: str) -> None:
         """The client of a synchronous call went away: cancel its invocation in the background (the request's
         own task may be being cancelled)."""
         self.metrics.invocations.labels(call.label, "cancelled").inc()
-        task = asyncio.ensure_future(self._cancel_quietly(call.invocation_id))
+        task = asyncio.ensure_future(self._cancel_quietly(call.invocation_id, tenant))
         self._cancelling.add(task)
         task.add_done_callback(self._cancelling.discard)
 
-    async def _cancel_quietly(self, invocation_id: str) -> None:
+    async def _cancel_quietly(self, invocation_id: str, tenant: str) -> None:
         try:
-            result = await self._record_cancel(invocation_id, "the client went away before the result")
+            result = await self._record_cancel(invocation_id, tenant, "the client went away before the result")
         except Unavailable as e:  # the generation runs to its end; its result is recorded as usual
             log.warning("could not cancel invocation %s whose client went away: %s", invocation_id, e)
             return
@@ -643,23 +643,24 @@ class Invoker:
         verdict = cancel_verdict(InvocationStatus(view.row.status), view.result)
         if verdict != "cancel":
             return verdict, view
-        result = await self._record_cancel(invocation_id, "cancelled through the API")
+        result = await self._record_cancel(invocation_id, tenant.name, "cancelled through the API")
         if result.status != "cancelled":  # it finished between the lookup and the cancel
             return "finished", InvocationView(view.row, result)
         return "cancel", InvocationView(view.row, result)
 
-    async def _record_cancel(self, invocation_id: str, reason: str) -> InvocationResult:
-        """Record the invocation cancelled unless a result is recorded first, then tell its worker to stop;
-        the invocation's outcome (this cancel, or the result recorded before it)."""
+    async def _record_cancel(self, invocation_id: str, tenant: str, reason: str) -> InvocationResult:
+        """Record the invocation of `tenant` cancelled unless a result is recorded first, then tell its worker
+        to stop; the invocation's outcome (this cancel, or the result recorded before it)."""
         nc, js = self._bus()
         result = cancelled_result(invocation_id, reason)
         payload = result.encode()
         timeout = self.limits.publish_timeout_s
+        headers = {subjects.TENANT_HEADER: tenant}  # whose call the record answers (as a worker's records)
         try:
-            if not await record_result(js, invocation_id, payload, callback=False, timeout=timeout):
+            if not await record_result(js, invocation_id, payload, callback=False, timeout=timeout, headers=headers):
                 return await self._recorded_result(invocation_id) or result
             if await self._callback_url(js, invocation_id) is not None:
-                await record_callback(js, invocation_id, payload, timeout=timeout)
+                await record_callback(js, invocation_id, payload, timeout=timeout, headers=headers)
             await nc.publish(subjects.cancel(invocation_id),
                              CancelInvocation(invocation_id=invocation_id, reason=reason).encode())
         except (nats.errors.Error, TimeoutError) as e:
