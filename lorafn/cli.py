@@ -458,9 +458,10 @@ def _nats_credential_create(tenant: str, label: str | None, state_dir: Path | No
 
     secret = _run_client(run())
     server = NatsSettings(url=settings.nats.url).redacted_url.partition("://")[2]
+    # soft_wrap: the URL stays on one line whatever the terminal's width (scripts read it)
     console.print(f"user {tenant}\npassword {secret}\nurl nats://{tenant}:{secret}@{server}\n"
                   f"publish {INVOKE_PREFIX}.{tenant}.<adapter>   read {tenant_replies(tenant)}   "
-                  f"inbox prefix {tenant_inbox_prefix(tenant)}", highlight=False)
+                  f"inbox prefix {tenant_inbox_prefix(tenant)}", highlight=False, soft_wrap=True)
 
 
 KeyRef = Annotated[str, typer.Argument(help="the key's id, or its prefix as `keys ls` shows it (lfn_<hex>)")]

@@ -85,6 +85,32 @@ async def _tenant_of(database_url: str, key: str) -> str | None:
         await engine.dispose()
 
 
+async def _tenant_connection_errors(url: str, tenant: str) -> list[str]:
+    """Connect as a tenant (retrying while the scheduler's callout comes up), subscribe to its own replies and to
+    another tenant's: the permissions violations the server reports."""
+    errors: list[str] = []
+
+    async def on_error(e: Exception) -> None:
+        errors.append(str(e))
+
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            nc = await nats.connect(url, error_cb=on_error, allow_reconnect=False, connect_timeout=3,
+                                    inbox_prefix=f"lora.reply.{tenant}")
+            break
+        except nats.errors.Error:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
+    await nc.subscribe(f"lora.reply.{tenant}.>")
+    await nc.subscribe("lora.reply.dev.>")
+    await nc.flush()
+    await asyncio.sleep(0.3)
+    await nc.close()
+    return [e.split("permissions violation for ")[1] for e in errors if "permissions violation for " in e]
+
+
 @pytest.fixture
 def up_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], Path]]:
     state = tmp_path / "state"
@@ -183,6 +209,15 @@ def test_up_push_and_ctrl_c_leaves_nothing_behind(up_process, make_peft_adapter,
     assert key.startswith("lfn_") and key != (state / "dev-api-key").read_text().strip()
     assert asyncio.run(_tenant_of(endpoints.database_url, key)) == "acme"
     assert asyncio.run(_tenant_of(endpoints.database_url, (state / "dev-api-key").read_text().strip())) == "dev"
+
+    # A NATS credential for a direct client: the scheduler's auth callout lets it in at once, with the tenant's
+    # permissions only; the services run as their own NATS users.
+    nats_key = cli("keys", "create", "acme", "--nats", state=state)
+    assert nats_key.returncode == 0, nats_key.stderr
+    url = next(line.split()[1] for line in nats_key.stdout.splitlines() if line.startswith("url "))
+    assert url.startswith("nats://acme:lfnats_")
+    assert sorted(endpoints.nats_urls) == ["auth", "gateway", "scheduler", "worker"]
+    assert asyncio.run(_tenant_connection_errors(url, "acme")) == ['subscription to "lora.reply.dev.>"']
 
     # Ctrl-C: every process stops and every port is free again.
     proc.send_signal(signal.SIGINT)
