@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from protocol.messages import ErrorCode
 from protocol.subjects import InvalidName
-from storage.errors import AdapterInvalid, NotFound, StorageUnavailable, UploadLimitExceeded
+from storage.errors import AdapterInvalid, ArchiveInvalid, NotFound, StorageUnavailable, UploadLimitExceeded
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +181,8 @@ def error_status(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str
             return 422, error_body(422, str(exc), code="idempotency_key_reused", param="Idempotency-Key"), {}
         case UploadLimitExceeded():  # refused while the upload was read: too many bytes, members, header or ratio
             return 413, error_body(413, str(exc), code=exc.code, detail=_jsonable(exc.detail)), {}
+        case ArchiveInvalid():  # not a readable .tar/.tar.gz/.zip (corrupt, overlapping members, encrypted)
+            return 400, error_body(400, str(exc), code=exc.code, detail=_jsonable(exc.detail)), {}
         case AdapterInvalid():
             return 422, error_body(422, str(exc), code=exc.code, detail=_jsonable(exc.detail)), {}
         case Overloaded():
