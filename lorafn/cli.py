@@ -48,6 +48,12 @@ tenants_app = typer.Typer(help="Tenants and their quotas.", no_args_is_help=True
 app.add_typer(tenants_app, name="tenants")
 
 console = Console()
+
+
+def _print_listing(table: Table) -> None:
+    """A listing, whole: piped into a script or a file, its rows are not cut to a terminal's 80 columns (an id
+    shortened to `661f5d2c-…` cannot be given back to `keys revoke`)."""
+    (console if console.is_terminal else Console(width=400)).print(table)
 err = Console(stderr=True)
 
 StateDir = Annotated[Path | None, typer.Option("--state-dir", help="state directory of the local stack")]
@@ -379,7 +385,7 @@ def adapters_ls(
                 str(v.bytes) if v else "-",
                 a.updated_at.strftime("%Y-%m-%d %H:%M:%S"),
             )
-        console.print(table)
+        _print_listing(table)
 
     _run_client(run())
 
@@ -474,9 +480,10 @@ def _when(t: datetime | None) -> str:
 @keys_app.command("ls")
 def keys_ls(
     tenant: Annotated[str | None, typer.Argument(help="only this tenant's keys")] = None,
+    nats: Annotated[bool, typer.Option("--nats", help="the NATS credentials of direct clients instead")] = False,
     state_dir: StateDir = None,
 ) -> None:
-    """List API keys (never the keys themselves: id, prefix, name, dates)."""
+    """List API keys, or NATS credentials with --nats (never the secrets: id, prefix, name, dates)."""
     settings = _settings(state_dir).with_running_stack()
 
     async def run() -> list[Any]:
@@ -484,15 +491,18 @@ def keys_ls(
         try:
             async with repo.session_factory(engine)() as session:
                 owner = await repo.get_tenant(session, name=tenant) if tenant else None
+                if nats:
+                    return list(await repo.list_nats_credentials(session, tenant=owner))
                 return list(await repo.list_api_keys(session, tenant=owner))
         finally:
             await engine.dispose()
 
+    shown_prefix = repo.NATS_CREDENTIAL_PREFIX if nats else repo.API_KEY_PREFIX
     table = Table("id", "tenant", "prefix", "name", "created", "last used", "revoked")
     for k in _run_client(run()):
-        table.add_row(str(k.id), k.tenant.name, f"{repo.API_KEY_PREFIX}{k.prefix}", k.label or "-",
+        table.add_row(str(k.id), k.tenant.name, f"{shown_prefix}{k.prefix}", k.label or "-",
                       _when(k.created_at), _when(k.last_used_at), _when(k.revoked_at))
-    console.print(table)
+    _print_listing(table)
 
 
 async def _revoked(settings: LorafnSettings, key: Any) -> None:
@@ -505,9 +515,17 @@ async def _revoked(settings: LorafnSettings, key: Any) -> None:
 
 
 @keys_app.command("revoke")
-def keys_revoke(ref: KeyRef, state_dir: StateDir = None) -> None:
-    """Revoke an API key: every gateway refuses it within a second."""
+def keys_revoke(
+    ref: KeyRef,
+    nats: Annotated[bool, typer.Option("--nats", help="REF is a NATS credential's prefix (lfnats_<hex>)")] = False,
+    state_dir: StateDir = None,
+) -> None:
+    """Revoke an API key (every gateway refuses it within a second), or a NATS credential with --nats (no new
+    connection is let in at once; open ones keep their grant until it expires)."""
     settings = _settings(state_dir).with_running_stack()
+    if nats:
+        _nats_credential_revoke(settings, ref)
+        return
 
     async def run() -> tuple[Any, bool]:
         engine = repo.create_engine(settings.database)
@@ -523,6 +541,20 @@ def keys_revoke(ref: KeyRef, state_dir: StateDir = None) -> None:
     key, revoked = _run_client(run())
     state = "revoked" if revoked else "was already revoked"
     console.print(f"key {key.id} ({repo.API_KEY_PREFIX}{key.prefix}) of {key.tenant.name} {state}", highlight=False)
+
+
+def _nats_credential_revoke(settings: LorafnSettings, ref: str) -> None:
+    async def run() -> bool:
+        engine = repo.create_engine(settings.database)
+        try:
+            async with repo.session_factory(engine)() as session, session.begin():
+                return await repo.revoke_nats_credential(session, secret_or_prefix=ref)
+        finally:
+            await engine.dispose()
+
+    if not _run_client(run()):
+        raise _fail(f"no active NATS credential {ref}: `lorafn keys ls --nats` lists them")
+    console.print(f"NATS credential {ref} revoked", highlight=False)
 
 
 @keys_app.command("rotate")

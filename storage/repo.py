@@ -265,6 +265,15 @@ async def touch_nats_credential(session: AsyncSession, *, credential_id: uuid.UU
                           .values(last_used_at=func.now()))
 
 
+async def list_nats_credentials(session: AsyncSession, *, tenant: Tenant | None = None) -> Sequence[NatsCredential]:
+    """NATS credentials (of one tenant, or all), revoked ones included, with their tenant, oldest first."""
+    query = (select(NatsCredential).options(selectinload(NatsCredential.tenant))
+             .order_by(NatsCredential.created_at, NatsCredential.prefix))
+    if tenant is not None:
+        query = query.where(NatsCredential.tenant_id == tenant.id)
+    return (await session.scalars(query)).all()
+
+
 async def revoke_nats_credential(session: AsyncSession, *, secret_or_prefix: str) -> bool:
     """Revoke a NATS credential given in clear or by its prefix; True if it existed and was active. Open
     connections keep their grant until it expires (`NatsCalloutSettings.grant_ttl_s`)."""

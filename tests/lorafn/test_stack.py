@@ -111,6 +111,16 @@ async def _tenant_connection_errors(url: str, tenant: str) -> list[str]:
     return [e.split("permissions violation for ")[1] for e in errors if "permissions violation for " in e]
 
 
+async def _connect_refused(url: str) -> bool:
+    """Whether the server refuses a new connection with these credentials."""
+    try:
+        nc = await nats.connect(url, allow_reconnect=False, connect_timeout=3, max_reconnect_attempts=0)
+    except (nats.errors.Error, OSError):
+        return True
+    await nc.close()
+    return False
+
+
 @pytest.fixture
 def up_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], Path]]:
     state = tmp_path / "state"
@@ -218,6 +228,12 @@ def test_up_push_and_ctrl_c_leaves_nothing_behind(up_process, make_peft_adapter,
     assert url.startswith("nats://acme:lfnats_")
     assert sorted(endpoints.nats_urls) == ["auth", "gateway", "scheduler", "worker"]
     assert asyncio.run(_tenant_connection_errors(url, "acme")) == ['subscription to "lora.reply.dev.>"']
+    listed = cli("keys", "ls", "acme", "--nats", state=state)
+    prefix = url.split(":")[2].split("_")[1]
+    assert listed.returncode == 0 and f"lfnats_{prefix}" in listed.stdout, listed.stdout
+    assert cli("keys", "revoke", "--nats", f"lfnats_{prefix}", state=state).returncode == 0
+    assert asyncio.run(_connect_refused(url))
+    assert cli("keys", "revoke", "--nats", f"lfnats_{prefix}", state=state).returncode == 1
 
     # Ctrl-C: every process stops and every port is free again.
     proc.send_signal(signal.SIGINT)
