@@ -24,8 +24,10 @@ import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping
@@ -170,6 +172,17 @@ def _write_private(path: Path, text: str) -> None:
     with os.fdopen(fd, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def _remove_seaweedfs_sockets(ports: list[int]) -> None:
+    """weed puts the unix sockets of its gRPC servers in /tmp (`seaweedfs-<part>-grpc-<port>.sock`, no option
+    moves them) and leaves them behind when it stops; remove ours (only sockets: mutual TLS guards them while
+    they exist, but a stack started every few minutes piles up hundreds)."""
+    for port in ports:
+        for path in Path(tempfile.gettempdir()).glob(f"seaweedfs-*-{port}.sock"):
+            with contextlib.suppress(OSError):
+                if stat.S_ISSOCK(path.lstat().st_mode) and path.lstat().st_uid == os.getuid():
+                    path.unlink()
 
 
 def port_is_free(host: str, port: int) -> bool:
@@ -467,6 +480,7 @@ class LocalStack:
             except Exception:
                 log.exception("stopping %s failed", proc.name)
         self.processes.clear()
+        _remove_seaweedfs_sockets([self.config.ports.s3, *self.config.ports.s3_internal()])
         if self._lock_file is not None:  # only the holder of the lock owns stack.json
             with contextlib.suppress(FileNotFoundError):
                 (self.state_dir / "stack.json").unlink()
@@ -706,7 +720,8 @@ class LocalStack:
         s3 = self.config.ports.s3
         master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3_grpc = self.config.ports.s3_internal()
         argv = [
-            str(binary), f"-config_dir={security.config_dir}", "server",
+            # -logtostderr: weed's log goes to s3.log with the rest, not to weed.* files in /tmp.
+            str(binary), f"-config_dir={security.config_dir}", "-logtostderr", "server",
             f"-dir={data}", f"-ip={h}", f"-ip.bind={h}",
             f"-master.port={master}", f"-master.port.grpc={master_grpc}",
             f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}",

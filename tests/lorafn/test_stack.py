@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -185,6 +186,9 @@ def test_up_push_and_ctrl_c_leaves_nothing_behind(up_process, make_peft_adapter,
     ports = [int(endpoints.nats_url.rsplit(":", 1)[1]), int(endpoints.database_url.split("@")[1].split(":")[1].split("/")[0]),
              int(endpoints.s3_endpoint.rsplit(":", 1)[1])]
     assert not any(port_is_free(host, p) for p in ports)
+    s3_port = int(endpoints.s3_endpoint.rsplit(":", 1)[1])
+    weed_sockets = [f"seaweedfs-*-{port}.sock" for port in range(s3_port, s3_port + 8)]
+    assert any(Path(tempfile.gettempdir()).glob(pattern) for pattern in weed_sockets)  # weed's gRPC sockets
 
     # Push a real PEFT adapter for the default backbone (all 30 layers) through the CLI.
     adapter = make_peft_adapter(r=8, num_layers=30, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
@@ -244,6 +248,7 @@ def test_up_push_and_ctrl_c_leaves_nothing_behind(up_process, make_peft_adapter,
         assert not pid_alive(pid), f"{name} (pid {pid}) survived Ctrl-C"
     assert processes_mentioning(str(state)) == []  # the scheduler, worker and gateway too
     assert all(port_is_free(host, p) for p in ports)
+    assert not [path for pattern in weed_sockets for path in Path(tempfile.gettempdir()).glob(pattern)]
     assert not (state / "stack.json").exists()
 
 
