@@ -417,32 +417,8 @@ def keys_create(
     = False,
     state_dir: StateDir = None,
 ) -> None:
-    """Create an API key for a tenant and print it (it is shown only once)."""
-    if nats:
-        _nats_credential_create(tenant, label, state_dir)
-        return
-    from protocol.subjects import check_name
-
-    try:
-        check_name("tenant", tenant)
-    except InvalidName as e:
-        raise _fail(str(e)) from None
-    settings = _settings(state_dir).with_running_stack()
-
-    async def run() -> str:
-        engine = repo.create_engine(settings.database)
-        try:
-            async with repo.session_factory(engine)() as session, session.begin():
-                t = await repo.get_or_create_tenant(session, name=tenant)
-                return await repo.create_api_key(session, tenant=t, label=label)
-        finally:
-            await engine.dispose()
-
-    console.print(asyncio.run(run()), highlight=False)
-
-
-def _nats_credential_create(tenant: str, label: str | None, state_dir: Path | None) -> None:
-    """Create a NATS credential for a tenant and print how a direct client connects with it (shown once)."""
+    """Create an API key for a tenant and print it (it is shown only once); --nats: a NATS credential instead,
+    printed with how a direct client connects with it."""
     from protocol.nats_auth import tenant_inbox_prefix, tenant_replies
     from protocol.settings import NatsSettings
     from protocol.subjects import INVOKE_PREFIX, check_name
@@ -458,11 +434,16 @@ def _nats_credential_create(tenant: str, label: str | None, state_dir: Path | No
         try:
             async with repo.session_factory(engine)() as session, session.begin():
                 t = await repo.get_or_create_tenant(session, name=tenant)
-                return (await repo.new_nats_credential(session, tenant=t, label=label))[1]
+                if nats:
+                    return (await repo.new_nats_credential(session, tenant=t, label=label))[1]
+                return await repo.create_api_key(session, tenant=t, label=label)
         finally:
             await engine.dispose()
 
     secret = _run_client(run())
+    if not nats:
+        console.print(secret, highlight=False)
+        return
     server = NatsSettings(url=settings.nats.url).redacted_url.partition("://")[2]
     # soft_wrap: the URL stays on one line whatever the terminal's width (scripts read it)
     console.print(f"user {tenant}\npassword {secret}\nurl nats://{tenant}:{secret}@{server}\n"
