@@ -54,6 +54,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -874,9 +875,11 @@ def print_report(payload: dict[str, Any]) -> None:
                      for c in payload["chaos"]])
 
 
-def run_one(options: ReliabilityOptions, *, backbone: Path | None = None, write: bool = True) -> dict[str, Any]:
+def run_one(options: ReliabilityOptions, *, backbone: Path | None = None, write: bool = True,
+            logs: Path | None = None) -> dict[str, Any]:
     """A throwaway `lorafn up` in a temporary directory, one run, its tables and JSON
-    (bench/results/reliability-<mode>.json)."""
+    (bench/results/reliability-<mode>.json); `logs`: where the services' logs and the launcher's output are
+    copied before the directory goes (the evidence behind an error or a lost invocation)."""
     from bench.report import write as write_json
 
     started = time.monotonic()
@@ -889,7 +892,12 @@ def run_one(options: ReliabilityOptions, *, backbone: Path | None = None, write:
         adapters = write_adapters(root / "adapters", backbone, options.stable_adapters + 3)
         with running_stack(root, backbone) as stack:
             setup_s = time.monotonic() - started
-            payload = asyncio.run(measure(stack, options, adapters))
+            try:
+                payload = asyncio.run(measure(stack, options, adapters))
+            finally:
+                if logs is not None:
+                    shutil.copytree(stack.state / "logs", logs, dirs_exist_ok=True)
+                    (logs / "lorafn-up.log").write_text(stack.output + "\n")
     payload = {"setup_s": setup_s, **payload, "elapsed_s": time.monotonic() - started}
     print_report(payload)
     if write:
@@ -913,12 +921,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backbone", type=Path, default=None,
                         help=".gguf file or checkpoint dir the workers serve (default: the tiny random backbone)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the calls and the chaos plan")
+    parser.add_argument("--logs", type=Path, default=None,
+                        help="copy the services' logs and the launcher's output to LOGS/<mode>/ at the end")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     backbone = args.backbone.resolve() if args.backbone else None
     for mode in [args.mode] if args.mode else ["soak", "chaos"]:
         run_one(ReliabilityOptions(mode=mode, minutes=args.minutes, callers=args.callers, seed=args.seed),
-                backbone=backbone)
+                backbone=backbone, logs=args.logs / mode if args.logs else None)
 
 
 if __name__ == "__main__":
