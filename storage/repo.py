@@ -628,8 +628,11 @@ async def record_demand_many(session: AsyncSession, *, counts: Sequence[tuple[uu
         merged[(adapter_id, start)] = merged.get((adapter_id, start), 0) + count
     rows = values(column("adapter_id", UUID(as_uuid=True)), column("bucket_start", DateTime(timezone=True)),
                   column("count", Integer), name="demand").data([(a, t, n) for (a, t), n in merged.items()])
-    source = select(Adapter.id, cast(rows.c.bucket_start, DateTime(timezone=True)), literal(bucket_seconds),
-                    cast(rows.c.count, Integer)).join(rows, Adapter.id == cast(rows.c.adapter_id, UUID(as_uuid=True)))
+    # FOR KEY SHARE: an adapter whose delete is in flight is waited for and then skipped, not read from this
+    # statement's snapshot (the foreign key check would then fail the whole write when the delete commits).
+    source = (select(Adapter.id, cast(rows.c.bucket_start, DateTime(timezone=True)), literal(bucket_seconds),
+                     cast(rows.c.count, Integer)).join(rows, Adapter.id == cast(rows.c.adapter_id, UUID(as_uuid=True)))
+              .with_for_update(key_share=True, of=Adapter))
     stmt = insert(DemandBucket).from_select(
         [DemandBucket.adapter_id, DemandBucket.bucket_start, DemandBucket.bucket_seconds, DemandBucket.count], source)
     await session.execute(stmt.on_conflict_do_update(
@@ -712,7 +715,8 @@ async def write_worker_residency(session: AsyncSession, *, worker_id: str, rows:
         AdapterVersion.id, literal(worker_id), cast(reported.c.tier, Residency.__table__.c.tier.type),
         cast(reported.c.pages, Integer), cast(reported.c.bytes, BigInteger),
         cast(reported.c.last_used_at, DateTime(timezone=True)),
-    ).join(reported, AdapterVersion.sha256 == reported.c.sha256)
+    ).join(reported, AdapterVersion.sha256 == reported.c.sha256).with_for_update(key_share=True, of=AdapterVersion)
+    # (FOR KEY SHARE: a version whose delete is in flight is waited for and skipped, as in record_demand_many.)
     stmt = insert(Residency).from_select(
         ["adapter_version_id", "worker_id", "tier", "pages", "bytes", "last_used_at"], source)
     await session.execute(stmt.on_conflict_do_update(

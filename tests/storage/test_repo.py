@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -14,7 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from storage import repo
 from storage.errors import AlreadyExists, NotFound
 from storage.migrate import downgrade, upgrade
-from storage.models import ApiKey, Base, InvocationStatus, Tier
+from storage.models import AdapterVersion, ApiKey, Base, InvocationStatus, Residency, Tier
 
 
 def facts(sha: str, rank: int = 8) -> repo.VersionFacts:
@@ -177,6 +178,52 @@ async def test_demand_history_buckets_and_totals(sessions) -> None:
         series = await repo.demand_series(session, adapter_id=a.id, since=t0 - timedelta(hours=1))
         assert series == [(datetime(2026, 1, 1, 12, 0, tzinfo=UTC), 5), (datetime(2026, 1, 1, 12, 1, tzinfo=UTC), 1)]
         assert await repo.demand_totals(session, since=t0 - timedelta(hours=1)) == {a.id: 6, b.id: 11}
+
+
+async def test_demand_of_an_adapter_deleted_meanwhile_is_skipped(sessions) -> None:
+    """A flush's demand write that meets an adapter whose delete is not committed yet waits for it and skips
+    the adapter; it used to read the adapter from its snapshot and then fail the foreign key (the whole flush
+    with it) when the delete committed."""
+    async with sessions() as session, session.begin():
+        acme = await repo.get_or_create_tenant(session, name="acme")
+        gone, _, _ = await repo.register_version(session, tenant=acme, name="gone", facts=facts("4" * 64))
+        kept, _, _ = await repo.register_version(session, tenant=acme, name="kept", facts=facts("5" * 64))
+    t0 = datetime(2026, 1, 1, 12, 0, 5, tzinfo=UTC)
+    async with sessions() as deleting, deleting.begin():
+        await repo.delete_adapter(deleting, tenant=await repo.get_tenant(deleting, name="acme"), name="gone")
+
+        async def flush() -> None:
+            async with sessions() as session, session.begin():
+                await repo.record_demand_many(session, counts=[(gone.id, t0, 3), (kept.id, t0, 2)])
+
+        writing = asyncio.ensure_future(flush())
+        await asyncio.sleep(0.5)  # the write reaches the adapter rows and waits on the uncommitted delete
+        assert not writing.done()
+    await asyncio.wait_for(writing, 10)  # the delete committed: the write goes on without the deleted adapter
+    async with sessions() as session:
+        assert await repo.demand_totals(session, since=t0 - timedelta(hours=1)) == {kept.id: 2}
+
+    # The residency a heartbeat reports, the same way.
+    async with sessions() as session, session.begin():
+        gone, _, _ = await repo.register_version(session, tenant=acme, name="gone", facts=facts("4" * 64))
+        await repo.upsert_worker(session, worker_id="w1", host="h", device="cpu", capacity={})
+    async with sessions() as deleting, deleting.begin():
+        await repo.delete_adapter(deleting, tenant=await repo.get_tenant(deleting, name="acme"), name="gone")
+
+        async def heartbeat() -> None:
+            async with sessions() as session, session.begin():
+                await repo.write_worker_residency(session, worker_id="w1", rows=[
+                    repo.ResidencyRow(sha256=sha, tier=Tier.device, pages=1, nbytes=10, last_used_at=t0)
+                    for sha in ("4" * 64, "5" * 64)])
+
+        writing = asyncio.ensure_future(heartbeat())
+        await asyncio.sleep(0.5)
+        assert not writing.done()
+    await asyncio.wait_for(writing, 10)
+    async with sessions() as session:
+        resident = await session.scalars(select(AdapterVersion.sha256).join(
+            Residency, Residency.adapter_version_id == AdapterVersion.id))
+        assert list(resident) == ["5" * 64]
 
 
 async def test_invocations_marked_running_in_one_statement(sessions) -> None:
