@@ -117,7 +117,8 @@ def create_app(settings: GatewaySettings, *, registry: Any | None = None) -> Fas
                 result = InvocationResult.decode(msg.data)
             except MessageInvalid:
                 return
-            limiter.on_result(invocation_id, result.usage.completion_tokens, time.monotonic())
+            limiter.on_result(invocation_id, result.usage.completion_tokens, time.monotonic(),
+                              cancel_record=result.status == "cancelled" and result.worker_id is None)
 
         async def subscribe_adapter_events(nc: Client, js: JetStreamContext) -> None:
             await nc.subscribe(subjects.ADAPTER_EVENTS_ALL, cb=on_adapter_event)

@@ -296,10 +296,16 @@ class Limiter:
         """This gateway waits for the result of `invocation_id` (cheap: checked before decoding a result)."""
         return invocation_id in self._pending
 
-    def on_result(self, invocation_id: str, generated_tokens: int, now: float) -> None:
-        """The result of a tracked invocation: count its generated tokens for its tenant and release it."""
+    def on_result(self, invocation_id: str, generated_tokens: int, now: float, *, cancel_record: bool = False) -> None:
+        """The result of a tracked invocation: count its generated tokens for its tenant and release it.
+        `cancel_record`: the result a cancel records (no usage: gateway.invoker.cancelled_result) only releases
+        it; the worker that was running the call still publishes its own result, with the tokens it generated
+        (recorded as a duplicate, but seen on the subject), and that one counts and ends the tracking."""
         pending = self._pending.get(invocation_id)
         if pending is None:
+            return
+        if cancel_record:
+            self.release(invocation_id)
             return
         self._drop(invocation_id)
         if generated_tokens > 0:

@@ -154,6 +154,17 @@ def test_released_invocation_still_counts_its_tokens() -> None:
     limiter.check_invocation(acme, 63.0)
 
 
+def test_tokens_of_a_cancelled_call_count_from_the_worker_result_after_the_cancel_record() -> None:
+    limiter = Limiter(QuotaSettings(concurrent=1, tokens_per_min=10))
+    acme = tenant()
+    limiter.acquire(acme, "inv-0", 0.0)
+    limiter.on_result("inv-0", 0, 1.0, cancel_record=True)  # the cancel is recorded first: no usage in it
+    assert limiter.in_flight("acme") == 0 and limiter.tracks("inv-0")
+    limiter.on_result("inv-0", 11, 1.5)  # the worker's own result, with what it generated before aborting
+    assert not limiter.tracks("inv-0")
+    assert _refusal(limiter.check_invocation, acme, 2.0).current == 11
+
+
 def test_pending_invocations_expire() -> None:
     limiter = Limiter(QuotaSettings(concurrent=1, pending_ttl_s=30.0))
     acme = tenant()
