@@ -34,6 +34,8 @@ from storage import repo
 from storage.errors import AdapterInvalid, StorageError, StorageUnavailable
 
 if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession
+
     from storage.registry import Registry
 
 T = TypeVar("T")
@@ -263,6 +265,17 @@ def generate(
 
 
 @contextlib.asynccontextmanager
+async def _transaction(settings: LorafnSettings) -> AsyncIterator[AsyncSession]:
+    """One session in one transaction on the configured database; its engine is disposed on exit."""
+    engine = repo.create_engine(settings.database)
+    try:
+        async with repo.session_factory(engine)() as session, session.begin():
+            yield session
+    finally:
+        await engine.dispose()
+
+
+@contextlib.asynccontextmanager
 async def _registry(settings: LorafnSettings) -> AsyncIterator[Registry]:
     """A registry over the configured services; its database engine is disposed on exit."""
     from storage.backbone import resolve_backbone_spec
@@ -430,15 +443,11 @@ def keys_create(
     settings = _settings(state_dir).with_running_stack()
 
     async def run() -> str:
-        engine = repo.create_engine(settings.database)
-        try:
-            async with repo.session_factory(engine)() as session, session.begin():
-                t = await repo.get_or_create_tenant(session, name=tenant)
-                if nats:
-                    return (await repo.new_nats_credential(session, tenant=t, label=label))[1]
-                return await repo.create_api_key(session, tenant=t, label=label)
-        finally:
-            await engine.dispose()
+        async with _transaction(settings) as session:
+            t = await repo.get_or_create_tenant(session, name=tenant)
+            if nats:
+                return (await repo.new_nats_credential(session, tenant=t, label=label))[1]
+            return await repo.create_api_key(session, tenant=t, label=label)
 
     secret = _run_client(run())
     if not nats:
@@ -468,15 +477,11 @@ def keys_ls(
     settings = _settings(state_dir).with_running_stack()
 
     async def run() -> list[Any]:
-        engine = repo.create_engine(settings.database)
-        try:
-            async with repo.session_factory(engine)() as session:
-                owner = await repo.get_tenant(session, name=tenant) if tenant else None
-                if nats:
-                    return list(await repo.list_nats_credentials(session, tenant=owner))
-                return list(await repo.list_api_keys(session, tenant=owner))
-        finally:
-            await engine.dispose()
+        async with _transaction(settings) as session:
+            owner = await repo.get_tenant(session, name=tenant) if tenant else None
+            if nats:
+                return list(await repo.list_nats_credentials(session, tenant=owner))
+            return list(await repo.list_api_keys(session, tenant=owner))
 
     shown_prefix = repo.NATS_CREDENTIAL_PREFIX if nats else repo.API_KEY_PREFIX
     table = Table("id", "tenant", "prefix", "name", "created", "last used", "revoked")
@@ -509,13 +514,9 @@ def keys_revoke(
         return
 
     async def run() -> tuple[Any, bool]:
-        engine = repo.create_engine(settings.database)
-        try:
-            async with repo.session_factory(engine)() as session, session.begin():
-                key = await repo.get_api_key(session, ref=ref.removeprefix(repo.API_KEY_PREFIX))
-                revoked = await repo.revoke_api_key_row(session, key=key)
-        finally:
-            await engine.dispose()
+        async with _transaction(settings) as session:
+            key = await repo.get_api_key(session, ref=ref.removeprefix(repo.API_KEY_PREFIX))
+            revoked = await repo.revoke_api_key_row(session, key=key)
         await _revoked(settings, key)
         return key, revoked
 
@@ -526,12 +527,8 @@ def keys_revoke(
 
 def _nats_credential_revoke(settings: LorafnSettings, ref: str) -> None:
     async def run() -> bool:
-        engine = repo.create_engine(settings.database)
-        try:
-            async with repo.session_factory(engine)() as session, session.begin():
-                return await repo.revoke_nats_credential(session, secret_or_prefix=ref)
-        finally:
-            await engine.dispose()
+        async with _transaction(settings) as session:
+            return await repo.revoke_nats_credential(session, secret_or_prefix=ref)
 
     if not _run_client(run()):
         raise _fail(f"no active NATS credential {ref}: `lorafn keys ls --nats` lists them")
@@ -544,15 +541,11 @@ def keys_rotate(ref: KeyRef, state_dir: StateDir = None) -> None:
     settings = _settings(state_dir).with_running_stack()
 
     async def run() -> tuple[Any, str | None]:
-        engine = repo.create_engine(settings.database)
-        try:
-            async with repo.session_factory(engine)() as session, session.begin():
-                old = await repo.get_api_key(session, ref=ref.removeprefix(repo.API_KEY_PREFIX))
-                if not await repo.revoke_api_key_row(session, key=old):
-                    return old, None
-                _, secret = await repo.new_api_key(session, tenant=old.tenant, label=old.label)
-        finally:
-            await engine.dispose()
+        async with _transaction(settings) as session:
+            old = await repo.get_api_key(session, ref=ref.removeprefix(repo.API_KEY_PREFIX))
+            if not await repo.revoke_api_key_row(session, key=old):
+                return old, None
+            _, secret = await repo.new_api_key(session, tenant=old.tenant, label=old.label)
         await _revoked(settings, old)
         return old, secret
 
@@ -588,15 +581,11 @@ def tenants_quota(
     settings = _settings(state_dir).with_running_stack()
 
     async def run() -> dict[str, Any]:
-        engine = repo.create_engine(settings.database)
-        try:
-            async with repo.session_factory(engine)() as session, session.begin():
-                t = await repo.get_tenant(session, name=tenant)
-                assert t is not None
-                await repo.set_tenant_quotas(session, tenant=t, values=values)
-                current = {name: getattr(t, name) for name in QUOTA_FIELDS}
-        finally:
-            await engine.dispose()
+        async with _transaction(settings) as session:
+            t = await repo.get_tenant(session, name=tenant)
+            assert t is not None
+            await repo.set_tenant_quotas(session, tenant=t, values=values)
+            current = {name: getattr(t, name) for name in QUOTA_FIELDS}
         if values:
             event = KeyEvent(event="tenant_changed", tenant=tenant)
             await _publish_event(settings, subjects.key_event(event.event), event.encode())

@@ -236,3 +236,13 @@ async def adapters(registry: Registry, keys: Keys, make_peft_adapter: Callable[.
     await registry.push(tenant="acme", name="bot", source=path)
     await registry.push(tenant="other", name="secret", source=path)
     return Pushed(bot="acme/bot", secret="other/secret")
+
+
+async def read_body(receive: Any) -> bytes:
+    """The whole body of an ASGI request (for the callback receivers the tests run)."""
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            return body

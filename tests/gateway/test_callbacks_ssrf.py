@@ -32,7 +32,15 @@ from gateway.callbacks import (
 from gateway.settings import CallbackSettings
 from storage import repo
 from storage.settings import ObjectStoreSettings
-from tests.gateway.conftest import EchoWorker, GatewayFactory, Keys, Pushed, make_settings, stream_messages
+from tests.gateway.conftest import (
+    EchoWorker,
+    GatewayFactory,
+    Keys,
+    Pushed,
+    make_settings,
+    read_body,
+    stream_messages,
+)
 
 FN = "/v1/functions/acme/bot/invocations"
 
@@ -132,12 +140,7 @@ class Receiver:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         self.seen.append((dict(scope["headers"])[b"host"].decode(), scope["path"], body))
         headers = [(b"location", self.location.encode())] if self.location else []
         await send({"type": "http.response.start", "status": self.status, "headers": headers})

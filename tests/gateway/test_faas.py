@@ -22,6 +22,7 @@ from tests.gateway.conftest import (
     Pushed,
     RunningGateway,
     make_settings,
+    read_body,
     stream_messages,
 )
 
@@ -40,12 +41,7 @@ class CallbackReceiver:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         self.attempts += 1
         status = 500 if self.attempts <= self.fail_first else 204
         if status == 204:
