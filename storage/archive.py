@@ -26,7 +26,6 @@ Policy about names (which files an adapter may hold) is the caller's, through `k
 from __future__ import annotations
 
 import gzip
-import io
 import struct
 import zipfile
 import zlib
@@ -463,8 +462,3 @@ def _zip_directory(f: BinaryIO, size: int) -> tuple[int, int]:
             raise ArchiveInvalid("cannot read the zip archive: bad zip64 end record")
         entries, directory = struct.unpack("<QQ", record[32:48])
     return entries, directory
-
-
-def open_bytes(data: bytes) -> BinaryIO:
-    """A seekable file over bytes (uploads given as bytes: tests and small callers)."""
-    return io.BytesIO(data)
