@@ -21,8 +21,20 @@ Commands:
 - `Fail(invocation, code, message)`: the call can never run (unknown adapter after the grace period,
   a rank no worker can hold, dispatched too many times);
 - `Rescue(worker)`: the worker is gone; its unfinished calls go back to be dispatched again;
-- `Fetch` / `Load` / `Evict`: staging verbs (none from the reactive policies here; the staging policies
-  of later work emit them through the same channel).
+- `Fetch` / `Load` / `Evict`: staging verbs, from the staging policy (below).
+
+Pre-staging (optional: a `Predictor` and a `Stager` injected together). Time is cut into intervals of
+`staging_interval_s` (aligned to multiples of it on the driver's clock). The core counts each version's calls
+(first dispatches) per interval; when an event's time passes an interval's end it closes every interval that
+ended (empty ones too): the predictor observes each one's counts, then predicts the probability of a call in the
+next interval for every version the core knows (seen in a call, or resident on a worker), and the stager turns
+those scores, the adapters' specs and the workers' budgets and residency (`StageView`) into Fetch / Load / Evict
+commands, returned before the event's own. A staged load counts as a placement in flight (calls are routed to
+it); an eviction takes the version off that worker's device (or both tiers) in the core's view at once. Each
+closed interval leaves an `IntervalRecord` in `intervals`: the predictor that answered, precision and recall of
+the versions it called likely (score >= `staging_cutoff`) against those called, what was staged, the bytes loaded
+for it and not used, the share of its calls that found their adapter on the device, and `workers_needed` (the
+scale-to-zero signal: `scheduler.staging.workers_needed` over the predicted load).
 
 State (all rebuildable: from heartbeats, the work stream's per-subject counts, and the events of calls in
 flight): the live workers and their latest report; residency per version, with placements in flight (a
@@ -33,12 +45,18 @@ each worker has outstanding.
 
 from __future__ import annotations
 
-from collections import Counter
+import math
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from protocol.messages import ErrorCode, Tier
 from scheduler.policy import AdapterSpec, AffinityRouter, CallView, Residency, Route, Router, WorkerView
+from scheduler.staging import HeldView, Stager, StageView, workers_needed
+
+if TYPE_CHECKING:
+    from scheduler.predict import Predictor
 
 # -- events --------------------------------------------------------------------------------------------------
 
@@ -87,6 +105,9 @@ class WorkerReport:
     tokens_per_s: float = 0.0
     draining: bool = False
     resident: tuple[ResidentReport, ...] = ()
+    device_bytes: int = 0  # capacity of its device adapter pool (0: unknown: nothing is staged to its device)
+    host_bytes: int = 0  # capacity of its host cache, RAM and disk (0: unknown: nothing is fetched ahead)
+    page_bytes: int = 0  # bytes of one pool page (a resident adapter's device footprint is pages x this)
 
 
 @dataclass(frozen=True)
@@ -193,6 +214,43 @@ class CoreConfig:
     queue_per_worker: int = 32  # calls a worker may have waiting beyond its max_inflight
     max_epochs: int = 5  # dispatches of one call (first + rescues) before it fails as a dead letter
     outstanding_ttl_s: float = 3600.0  # forget a dispatched call never seen to finish after this long
+    staging_interval_s: float = 60.0  # pre-staging: the predictor's interval
+    staging_cutoff: float = 0.5  # a score at or above this counts as "predicted" in the interval records
+    interval_records: int = 100_000  # `IntervalRecord`s kept (the oldest are dropped)
+    service_s: float = 2.0  # expected seconds of one call, for the workers-needed signal
+    max_gap_intervals: int = 100_000  # empty intervals observed one by one after a silence; beyond, skipped
+    forget_adapter_s: float = 86_400.0  # a version neither called nor held for this long is not scored
+
+
+@dataclass
+class IntervalRecord:
+    """One closed staging interval (start, end]: how the predictions made for it fared, and what was staged."""
+
+    end: float
+    predictor: str  # the predictor whose scores were used for this interval ("" for the first)
+    calls: int = 0  # first dispatches of adapter calls in it
+    called: int = 0  # distinct versions called
+    predicted: int = 0  # versions scored >= staging_cutoff for it
+    hits: int = 0  # versions both predicted and called
+    device_hits: int = 0  # calls routed to a worker holding their adapter on the device (reason "device")
+    fetches: int = 0  # staging commands issued at its start
+    loads: int = 0
+    evictions: int = 0
+    loaded_bytes: int = 0
+    unused_loaded_bytes: int = 0  # bytes loaded for it whose version was not called in it
+    workers_needed: int = 0  # the scale signal computed at its start
+
+    @property
+    def precision(self) -> float | None:
+        return self.hits / self.predicted if self.predicted else None
+
+    @property
+    def recall(self) -> float | None:
+        return self.hits / self.called if self.called else None
+
+    @property
+    def device_hit_share(self) -> float | None:
+        return self.device_hits / self.calls if self.calls else None
 
 
 @dataclass
@@ -207,9 +265,16 @@ class _Worker:
 class SchedulerCore:
     """Routes calls and tracks workers; see the module docstring. Not thread-safe; one per driver."""
 
-    def __init__(self, *, router: Router | None = None, config: CoreConfig | None = None) -> None:
+    def __init__(self, *, router: Router | None = None, config: CoreConfig | None = None,
+                 predictor: Predictor | None = None, stager: Stager | None = None) -> None:
+        if (predictor is None) != (stager is None):
+            raise ValueError("pre-staging needs both a predictor and a stager (or neither)")
         self.router: Router = router or AffinityRouter()
         self.config = config or CoreConfig()
+        if self.config.staging_interval_s <= 0:
+            raise ValueError(f"staging_interval_s must be > 0 (got {self.config.staging_interval_s})")
+        self.predictor = predictor
+        self.stager = stager
         self._workers: dict[str, _Worker] = {}
         self._resident: dict[str, dict[str, Tier]] = {}  # version -> worker -> tier (from heartbeats)
         self._placing: dict[str, dict[str, float]] = {}  # version -> worker -> last dispatch there
@@ -219,12 +284,33 @@ class SchedulerCore:
         self._orphans: dict[str, float] = {}
         self.decisions: Counter[str] = Counter()  # dispatch reasons and other outcomes, for metrics
         self.now = 0.0
+        # Pre-staging state: the open interval's end, its calls per version, the versions the core knows
+        # (from calls; bounded to those seen within the histogram-length horizon), and the open interval's record.
+        self._interval_end: float | None = None
+        self._counts: Counter[str] = Counter()
+        self._last_counts: dict[str, int] = {}  # the counts of the last closed interval
+        self._adapters: dict[str, tuple[AdapterSpec, float]] = {}  # version -> (spec, last call)
+        self._open: IntervalRecord | None = None
+        self._scores: dict[str, float] = {}  # the scores the open interval was staged with
+        self._loaded: dict[str, int] = {}  # versions loaded for the open interval -> bytes
+        self.intervals: deque[IntervalRecord] = deque(maxlen=self.config.interval_records)
+        self.workers_needed = 0
+        self.intervals_closed = 0  # IntervalRecords made so far (drivers read the new ones from `intervals`)
 
     # -- the one entry point ---------------------------------------------------------------------------------
 
     def handle(self, event: Event) -> list[Command]:
-        """Apply one event; the commands it calls for, in order."""
+        """Apply one event; the commands it calls for, in order (the staging commands of intervals that ended
+        come first, or right after a Tick's own)."""
         self.now = max(self.now, event.at)
+        if self.predictor is not None and (self._interval_end is None or self.now >= self._interval_end):
+            if isinstance(event, Tick):  # gone workers and expired placements are settled before the plan
+                done = self._apply(event)
+                return done + self._close_intervals()
+            return self._close_intervals() + self._apply(event)
+        return self._apply(event)
+
+    def _apply(self, event: Event) -> list[Command]:
         match event:
             case InvocationArrived():
                 return self._arrived(event)
@@ -312,6 +398,12 @@ class SchedulerCore:
             return [Defer(e.invocation_id, e.at + self.config.defer_s, reason)]
         self._assign(e.invocation_id, route.worker_id, e.adapter.version if e.adapter else None, e.at)
         self.decisions[route.reason] += 1
+        if self.predictor is not None and e.adapter is not None and e.epoch == 1:
+            self._counts[e.adapter.version] += 1
+            self._adapters[e.adapter.version] = (e.adapter, e.at)
+            if self._open is not None:
+                self._open.calls += 1
+                self._open.device_hits += route.reason == "device"
         return [Dispatch(e.invocation_id, route.worker_id, route.reason, e.epoch)]
 
     def _assign(self, invocation_id: str, worker_id: str, version: str | None, at: float) -> None:
@@ -411,6 +503,127 @@ class SchedulerCore:
                 del self._placing[version]
         return commands
 
+
+    # -- pre-staging -------------------------------------------------------------------------------------------
+
+    def _close_intervals(self) -> list[Command]:
+        """Close every interval that ended by `now`: feed the predictor, record, then stage the next one."""
+        assert self.predictor is not None and self.stager is not None
+        interval = self.config.staging_interval_s
+        if self._interval_end is None:
+            self._interval_end = (math.floor(self.now / interval) + 1) * interval
+            self._open = IntervalRecord(end=self._interval_end, predictor="")
+            return []
+        gap = math.floor((self.now - self._interval_end) / interval) + 1  # intervals that ended
+        if gap > self.config.max_gap_intervals:  # a long silence: observe a bounded run of empty intervals
+            self._interval_end += (gap - self.config.max_gap_intervals) * interval
+        while self._interval_end <= self.now:
+            self._record_interval(self._interval_end)
+            self._last_counts = dict(self._counts)
+            self.predictor.observe(self._interval_end, self._last_counts)
+            self._counts.clear()
+            self._interval_end += interval
+        return self._stage(self._interval_end - interval)
+
+    def _record_interval(self, end: float) -> None:
+        record = self._open if self._open is not None else IntervalRecord(end=end, predictor="")  # after a gap
+        record.end = end
+        called = set(self._counts)
+        predicted = {v for v, p in self._scores.items() if p >= self.config.staging_cutoff}
+        record.called, record.predicted, record.hits = len(called), len(predicted), len(called & predicted)
+        record.unused_loaded_bytes = sum(b for v, b in self._loaded.items() if v not in called)
+        self.intervals.append(record)
+        self.intervals_closed += 1
+        self._open, self._scores, self._loaded = None, {}, {}
+
+    def _stage(self, now: float) -> list[Command]:
+        """Predict the interval starting at `now` and turn the stager's plan into commands."""
+        assert self.predictor is not None and self.stager is not None
+        horizon = now - self.config.forget_adapter_s
+        for version in [v for v, (_, last) in self._adapters.items() if last < horizon]:
+            del self._adapters[version]
+        specs = {v: spec for v, (spec, _) in self._adapters.items()}
+        for w in self._workers.values():  # versions held somewhere but not called lately: size from the report
+            for r in w.report.resident:
+                if r.version not in specs:
+                    specs[r.version] = AdapterSpec("", "", r.version, r.rank, r.bytes)
+        scores = self.predictor.predict(now, specs.keys()) if specs else {}
+        views = self._stage_views(specs)
+        stages = self.stager.plan(now, scores, specs, views)
+        record = IntervalRecord(end=now + self.config.staging_interval_s, predictor=_predictor_name(self.predictor))
+        commands: list[Command] = []
+        for st in stages:
+            if st.worker_id not in self._workers:
+                continue
+            if st.kind == "fetch":
+                record.fetches += 1
+                commands.append(Fetch(st.version, st.worker_id))
+            elif st.kind == "load":
+                record.loads += 1
+                nbytes = specs[st.version].bytes if st.version in specs else 0
+                record.loaded_bytes += nbytes
+                self._loaded[st.version] = self._loaded.get(st.version, 0) + nbytes
+                if self._resident.get(st.version, {}).get(st.worker_id) != Tier.device:
+                    self._placing.setdefault(st.version, {})[st.worker_id] = now
+                commands.append(Load(st.version, st.worker_id))
+            else:
+                record.evictions += 1
+                to_tier = st.to_tier or Tier.host
+                self._unplace(st.version, st.worker_id, to_tier)
+                commands.append(Evict(st.version, st.worker_id, to_tier))
+            self.decisions[f"stage_{st.kind}"] += 1
+        # Expected calls: the probability of a call, times the calls of the interval just closed when there were
+        # several (a probability alone stops at one call however many come).
+        expected = {v: p * max(1, self._last_counts.get(v, 0)) for v, p in scores.items() if p > 0}
+        record.workers_needed = self.workers_needed = workers_needed(
+            expected, interval_s=self.config.staging_interval_s, service_s=self.config.service_s,
+            max_inflight=max((w.report.max_inflight for w in self._workers.values()), default=32),
+            version_bytes={v: s.bytes for v, s in specs.items()},
+            device_bytes=max((v.device_bytes for v in views), default=0),
+        )
+        self._open, self._scores = record, scores
+        return commands
+
+    def _stage_views(self, specs: Mapping[str, AdapterSpec]) -> list[StageView]:
+        views = []
+        for worker_id, w in sorted(self._workers.items()):
+            r = w.report
+            held: dict[str, HeldView] = {}
+            for x in r.resident:
+                device_footprint = x.pages * r.page_bytes if x.tier == Tier.device and x.pages and r.page_bytes else 0
+                held[x.version] = HeldView(x.tier, device_footprint or x.bytes, x.rank, x.in_use)
+            for version, placing in self._placing.items():
+                if worker_id in placing and held.get(version, HeldView(Tier.host, 0)).tier != Tier.device:
+                    spec = specs.get(version)
+                    held[version] = HeldView(Tier.device, spec.bytes if spec else 0, spec.rank if spec else 0,
+                                             in_use=sum(1 for v, _ in w.outstanding.values() if v == version))
+            views.append(StageView(
+                worker_id=worker_id, device_bytes=r.device_bytes, host_bytes=r.host_bytes, max_rank=r.max_rank,
+                outstanding=max(len(w.outstanding), w.backlog), capacity=r.max_inflight + self.config.queue_per_worker,
+                draining=r.draining, held=held,
+            ))
+        return views
+
+    def _unplace(self, version: str, worker_id: str, to_tier: Tier) -> None:
+        """An eviction commanded: the version leaves that worker's device (and its host cache for `object`)."""
+        placing = self._placing.get(version)
+        if placing is not None:
+            placing.pop(worker_id, None)
+            if not placing:
+                del self._placing[version]
+        w = self._workers[worker_id]
+        if version in w.held:  # the worker's next report puts it back if the eviction did not happen
+            if to_tier == Tier.host:
+                w.held[version] = self._resident.setdefault(version, {})[worker_id] = Tier.host
+            else:
+                del w.held[version]
+                self._drop_resident(version, worker_id)
+
+
+def _predictor_name(predictor: Predictor) -> str:
+    """The name of the predictor answering now (a fallback chain names its active member)."""
+    active = getattr(predictor, "active", None)
+    return f"{predictor.name}:{active}" if isinstance(active, str) else predictor.name
 
 class _ResidencyView(Mapping[str, Mapping[str, Tier]]):
     def __init__(self, resident: dict[str, dict[str, Tier]], placing: dict[str, dict[str, float]]) -> None:

@@ -103,6 +103,9 @@ def worker_report(hb: Heartbeat, at: float) -> WorkerReport:
         max_rank=int(cap.get("max_rank", 0)), max_inflight=int(cap.get("max_inflight", 32)),
         running=hb.running, queue_depth=hb.queue_depth, tokens_per_s=hb.tokens_per_s,
         draining=hb.draining or hb.gone,
+        device_bytes=int(cap.get("pool_pages", 0)) * int(cap.get("page_bytes", 0)),
+        host_bytes=int(cap.get("host_ram_bytes", 0)) + int(cap.get("host_disk_bytes", 0)),
+        page_bytes=int(cap.get("page_bytes", 0)),
         resident=tuple(ResidentReport(r.version, Tier(r.tier), r.rank, r.bytes, r.pages, r.in_use)
                        for r in hb.resident),
     )

@@ -15,7 +15,15 @@ Metrics (see docs/ARCHITECTURE.md, "Metrics"):
 - `lorafn_pending_invocations{adapter}`: invocations waiting in the invocations stream, per "tenant/adapter",
   for the `top_adapters` adapters with the most; the rest are summed under adapter="other";
 - `lorafn_rescues_total`, `lorafn_rescued_invocations_total`: gone workers whose work was dispatched again, and
-  how many invocations that moved.
+  how many invocations that moved;
+- pre-staging (from the core's `IntervalRecord`s, each closed interval counted once):
+  `lorafn_workers_needed` (the scale-to-zero signal: workers the predicted load needs, for an autoscaler),
+  `lorafn_staging_predictor{predictor}` (1 for the predictor answering now, 0 for the others seen),
+  `lorafn_staging_predictor_switches_total{from,to}` (health fallbacks and returns),
+  `lorafn_staging_precision` / `lorafn_staging_recall` / `lorafn_staging_device_hit_ratio` (the last interval
+  that had predictions / calls), `lorafn_staging_commands_total{kind}` (fetch, load, evict),
+  `lorafn_staging_loaded_bytes_total` and `lorafn_staging_unused_loaded_bytes_total` (loaded for an interval in
+  which the version was not called).
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
 
 from protocol import subjects
+from scheduler.core import IntervalRecord
 from scheduler.policy import WorkerView
 
 logger = logging.getLogger(__name__)
@@ -143,6 +152,25 @@ class SchedulerMetrics:
             "lorafn_rescued_invocations", "invocations a rescue took from a gone worker and dispatched again",
             registry=r,
         )
+        self.workers_needed = Gauge(
+            "lorafn_workers_needed", "workers the predicted load of the next interval needs (0: scale to zero)",
+            registry=r,
+        )
+        self.predictor = Gauge("lorafn_staging_predictor", "1 for the demand predictor answering now",
+                               ["predictor"], registry=r)
+        self.switches = Counter("lorafn_staging_predictor_switches", "predictor fallbacks and returns",
+                                ["from", "to"], registry=r)
+        self.precision = Gauge("lorafn_staging_precision", "share of the versions predicted for the last interval "
+                               "with predictions that were called in it", registry=r)
+        self.recall = Gauge("lorafn_staging_recall", "share of the versions called in the last interval with calls "
+                            "that were predicted", registry=r)
+        self.device_hits = Gauge("lorafn_staging_device_hit_ratio", "share of the last interval's calls that found "
+                                 "their adapter on a device", registry=r)
+        self.stage_commands = Counter("lorafn_staging_commands", "staging commands issued", ["kind"], registry=r)
+        self.loaded_bytes = Counter("lorafn_staging_loaded_bytes", "adapter bytes loaded ahead of calls", registry=r)
+        self.unused_bytes = Counter("lorafn_staging_unused_loaded_bytes", "adapter bytes loaded for an interval in "
+                                    "which the version was not called", registry=r)
+        self._predictors: set[str] = set()
         self._decisions_seen: dict[str, int] = {}
         self._workers: set[str] = set()
         self._adapters: set[str] = set()
@@ -186,6 +214,29 @@ class SchedulerMetrics:
         """A gone worker's work was dispatched again (`invocations` of them)."""
         self.rescues.inc()
         self.rescued.inc(invocations)
+
+    def observe_staging(self, records: Iterable[IntervalRecord], *, active: str, workers_needed: int,
+                        switches: Iterable[tuple[str, str]] = ()) -> None:
+        """Intervals closed since the last call, the predictor answering now, the latest workers-needed figure,
+        and the predictor switches since the last call as (from, to)."""
+        for rec in records:
+            for kind, n in (("fetch", rec.fetches), ("load", rec.loads), ("evict", rec.evictions)):
+                if n:
+                    self.stage_commands.labels(kind).inc(n)
+            self.loaded_bytes.inc(rec.loaded_bytes)
+            self.unused_bytes.inc(rec.unused_loaded_bytes)
+            if rec.precision is not None:
+                self.precision.set(rec.precision)
+            if rec.recall is not None:
+                self.recall.set(rec.recall)
+            if rec.device_hit_share is not None:
+                self.device_hits.set(rec.device_hit_share)
+        for old, new in switches:
+            self.switches.labels(old, new).inc()
+        self._predictors.add(active)
+        for name in self._predictors:
+            self.predictor.labels(name).set(1.0 if name == active else 0.0)
+        self.workers_needed.set(workers_needed)
 
     def render(self) -> tuple[bytes, str]:
         """(body, content type) of the Prometheus text format."""

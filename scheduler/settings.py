@@ -1,7 +1,7 @@
 """Settings of the scheduler service: one typed object, built in `scheduler.__main__` and passed down.
 
 Environment variables use the prefix LORAFN_ and `__` between sections, e.g. LORAFN_NATS__URL,
-LORAFN_DATABASE__URL, LORAFN_SCHEDULER__HEARTBEAT_TIMEOUT_S, LORAFN_METRICS__PORT.
+LORAFN_DATABASE__URL, LORAFN_SCHEDULER__HEARTBEAT_TIMEOUT_S, LORAFN_STAGING__PREDICTOR, LORAFN_METRICS__PORT.
 """
 
 from __future__ import annotations
@@ -55,6 +55,22 @@ class PlacementSettings(BaseModel):
         return self
 
 
+class StagingSettings(BaseModel):
+    """Predictive pre-staging (`scheduler.core`, `scheduler.predict`, `scheduler.staging`): every `interval_s`
+    the predictor scores each adapter version's chance of a call in the next interval and the stager fetches
+    the likely ones to workers' host caches, loads the very likely ones to their devices and releases what
+    fell out of use. `predictor: none` turns it off (purely reactive placement, LRU keep-alive)."""
+
+    predictor: str = Field(
+        "fallback", description="none, last_value, ewma, histogram, lstm, or fallback (lstm, then histogram, then "
+        "ewma, by each one's precision)")
+    interval_s: float = Field(60.0, gt=0, description="the prediction interval in seconds (the histogram's bin width; "
+                                                      "a time-compressed replay shortens it)")
+    device_at: float = Field(0.5, ge=0, le=1, description="load to a device at this probability of a call")
+    host_at: float = Field(0.1, ge=0, le=1, description="fetch to a host cache at this probability of a call")
+    service_s: float = Field(2.0, gt=0, description="expected seconds of one call (the workers-needed signal)")
+
+
 class SchedulerSettings(BaseSettings):
     """Everything the scheduler process needs."""
 
@@ -64,4 +80,5 @@ class SchedulerSettings(BaseSettings):
     nats_callout: NatsCalloutSettings = Field(default_factory=NatsCalloutSettings)
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     scheduler: PlacementSettings = Field(default_factory=PlacementSettings)
+    staging: StagingSettings = Field(default_factory=StagingSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
