@@ -588,17 +588,22 @@ class SchedulerCore:
         views = []
         for worker_id, w in sorted(self._workers.items()):
             r = w.report
+            # Sizes are blob bytes throughout (what the stager sizes newcomers by); the device budget is scaled
+            # from pool bytes to blob bytes by what the resident adapters take in the pool per blob byte.
             held: dict[str, HeldView] = {}
+            pool = blob = 0
             for x in r.resident:
-                device_footprint = x.pages * r.page_bytes if x.tier == Tier.device and x.pages and r.page_bytes else 0
-                held[x.version] = HeldView(x.tier, device_footprint or x.bytes, x.rank, x.in_use)
+                held[x.version] = HeldView(x.tier, x.bytes, x.rank, x.in_use)
+                if x.tier == Tier.device and x.pages and x.bytes:
+                    pool, blob = pool + x.pages * r.page_bytes, blob + x.bytes
+            device_bytes = r.device_bytes * blob // pool if pool and blob else r.device_bytes
             for version, placing in self._placing.items():
                 if worker_id in placing and held.get(version, HeldView(Tier.host, 0)).tier != Tier.device:
                     spec = specs.get(version)
                     held[version] = HeldView(Tier.device, spec.bytes if spec else 0, spec.rank if spec else 0,
                                              in_use=sum(1 for v, _ in w.outstanding.values() if v == version))
             views.append(StageView(
-                worker_id=worker_id, device_bytes=r.device_bytes, host_bytes=r.host_bytes, max_rank=r.max_rank,
+                worker_id=worker_id, device_bytes=device_bytes, host_bytes=r.host_bytes, max_rank=r.max_rank,
                 outstanding=max(len(w.outstanding), w.backlog), capacity=r.max_inflight + self.config.queue_per_worker,
                 draining=r.draining, held=held,
             ))
