@@ -202,6 +202,7 @@ class Dispatcher:
         self._cancelled: OrderedDict[str, None] = OrderedDict()  # invocations cancelled before their dispatch
         self.dispatched = 0
         self.metrics = metrics  # refreshed on ticks: nothing per invocation
+        self._intervals_seen = 0  # the core's interval records already in the metrics
 
     # -- events from NATS ----------------------------------------------------------------------------------
 
@@ -307,14 +308,33 @@ class Dispatcher:
         self.apply(Tick(self.clock()))
         for worker_id, reason in list(self._unrescued.items()):
             self._spawn(self.rescue(worker_id, reason), f"rescue-{worker_id}")
+        switches = self._staging_switches()
         if self.metrics is not None:
-            await self._observe(self.metrics)
+            await self._observe(self.metrics, switches)
 
-    async def _observe(self, metrics: SchedulerMetrics) -> None:
-        """Copy the core's decisions and worker queues into the metrics, and read the invocations waiting per
-        adapter subject (one request per tick, whatever the number of adapters)."""
+    def _staging_switches(self) -> list[tuple[str, str]]:
+        """The predictor's health switches since the last tick, each said in a log line."""
+        take = getattr(self.core.predictor, "take_switches", None)
+        if take is None:
+            return []
+        out = []
+        for s in take():
+            logger.warning("demand predictor %s -> %s at %.0f: %s", s.from_, s.to, s.at, s.reason)
+            out.append((s.from_, s.to))
+        return out
+
+    async def _observe(self, metrics: SchedulerMetrics, switches: list[tuple[str, str]]) -> None:
+        """Copy the core's decisions, worker queues and staging records into the metrics, and read the
+        invocations waiting per adapter subject (one request per tick, whatever the number of adapters)."""
         metrics.observe_decisions(self.core.decisions)
         metrics.observe_workers(self.core.views())
+        if self.core.predictor is not None:
+            new = min(self.core.intervals_closed - self._intervals_seen, len(self.core.intervals))
+            self._intervals_seen = self.core.intervals_closed
+            records = list(self.core.intervals)[len(self.core.intervals) - new:] if new else []
+            active = getattr(self.core.predictor, "active", None)
+            metrics.observe_staging(records, active=active if isinstance(active, str) else self.core.predictor.name,
+                                    workers_needed=self.core.workers_needed, switches=switches)
         try:
             info = await self.js.stream_info(subjects.INVOCATIONS_STREAM, subjects_filter=subjects.INVOKE_ALL)
         except nats.js.errors.NotFoundError:

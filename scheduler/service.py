@@ -56,7 +56,9 @@ from scheduler.dispatcher import AdapterDirectory, Dispatcher
 from scheduler.metrics import MetricsEndpoint, SchedulerMetrics, serve_metrics
 from scheduler.nats_callout import NatsCallout
 from scheduler.policy import AffinityRouter, Router
-from scheduler.settings import PlacementSettings, SchedulerSettings
+from scheduler.predict import Predictor, build_predictor
+from scheduler.settings import PlacementSettings, SchedulerSettings, StagingSettings
+from scheduler.staging import PredictiveStager, Stager
 from scheduler.state import WarmState
 from storage import repo
 from storage.models import InvocationStatus
@@ -66,13 +68,31 @@ logger = logging.getLogger(__name__)
 KIND_HEADER = subjects.KIND_HEADER
 
 
-def core_config(cfg: PlacementSettings) -> CoreConfig:
+def core_config(cfg: PlacementSettings, staging: StagingSettings | None = None) -> CoreConfig:
     """The core's limits from the scheduler's settings."""
+    staging = staging or StagingSettings()
     return CoreConfig(
         heartbeat_timeout_s=cfg.heartbeat_timeout_s, placement_grace_s=cfg.placement_grace_s,
         unknown_adapter_grace_s=cfg.unknown_adapter_grace_s, queue_per_worker=cfg.queue_per_worker,
-        max_epochs=cfg.max_epochs,
+        max_epochs=cfg.max_epochs, staging_interval_s=staging.interval_s, service_s=staging.service_s,
     )
+
+
+def staging_policies(cfg: StagingSettings) -> tuple[Predictor | None, Stager | None]:
+    """The predictor and stager the settings name ((None, None) for `predictor: none`). A live LSTM trains in
+    a background thread, so that the dispatcher never waits for it."""
+    if cfg.predictor == "none":
+        return None, None
+    options: dict[str, Any] = {}
+    if cfg.predictor == "lstm":
+        options = {"train": "background"}
+    elif cfg.predictor == "fallback":
+        options = {"members": {"lstm": {"train": "background"}}}
+    predictor = build_predictor(cfg.predictor, cfg.interval_s, **options)
+    defaults = PredictiveStager()
+    stager = PredictiveStager(device_at=cfg.device_at, device_release_at=min(defaults.device_release_at, cfg.device_at),
+                              host_at=cfg.host_at, host_release_at=min(defaults.host_release_at, cfg.host_at))
+    return predictor, stager
 
 
 # A resident adapter's last use is written to Postgres when it moved by this much (a row per adapter and second
@@ -106,10 +126,11 @@ class SchedulerService:
         self.settings = settings
         self.cfg = settings.scheduler
         self.scheduler_id = subjects.check_name("scheduler", scheduler_id or default_scheduler_id())
+        predictor, stager = staging_policies(settings.staging)
         self.core = SchedulerCore(
             router=router or AffinityRouter(replicate_at=self.cfg.replicate_at,
                                             replicate_margin=self.cfg.replicate_margin),
-            config=core_config(self.cfg),
+            config=core_config(self.cfg, settings.staging), predictor=predictor, stager=stager,
         )
         self.state = WarmState(heartbeat_timeout_s=self.cfg.heartbeat_timeout_s)
         self.metrics = SchedulerMetrics()
@@ -162,6 +183,9 @@ class SchedulerService:
             logger.info("scheduler %s ready", self.scheduler_id)
             await stop.wait()
             await asyncio.gather(*loops, return_exceptions=True)
+            close = getattr(self.core.predictor, "close", None)  # a background-trained predictor's thread
+            if close is not None:
+                await asyncio.to_thread(close)
             try:
                 await self.flush(all_demand=True)
             except Exception:  # Postgres may be gone at shutdown; the next scheduler rewrites warm state
