@@ -46,7 +46,7 @@ from protocol import subjects
 from protocol.messages import Heartbeat, InvocationResult, InvocationStarted
 from protocol.streams import ensure_streams
 from scheduler.service import SchedulerService
-from scheduler.settings import PlacementSettings, SchedulerSettings
+from scheduler.settings import PlacementSettings, SchedulerSettings, StagingSettings
 from storage import repo
 from storage.adapter_format import load_canonical, write_peft_adapter
 from storage.backbone import BackboneSpec
@@ -409,6 +409,8 @@ async def cluster(services: Any, e2e_backbone: Path, tmp_path_factory: pytest.Te
         # the first one loaded it (replication has its own test in test_dispatch.py).
         scheduler=PlacementSettings(heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S, flush_every_s=0.5, tick_s=0.25,
                                     placement_grace_s=3.0, adapter_cache_s=0.0, replicate_at=10_000),
+        # tiers are asserted where calls left them: no predictive keep-alive moving adapters between tiers
+        staging=StagingSettings(predictor="none"),
     ))
     stop = asyncio.Event()
     scheduler_task = asyncio.create_task(scheduler.run(stop))

@@ -55,7 +55,7 @@ from protocol.streams import ensure_streams
 from scheduler.core import Evict, Fetch, Load
 from scheduler.policy import AffinityRouter, PinnedRouter, Router
 from scheduler.service import SchedulerService
-from scheduler.settings import PlacementSettings, SchedulerSettings
+from scheduler.settings import PlacementSettings, SchedulerSettings, StagingSettings
 from storage import repo
 from storage.adapter_format import write_peft_adapter
 from storage.backbone import BackboneSpec
@@ -76,6 +76,12 @@ ADAPTER_POOL_BYTES = 64 * 512 * 128
 # Replies come back as to a gateway of this name: lora.reply.<tenant>.dispatch-test.<invocation id>, inside the
 # tenant's reply namespace (the dispatcher refuses a reply subject outside it).
 REPLIES_AS = "dispatch-test"
+
+
+# These tests drive placement and staging by hand (pins, staging verbs, tiers expected where a call left them);
+# the predictive stager's keep-alive releases at interval boundaries would move adapters under them.
+# Pre-staging has its own live test (tests/e2e/test_prestaging.py).
+NO_STAGING = StagingSettings(predictor="none")
 
 
 def scheduler_settings(services: Any) -> dict[str, str]:
@@ -131,6 +137,7 @@ class Cluster:
 
     def spawn_scheduler(self, name: str) -> None:
         extra = {f"LORAFN_SCHEDULER__{k}": v for k, v in scheduler_settings(self.services).items()}
+        extra["LORAFN_STAGING__PREDICTOR"] = "none"  # see NO_STAGING
         extra |= self.services.nats_env_of("scheduler")  # the scheduler's own NATS user
         env = child_env(nats_url=self.services.nats_url, database_url=self.services.database_url, extra=extra)
         with open(self.logs / f"{name}.log", "ab") as log:
@@ -165,6 +172,7 @@ class Cluster:
             nats=self.services.nats_of("scheduler"), database=DatabaseSettings(url=self.services.database_url),
             scheduler=PlacementSettings.model_validate(
                 {k.lower(): v for k, v in scheduler_settings(self.services).items()}),
+            staging=NO_STAGING,
         )
         service = SchedulerService(settings, router=router, scheduler_id=f"test-{secrets.token_hex(3)}")
         stop = asyncio.Event()

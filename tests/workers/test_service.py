@@ -43,7 +43,7 @@ from protocol.messages import (
 )
 from protocol.streams import ensure_streams
 from scheduler.service import SchedulerService
-from scheduler.settings import PlacementSettings, SchedulerSettings
+from scheduler.settings import PlacementSettings, SchedulerSettings, StagingSettings
 from storage import repo
 from storage.adapter_format import write_peft_adapter
 from storage.backbone import BackboneSpec
@@ -186,6 +186,8 @@ async def cluster(services, tmp_path_factory: pytest.TempPathFactory) -> AsyncIt
         nats={"url": services.nats_url}, database=DatabaseSettings(url=services.database_url),
         scheduler=PlacementSettings(heartbeat_timeout_s=3.0, flush_every_s=0.5, tick_s=0.25,
                                     placement_grace_s=3.0, adapter_cache_s=0.0, unknown_adapter_grace_s=30.0),
+        # tiers are asserted where calls left them: no predictive keep-alive moving adapters between tiers
+        staging=StagingSettings(predictor="none"),
     ))
     stop = asyncio.Event()
     scheduler_task = asyncio.create_task(scheduler.run(stop))
