@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from rich.table import Table
 
+from lorafn.replay import replay_command
 from lorafn.settings import LorafnSettings
 from lorafn.stack import (
     LocalStack,
@@ -48,6 +49,7 @@ app.add_typer(adapters_app, name="adapters")
 app.add_typer(keys_app, name="keys")
 tenants_app = typer.Typer(help="Tenants and their quotas.", no_args_is_help=True)
 app.add_typer(tenants_app, name="tenants")
+app.command("replay")(replay_command)  # lorafn/replay.py
 
 console = Console()
 

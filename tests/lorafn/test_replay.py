@@ -1,0 +1,255 @@
+"""`lorafn replay`, for real: the command (typer's runner, in a thread) replays short traces through a gateway on a
+free port, the scheduler and a worker in-process on the tiny backbone, NATS, Postgres and S3 from the session's
+services. Pure parts (the plan, the summary, the prompt's length in tokens) are tested without a stack."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import nats
+import pytest
+import pytest_asyncio
+import uvicorn
+from nats.js.errors import NotFoundError
+from typer.testing import CliRunner
+
+from bench.traces import TraceRequest, write_trace
+from gateway.app import create_app
+from gateway.settings import GatewayOptions, GatewaySettings, LimitSettings
+from lorafn.cli import app
+from lorafn.replay import (
+    RANK_CYCLE,
+    WORDS,
+    CallRecord,
+    ReplayError,
+    plan_replay,
+    summarise,
+    synthetic_prompt,
+)
+from protocol import subjects
+from protocol.settings import NatsSettings
+from protocol.streams import ensure_streams
+from scheduler.service import SchedulerService
+from scheduler.settings import SchedulerSettings
+from storage import repo
+from storage.objectstore import ObjectStore
+from storage.settings import DatabaseSettings, ObjectStoreSettings, RegistrySettings
+from workers.service import open_worker
+from workers.settings import WorkerSettings
+from workers.tiny import write_tiny_backbone
+from workers.tokenizer import Tokenizer
+
+SPEED = 4.0
+CAP = 8  # --max-tokens-cap
+LIMIT = 2  # --concurrency-limit
+
+
+# -- pure parts -----------------------------------------------------------------------------------------------------
+
+
+def test_plan_maps_keys_by_popularity_onto_adapters_of_mixed_ranks() -> None:
+    rows = [TraceRequest(10.0 + t, "", k, 5, o) for t, k, o in [
+        (0.0, "b", 4), (1.0, "a", 700), (2.0, "a", 3), (3.0, "c", 1), (4.0, "b", 2), (5.0, "a", 9), (6.0, "d", 1)]]
+    plan = plan_replay(rows, speed=2.0, adapters=2, max_tokens_cap=8, name_prefix="p")
+    assert [c.at_s for c in plan.calls] == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0]  # from the first row, / speed
+    # popularity: a (3), b (2), then c and d (1 each, by key); key k goes to adapter k mod 2
+    assert [(a.name, a.rank, a.keys, a.calls) for a in plan.adapters] == [
+        ("p-000", RANK_CYCLE[0], ("a", "c"), 4), ("p-001", RANK_CYCLE[1], ("b", "d"), 3)]
+    assert [c.max_tokens for c in plan.calls] == [4, 8, 3, 1, 2, 8, 1]  # capped at 8
+    assert [a.keys for a in plan_replay(rows).adapters] == [("a",), ("b",), ("c",), ("d",)]  # one each by default
+    assert len(plan_replay(rows, speed=2.0, duration_s=1.5).calls) == 3  # due before 1.5 s of replay
+    assert len(plan_replay(rows, limit=2).calls) == 2
+    assert sorted(RANK_CYCLE).count(8) > len(RANK_CYCLE) / 3 and max(RANK_CYCLE) == 128  # mostly small, some large
+    for bad in ({"speed": 0.0}, {"adapters": 0}, {"duration_s": -1.0}, {"limit": 0}):
+        with pytest.raises(ReplayError):
+            plan_replay(rows, **bad)  # type: ignore[arg-type]
+    with pytest.raises(ReplayError, match="no requests"):
+        plan_replay([])
+
+
+def test_summary_counts_add_up_and_failures_are_kept() -> None:
+    def record(i: int, status: str, tier: str | None, **kw: Any) -> CallRecord:
+        return CallRecord(i, "k", "t/a", 8, 5, 5, i * 10.0, sent_ms=i * 10.0 + 1, lateness_ms=1.0, status=status,
+                          tier=tier, **kw)
+
+    records = [record(0, "ok", "object", ttft_ms=50.0, latency_ms=90.0, load_ms=30.0),
+               record(1, "ok", "device", ttft_ms=10.0, latency_ms=20.0),
+               record(2, "http_429:rate_limited", None, error="slow down"),
+               record(3, "timeout", "host", error="no answer"),
+               CallRecord(4, "k", "t/b", 8, 5, 5, 40.0)]  # never sent
+    s = summarise(records)
+    assert s["statuses"] == {"ok": 2, "http_429:rate_limited": 1, "not_sent": 1, "timeout": 1}
+    assert sum(s["statuses"].values()) == s["calls"] == 5 and (s["ok"], s["failed"], s["sent"]) == (2, 3, 4)
+    assert s["errors"] == {"http_429:rate_limited": "slow down", "timeout": "no answer"}
+    assert (s["cold_starts"], s["host_loads"], s["device_hits"], s["tiers"]["unknown"]) == (1, 1, 1, 2)
+    assert s["ttft_ms"]["p50"] == 10.0 and s["ttft_ms"]["max"] == 50.0 and s["ttft_ms"]["n"] == 2  # ok calls only
+    assert s["load_ms"]["n"] == 1 and s["first_call_tiers"] == {"object": 1}
+
+
+def test_a_synthetic_prompt_is_as_many_tokens_as_words() -> None:
+    tokenizer = Tokenizer.load()
+    assert all(len(tokenizer.encode(" " + w, add_special_tokens=False)) == 1 for w in WORDS)
+    for n in (1, 17, 500):
+        prompt = synthetic_prompt(n, seed=n)
+        assert prompt == synthetic_prompt(n, seed=n) != synthetic_prompt(n, seed=n + 1)
+        assert len(tokenizer.encode(prompt, add_special_tokens=False)) == n
+
+
+# -- against a running stack ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Stack:
+    url: str
+    key: str
+    backbone: Path
+
+
+@pytest_asyncio.fixture(scope="module")
+async def stack(services: Any, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
+    root = tmp_path_factory.mktemp("replay")
+    backbone = await asyncio.to_thread(write_tiny_backbone, root / "backbone")
+    store_settings = ObjectStoreSettings(endpoint=services.s3_endpoint, access_key=services.s3_access_key,
+                                         secret_key=services.s3_secret_key, bucket=f"replay-{secrets.token_hex(6)}")
+    await asyncio.to_thread(ObjectStore(store_settings).ensure_bucket)
+    database = DatabaseSettings(url=services.database_url)
+    engine = repo.create_engine(database)
+    try:
+        async with repo.session_factory(engine)() as session, session.begin():
+            tenant = await repo.get_or_create_tenant(session, name=f"replay-{secrets.token_hex(3)}")
+            key = await repo.create_api_key(session, tenant=tenant)
+    finally:
+        await engine.dispose()
+    nc = await nats.connect(services.nats_url)
+    js = nc.jetstream()
+    await ensure_streams(js)
+    for consumer in await js.consumers_info(subjects.INVOCATIONS_STREAM):  # left by other modules' workers
+        with contextlib.suppress(NotFoundError):
+            await js.delete_consumer(subjects.INVOCATIONS_STREAM, consumer.name)
+    await js.purge_stream(subjects.INVOCATIONS_STREAM)
+    await nc.close()
+
+    gateway_settings = GatewaySettings(
+        nats=NatsSettings(url=services.nats_url, connect_timeout_s=1), database=database, object_store=store_settings,
+        registry=RegistrySettings(backbone_hf_dir=backbone),
+        gateway=GatewayOptions(limits=LimitSettings(sync_timeout_s=120.0)),
+    )
+    server = uvicorn.Server(uvicorn.Config(create_app(gateway_settings), host="127.0.0.1", port=0,
+                                           log_level="warning", lifespan="on"))
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]  # keep pytest's Ctrl-C
+    serving_http = asyncio.create_task(server.serve())
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if serving_http.done():
+            serving_http.result()
+        assert time.monotonic() < deadline, "the gateway did not start"
+        await asyncio.sleep(0.02)
+    url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+
+    worker_settings = WorkerSettings(
+        worker_id=f"replay-{secrets.token_hex(3)}", nats={"url": services.nats_url}, object_store=store_settings,
+        backbone={"path": backbone}, engine={"kv_cache_bytes": 8 << 20, "adapter_pool_bytes": 8 << 20},
+        host_cache={"directory": root / "cache"},
+    )
+    scheduler = SchedulerService(SchedulerSettings(nats={"url": services.nats_url}, database=database))
+    stop = asyncio.Event()
+    try:
+        async with open_worker(worker_settings) as worker:
+            tasks = [asyncio.create_task(worker.run(stop)), asyncio.create_task(scheduler.run(stop))]
+            try:
+                async with httpx.AsyncClient(base_url=url, timeout=60,
+                                             headers={"Authorization": f"Bearer {key}"}) as http:
+                    warm = await http.post("/v1/completions", json={"model": "base", "prompt": "hi", "max_tokens": 2})
+                    assert warm.status_code == 200, warm.text  # the worker serves: the stack is up end to end
+                yield Stack(url=url, key=key, backbone=backbone)
+            finally:
+                stop.set()
+                await asyncio.wait_for(asyncio.gather(*tasks), 30)
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(serving_http, 15)
+
+
+async def replay(stack: Stack, trace: Path, report: Path, *args: str) -> tuple[int, str, dict[str, Any]]:
+    """`lorafn replay` against the stack, in a thread (it runs its own event loop); (exit code, output, report)."""
+    argv = ["replay", str(trace), "--gateway", stack.url, "--api-key", stack.key, "--backbone", str(stack.backbone),
+            "--report", str(report), *args]
+    result = await asyncio.to_thread(CliRunner().invoke, app, argv)
+    assert report.exists(), f"no report; exit {result.exit_code}:\n{result.output}\n{result.exception!r}"
+    return result.exit_code, result.output, json.loads(report.read_text())
+
+
+def short_trace() -> list[TraceRequest]:
+    """32 requests over 8 trace seconds: a burst of 6 at 0, then one every 0.3 s; 5 keys of skewed popularity,
+    every key called again at least 4 trace seconds (1 s of replay) after its first call."""
+    burst = ["acme/chat", "acme/code", "b", "c", "acme/chat", "d"]
+    cycle = ["acme/chat", "acme/code", "acme/chat", "b", "acme/chat", "c", "acme/code", "d"]
+    rows = [TraceRequest(0.0, *k.rpartition("/")[::2], 6 + i, 4 + i % 9) for i, k in enumerate(burst)]
+    rows += [TraceRequest(round(0.5 + 0.3 * i, 3), *k.rpartition("/")[::2], 5 + i % 30, 3 + i % 11)
+             for i, k in enumerate(cycle * 3 + ["b", "c"])]
+    return rows
+
+
+async def test_replay_records_every_call_cold_then_warm(stack: Stack, tmp_path: Path) -> None:
+    trace, report = tmp_path / "trace.csv", tmp_path / "out" / "replay.json"
+    rows = short_trace()
+    write_trace(trace, rows)
+    code, output, body = await replay(stack, trace, report, "--speed", str(SPEED), "--adapters", "4",
+                                      "--max-tokens-cap", str(CAP), "--concurrency-limit", str(LIMIT))
+    s, calls = body["summary"], body["calls"]
+    assert code == 0, output
+    # every call recorded, with a status; the counts add up
+    assert len(calls) == s["calls"] == len(rows) == 32
+    assert sum(s["statuses"].values()) == 32 and s["statuses"] == {"ok": 32}, s["errors"]
+    assert s["cold_starts"] + s["host_loads"] + s["device_hits"] + s["tiers"]["unknown"] == 32
+    assert all(c["invocation_id"] and c["tier"] in ("object", "host", "device") for c in calls)
+    assert all(c["ttft_ms"] is not None and c["latency_ms"] >= c["ttft_ms"] > 0 for c in calls)
+    assert all(c["completion_tokens"] <= c["max_tokens"] <= CAP for c in calls)
+    # the schedule: trace seconds / speed; keys mapped by popularity onto 4 adapters, ranks from the cycle
+    assert [c["scheduled_ms"] for c in calls] == pytest.approx([r.at_s / SPEED * 1000 for r in rows])
+    assert all(c["sent_ms"] >= c["scheduled_ms"] and c["lateness_ms"] >= 0 for c in calls)
+    assert [(a["keys"], a["rank"], a["provisioned"]) for a in body["adapters"]] == [
+        (["acme/chat", "d"], 8, "pushed"), (["acme/code"], 16, "pushed"), (["b"], 64, "pushed"), (["c"], 8, "pushed")]
+    # the burst of 6 found 2 calls in flight for 4 of them: they waited, and are counted late
+    waited = [c for c in calls if c["waited_for_slot"]]
+    assert len(waited) >= 4 and s["waited_for_slot"]["calls"] == len(waited)
+    assert all(c["lateness_ms"] > 0 for c in waited)
+    # the first call of each adapter found it cold; its last call, a replay second later, found it on the device
+    by_adapter: dict[str, list[dict[str, Any]]] = {}
+    for c in sorted(calls, key=lambda c: c["sent_ms"]):
+        by_adapter.setdefault(c["adapter"], []).append(c)
+    assert len(by_adapter) == 4
+    for adapter, seq in by_adapter.items():
+        assert seq[0]["tier"] != "device", (adapter, [c["tier"] for c in seq])
+        assert seq[-1]["tier"] == "device", (adapter, [c["tier"] for c in seq])
+    assert s["first_call_tiers"].get("device", 0) == 0 and s["device_hits"] >= 4
+    assert "| ok | 32 |" in output and "| device (hit) |" in output
+    assert report.with_suffix(".md").read_text() in output
+
+
+async def test_a_second_replay_reuses_the_adapters_and_counts_failures(stack: Stack, tmp_path: Path) -> None:
+    trace, report = tmp_path / "trace.csv", tmp_path / "replay.json"
+    write_trace(trace, [TraceRequest(0.0, "acme", "chat", 5, 3), TraceRequest(0.1, "acme", "code", 5, 3),
+                        TraceRequest(0.2, "acme", "chat", 3000, 3),  # longer than the backbone's 2,048 positions
+                        TraceRequest(0.3, "", "b", 5, 3)])
+    code, output, body = await replay(stack, trace, report, "--speed", "10")
+    s = body["summary"]
+    assert code == 1, output  # a call failed
+    # a streamed call the worker had started when it refused the prompt: 200, then the error in the stream
+    assert s["statuses"] == {"ok": 3, "stream_error:prompt_too_long": 1} and s["failed"] == 1
+    failed = next(c for c in body["calls"] if c["status"] != "ok")
+    assert failed["prompt_tokens"] == 3000 and failed["error_code"] == "prompt_too_long" and failed["error"]
+    assert "| stream_error:prompt_too_long | 1 |" in output
+    # the same three adapters (by popularity: chat, code, b) as the first test's: reused, still on the device
+    assert [(a["name"], a["provisioned"]) for a in body["adapters"]] == [
+        ("replay-000", "reused"), ("replay-001", "reused"), ("replay-002", "reused")]
+    assert s["first_call_tiers"] == {"device": 3}
