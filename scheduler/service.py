@@ -119,14 +119,19 @@ def default_scheduler_id() -> str:
 
 class SchedulerService:
     """Run with `run(stop)`; returns after flushing and draining once `stop` is set. `router`: the routing
-    policy (default `AffinityRouter` with the settings' replication thresholds)."""
+    policy (default `AffinityRouter` with the settings' replication thresholds); `predictor` and `stager`: the
+    pre-staging policies (default: those the staging settings name)."""
 
     def __init__(self, settings: SchedulerSettings, *, router: Router | None = None,
-                 scheduler_id: str | None = None) -> None:
+                 scheduler_id: str | None = None, predictor: Predictor | None = None,
+                 stager: Stager | None = None) -> None:
         self.settings = settings
         self.cfg = settings.scheduler
         self.scheduler_id = subjects.check_name("scheduler", scheduler_id or default_scheduler_id())
-        predictor, stager = staging_policies(settings.staging)
+        if predictor is None:
+            predictor, stager = staging_policies(settings.staging)
+        elif stager is None:
+            stager = PredictiveStager()
         self.core = SchedulerCore(
             router=router or AffinityRouter(replicate_at=self.cfg.replicate_at,
                                             replicate_margin=self.cfg.replicate_margin),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import secrets
 import signal
@@ -54,6 +55,7 @@ from protocol.messages import (
 from protocol.streams import ensure_streams
 from scheduler.core import Evict, Fetch, Load
 from scheduler.policy import AffinityRouter, PinnedRouter, Router
+from scheduler.predict import Oracle, Predictor
 from scheduler.service import SchedulerService
 from scheduler.settings import PlacementSettings, SchedulerSettings, StagingSettings
 from storage import repo
@@ -164,17 +166,19 @@ class Cluster:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-chars:]}" for p in sorted(self.logs.glob("*.log")))
 
     @contextlib.asynccontextmanager
-    async def scheduler(self, router: Router | None = None,
-                        expect: Sequence[str] = WORKERS) -> AsyncIterator[SchedulerService]:
-        """An in-process scheduler with `router` for the duration of the block (once it has heard from the
-        workers in `expect`)."""
+    async def scheduler(self, router: Router | None = None, expect: Sequence[str] = WORKERS, *,
+                        predictor: Predictor | None = None,
+                        staging: StagingSettings = NO_STAGING) -> AsyncIterator[SchedulerService]:
+        """An in-process scheduler with `router` (and `predictor`, with the staging settings' interval) for the
+        duration of the block (once it has heard from the workers in `expect`)."""
         settings = SchedulerSettings(
             nats=self.services.nats_of("scheduler"), database=DatabaseSettings(url=self.services.database_url),
             scheduler=PlacementSettings.model_validate(
                 {k.lower(): v for k, v in scheduler_settings(self.services).items()}),
-            staging=NO_STAGING,
+            staging=staging,
         )
-        service = SchedulerService(settings, router=router, scheduler_id=f"test-{secrets.token_hex(3)}")
+        service = SchedulerService(settings, router=router, scheduler_id=f"test-{secrets.token_hex(3)}",
+                                   predictor=predictor)
         stop = asyncio.Event()
         task = asyncio.create_task(service.run(stop))
         try:
@@ -391,8 +395,8 @@ async def test_a_routing_policy_is_obeyed_live_and_in_the_simulator(cluster: Clu
 
 
 async def test_the_schedulers_staging_commands_move_an_adapter_between_tiers(cluster: Cluster) -> None:
-    """Fetch, Load and Evict from the core are carried out on the worker they name (the staging policies of
-    later work emit them); the worker's heartbeats, and so the core's residency, follow."""
+    """Fetch, Load and Evict from the core are carried out on the worker they name (the stager emits them;
+    here they are sent by hand); the worker's heartbeats, and so the core's residency, follow."""
     tenant = f"stage{secrets.token_hex(3)}"
     pushed = await cluster.push(tenant, "staged", seed=6000)
     sha, worker = pushed.sha256, "dw-2"
@@ -414,6 +418,33 @@ async def test_the_schedulers_staging_commands_move_an_adapter_between_tiers(clu
         assert result.worker_id == worker and result.adapter_tier == "device"
         await service.dispatcher.stage(Evict(sha, worker, Tier.host))
         await wait_for(lambda: tier_in_heartbeat() == "host", what="the adapter back in the host cache")
+
+
+async def test_a_predicted_call_finds_its_adapter_staged_and_an_idle_one_is_released(cluster: Cluster) -> None:
+    """Pre-staging live, with the oracle (it knows when the calls come) at 1-second intervals: after its first
+    call the adapter is idle, so keep-alive releases it from every tier; before its next call the scheduler
+    loads it again, and that call finds it on the device."""
+    tenant = f"pre{secrets.token_hex(3)}"
+    sha = (await cluster.push(tenant, "ahead", seed=6100)).sha256
+    t0 = math.ceil(time.time()) + 2.0
+    first, second = t0 + 0.3, t0 + 6.6  # the second's interval (t0 + 6, t0 + 7] is staged at t0 + 6
+    oracle = Oracle([(first, sha), (second, sha)], 1.0)
+
+    def holders() -> dict[str, str]:
+        return {w: r.tier.value for w, hb in cluster.heartbeats.items() for r in hb.resident if r.version == sha}
+
+    async with cluster.scheduler(predictor=oracle, staging=StagingSettings(interval_s=1.0)) as service:
+        await asyncio.sleep(max(0.0, first - time.time()))
+        assert (await cluster.call(cluster.invocation(tenant, "ahead"))).adapter_tier != "device"  # never called
+        await wait_for(lambda: not holders(), timeout=15, what="the idle adapter released from every tier")
+        assert time.time() < second - 0.5, "the release came too late for this test's timeline"
+        await asyncio.sleep(max(0.0, second - time.time()))
+        result = await cluster.call(cluster.invocation(tenant, "ahead"))
+        assert result.adapter_tier == "device", holders()
+        await wait_for(lambda: service.core.intervals[-1].end >= t0 + 7.0, what="the interval closed")
+        rec = next(r for r in service.core.intervals if r.end == t0 + 7.0)
+        assert (rec.loads, rec.calls, rec.device_hits, rec.hits, rec.precision) == (1, 1, 1, 1, 1.0)
+        assert [r.end for r in service.core.intervals if r.loads] == [t0 + 7.0]  # loaded once, for its call
 
 
 async def test_a_busy_adapter_is_replicated_to_another_worker(cluster: Cluster) -> None:
