@@ -39,7 +39,7 @@ from protocol import subjects
 from protocol.settings import NatsSettings
 from protocol.streams import ensure_streams
 from scheduler.service import SchedulerService
-from scheduler.settings import SchedulerSettings
+from scheduler.settings import SchedulerSettings, StagingSettings
 from storage import repo
 from storage.objectstore import ObjectStore
 from storage.settings import DatabaseSettings, ObjectStoreSettings, RegistrySettings
@@ -160,7 +160,9 @@ async def stack(services: Any, tmp_path_factory: pytest.TempPathFactory) -> Asyn
         backbone={"path": backbone}, engine={"kv_cache_bytes": 8 << 20, "adapter_pool_bytes": 8 << 20},
         host_cache={"directory": root / "cache"},
     )
-    scheduler = SchedulerService(SchedulerSettings(nats={"url": services.nats_url}, database=database))
+    # tiers are asserted where the calls left them: no predictive pre-staging moving adapters between tiers
+    scheduler = SchedulerService(SchedulerSettings(nats={"url": services.nats_url}, database=database,
+                                                   staging=StagingSettings(predictor="none")))
     stop = asyncio.Event()
     try:
         async with open_worker(worker_settings) as worker:
