@@ -292,7 +292,7 @@ class HybridHistogram:
         for key, _ in checked_counts(counts):
             s = self._table.add(key)
             if s == len(self._idle):
-                self._idle.append(_IdleTimes())
+                self._idle.append(_IdleTimes(keepalive=self.range_s))  # no idle time yet: "range"
             col = self._table.col
             rec = self._idle[s]
             if col["last"][s] > -math.inf:
