@@ -31,6 +31,28 @@ place is its page table (`pages_of`); residency in this pool is `load` / `evict`
 page tables are the only record on a worker of which adapters are on the device and how many pages each
 holds (`resident_pages`): the engine's `ResidentAdapters` and the worker's `AdapterTiers` read it rather
 than keeping their own copy.
+
+Loading in stages
+-----------------
+`load` copies an adapter in on the calling thread. A worker brings adapters in while the engine decodes,
+so the pool also loads in stages, each on the thread it suits:
+
+    pending = pool.stage(key, weights)   # validate; pages needed; nothing changes       (any thread)
+    pool.reserve(pending)                # claim free pages; batches cannot see them      (any thread)
+    pool.write(pending)                  # convert, lay out and copy the weights in       (a worker thread)
+    pool.publish(pending)                # a resident from now on: batches may bind it    (the batching thread)
+    pool.cancel(pending)                 # any time before publish: the pages go back     (any thread)
+
+A reserved page belongs to its pending load alone: the allocator does not hand it out again, `bind`
+does not know the key (no batch reads the page while it is written) and `evict` does not see it (a
+version still loading cannot be evicted). The allocation ledger (allocator and pending loads) is
+changed under one lock; the residents change only in `publish` and `evict`, on the batching thread.
+A cancel while the weights are being written is carried out by the writer when it finishes, so a page
+is never freed under a copy. On CUDA `write` lays the weights out in pinned host memory and copies
+them with one asynchronous copy per run of pages on a side stream, after the work queued before the
+reservation (which may still read a victim's pages); `publish` makes the batching stream wait for that
+copy (`wait_event`), so the host never blocks and the first step that uses the adapter runs after it.
+On CPU `write` copies straight into the reserved pages.
 """
 
 from __future__ import annotations
@@ -39,6 +61,7 @@ import ctypes
 import logging
 import math
 import random
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import reduce
@@ -111,6 +134,22 @@ class AdapterNotLoaded(AdapterPoolError):
 
     def __init__(self, key: str) -> None:
         super().__init__(f"adapter {key!r} is not loaded in this pool")
+        self.key = key
+
+
+class AdapterLoading(AdapterPoolError):
+    """A key is resident or has a pending load already; a second load of it is refused."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"adapter {key!r} is resident or being loaded already")
+        self.key = key
+
+
+class LoadCancelled(AdapterPoolError):
+    """A pending load was cancelled (or its write failed): its pages are free again, nothing was published."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"the load of adapter {key!r} was cancelled")
         self.key = key
 
 
@@ -285,6 +324,30 @@ class _Resident:
         return int(self.pages.shape[0])
 
 
+LoadState = Literal["staged", "reserved", "writing", "written", "published", "cancelled"]
+
+
+@dataclass(eq=False)
+class PendingLoad:
+    """One adapter on its way into an `AdapterPool` (see "Loading in stages" in the module docstring).
+
+    state: staged (validated, nothing held) -> reserved (`runs` claimed) -> writing -> written ->
+    published (a resident), or cancelled from any state before published (pages free again).
+    """
+
+    key: str
+    weights: LoraWeights = field(repr=False)
+    num_pages: int
+    rank: int  # largest rank of its modules
+    state: LoadState = "staged"
+    runs: list[Run] = field(default_factory=list)
+    _resident: _Resident | None = field(default=None, repr=False)
+    _cancel_requested: bool = field(default=False, repr=False)
+    _after: Any = field(default=None, repr=False)  # CUDA event: work queued before the reservation
+    _ready: Any = field(default=None, repr=False)  # CUDA event: the copy into the pages is done
+    _host: torch.Tensor | None = field(default=None, repr=False)  # pinned staging buffer of the copy
+
+
 Backend = Literal["cpu", "triton", "reference"]
 AdapterDtype = Literal["auto", "float32", "bfloat16", "float16"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -343,6 +406,9 @@ class AdapterPool:
         self._allocator = PageAllocator(num_pages)
         self._residents: dict[str, _Resident] = {}
         self._arena: tuple[torch.Tensor, dict[str, int]] | None = None  # (page table, key -> base)
+        self._pending: dict[str, PendingLoad] = {}  # reserved and not yet published, by key
+        self._lock = threading.Lock()  # the allocation ledger: allocator, pending loads, residents' runs
+        self._stream: Any = None  # CUDA: the side stream of pending loads' copies
 
     # ------------------------------------------------------------------ sizing
 
@@ -382,40 +448,142 @@ class AdapterPool:
         return list(self._residents)
 
     def load(self, key: str, weights: LoraWeights) -> None:
-        """Copy an adapter into free pages. Idempotent by key: a resident key is left as it is.
+        """Copy an adapter into free pages on this thread. Idempotent by key: a resident key is left as it is.
 
-        Raises `PoolFull` (nothing changed) when its pages do not fit, and `AdapterRankTooLarge`,
-        `AdapterShapeMismatch` or `UnknownModule` (nothing changed) for weights the backbone cannot take.
+        Raises `PoolFull` (nothing changed) when its pages do not fit, `AdapterRankTooLarge`,
+        `AdapterShapeMismatch` or `UnknownModule` (nothing changed) for weights the backbone cannot take,
+        and `AdapterLoading` while a pending load of the key is under way.
         """
         if key in self._residents:
             return
-        needed = self.pages_needed(weights)
-        runs = self._allocator.allocate(needed)
-        if runs is None:
-            raise PoolFull(key, needed, self._allocator.free_pages)
+        pending = self.stage(key, weights)
+        self.reserve(pending)
+        self.write(pending, via_host_buffer=False)
+        self.publish(pending)
+        logger.debug("loaded adapter %s: %d pages in %d runs", key, pending.num_pages, len(pending.runs))
+
+    def stage(self, key: str, weights: LoraWeights) -> PendingLoad:
+        """A pending load of `weights` under `key`, validated against the pool (errors as `load`); it holds
+        nothing yet."""
+        pages = self.pages_needed(weights)
+        return PendingLoad(key, weights, pages, max((w.rank for w in weights.values()), default=0))
+
+    def reserve(self, pending: PendingLoad) -> None:
+        """Claim the pages of a staged load. Until `publish` they belong to it alone: no other load gets
+        them, no batch can bind the key, `evict` does not see it. Raises `PoolFull` (nothing claimed),
+        `AdapterLoading` when the key is resident or has another pending load, `LoadCancelled` when the
+        load was cancelled first."""
+        with self._lock:
+            if pending.state == "cancelled":
+                raise LoadCancelled(pending.key)
+            if pending.state != "staged":
+                raise ValueError(f"the load of {pending.key!r} is {pending.state}, not staged")
+            if pending.key in self._residents or pending.key in self._pending:
+                raise AdapterLoading(pending.key)
+            runs = self._allocator.allocate(pending.num_pages)
+            if runs is None:
+                raise PoolFull(pending.key, pending.num_pages, self._allocator.free_pages)
+            pending.runs = runs
+            pending.state = "reserved"
+            self._pending[pending.key] = pending
+        if self.device.type == "cuda":  # the pages may belong to a victim that queued work still reads
+            pending._after = torch.cuda.Event()
+            pending._after.record(torch.cuda.current_stream(self.device))
+
+    def write(self, pending: PendingLoad, *, via_host_buffer: bool | None = None) -> None:
+        """Convert, lay out and copy the weights of a reserved load into its pages: the heavy part of a
+        load, safe on any thread while batches run (none reads these pages). `via_host_buffer` (default:
+        on CUDA) lays the weights out page by page in a host buffer (pinned on CUDA) and copies each run
+        of pages in one piece (on a side stream on CUDA); otherwise each tensor is copied into its pages.
+        A failure frees the pages and re-raises; `LoadCancelled` when the load was cancelled before or
+        during the write (the pages are free again when this returns)."""
+        with self._lock:
+            if pending.state == "cancelled":
+                raise LoadCancelled(pending.key)
+            if pending.state != "reserved":
+                raise ValueError(f"the load of {pending.key!r} is {pending.state}, not reserved")
+            pending.state = "writing"
         try:
-            resident = self._write(key, runs, weights)
+            resident, tensors = self._place(pending.key, pending.runs, pending.weights)
+            if via_host_buffer if via_host_buffer is not None else self.device.type == "cuda":
+                self._copy_runs(pending, tensors)
+            else:
+                pages = resident.pages.to(torch.int64)
+                for first, mat in tensors:
+                    self._store(pages, first, mat)
         except BaseException:
-            self._allocator.free(runs)
+            with self._lock:
+                self._free_locked(pending)
             raise
-        self._residents[key] = resident
-        self._arena = None
-        logger.debug("loaded adapter %s: %d pages in %d runs", key, needed, len(runs))
+        with self._lock:
+            if pending._cancel_requested:
+                self._free_locked(pending)
+                raise LoadCancelled(pending.key)
+            pending._resident = resident
+            pending.state = "written"
+
+    def publish(self, pending: PendingLoad) -> None:
+        """Make a written load a resident: from now on `bind` takes the key. Call this on the thread that
+        runs the batches (on CUDA its current stream waits for the copy, the host does not). Raises
+        `LoadCancelled` when the load was cancelled."""
+        with self._lock:
+            if pending.state == "cancelled":
+                raise LoadCancelled(pending.key)
+            if pending.state != "written" or pending._resident is None:
+                raise ValueError(f"the load of {pending.key!r} is {pending.state}, not written")
+            if pending._ready is not None:
+                torch.cuda.current_stream(self.device).wait_event(pending._ready)
+            del self._pending[pending.key]
+            self._residents[pending.key] = pending._resident
+            pending.state = "published"
+            pending._host = None  # the caching host allocator keeps its block until the copy is done
+            self._arena = None
+
+    def cancel(self, pending: PendingLoad) -> bool:
+        """Give up a load that is not published: its pages go back to the free set (at the end of the
+        write when one is under way). Idempotent; False when there was nothing to cancel (published or
+        cancelled already)."""
+        with self._lock:
+            if pending.state in ("published", "cancelled"):
+                return False
+            if pending.state == "writing":
+                pending._cancel_requested = True
+            else:
+                self._free_locked(pending)
+            return True
+
+    def _free_locked(self, pending: PendingLoad) -> None:
+        """Free a load's pages once no copy into them is in flight (the lock is held); it is cancelled."""
+        if pending._ready is not None:
+            pending._ready.synchronize()
+        elif pending._host is not None and self.device.type == "cuda":
+            self._side_stream().synchronize()  # a write that failed part way through its copies
+        self._allocator.free(pending.runs)  # none while staged
+        if self._pending.get(pending.key) is pending:
+            del self._pending[pending.key]
+        pending.state = "cancelled"
+        pending._resident = pending._host = None
 
     def evict(self, key: str) -> bool:
-        """Free an adapter's pages (no compaction). Idempotent: returns False if it was not resident.
+        """Free an adapter's pages (no compaction). Idempotent: returns False if it was not resident (a
+        pending load is not: it leaves through `cancel`).
 
         A batch bound before the eviction must not be applied afterwards (its pages may be reused).
         """
-        resident = self._residents.pop(key, None)
-        if resident is None:
-            return False
-        self._allocator.free(resident.runs)
-        self._arena = None
+        with self._lock:
+            resident = self._residents.pop(key, None)
+            if resident is None:
+                return False
+            self._allocator.free(resident.runs)
+            self._arena = None
         logger.debug("evicted adapter %s: %d pages", key, resident.num_pages)
         return True
 
-    def _write(self, key: str, runs: list[Run], weights: LoraWeights) -> _Resident:
+    def _place(
+        self, key: str, runs: list[Run], weights: LoraWeights
+    ) -> tuple[_Resident, list[tuple[int, torch.Tensor]]]:
+        """Where every tensor of an adapter goes in its pages, copying nothing: its `_Resident` (page
+        table, offsets, views into the storage) and (first logical page, matrix [rows, width]) per tensor."""
         pages = torch.cat([torch.arange(s, s + n, dtype=torch.int64) for s, n in runs])  # [N]
         num_layers, num_modules = self.spec.num_layers, len(MODULES)
         a_offset = torch.full((num_layers, num_modules), -1, dtype=torch.int32)
@@ -424,6 +592,7 @@ class AdapterPool:
         scale = torch.zeros((num_layers, num_modules), dtype=torch.float32)
         slices: list[LoraSlice | _Fragmented | None] = [None] * (num_layers * num_modules)
         desc = torch.zeros((num_layers * num_modules, native.DESC_FIELDS), dtype=torch.int64)
+        tensors: list[tuple[int, torch.Tensor]] = []
         cursor = 0
         live = 0
         itemsize = self.storage.element_size()
@@ -433,10 +602,11 @@ class AdapterPool:
             mi = self.module_index[module]
             fin, fout = self.module_shapes[module]
             r = w.rank
-            a_pos, a_view = self._store(pages, cursor, w.a)
+            a_pos, a_view = cursor, self._view(pages, cursor, r, fin)
             cursor += self.pages_for(r, fin)
-            b_pos, bt_view = self._store(pages, cursor, w.b.t())
+            b_pos, bt_view = cursor, self._view(pages, cursor, r, fout)
             cursor += self.pages_for(r, fout)
+            tensors += [(a_pos, w.a), (b_pos, w.b.t())]
             a_offset[layer, mi], b_offset[layer, mi] = a_pos, b_pos
             rank[layer, mi] = r
             scale[layer, mi] = w.scale
@@ -459,7 +629,7 @@ class AdapterPool:
             row[1] = int(bt_view.storage_offset()) if bt_view is not None else -1
             live += r * (fin + fout) * itemsize
         assert cursor == pages.shape[0], (cursor, pages.shape[0])
-        return _Resident(
+        resident = _Resident(
             key=key,
             runs=runs,
             pages=pages.to(torch.int32),
@@ -472,11 +642,19 @@ class AdapterPool:
             live_bytes=live,
             modules=frozenset(weights),
         )
+        return resident, tensors
 
-    def _store(self, pages: torch.Tensor, first: int, mat: torch.Tensor) -> tuple[int, torch.Tensor | None]:
-        """Copy ``mat`` [rows, width] onto logical pages from ``first``; returns (first, view or None).
+    def _view(self, pages: torch.Tensor, first: int, rows: int, width: int) -> torch.Tensor | None:
+        """The storage as a [rows, width] tensor on logical pages from `first`, when those pages are
+        consecutive (the tensor is read in place); None otherwise."""
+        count = self.pages_for(rows, width)
+        p0 = int(pages[first])
+        if int(pages[first + count - 1]) - p0 != count - 1:
+            return None
+        return self._flat[p0 * self.page_elems : p0 * self.page_elems + rows * width].view(rows, width)
 
-        The view is returned when the pages are consecutive (the tensor can be read in place)."""
+    def _store(self, pages: torch.Tensor, first: int, mat: torch.Tensor) -> None:
+        """Copy ``mat`` [rows, width] onto logical pages from ``first`` (converted to the pool's dtype)."""
         rows, width = mat.shape
         n = rows * width
         count = self.pages_for(rows, width)
@@ -484,13 +662,49 @@ class AdapterPool:
         src = mat.detach().to(device=self.device, dtype=self.dtype).reshape(-1)  # [n]
         p0 = int(mine[0])
         if int(mine[-1]) - p0 == count - 1:
-            dst = self._flat[p0 * self.page_elems : p0 * self.page_elems + n]
-            dst.copy_(src)
-            return first, dst.view(rows, width)
+            self._flat[p0 * self.page_elems : p0 * self.page_elems + n].copy_(src)
+            return
         padded = torch.zeros(count * self.page_elems, dtype=self.dtype, device=self.device)
         padded[:n] = src
         self.storage[mine.to(self.device)] = padded.view(count, self.page_elems)
-        return first, None
+
+    def _copy_runs(self, pending: PendingLoad, tensors: list[tuple[int, torch.Tensor]]) -> None:
+        """Lay the tensors out in a host buffer of the load's logical pages (conversion and transposition
+        happen here), then copy each run of pages in one piece: on CUDA from pinned memory on the side
+        stream, after the work queued before the reservation, recording `pending._ready`."""
+        cuda = self.device.type == "cuda"
+        pe = self.page_elems
+        host = torch.empty(pending.num_pages * pe, dtype=self.dtype, pin_memory=cuda)
+        for first, mat in tensors:
+            rows, width = mat.shape
+            start, n = first * pe, rows * width
+            host[start : start + n].view(rows, width).copy_(mat.detach())
+            host[start + n : (first + self.pages_for(rows, width)) * pe].zero_()  # page tails, if any
+        logical = host.view(pending.num_pages, pe)
+        if not cuda:
+            offset = 0
+            for start, count in pending.runs:
+                self.storage[start : start + count].copy_(logical[offset : offset + count])
+                offset += count
+            return
+        pending._host = host  # alive until published or released
+        stream = self._side_stream()
+        with torch.cuda.device(self.device), torch.cuda.stream(stream):
+            if pending._after is not None:
+                stream.wait_event(pending._after)
+            offset = 0
+            for start, count in pending.runs:
+                self.storage[start : start + count].copy_(logical[offset : offset + count], non_blocking=True)
+                offset += count
+            ready = torch.cuda.Event()
+            ready.record(stream)
+        pending._ready = ready
+
+    def _side_stream(self) -> Any:
+        """The CUDA stream that copies pending loads in (made on first use)."""
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        return self._stream
 
     # ------------------------------------------------------------------ introspection
 

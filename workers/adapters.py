@@ -15,6 +15,11 @@ tables say what is resident and how many pages it holds; this class adds only wh
 know (host copies, pages each registered adapter needs, when each was last used). The new adapter is
 validated at registration, before anything is evicted, so a bad adapter never costs a good one its place.
 
+A worker loads adapters off the engine thread (`workers.tiers.AdapterTiers`): it stages, reserves and
+writes the adapter's pages in the pool from other threads (`AdapterPool.stage` / `reserve` / `write`),
+and the engine thread only `adopt`s the written load, which publishes it in the pool and registers it
+here in one step: an adapter is known to the engine only once its pages hold all its weights.
+
 `choose_victims` is the one place where a policy's answer is asked for and checked; the worker's
 `AdapterTiers` uses it too.
 """
@@ -27,7 +32,7 @@ from collections.abc import Iterable, Sequence
 
 from scheduler.policy import EvictionPolicy, LruEviction, ResidentView
 from storage.adapter_format import ParsedAdapter
-from workers.adapter_pool import AdapterPool, LoraWeights, ModuleLora, PoolFull
+from workers.adapter_pool import AdapterPool, LoraWeights, ModuleLora, PendingLoad, PoolFull
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +153,19 @@ class ResidentAdapters:
         self._host[key] = weights
         self._pages[key] = pages
         self._ranks[key] = max((w.rank for w in weights.values()), default=0)
+
+    def adopt(self, pending: PendingLoad) -> None:
+        """Publish a load written off this thread (`AdapterPool.write`) and register its adapter: resident
+        and known to the steps from now on. Constant work: the weights were copied already. Raises
+        `ValueError` for a key registered already and `LoadCancelled` for a cancelled load."""
+        key = pending.key
+        if key in self._host:
+            raise ValueError(f"adapter {key!r} is registered already")
+        self.pool.publish(pending)
+        self._host[key] = pending.weights
+        self._pages[key] = pending.num_pages
+        self._ranks[key] = pending.rank
+        self.loads += 1
 
     def unregister(self, key: str) -> None:
         """Forget an adapter (evicting it if resident); refuses one the running step uses."""

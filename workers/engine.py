@@ -17,13 +17,21 @@ import itertools
 import logging
 import random
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, Field
 
 from scheduler.policy import EvictionPolicy
 from storage.adapter_format import ParsedAdapter
-from workers.adapter_pool import DEFAULT_MAX_RANK, AdapterDtype, AdapterPool, LoraWeights, adapter_pool_dtype
+from workers.adapter_pool import (
+    DEFAULT_MAX_RANK,
+    AdapterDtype,
+    AdapterPool,
+    LoraWeights,
+    PendingLoad,
+    adapter_pool_dtype,
+)
 from workers.adapters import ResidentAdapters, UnknownAdapter
 from workers.batcher import (
     Batcher,
@@ -39,6 +47,8 @@ from workers.sampling import SamplerRow, SamplingParams, sample
 from workers.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
+
+AdapterLoad = Literal["background", "engine"]
 
 
 class EngineError(Exception):
@@ -79,6 +89,12 @@ class EngineSettings(BaseModel):
         "available, else float32; float16 on GPU), float32, bfloat16 or float16",
     )
     max_rank: int = Field(DEFAULT_MAX_RANK, ge=1, description="largest LoRA rank the adapter pool accepts")
+    adapter_load: AdapterLoad = Field(
+        "background",
+        description="how a worker brings an adapter into the pool: background (converted and copied into "
+        "reserved pages off the engine thread, then published between two steps) or engine (copied on the "
+        "engine thread between two steps, which holds every decode of the worker meanwhile)",
+    )
     max_batch_tokens: int = Field(2048, ge=1, description="tokens per step (prefill chunks + decodes)")
     max_running: int = Field(64, ge=1, description="requests holding KV blocks at once")
     max_adapters_per_batch: int | None = Field(None, ge=1, description="distinct adapters per step (None: any)")
@@ -167,6 +183,11 @@ class Engine:
     def add_adapter(self, key: str, adapter: LoraWeights | ParsedAdapter) -> None:
         """Register an adapter under `key` (validated now; loaded into the pool when a step needs it)."""
         self.adapters.register(key, adapter)
+
+    def adopt_adapter(self, pending: PendingLoad) -> None:
+        """Register an adapter whose pages were reserved and written off the engine thread
+        (`AdapterPool.stage` / `reserve` / `write`): it is resident and usable from the next step on."""
+        self.adapters.adopt(pending)
 
     def remove_adapter(self, key: str) -> None:
         self.adapters.unregister(key)

@@ -11,6 +11,17 @@
 Every transition is idempotent, counted and timed (`TransitionStats`), and reported in heartbeats.
 Concurrent requests for the same version share one transition.
 
+How a load reaches the pool (`EngineSettings.adapter_load`). "background" (the default): the engine
+thread only removes the victims and claims the pages (`AdapterPool.reserve`; with no victims and no
+version leaving, the claim is made here under the pool's lock without asking the engine thread); a worker
+thread converts the weights and copies them into the claimed pages (`AdapterPool.write`; on CUDA from
+pinned memory on a side stream) while the engine keeps stepping; then the engine thread publishes the
+adapter between two steps (`Engine.adopt_adapter`). The engine thread's share is constant work, whatever
+the adapter's size. A claimed page is invisible to steps until it is published, and a failure or a
+cancellation at any stage frees it (`AdapterPool.cancel`). "engine": the whole copy runs on the engine
+thread between two steps, so every decode of the worker waits for it (kept to measure the difference:
+`python -m bench stall`).
+
 Who records what. The adapter pool's page tables are the one record of which versions are on the device
 and how many pages each holds (`AdapterPool.resident_pages`); nothing here copies it. `AdapterTiers`
 keeps what the pool does not know: per version its blob's bytes, its rank (once a load parsed it), when
@@ -38,9 +49,9 @@ from scheduler.policy import EvictionPolicy, ResidentView
 from storage.adapter_format import load_canonical
 from storage.errors import AdapterInvalid, ObjectCorrupted, ObjectMissing, StorageUnavailable
 from storage.objectstore import ObjectStore
-from workers.adapter_pool import AdapterPoolError, LoraWeights, PoolFull
+from workers.adapter_pool import AdapterPoolError, PendingLoad, PoolFull
 from workers.adapters import AdaptersDoNotFit, BadEvictionChoice, choose_victims, lora_weights_from_parsed
-from workers.engine import Engine
+from workers.engine import AdapterLoad, Engine
 from workers.engine_thread import EngineThread
 from workers.host_cache import HostCache
 
@@ -106,7 +117,8 @@ class AdapterTiers:
 
     `eviction` chooses the versions that leave the device to make room; None takes the engine's, so that
     a worker has one policy (whoever builds both may pass the same instance to each). `on_load` hears of
-    each load once, however many callers shared it."""
+    each load once, however many callers shared it. `load_mode` says how loads reach the pool (see the
+    module docstring); None takes the engine's `adapter_load` setting."""
 
     def __init__(
         self,
@@ -116,8 +128,10 @@ class AdapterTiers:
         cache: HostCache,
         eviction: EvictionPolicy | None = None,
         on_load: Callable[[Tier, float], None] | None = None,
+        load_mode: AdapterLoad | None = None,
     ) -> None:
         self.engine = engine
+        self.load_mode: AdapterLoad = load_mode or engine.engine.settings.adapter_load
         self.on_load = on_load  # told (source tier, ms) of every load onto the device, once per load (metrics)
         self.store = store
         self.cache = cache
@@ -327,17 +341,17 @@ class AdapterTiers:
                 blob = await asyncio.to_thread(self.store.get_blob, sha)
         pool = self._pool
 
-        def parse() -> tuple[LoraWeights, int]:
-            weights = lora_weights_from_parsed(load_canonical(blob))
-            return weights, pool.pages_needed(weights)  # validates against the pool; changes nothing
+        def parse() -> PendingLoad:
+            return pool.stage(sha, lora_weights_from_parsed(load_canonical(blob)))  # validated; holds nothing
 
         try:
-            weights, pages = await asyncio.to_thread(parse)
+            pending = await asyncio.to_thread(parse)
         except (AdapterInvalid, AdapterPoolError) as e:
             raise AdapterUnavailable(ErrorCode.adapter_invalid, f"adapter version {sha}: {e}", terminal=True) from e
+        pages = pending.num_pages
         facts = self._facts.setdefault(sha, _Facts())
         facts.bytes = len(blob)
-        facts.rank = max((w.rank for w in weights.values()), default=0)
+        facts.rank = pending.rank
         if pages > self.total_pages:
             raise AdapterUnavailable(
                 ErrorCode.adapter_invalid,
@@ -353,25 +367,14 @@ class AdapterTiers:
         self._leaving.update(victims)
         self._loading[sha] = pages
         try:
-
-            def install(engine: Engine) -> None:
-                for victim in victims:
-                    engine.remove_adapter(victim)
-                if engine.pool.free_pages < pages:  # never let the engine's own policy evict
-                    raise PoolFull(sha, pages, engine.pool.free_pages)
-                engine.add_adapter(sha, weights)
-                try:
-                    engine.adapters.ensure_resident([sha])  # copy to the device pool now, not in a step
-                except BaseException:
-                    engine.remove_adapter(sha)  # registered means resident
-                    raise
-                finally:
-                    engine.adapters.release()
-
-            await self.engine.call(install)
+            if self.load_mode == "engine":
+                await self.engine.call(lambda engine: self._install(engine, pending, victims))
+            else:
+                await self._load_in_background(pending, victims)
         except (PoolFull, AdaptersDoNotFit) as e:
             raise AdapterUnavailable(ErrorCode.overloaded, str(e), terminal=False) from e
         finally:
+            pool.cancel(pending)  # nothing to do once published; otherwise its claimed pages go back
             self._loading.pop(sha, None)
             gone = [v for v in victims if v not in self._pool]
             self._leaving.difference_update(victims)
@@ -389,6 +392,40 @@ class AdapterTiers:
             f", evicting {len(victims)}: {victims}" if victims else "",
         )
         return ms
+
+    @staticmethod
+    def _install(engine: Engine, pending: PendingLoad, victims: list[str]) -> None:
+        """load_mode "engine", on the engine thread: remove the victims, then copy the adapter in."""
+        for victim in victims:
+            engine.remove_adapter(victim)
+        sha = pending.key
+        if engine.pool.free_pages < pending.num_pages:  # never let the engine's own policy evict
+            raise PoolFull(sha, pending.num_pages, engine.pool.free_pages)
+        engine.add_adapter(sha, pending.weights)
+        try:
+            engine.adapters.ensure_resident([sha])  # copy to the device pool now, not in a step
+        except BaseException:
+            engine.remove_adapter(sha)  # registered means resident
+            raise
+        finally:
+            engine.adapters.release()
+
+    async def _load_in_background(self, pending: PendingLoad, victims: list[str]) -> None:
+        """load_mode "background": claim the pages (on the engine thread when victims must leave first),
+        write them from a worker thread while the engine steps, publish on the engine thread."""
+        pool = self._pool
+        if victims or self._leaving:  # pages are freed on the engine thread: claim after them, in order
+
+            def claim(engine: Engine) -> None:
+                for victim in victims:
+                    engine.remove_adapter(victim)
+                pool.reserve(pending)
+
+            await self.engine.call(claim)
+        else:
+            pool.reserve(pending)  # under the pool's lock: the engine thread need not stop for it
+        await asyncio.to_thread(pool.write, pending)
+        await self.engine.call(lambda engine: engine.adopt_adapter(pending))
 
     def _victims(self, pages: int) -> list[str]:
         """The device versions the policy evicts so that `pages` fit (none when they fit already)."""

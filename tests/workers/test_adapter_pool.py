@@ -1,22 +1,26 @@
-"""Paged adapter pool: allocation, residency, errors, PEFT parsing and utilisation under churn."""
+"""Paged adapter pool: allocation, residency, loads in stages, errors, PEFT parsing and utilisation under churn."""
 
 from __future__ import annotations
 
 import math
 import random
+import threading
 
 import pytest
 import torch
 
 from storage.backbone import MODULES, BackboneSpec
 from workers.adapter_pool import (
+    AdapterLoading,
     AdapterNotLoaded,
     AdapterPool,
     AdapterRankTooLarge,
     AdapterShapeMismatch,
+    LoadCancelled,
     LoraWeights,
     ModuleLora,
     PageAllocator,
+    PendingLoad,
     PoolFull,
     UnknownModule,
     simulate_churn,
@@ -208,6 +212,168 @@ def test_ranks_and_subsets_compute_dense_result() -> None:
                 w = cases[key].get((layer, m)) if key else None
                 expected = w.scale * (x[t] @ w.a.T) @ w.b.T if w else torch.zeros(fout)
                 torch.testing.assert_close(y[t], expected, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------- loads in stages
+
+
+HOLES = {f"hole{i}": adapter(3, 100 + i, layers=(i % 2,)) for i in range(6)}
+
+
+def _fragmented_pool(page_elems: int | None, then: dict[str, LoraWeights]) -> AdapterPool:
+    """A pool with holes that holds exactly the adapters `then` besides, so that they straddle runs."""
+    probe = AdapterPool(SPEC, 2**20, page_elems=page_elems)
+    kept = sum(probe.pages_needed(w) for i, w in enumerate(HOLES.values()) if i % 2)
+    pages = kept + sum(probe.pages_needed(w) for w in then.values())
+    pool = AdapterPool(SPEC, pages * probe.page_bytes, page_elems=page_elems)
+    for key, w in HOLES.items():
+        pool.load(key, w)
+    for key in list(HOLES)[::2]:
+        pool.evict(key)
+    return pool
+
+
+def _contents(pool: AdapterPool, key: str) -> torch.Tensor:
+    return pool.storage[pool.pages_of(key).long()]
+
+
+@pytest.mark.parametrize("via_host_buffer", [False, True])
+@pytest.mark.parametrize("page_elems", [None, 48])  # 48 does not divide 32: tensors end inside a page
+def test_a_staged_load_computes_what_a_direct_load_does(via_host_buffer: bool, page_elems: int | None) -> None:
+    weights = {"x": adapter(24, 1), "y": adapter(9, 2, modules=("q_proj", "down_proj"))}
+    direct, staged = (_fragmented_pool(page_elems, weights) for _ in range(2))
+    loads = []
+    for key, w in weights.items():
+        direct.load(key, w)
+        pending = staged.stage(key, w)
+        loads.append(pending)
+        staged.reserve(pending)
+        staged.write(pending, via_host_buffer=via_host_buffer)
+        staged.publish(pending)
+        assert pending.state == "published" and pending.rank == max(m.rank for m in w.values())
+    assert staged.free_pages == 0 and min(len(p.runs) for p in loads) > 1, "both straddle runs of pages"
+    for key in weights:
+        assert torch.equal(staged.pages_of(key), direct.pages_of(key))
+        if page_elems is None:  # no page tails: the pages are identical
+            assert torch.equal(_contents(staged, key), _contents(direct, key))
+    got, expected = outputs(staged, ["x", "y", "hole1"]), outputs(direct, ["x", "y", "hole1"])
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    assert staged.stats() == direct.stats()
+
+
+def test_reserved_pages_belong_to_their_load_alone_until_published() -> None:
+    pool = AdapterPool(SPEC, 2**20)
+    pool.load("old", adapter(5, 0))
+    total, free = pool.total_pages, pool.free_pages
+    pending = pool.stage("new", adapter(7, 1))
+    assert pool.free_pages == free and pending.state == "staged", "staging holds nothing"
+    pool.reserve(pending)
+    assert pool.free_pages == free - pending.num_pages and pending.state == "reserved"
+    assert "new" not in pool and pool.resident_pages() == {"old": pool.pages_of("old").numel()}
+    with pytest.raises(AdapterNotLoaded):
+        pool.bind([("new", 1)])
+    assert pool.evict("new") is False, "a version still loading cannot be evicted"
+    with pytest.raises(AdapterLoading):
+        pool.reserve(pool.stage("new", adapter(7, 1)))
+    with pytest.raises(AdapterLoading):
+        pool.load("new", adapter(7, 1))
+    pool.load("other", adapter(4, 2))  # never on the reserved pages
+    reserved = {p for start, n in pending.runs for p in range(start, start + n)}
+    assert not reserved & set(owners(pool)) and len(reserved) == pending.num_pages
+    pool.write(pending)
+    assert "new" not in pool and pending.state == "written"
+    with pytest.raises(AdapterNotLoaded):
+        pool.bind([("new", 1)])
+    pool.publish(pending)
+    assert "new" in pool and set(owners(pool).values()) == {"old", "new", "other"}
+    assert len(owners(pool)) == total - pool.free_pages
+    assert pool.cancel(pending) is False and "new" in pool, "a published load is evicted, not cancelled"
+    with pytest.raises(ValueError, match="published, not written"):
+        pool.publish(pending)
+
+
+@pytest.mark.parametrize("stage", ["staged", "reserved", "written"])
+def test_a_cancelled_load_gives_its_pages_back_at_every_stage(stage: str) -> None:
+    pool = AdapterPool(SPEC, 2**20)
+    pool.load("old", adapter(5, 0))
+    free, runs = pool.free_pages, pool.free_runs
+    pending = pool.stage("new", adapter(7, 1))
+    if stage != "staged":
+        pool.reserve(pending)
+    if stage == "written":
+        pool.write(pending)
+    assert pool.cancel(pending) is True and pending.state == "cancelled"
+    assert pool.cancel(pending) is False
+    assert (pool.free_pages, pool.free_runs) == (free, runs) and "new" not in pool
+    for step in (pool.reserve, pool.write, pool.publish):
+        with pytest.raises(LoadCancelled):
+            step(pending)
+    assert (pool.free_pages, pool.free_runs) == (free, runs)
+    pool.load("new", adapter(7, 1))  # the key is free for a new load
+    assert set(pool.resident_pages()) == {"old", "new"}
+
+
+class _PausedWrites:
+    """Holds `AdapterPool.write` after its first tensor until released (an instance attribute of one pool)."""
+
+    def __init__(self, pool: AdapterPool, *, fail_at: int | None = None) -> None:
+        self.entered = threading.Event()
+        self.resume = threading.Event()
+        self.calls = 0
+        store = pool._store
+
+        def paused(pages: torch.Tensor, first: int, mat: torch.Tensor) -> None:
+            self.calls += 1
+            if self.calls == fail_at:
+                raise RuntimeError("the copy failed")
+            store(pages, first, mat)
+            if self.calls == 1:
+                self.entered.set()
+                assert self.resume.wait(10)
+
+        pool._store = paused  # type: ignore[method-assign]
+
+
+def test_a_cancel_during_the_write_frees_the_pages_when_the_write_ends() -> None:
+    pool = AdapterPool(SPEC, 2**20)
+    free = pool.free_pages
+    pending = pool.stage("new", adapter(7, 1))
+    pool.reserve(pending)
+    gate = _PausedWrites(pool)
+    errors: list[BaseException] = []
+
+    def write(p: PendingLoad) -> None:
+        try:
+            pool.write(p)
+        except BaseException as e:
+            errors.append(e)
+
+    writer = threading.Thread(target=write, args=(pending,))
+    writer.start()
+    assert gate.entered.wait(10)
+    assert pool.cancel(pending) is True
+    assert pending.state == "writing" and pool.free_pages == free - pending.num_pages, "not under a copy"
+    gate.resume.set()
+    writer.join(10)
+    assert [type(e) for e in errors] == [LoadCancelled] and pending.state == "cancelled"
+    assert pool.free_pages == free and "new" not in pool
+    with pytest.raises(LoadCancelled):
+        pool.publish(pending)
+
+
+def test_a_write_that_fails_frees_the_pages() -> None:
+    pool = AdapterPool(SPEC, 2**20)
+    pool.load("old", adapter(5, 0))
+    free, before = pool.free_pages, outputs(pool, ["old"])
+    pending = pool.stage("new", adapter(7, 1))
+    pool.reserve(pending)
+    gate = _PausedWrites(pool, fail_at=3)
+    gate.resume.set()
+    with pytest.raises(RuntimeError, match="the copy failed"):
+        pool.write(pending)
+    assert pending.state == "cancelled" and pool.free_pages == free and "new" not in pool
+    assert all(torch.equal(before[k], outputs(pool, ["old"])[k]) for k in before)
+    assert pool.cancel(pending) is False
 
 
 def test_page_allocator_prefers_best_fit_then_longest_runs() -> None:

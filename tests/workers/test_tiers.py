@@ -1,12 +1,15 @@
 """One ledger of device residency per worker: the pool's page tables say what is on the device, the
 injected eviction policy says what leaves, and both the worker's `AdapterTiers` and the standalone
-engine (`lorafn generate`) obey it. Adapters are real canonical blobs; the object store is the test
-session's S3 server."""
+engine (`lorafn generate`) obey it. Loads written off the engine thread give the tokens of loads on it,
+and no step sees an adapter before all its pages are written. Adapters are real canonical blobs; the
+object store is the test session's S3 server."""
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import threading
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +29,9 @@ from storage.adapter_format import (
 )
 from storage.objectstore import ObjectStore
 from workers.adapter_pool import AdapterPool
-from workers.adapters import AdaptersDoNotFit, lora_weights_from_parsed
-from workers.engine import Engine, EngineSettings
+from workers.adapters import AdaptersDoNotFit, UnknownAdapter, lora_weights_from_parsed
+from workers.batcher import Completion
+from workers.engine import AdapterLoad, Engine, EngineSettings
 from workers.engine_thread import EngineThread
 from workers.host_cache import HostCache
 from workers.model import Backbone
@@ -108,13 +112,14 @@ def _full_pool(adapters: dict[str, Adapter]) -> int:
 
 @contextlib.asynccontextmanager
 async def _tiers(
-    tiny: Backbone, directory: Path, store: ObjectStore, pool_pages: int, eviction: EvictionPolicy | None = None
+    tiny: Backbone, directory: Path, store: ObjectStore, pool_pages: int, eviction: EvictionPolicy | None = None,
+    load_mode: AdapterLoad | None = None,
 ) -> AsyncIterator[AdapterTiers]:
     engine = Engine(tiny, _settings(tiny, pool_pages), eviction=eviction)
     thread = EngineThread(engine, asyncio.get_running_loop())
     thread.start()
     try:
-        yield AdapterTiers(engine=thread, store=store,
+        yield AdapterTiers(engine=thread, store=store, load_mode=load_mode,
                            cache=HostCache(directory, disk_bytes=1 << 26, ram_bytes=1 << 26))
     finally:
         await thread.stop()
@@ -286,3 +291,165 @@ async def test_a_policy_that_names_an_adapter_in_use_evicts_nothing(
             await tiers.load(adapters["d"].sha)
         assert refused.value.code is ErrorCode.internal and "used by 1 calls" in str(refused.value)
         assert _on_device(tiers, adapters) == {"a", "b", "c"}
+
+
+# ----------------------------------------------------------------------------------------- loads off the engine thread
+
+PROMPT = [5, 9, 2, 7, 11]
+
+
+def _greedy(tokens: int) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+
+
+LONG = 100  # tokens of the request that decodes while adapters load
+SHORT = 8
+
+
+@pytest.fixture(scope="module")
+def reference(tiny: Backbone, adapters: dict[str, Adapter]) -> dict[str, list[int]]:
+    """Greedy tokens (LONG) of PROMPT with each adapter, on a standalone engine that copies adapters in on
+    its own thread; a shorter request's tokens are their prefix."""
+    engine = Engine(tiny, _settings(tiny, 4 * _full_pool(adapters)))
+    names = "abcd"
+    for name in names:
+        engine.add_adapter(adapters[name].sha, load_canonical(adapters[name].blob))
+    with concurrent.futures.ThreadPoolExecutor(1) as thread:  # steps off the main thread, as a worker runs them
+        done = thread.submit(
+            engine.generate, [PROMPT] * len(names), _greedy(LONG), adapters=[adapters[n].sha for n in names]
+        ).result()
+    return {name: c.token_ids for name, c in zip(names, done, strict=True)}
+
+
+async def _generate(tiers: AdapterTiers, sha: str, tokens: int, request_id: str) -> list[int]:
+    generation = await tiers.engine.submit(PROMPT, adapter=sha, params=_greedy(tokens), request_id=request_id)
+    while True:
+        item = await generation.items.get()
+        if isinstance(item, Completion):
+            return item.token_ids
+        if isinstance(item, BaseException):
+            raise item
+
+
+class _HeldWrite:
+    """Holds the copy of an adapter into the engine's pool after its first tensor until `resume` (an
+    instance attribute of that one pool); with `fail`, the second tensor's copy raises, nothing waits."""
+
+    def __init__(self, pool: AdapterPool, *, fail: bool = False) -> None:
+        self.entered = threading.Event()
+        self.resume = threading.Event()
+        self.calls = 0
+        store = pool._store
+
+        def held(pages: torch.Tensor, first: int, mat: torch.Tensor) -> None:
+            self.calls += 1
+            if fail and self.calls == 2:
+                raise RuntimeError("the copy failed")
+            store(pages, first, mat)
+            if self.calls == 1 and not fail:
+                self.entered.set()
+                assert self.resume.wait(10)
+
+        pool._store = held  # type: ignore[method-assign]
+        self._pool = pool
+
+    def remove(self) -> None:
+        self.resume.set()
+        del self._pool._store
+
+    async def wait_entered(self) -> None:
+        assert await asyncio.to_thread(self.entered.wait, 10)
+
+
+async def _steps(tiers: AdapterTiers, n: int) -> None:
+    """Wait until the engine thread has run `n` more steps."""
+    until = tiers.engine.steps + n
+    while tiers.engine.steps < until:
+        await asyncio.sleep(0.005)
+
+
+async def test_both_load_modes_write_the_same_pages_and_give_the_same_tokens(
+    tiny: Backbone, adapters: dict[str, Adapter], reference: dict[str, list[int]], store: ObjectStore,
+    tmp_path: Path,
+) -> None:
+    pages: dict[str, list[torch.Tensor]] = {}
+    for mode in ("engine", "background"):
+        async with _tiers(tiny, tmp_path / mode, store, _full_pool(adapters), load_mode=mode) as tiers:
+            assert tiers.load_mode == mode
+            for name in "abcd":  # d evicts a: its pages are a's again
+                tiers.cache.put(adapters[name].sha, adapters[name].blob)
+                assert await tiers.load(adapters[name].sha) > 0
+            pool = tiers.engine.engine.pool
+            pages[mode] = [pool.storage[pool.pages_of(adapters[n].sha).long()].clone() for n in "bcd"]
+            tokens = await asyncio.gather(*(_generate(tiers, adapters[n].sha, SHORT, n) for n in "bcd"))
+            assert dict(zip("bcd", tokens, strict=True)) == {n: reference[n][:SHORT] for n in "bcd"}, mode
+            assert tiers.stats["load"].count == 4 and tiers.stats["evict"].count == 1
+            assert tiers.engine.engine.adapters.loads == 4
+    assert all(torch.equal(e, b) for e, b in zip(pages["engine"], pages["background"], strict=True))
+
+
+async def test_steps_never_see_an_adapter_whose_pages_are_being_written(
+    tiny: Backbone, adapters: dict[str, Adapter], reference: dict[str, list[int]], store: ObjectStore,
+    tmp_path: Path,
+) -> None:
+    a, b = adapters["a"], adapters["b"]
+    async with _tiers(tiny, tmp_path, store, 4 * _full_pool(adapters), load_mode="background") as tiers:
+        for name in "abcd":
+            tiers.cache.put(adapters[name].sha, adapters[name].blob)
+        await tiers.load(a.sha)
+        decoding = asyncio.ensure_future(_generate(tiers, a.sha, LONG, "steady"))  # steps all along
+        pool = tiers.engine.engine.pool
+        held = _HeldWrite(pool)
+        loading = asyncio.ensure_future(tiers.load(b.sha))
+        await held.wait_entered()
+        await _steps(tiers, 3)  # steps run while b's pages are half written
+        assert b.sha not in pool and b.sha not in tiers.engine.engine.adapters
+        assert tiers.tier(b.sha) == Tier.host and not tiers.acquire(b.sha)
+        with pytest.raises(UnknownAdapter):
+            await _generate(tiers, b.sha, 1, "too-early")
+        assert await tiers.evict(b.sha) == Tier.host and not loading.done(), "a load in flight is not evicted"
+        assert pool.free_pages == tiers.free_pages == tiers.total_pages - a.pages - b.pages
+        held.remove()
+        await loading
+        assert tiers.tier(b.sha) == Tier.device and tiers.free_pages == tiers.total_pages - a.pages - b.pages
+        assert await _generate(tiers, b.sha, SHORT, "b") == reference["b"][:SHORT]
+        for name in "cdc":  # more loads and evictions while a decodes
+            await tiers.load(adapters[name].sha)
+            assert await _generate(tiers, adapters[name].sha, SHORT, name) == reference[name][:SHORT]
+            assert await tiers.evict(adapters[name].sha) == Tier.host
+        assert not decoding.done(), "the steady request decoded through every load"
+        assert await decoding == reference["a"]
+
+
+async def test_a_load_that_fails_or_is_cancelled_while_writing_gives_its_pages_back(
+    tiny: Backbone, adapters: dict[str, Adapter], reference: dict[str, list[int]], store: ObjectStore,
+    tmp_path: Path,
+) -> None:
+    a, b = adapters["a"], adapters["b"]
+    async with _tiers(tiny, tmp_path, store, 4 * _full_pool(adapters), load_mode="background") as tiers:
+        for name in "ab":
+            tiers.cache.put(adapters[name].sha, adapters[name].blob)
+        await tiers.load(a.sha)
+        pool = tiers.engine.engine.pool
+        free = tiers.total_pages - a.pages
+        failing = _HeldWrite(pool, fail=True)
+        with pytest.raises(RuntimeError, match="the copy failed"):
+            await tiers.load(b.sha)
+        failing.remove()
+        assert pool.free_pages == tiers.free_pages == free and tiers.tier(b.sha) == Tier.host
+
+        held = _HeldWrite(pool)
+        load = asyncio.ensure_future(tiers._load(b.sha))
+        await held.wait_entered()
+        load.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await load
+        assert pool.free_pages == free - b.pages, "the writer still holds the pages"
+        held.remove()
+        while pool.free_pages != free:  # the writer frees them when its copy ends
+            await asyncio.sleep(0.005)
+        assert tiers.free_pages == free and b.sha not in pool
+
+        await tiers.load(b.sha)
+        assert await _generate(tiers, b.sha, SHORT, "b") == reference["b"][:SHORT]
+        assert await _generate(tiers, a.sha, SHORT, "a") == reference["a"][:SHORT]
