@@ -73,12 +73,11 @@ def torch_threads(n: int | None) -> Iterator[None]:
 class DemandNet(nn.Module):
     """logit of P(call next interval) from a window of normalised counts and a key embedding slot."""
 
-    def __init__(self, *, buckets: int, embedding_dim: int, hidden: int, layers: int,
-                 device: torch.device | str | None = None) -> None:
+    def __init__(self, *, buckets: int, embedding_dim: int, hidden: int, layers: int) -> None:
         super().__init__()
-        self.embedding = nn.Embedding(buckets + 1, embedding_dim, device=device)
-        self.lstm = nn.LSTM(1 + embedding_dim, hidden, num_layers=layers, batch_first=True, device=device)
-        self.head = nn.Linear(hidden, 1, device=device)
+        self.embedding = nn.Embedding(buckets + 1, embedding_dim)
+        self.lstm = nn.LSTM(1 + embedding_dim, hidden, num_layers=layers, batch_first=True)
+        self.head = nn.Linear(hidden, 1)
 
     def forward(self, x: torch.Tensor, bucket: torch.Tensor) -> torch.Tensor:
         """x: [batch, window] normalised counts, oldest first; bucket: [batch] embedding slots -> [batch]."""
@@ -164,8 +163,9 @@ class LstmPredictor:
         self._idle_trials = 0  # ... out of idle known keys (the prior)
         self._rng = np.random.default_rng(seed)
         self._generator = torch.Generator().manual_seed(seed)
-        self._model = DemandNet(buckets=embedding_buckets, embedding_dim=embedding_dim, hidden=hidden,
-                                layers=layers, device="meta").to_empty(device="cpu")
+        with torch.random.fork_rng(devices=[]):  # construction draws from the global generator: leave it as it was
+            self._model = DemandNet(buckets=embedding_buckets, embedding_dim=embedding_dim, hidden=hidden,
+                                    layers=layers)
         self._model.init_weights(self._generator)
         self._optimizer = torch.optim.Adam(self._model.parameters(), lr=learning_rate)
         self._replay = _Replay(buffer_size, window)
