@@ -6,7 +6,12 @@ a cluster of simulated workers would produce, and carries out the commands the c
 - each trace row becomes an `InvocationArrived` at its trace time (its adapter's rank drawn once per
   adapter from `ranks` with a seeded `random.Random`, its bytes from the rank and SmolLM2-135M's shapes);
 - a worker sends a `WorkerReport` every `heartbeat_s` (its device and host residency, running calls) and
-  the driver a `Tick` every `tick_s`;
+  the driver a `Tick` every `tick_s`; as events, only the heartbeats and ticks that can change what the core
+  decides are handled (a heartbeat after the worker's state changed, a tick before the next event), which
+  gives the core the same inputs in the same order as handling every one of them (`eager=True` does, for
+  the tests) and makes the cost of a run grow with its calls, not with its length times its workers;
+- a worker's run of decode steps that admits nothing and finishes nothing is one event (each step of it
+  takes the same time);
 - `Dispatch`: the worker queues the call and admits it into its continuously batched decode loop (at most
   `max_inflight` running; prefill chunks and decodes share `max_batch_tokens` per step) once its adapter
   is on the device. An adapter not on the device is loaded first: from the host cache, or fetched from the
@@ -232,6 +237,12 @@ class _Worker:
         self.step_no = 0
         self.in_step: list[tuple[_Call, int]] | None = None  # prefill chunks of the step in flight
         self.step_started = 0.0
+        # Steps that only decode, with no call finishing or waiting to be admitted, all take as long as the
+        # first: such a run is one event of `run_steps` steps of `step_s` each (`kick`), cut short at the end
+        # of its current step when a call becomes ready to be admitted (`_cut_run`).
+        self.run_steps = 1
+        self.step_s = 0.0
+        self.step_gen = 0  # the step_end event of the step (run) in flight carries this
         self.device: OrderedDict[str, float] = OrderedDict()  # version -> last used (LRU order)
         self.device_used = 0  # bytes resident or reserved by a load in flight
         self.host: OrderedDict[str, int] = OrderedDict()  # version -> bytes (LRU order)
@@ -244,6 +255,26 @@ class _Worker:
         self.batch_bytes = 0
         self.batch_ranks = 0
         self._seq = itertools.count()
+        # heartbeats (see _Simulation: sent when the worker's state changed, refreshed for liveness otherwise)
+        self.hb_first = 0.0  # heartbeat k is at hb_first + k * heartbeat_s
+        self.hb_pending = False  # a heartbeat event is scheduled
+        self.last_report: WorkerReport | None = None
+        self.reported = -1  # the heartbeat the core last got
+        self.refresh_due = -math.inf  # when the core should be given a heartbeat again if nothing changes
+
+    def heartbeat_at(self, k: int) -> float:
+        return self.hb_first + k * self.config.heartbeat_s
+
+    def heartbeat_before(self, t: float) -> int:
+        """The last heartbeat at or before `t`."""
+        k = math.floor((t - self.hb_first) / self.config.heartbeat_s)
+        return k - 1 if self.heartbeat_at(k) > t else k
+
+    @property
+    def idle(self) -> bool:
+        """No call here and no step or load in flight."""
+        return not (self.in_step is not None or self.ready or self.prefilling or self.decoding or self.loading
+                    or self.blocked)
 
     # -- calls ----------------------------------------------------------------------------------------------
 
@@ -255,6 +286,7 @@ class _Worker:
             call.tier = Tier.device
             self.device.move_to_end(v)
             self.ready.append(call)
+            self._cut_run(now)
             self.kick(now)
         elif v in self.loading:
             call.tier = Tier.host if v in self.host else Tier.object
@@ -319,6 +351,8 @@ class _Worker:
         self._resident = None
         for call in self.loading.pop(version, []):
             self.ready.append(call)
+        if self.ready:
+            self._cut_run(now)
         self.kick(now)
 
     def evict(self, version: str) -> None:
@@ -378,13 +412,28 @@ class _Worker:
                 extra_bytes += call.spec.bytes
         self.in_step, self.step_started = chunks, now
         duration = self.cost.step_s(decodes, prefill, self.batch_ranks + ranks, self.batch_bytes + extra_bytes)
-        self.schedule(now + duration, _Kind.step_end, self.id)
+        # a run of decode steps up to the one in which the next call finishes (module docstring)
+        # (calls still ready here wait for a running slot, which only a finish frees)
+        self.run_steps = self.decoding[0][0] - self.step_no if not chunks and duration > 0 else 1
+        self.step_s = duration
+        self.step_gen += 1
+        self.schedule(now + duration * self.run_steps, _Kind.step_end, (self.id, self.step_gen))
+
+    def _cut_run(self, now: float) -> None:
+        """A call became ready during a run of decode steps: end the run with the step in progress."""
+        if self.in_step is None or self.run_steps == 1 or self.running >= self.config.max_inflight:
+            return
+        done = min(int((now - self.step_started) / self.step_s) + 1, self.run_steps)
+        if done < self.run_steps:
+            self.run_steps = done
+            self.step_gen += 1
+            self.schedule(self.step_started + self.step_s * done, _Kind.step_end, (self.id, self.step_gen))
 
     def step_end(self, now: float) -> list[_Call]:
         """Finish the step in flight: first tokens of completed prefills, the last tokens of finished calls."""
         assert self.in_step is not None
-        self.step_no += 1
-        self.record.steps += 1
+        self.step_no += self.run_steps
+        self.record.steps += self.run_steps
         self.record.busy_s += now - self.step_started
         finished: list[_Call] = []
         for call, n in self.in_step:
@@ -418,8 +467,14 @@ class _Worker:
 
     # -- failure --------------------------------------------------------------------------------------------
 
-    def fail(self) -> None:
-        """The worker dies: it stops stepping and heartbeating; its calls wait for the core's Rescue."""
+    def fail(self, now: float) -> None:
+        """The worker dies: it stops stepping and heartbeating; its calls wait for the core's Rescue. The steps
+        of a run of decode steps that ended before it died count as done (each was an event of its own)."""
+        if self.in_step is not None and self.run_steps > 1:
+            done = min(int((now - self.step_started) / self.step_s), self.run_steps - 1)
+            self.step_no += done
+            self.record.steps += done
+            self.record.busy_s += done * self.step_s
         self.alive = False
         self.in_step = None
 
@@ -483,20 +538,23 @@ def simulate(
     tick_s: float = 1.0,
     failures: Sequence[tuple[float, str]] = (),
     max_drain_s: float = 86_400.0,
+    eager: bool = False,
 ) -> SimReport:
     """Run `trace` (rows sorted by time) through a `SchedulerCore` with `router` over simulated workers
     w0, w1, ... (module docstring). `duration_s`: only rows that arrive before it; `failures`: (time,
-    worker id) at which a worker dies; the run stops `max_drain_s` after the last arrival at the latest."""
+    worker id) at which a worker dies; the run stops `max_drain_s` after the last arrival at the latest.
+    `eager`: every heartbeat and every tick an event (slow; the same report: the tests compare the two)."""
     return _Simulation(trace, workers=workers, router=router, cost=cost or CostModel(), seed=seed,
                        core_config=core_config, eviction=eviction, ranks=ranks, adapter_ranks=adapter_ranks,
-                       duration_s=duration_s, tick_s=tick_s, failures=failures, max_drain_s=max_drain_s).run()
+                       duration_s=duration_s, tick_s=tick_s, failures=failures, max_drain_s=max_drain_s,
+                       eager=eager).run()
 
 
 class _Simulation:
     def __init__(self, trace: Sequence[TraceRequest], *, workers: int | Sequence[WorkerConfig], router: Router | None,
                  cost: CostModel, seed: int, core_config: CoreConfig | None, eviction: Callable[[], EvictionPolicy],
                  ranks: Sequence[int], adapter_ranks: Mapping[str, int] | None, duration_s: float | None,
-                 tick_s: float, failures: Sequence[tuple[float, str]], max_drain_s: float) -> None:
+                 tick_s: float, failures: Sequence[tuple[float, str]], max_drain_s: float, eager: bool) -> None:
         if tick_s <= 0:
             raise ValueError(f"tick_s must be > 0 (got {tick_s})")
         configs = [WorkerConfig()] * workers if isinstance(workers, int) else list(workers)
@@ -505,7 +563,7 @@ class _Simulation:
         rows = [r for r in trace if duration_s is None or r.at_s < duration_s]
         self.rng = random.Random(seed)
         self.core = SchedulerCore(router=router or AffinityRouter(), config=core_config)
-        self.cost, self.tick_s, self.max_drain_s = cost, tick_s, max_drain_s
+        self.cost, self.tick_s, self.max_drain_s, self.eager = cost, tick_s, max_drain_s, eager
         self.heap: list[tuple[float, int, _Kind, Any]] = []
         self.seq = itertools.count()
         self.now = -max(c.heartbeat_s for c in configs)  # workers come up (and report) before the first arrival
@@ -537,12 +595,24 @@ class _Simulation:
             w = _Worker(f"w{i}", config, cost, eviction(), self._schedule, self.specs)
             self.workers[w.id] = w
             # workers come up before the first arrival, their heartbeats out of phase
-            self._schedule(-config.heartbeat_s * (1.0 - self.rng.random()), _Kind.heartbeat, w.id)
+            w.hb_first = -config.heartbeat_s * (1.0 - self.rng.random())
+            w.hb_pending = True
+            self._schedule(w.hb_first, _Kind.heartbeat, (w.id, 0))
         for at, worker_id in failures:
             if worker_id not in self.workers:
                 raise ValueError(f"failure of unknown worker {worker_id!r} (workers: {', '.join(self.workers)})")
             self._schedule(at, _Kind.worker_fails, worker_id)
-        self._schedule(0.0, _Kind.tick, None)
+        self.tick_no = 0  # the next tick not given to the core is at tick_no * tick_s ...
+        self.next_tick_at = 0.0  # ... this
+        self.tick_event: tuple[int, float] = (0, math.inf)  # (generation, time) of the tick event scheduled
+        self.dying: set[str] = set()  # workers that died and that the core has not declared gone yet
+        staging = getattr(self.core, "predictor", None) is not None
+        self.interval_s: float | None = self.core.config.staging_interval_s if staging else None
+        self.known: set[str] = set()  # workers the core has heard from (and not declared gone)
+        # a worker whose state did not change is heard from at least every this many heartbeats (see _refresh)
+        timeout = self.core.config.heartbeat_timeout_s
+        self.refresh_every = {w.id: max(1, math.floor(timeout / w.config.heartbeat_s) - 1)
+                              for w in self.workers.values()}
 
         self.deferred: deque[_Call] = deque()  # deferred for want of a worker, in order
         self.round_at: float | None = None  # a retry_round event is scheduled for then
@@ -555,10 +625,13 @@ class _Simulation:
 
     def run(self) -> SimReport:
         stop_at = self.trace_s + self.max_drain_s
+        self._plan_tick()
         while self.heap and self.open:
             at, _, kind, payload = heapq.heappop(self.heap)
             if at > stop_at:
                 break
+            if at > self.next_tick_at:
+                self._catch_up(at)
             self.now = max(self.now, at)
             self.events += 1
             self._handle(kind, payload)
@@ -569,37 +642,125 @@ class _Simulation:
         if kind == _Kind.arrive or kind == _Kind.offer:
             self._offer(payload)
         elif kind == _Kind.step_end:
-            w = self.workers[payload]
-            if w.alive and w.in_step is not None:
+            w = self.workers[payload[0]]
+            if w.alive and w.in_step is not None and payload[1] == w.step_gen:
+                self._touch(w)
                 for call in w.step_end(now):
                     self._finish(w, call)
                 w.kick(now)
                 self._retry()
         elif kind == _Kind.fetched:
             worker_id, version = payload
-            if self.workers[worker_id].alive:
-                self.workers[worker_id].fetched(version, now)
+            w = self.workers[worker_id]
+            if w.alive:
+                self._touch(w)
+                w.fetched(version, now)
         elif kind == _Kind.loaded:
             worker_id, version = payload
-            if self.workers[worker_id].alive:
-                self.workers[worker_id].loaded(version, now)
-        elif kind == _Kind.heartbeat:
-            w = self.workers[payload]
+            w = self.workers[worker_id]
             if w.alive:
-                first = w.id not in self.core.workers()
-                self._apply(self.core.handle(w.heartbeat(now)))
-                self._schedule(now + w.config.heartbeat_s, _Kind.heartbeat, w.id)
-                if first:
-                    self._retry()
+                self._touch(w)
+                w.loaded(version, now)
+        elif kind == _Kind.heartbeat:
+            w = self.workers[payload[0]]
+            w.hb_pending = False
+            if w.alive:
+                self._deliver(w, payload[1], w.heartbeat(now))
+                if self.eager:
+                    self._touch(w)
         elif kind == _Kind.tick:
-            self._apply(self.core.handle(Tick(now)))
-            self._schedule(now + self.tick_s, _Kind.tick, None)
-            self._retry()
+            generation, k = payload
+            if generation == self.tick_event[0]:
+                self.tick_event = (generation, math.inf)
+                self._tick(k)
+                self._plan_tick()
         elif kind == _Kind.retry_round:
             self.round_at = None
             self._retry()
         elif kind == _Kind.worker_fails:
-            self.workers[payload].fail()
+            w = self.workers[payload]
+            if w.alive:
+                self._refresh(w, now, 1)  # its last heartbeat before it died
+                w.fail(now)
+                if w.id in self.known:
+                    self.dying.add(w.id)
+                    self._plan_tick()
+
+    # -- heartbeats and ticks ----------------------------------------------------------------------------------
+    #
+    # A worker's heartbeat says what it holds and runs; between two changes of its state every heartbeat says
+    # the same, and the core's state after the second is what it was after the first but for when it last
+    # heard from the worker, which only its liveness check (on a Tick) reads. So a heartbeat is an event only
+    # at the first heartbeat time after the worker's state changed (`_touch`); before each Tick, a worker not
+    # heard from for `heartbeat_timeout_s - heartbeat_s` gets its latest heartbeat as of then, with what it
+    # said last (`_refresh`), so no live worker is ever declared gone and a dead one is declared gone when
+    # heartbeats every `heartbeat_s` would have it.
+    #
+    # A Tick declares silent workers gone, lets the core forget placements and calls that are past their time
+    # (removals that a later tick makes as well as all the ticks before it, as long as no call was routed in
+    # between), retries deferred calls, and closes staging intervals. So the ticks are given to the core every
+    # `tick_s` only while a worker is dying or calls are deferred; otherwise the last tick due is given before
+    # each routing decision (`_catch_up`) and the first one of each staging interval when it is due
+    # (`_plan_tick`). Days of a sparse trace then cost events per call and per interval, not per second.
+
+    def _touch(self, w: _Worker) -> None:
+        """`w`'s state is about to change: it reports at its next heartbeat time."""
+        if not w.hb_pending and w.alive:  # (a heartbeat is always pending when eager)
+            w.hb_pending = True
+            k = w.heartbeat_before(self.now) + 1
+            self._schedule(w.heartbeat_at(k), _Kind.heartbeat, (w.id, k))
+
+    def _deliver(self, w: _Worker, k: int, report: WorkerReport) -> None:
+        """Give the core heartbeat k of `w`."""
+        w.last_report, w.reported = report, k
+        # half a heartbeat early: _refresh decides on the heartbeat's number, not on float times
+        w.refresh_due = w.heartbeat_at(k + self.refresh_every[w.id]) - w.config.heartbeat_s / 2
+        first = w.id not in self.known
+        self.known.add(w.id)
+        self._apply(self.core.handle(report))
+        if first:
+            self._retry()
+
+    def _refresh(self, w: _Worker, at: float, every: int) -> None:
+        """Give the core `w`'s last heartbeat at or before `at` if the core's latest is at least `every`
+        heartbeats older (saying what the worker said last: any change since has a heartbeat event after `at`)."""
+        k = w.heartbeat_before(at)
+        if w.last_report is not None and k - w.reported >= every:
+            self._deliver(w, k, WorkerReport(**{**w.last_report.__dict__, "at": w.heartbeat_at(k)}))  # replace()
+
+    def _catch_up(self, at: float) -> None:
+        """Before an event at `at`: the last tick before it, if the core has not had it."""
+        k = math.ceil(at / self.tick_s) - 1
+        if k >= self.tick_no:
+            self._tick(k)
+            self._plan_tick()
+
+    def _tick(self, k: int) -> None:
+        """Give the core tick k (standing for the ticks since the last one given: see above)."""
+        at = k * self.tick_s
+        self.now = max(self.now, at)
+        self.tick_no, self.next_tick_at = k + 1, (k + 1) * self.tick_s
+        for w in self.workers.values():
+            if w.alive and at >= w.refresh_due:
+                self._refresh(w, at, self.refresh_every[w.id])
+        self._apply(self.core.handle(Tick(at)))
+        self._retry()
+
+    def _plan_tick(self) -> None:
+        """Schedule the next tick the core must get when it is due: the next one while a worker is dying or a
+        call is deferred, else the first one of the next staging interval."""
+        if self.eager or self.dying or self.deferred:
+            k = max(self.tick_no, math.ceil(self.now / self.tick_s))
+        elif self.interval_s is not None:
+            covered = (self.tick_no - 1) * self.tick_s  # the last tick given
+            boundary = (math.floor(covered / self.interval_s) + 1) * self.interval_s
+            k = max(self.tick_no, math.ceil(boundary / self.tick_s))
+        else:
+            return
+        at = k * self.tick_s
+        if at < self.tick_event[1]:
+            self.tick_event = (self.tick_event[0] + 1, at)
+            self._schedule(at, _Kind.tick, (self.tick_event[0], k))
 
     def _offer(self, call: _Call) -> None:
         event = InvocationArrived(
@@ -615,6 +776,7 @@ class _Simulation:
                 case Dispatch():
                     call = self.by_id[c.invocation_id]
                     w = self.workers[c.worker_id]
+                    self._touch(w)
                     call.worker, call.dispatched_at = c.worker_id, now
                     w.record.dispatched += 1
                     name = f"{call.spec.tenant}/{call.spec.adapter}"
@@ -626,6 +788,7 @@ class _Simulation:
                     if c.reason in ("all_busy", "no_workers"):
                         self.deferred.append(call)
                         self._wake(c.retry_at)
+                        self._plan_tick()
                     else:
                         self._schedule(c.retry_at, _Kind.offer, call)
                 case Fail():
@@ -635,22 +798,27 @@ class _Simulation:
                         self.open -= 1
                         self.failed[str(c.code)] += 1
                 case Rescue():
+                    self.known.discard(c.worker_id)
+                    self.dying.discard(c.worker_id)
                     for call in self.workers[c.worker_id].take_calls():
                         call.epoch += 1
                         call.first_token_at = None
                         self._offer(call)
                 case Fetch():
                     w = self.workers[c.worker_id]
+                    self._touch(w)
                     if c.version not in w.host and c.version not in w.loading:
                         w.record.fetches += 1
                         self._schedule(now + self.cost.fetch_s(self.specs[c.version].bytes), _Kind.fetched,
                                        (w.id, c.version))
                 case Load():
                     w = self.workers[c.worker_id]
+                    self._touch(w)
                     if c.version not in w.device and c.version not in w.loading:
                         w.loading[c.version] = []
                         w._bring(c.version, now)
                 case Evict():
+                    self._touch(self.workers[c.worker_id])
                     self.workers[c.worker_id].evict(c.version)
 
     def _wake(self, at: float) -> None:
