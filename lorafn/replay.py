@@ -14,7 +14,7 @@ Azure LLM or Alibaba GenAI trace read with the converter's defaults. The replay:
    already holds with that rank, modules and base model is reused, any other is written and pushed
    (POST /v1/adapters), so a second replay pushes nothing;
 3. sends each call when it is due, unless `--concurrency-limit` calls are in flight: then it waits for one to
-   finish (calls keep their order) and counts as having waited. `openai` route (default): POST /v1/completions,
+   finish, and so do the calls that fall due meanwhile (calls keep their order); those count as held back. `openai` route (default): POST /v1/completions,
    streamed, so the time to the first text is measured here; `faas` route: the synchronous FaaS invocation,
    whose time to first token is the worker's (from submission). The prompt is `prompt_tokens` words that are
    one token each in the default backbone's vocabulary; max_tokens is `output_tokens`, capped at
@@ -40,12 +40,15 @@ import contextlib
 import json
 import math
 import random
+import signal
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
 
 import httpx
@@ -180,7 +183,7 @@ class CallRecord:
     scheduled_ms: float
     sent_ms: float | None = None
     lateness_ms: float | None = None  # sent - scheduled
-    waited_for_slot: bool = False  # the concurrency limit was reached when the call was due
+    waited_for_slot: bool = False  # held back by the concurrency limit (for itself or an earlier call)
     status: str = "not_sent"
     http_status: int | None = None
     error_code: str | None = None
@@ -288,9 +291,10 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {label} | {p['n']:,} | {_ms(p['p50'])} | {_ms(p['p90'])} | {_ms(p['p99'])} | "
                      f"{_ms(p['mean'])} | {_ms(p['max'])} |")
     w = s["waited_for_slot"]
-    lines += ["", f"{w['calls']:,} calls were due while {o['concurrency_limit']} were in flight and waited for one "
-              f"to finish" + (f" (late by p50 {_ms(w['lateness_ms']['p50'])} ms, p99 {_ms(w['lateness_ms']['p99'])} "
-                               f"ms, max {_ms(w['lateness_ms']['max'])} ms)." if w["calls"] else ".")]
+    late = w["lateness_ms"]
+    lines += ["", f"{w['calls']:,} calls were held back by the concurrency limit ({o['concurrency_limit']} in flight)"
+              + (f", late by p50 {_ms(late['p50'])} ms, p99 {_ms(late['p99'])} ms, max {_ms(late['max'])} ms."
+                 if w["calls"] else ".")]
     return "\n".join(lines) + "\n"
 
 
@@ -438,13 +442,20 @@ async def send_all(plan: Plan, records: Sequence[CallRecord], call: Callable[...
                 record.latency_ms = (now() - start) * 1000 - record.sent_ms
             slots.release()
 
+    unblocked = -math.inf  # when the dispatcher last got a slot it had to wait for
     try:
         for planned, record in zip(plan.calls, records, strict=True):
-            delay = start + planned.at_s - now()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            record.waited_for_slot = slots.locked()
-            await slots.acquire()
+            due = start + planned.at_s
+            if due > now():
+                await asyncio.sleep(due - now())
+            # held back by the limit: no slot free now, or it fell due while the dispatcher waited for one (for
+            # an earlier call: calls keep their order)
+            record.waited_for_slot = slots.locked() or due < unblocked
+            if slots.locked():
+                await slots.acquire()
+                unblocked = now()
+            else:
+                await slots.acquire()
             record.sent_ms = (now() - start) * 1000
             record.lateness_ms = max(0.0, record.sent_ms - record.scheduled_ms)
             task = asyncio.create_task(one(planned, record))
@@ -538,6 +549,10 @@ async def run_replay(plan: Plan, *, gateway: str, api_key: str, spec: BackboneSp
 # -- the command ----------------------------------------------------------------------------------------------------
 
 
+def _interrupt(signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def _backbone_spec(backbone: Path | None) -> BackboneSpec:
     from storage.backbone import resolve_backbone_spec
     from storage.settings import RegistrySettings
@@ -616,6 +631,9 @@ def replay_command(
 
     t0 = time.monotonic()
     interrupted = False
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    if on_main_thread:  # SIGTERM ends the replay as Ctrl-C does: calls in flight cancelled, the report written
+        previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         asyncio.run(run_replay(plan, gateway=gateway.rstrip("/"), api_key=api_key, spec=spec,
                                route=cast(Route, route),
@@ -627,6 +645,9 @@ def replay_command(
         interrupted = True
         if not held["records"]:
             raise fail("interrupted before the first call") from None
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     options = {"speed": speed, "adapters": adapters, "limit": limit, "duration_s": duration,
                "concurrency_limit": concurrency_limit, "max_tokens_cap": max_tokens_cap, "route": route,
                "timeout_s": timeout, "backbone": spec.name}

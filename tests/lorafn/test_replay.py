@@ -31,7 +31,9 @@ from lorafn.replay import (
     WORDS,
     CallRecord,
     ReplayError,
+    new_records,
     plan_replay,
+    send_all,
     summarise,
     synthetic_prompt,
 )
@@ -93,6 +95,45 @@ def test_summary_counts_add_up_and_failures_are_kept() -> None:
     assert (s["cold_starts"], s["host_loads"], s["device_hits"], s["tiers"]["unknown"]) == (1, 1, 1, 2)
     assert s["ttft_ms"]["p50"] == 10.0 and s["ttft_ms"]["max"] == 50.0 and s["ttft_ms"]["n"] == 2  # ok calls only
     assert s["load_ms"]["n"] == 1 and s["first_call_tiers"] == {"object": 1}
+
+
+async def test_calls_over_the_limit_wait_in_order_and_every_outcome_is_recorded() -> None:
+    """send_all with stand-in calls: a burst over a limit of 1 is held back in order; a failing call, a transport
+    error and a cancelled replay each leave their status."""
+    rows = [TraceRequest(t, "", k, 3, 2) for t, k in
+            [(0.0, "a"), (0.0, "b"), (0.0, "a"), (0.0, "a"), (0.3, "b"), (0.3, "a"), (0.3, "c")]]
+    plan = plan_replay(rows)
+    order: list[int] = []
+    release = asyncio.Event()
+
+    async def call(client: Any, record: CallRecord, prompt: str, now: Any) -> None:
+        order.append(record.index)
+        assert len(prompt.split()) == record.prompt_tokens
+        await asyncio.sleep(0)
+        if record.index == 4:
+            raise ValueError("a malformed answer")
+        if record.index == 5:
+            raise httpx.ConnectError("refused")
+        if record.index == 6:
+            await release.wait()  # in flight when the replay is cancelled
+        record.status = "ok"
+
+    records = new_records(plan, "t")
+    task = asyncio.create_task(send_all(plan, records, call, None, concurrency_limit=1,  # type: ignore[arg-type]
+                                        timeout_s=30))
+    while len(order) < 7:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert order == list(range(7))  # in the trace's order
+    assert [r.status for r in records] == ["ok"] * 4 + ["error:ValueError", "transport:ConnectError", "cancelled"]
+    assert [r.waited_for_slot for r in records[:4]] == [False, True, True, True]  # the burst of 4 over a limit of 1
+    assert records[4].waited_for_slot is False  # due 0.3 s later, when no call was in flight
+    assert records[4].error == "a malformed answer"
+    assert all(r.sent_ms is not None and r.lateness_ms is not None for r in records)
+    assert summarise(records)["statuses"] == {"ok": 4, "cancelled": 1, "error:ValueError": 1,
+                                              "transport:ConnectError": 1}
 
 
 def test_a_synthetic_prompt_is_as_many_tokens_as_words() -> None:
