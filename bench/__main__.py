@@ -10,10 +10,10 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from bench import engine, invocation, pool, reliability
+from bench import engine, invocation, pool, reliability, stall
 
 BENCHMARKS: dict[str, Callable[..., Any]] = {"pool": pool.run, "engine": engine.run, "invocation": invocation.run,
-                                            "reliability": reliability.run}
+                                            "reliability": reliability.run, "stall": stall.run}
 
 
 def main() -> None:
