@@ -38,12 +38,13 @@ import argparse
 import hashlib
 import heapq
 import itertools
+import json
 import math
 import random
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from enum import IntEnum
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,8 @@ from scheduler.policy import (
     ResidentView,
     Router,
 )
+from scheduler.predict import PREDICTORS, Predictor, build_predictor
+from scheduler.staging import GreedyDualEviction, PredictiveStager, Stager, TierCosts
 
 # SmolLM2-135M: 30 layers; LoRA A and B on q, k, v, o (hidden 576 -> 576 / kv 192) and gate, up, down (576 <-> 1536)
 SMOLLM2_LAYERS = 30
@@ -102,31 +105,79 @@ class CostModel:
     `step_fixed_ms + decode_ms_per_seq * decodes + prefill_ms_per_token * prefill tokens
      + lora_ms_per_token_rank * sum over the step's tokens of their adapter's rank
      + bytes of the distinct adapters in the step / adapter_read_bytes_per_s`.
-    A load takes `*_latency_ms + bytes / *_bytes_per_s` per tier crossed (object -> host -> device)."""
+    A load takes `*_latency_ms + bytes / *_bytes_per_s` per tier crossed (object -> host -> device).
+
+    `CostModel.load(path)` reads a calibration from a JSON object of these fields (any subset: the others keep
+    their defaults), or from a file with such an object under "cost" (the simulator's own results files);
+    `python -m bench simulate --cost FILE` runs with it. Where each default comes from is said beside it."""
 
     # Reading the fp32 backbone (0.54 GB) once per step at the 27-29 GB/s streaming bandwidth the engine
-    # benchmark measures (README, "Engine decode").
+    # benchmark measures (README, "Engine decode": 0.54 GB / 27 GB/s = 20 ms).
     step_fixed_ms: float = 20.0
-    # The rest of the measured base decode step, 105 ms at 32 requests (README: 304 tok/s), per request.
+    # The rest of the measured base decode step per request: README, "Engine decode", base: 304 tok/s at 32
+    # requests = 105 ms a step; (105 - 20) / 32.
     decode_ms_per_seq: float = 2.65
-    # Prefill of one 256-1,024-token prompt alone in an engine step on this machine: 1.6-1.7 ms/token
-    # (longer prompts cost more per token as attention grows: 2.3 ms/token at 2,048).
+    # Prefill of one 256-1,024-token prompt alone in an engine step, 1.6-1.7 ms/token (2.3 ms/token at 2,048
+    # as attention grows), measured on this machine when the simulator was written; not in the README's
+    # tables (the engine benchmark times decode steps only).
     prefill_ms_per_token: float = 1.6
-    # README: one rank-64 adapter over 32 decode tokens added 13.2% (14 ms) to the 105 ms step, 2 ms of
-    # it the adapter's read; 12 ms / (32 tokens * rank 64).
+    # README, "Engine decode": one rank-64 adapter over 32 decode tokens added 13.2% (14 ms) to the 105 ms
+    # step, 1.4% (1.5 ms) of it the adapter's read; 12 ms / (32 tokens x rank 64). The model then gives +13%
+    # for 1 adapter, +12% for 8 and +34% for 32 (measured +13.2%, +16.4%, +34.3%).
     lora_ms_per_token_rank: float = 0.0059
-    # README: 32 distinct adapters (0.59 GB in bf16, ranks 8-64) added 36 ms a step: ~20 GB/s effective.
-    adapter_read_bytes_per_s: float = 20e9
+    # README, "Engine decode": 32 distinct adapters (0.64 GB in bf16, ranks 8-64) added 36 ms a step, 6 ms
+    # of it the LoRA compute above: 0.64 GB / 30 ms = 21 GB/s effective.
+    adapter_read_bytes_per_s: float = 21e9
     # EngineSettings.max_batch_tokens default.
     max_batch_tokens: int = 2048
-    # The demo's cold load of a rank-64 adapter (39 MB): ~845 ms from the object store, host load included:
-    # a GET's round trips (latency assumed) and the rest at the effective bandwidth.
+    # Object store -> host cache: a cold load of a rank-64 adapter (39 MB in bf16) took ~845 ms in the demo
+    # (local S3, host load included): a GET's round trips (latency assumed) and the rest at this bandwidth.
     object_latency_ms: float = 50.0
     object_bytes_per_s: float = 50e6
-    # Host cache -> device pool: a copy with a dtype conversion, not measured apart; taken at a tenth of
-    # the streaming bandwidth (20 ms at rank 64).
+    # Host cache -> device pool: parsing the blob, converting and copying it into the pool's pages. Taken at
+    # a tenth of the streaming bandwidth (20 ms at rank 64); bench/results/stall.json measures the load of a
+    # rank-64 blob (`load_ms`) and is the figure to calibrate these two with.
     host_latency_ms: float = 1.0
     host_bytes_per_s: float = 2e9
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise ValueError(f"cost {name} must be a finite number (got {value!r})")
+        for name in ("adapter_read_bytes_per_s", "object_bytes_per_s", "host_bytes_per_s", "max_batch_tokens",
+                     "step_fixed_ms"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"cost {name} must be > 0 (got {getattr(self, name)})")
+        for name in ("decode_ms_per_seq", "prefill_ms_per_token", "lora_ms_per_token_rank", "object_latency_ms",
+                     "host_latency_ms"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"cost {name} must be >= 0 (got {getattr(self, name)})")
+
+    @classmethod
+    def load(cls, path: Path | str) -> CostModel:
+        """A cost model from a JSON file (class docstring); unknown fields are an error."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: not a readable JSON file ({e})") from e
+        if isinstance(data, dict) and isinstance(data.get("cost"), dict):
+            data = data["cost"]
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a cost model is a JSON object of fields (got {type(data).__name__})")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown cost field(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        try:
+            return cls(**data)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: {e}") from e
+
+    def tier_costs(self) -> TierCosts:
+        """The load costs as `scheduler.staging.TierCosts` (what the stager and GreedyDual eviction weigh)."""
+        return TierCosts(object_latency_s=MS * self.object_latency_ms, object_bytes_per_s=self.object_bytes_per_s,
+                         host_latency_s=MS * self.host_latency_ms, host_bytes_per_s=self.host_bytes_per_s)
 
     def step_s(self, decodes: int, prefill_tokens: int, token_ranks: int, adapter_bytes: int) -> float:
         return MS * (self.step_fixed_ms + self.decode_ms_per_seq * decodes + self.prefill_ms_per_token * prefill_tokens
@@ -162,32 +213,62 @@ class WorkerRecord:
     fetches: int = 0  # object store -> host
     loads: int = 0  # host -> device
     evictions: int = 0  # device -> host
+    staged_fetches: int = 0  # of the fetches, those the core's Fetch asked for
+    staged_loads: int = 0  # the core's Loads carried out (their fetches and loads are counted above too)
+    staged_evictions: int = 0  # the core's Evicts carried out (device -> host counted in evictions too)
+    stage_dropped: int = 0  # staged loads given up: no room on the device without evicting a version in use
     steps: int = 0
     busy_s: float = 0.0  # time spent in steps
+    device_byte_s: float = 0.0  # device bytes held (resident or loading) x seconds, in the scored window
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    """One completed call."""
+
+    id: str
+    adapter: str  # its adapter's key: tenant/adapter, or the bare name
+    arrived: float
+    tier: str  # where its adapter was when the call was (last) dispatched: device, host or object
+    worker: str
+    load_wait_s: float  # dispatch -> its adapter on the device (0 when it was there)
+    ttft_s: float  # arrival -> first token
+    latency_s: float  # arrival -> last token
 
 
 @dataclass
 class SimReport:
-    """Figures of one simulation (the same inputs and seed give an equal report)."""
+    """Figures of one simulation (the same inputs and seed give an equal report). The call figures count the
+    scored calls: those that arrived from `score_from_s` on (all by default)."""
 
     requests: int
     completed: int
     failed: dict[str, int]  # error code -> calls
     unfinished: int  # neither completed nor failed when the simulation stopped
-    cold_starts: int  # completed calls that waited for a load from the object store
-    host_loads: int  # completed calls that waited for a load from the host cache
-    device_hits: int  # completed calls whose adapter was on the device (or the bare backbone)
+    scored: int  # completed calls that arrived from score_from_s on
+    cold_starts: int  # scored calls that waited for a load from the object store
+    host_loads: int  # scored calls that waited for a load from the host cache
+    device_hits: int  # scored calls whose adapter was on the device (or the bare backbone)
     ttft_s: dict[str, float]  # arrival -> first token, p50/p90/p99/mean
     latency_s: dict[str, float]  # arrival -> last token
     dispatch_wait_s: dict[str, float]  # arrival -> last dispatch
-    decisions: dict[str, int]  # the core's counts: dispatch reasons, deferrals, failures, workers up/gone
+    load_wait_s: dict[str, float]  # last dispatch -> adapter on the device
+    device_byte_s: float  # device bytes held x seconds, all workers, from score_from_s to the last arrival
+    decisions: dict[str, int]  # the core's counts: dispatch reasons, deferrals, failures, workers up/gone, stage_*
     per_worker: dict[str, WorkerRecord]
     trace_s: float  # last arrival
     end_s: float  # when the last call finished (or the simulation stopped)
     events: int
+    calls: list[CallRecord] = field(default_factory=list, repr=False)  # every completed call, in arrival order
+    intervals: list[dict[str, Any]] = field(default_factory=list, repr=False)  # the core's IntervalRecords
+    switches: list[tuple[float, str, str, str]] = field(default_factory=list)  # fallback: (at, from, to, why)
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def to_dict(self, *, full: bool = False) -> dict[str, Any]:
+        """The figures; the per-call and per-interval records too when `full`."""
+        out = asdict(self)
+        if not full:
+            del out["calls"], out["intervals"]
+        return out
 
 
 class _Kind(IntEnum):
@@ -216,6 +297,7 @@ class _Call:
     worker: str | None = None
     tier: Tier = Tier.device  # where its adapter was when it was last dispatched
     dispatched_at: float = 0.0
+    ready_at: float = 0.0  # its adapter was on the device (after its last dispatch)
     first_token_at: float | None = None
     finished_at: float = 0.0
     prefill_left: int = 0
@@ -247,10 +329,14 @@ class _Worker:
         self.device_used = 0  # bytes resident or reserved by a load in flight
         self.host: OrderedDict[str, int] = OrderedDict()  # version -> bytes (LRU order)
         self.host_used = 0
-        self._resident: tuple[ResidentReport, ...] | None = None  # for heartbeats; None when residency changed
+        self._resident: tuple[ResidentReport, ...] | None = None  # for heartbeats; None when it changed
         self.refs: Counter[str] = Counter()  # versions -> calls here that need them on the device
         self.loading: dict[str, list[_Call]] = {}  # version -> calls waiting for its load (fetch or load)
+        self.fetching: set[str] = set()  # versions on their way from the object store
         self.blocked: deque[str] = deque()  # versions whose load waits for room in the device pool
+        self.doomed: dict[str, Tier] = {}  # evictions waiting for the calls that use the version to end
+        self.window = (0.0, math.inf)  # the memory-time counts within this
+        self.device_since = 0.0  # device_used has held since then
         self.batch: Counter[str] = Counter()  # versions of the decoding calls
         self.batch_bytes = 0
         self.batch_ranks = 0
@@ -282,8 +368,11 @@ class _Worker:
         """A dispatched call: queue it, after a load of its adapter when it is not on the device."""
         v = call.spec.version
         self.refs[v] += 1
+        self._changed()
+        self.doomed.pop(v, None)  # wanted again: an eviction waiting for its calls to end is called off
         if v in self.device:
             call.tier = Tier.device
+            call.ready_at = now
             self.device.move_to_end(v)
             self.ready.append(call)
             self._cut_run(now)
@@ -297,85 +386,154 @@ class _Worker:
             self._bring(v, now)
 
     def _bring(self, version: str, now: float) -> None:
-        """Start bringing `version` to the device: fetch it to the host first if it is not there."""
+        """Start bringing `version` (in `loading`) to the device: fetch it to the host first if it is not there."""
         if version in self.host:
             self.host.move_to_end(version)
             self._load(version, now)
-        else:
-            self.record.fetches += 1
-            self.schedule(now + self.cost.fetch_s(self.specs[version].bytes), _Kind.fetched, (self.id, version))
+        elif version not in self.fetching:  # else the fetch in flight goes on to the load
+            self._fetch(version, now)
+
+    def _fetch(self, version: str, now: float) -> None:
+        self.fetching.add(version)
+        self.record.fetches += 1
+        self.schedule(now + self.cost.fetch_s(self.specs[version].bytes), _Kind.fetched, (self.id, version))
 
     def fetched(self, version: str, now: float) -> None:
+        self.fetching.discard(version)
         self._cache_on_host(version)
         if version in self.loading:  # not when the core only asked for a fetch to the host
             self._load(version, now)
 
+    def _pinned(self, version: str) -> bool:
+        """A blob the host cache keeps whatever its budget: its version is on the device or on its way there."""
+        return version in self.device or version in self.loading
+
     def _cache_on_host(self, version: str) -> None:
+        """Put a blob in the host cache (or mark it used); the least recently used unpinned blobs leave while
+        the cache is over its budget."""
         if version not in self.host:
             nbytes = self.specs[version].bytes
             self.host[version] = nbytes
             self.host_used += nbytes
-            self._resident = None
-            while self.host_used > self.config.host_cache_bytes and len(self.host) > 1:
-                _, dropped = self.host.popitem(last=False)
-                self.host_used -= dropped
+            self._changed()
+            if self.host_used > self.config.host_cache_bytes:
+                for v in [v for v in self.host if v != version and not self._pinned(v)]:
+                    self.host_used -= self.host.pop(v)
+                    if self.host_used <= self.config.host_cache_bytes:
+                        break
         self.host.move_to_end(version)
 
     def _load(self, version: str, now: float) -> None:
-        """Host -> device, once the eviction policy has made room; queued behind other blocked loads."""
-        if self.blocked or not self._make_room(version):
+        """Host -> device, once the eviction policy has made room: a call's load waits for room, behind other
+        waiting loads; a staged one (no call waiting for it) is given up."""
+        if not self.blocked and self._make_room(version, now):
+            self._start_load(version, now)
+        elif self.loading.get(version):
             self.blocked.append(version)
-            return
+        else:
+            del self.loading[version]
+            self.record.stage_dropped += 1
+
+    def _start_load(self, version: str, now: float) -> None:
         self.record.loads += 1
         self.schedule(now + self.cost.load_s(self.specs[version].bytes), _Kind.loaded, (self.id, version))
 
-    def _make_room(self, version: str) -> bool:
+    def _make_room(self, version: str, now: float) -> bool:
         nbytes = self.specs[version].bytes
-        needed, free = -(-nbytes // POOL_PAGE_BYTES), (self.config.device_pool_bytes - self.device_used) // POOL_PAGE_BYTES
-        resident = [ResidentView(v, self.specs[v].bytes // POOL_PAGE_BYTES, last_used, self.refs.get(v, 0))
-                    for v, last_used in self.device.items()] if free < needed else []
+        needed = -(-nbytes // POOL_PAGE_BYTES)
+        free = (self.config.device_pool_bytes - self.device_used) // POOL_PAGE_BYTES
+        specs = self.specs
+        resident = [ResidentView(v, specs[v].bytes // POOL_PAGE_BYTES, last_used, self.refs.get(v, 0),
+                                 specs[v].bytes, specs[v].rank) for v, last_used in self.device.items()]
         victims = self.eviction.choose_victims(needed, free, resident)
         if victims is None:
             return False
         for v in victims:
-            del self.device[v]
-            self.device_used -= self.specs[v].bytes
-            self._resident = None
-            self.record.evictions += 1
-            self._cache_on_host(v)
-        self.device_used += nbytes
+            self._leave_device(v, now)
+        self._account(now)
+        self.device_used += nbytes  # reserved while the load runs
         return True
+
+    def _leave_device(self, version: str, now: float) -> None:
+        """Device -> host cache (the blob stays there unless the cache is over its budget)."""
+        self._account(now)
+        del self.device[version]
+        self.device_used -= self.specs[version].bytes
+        self.record.evictions += 1
+        self._changed()
+        self._cache_on_host(version)
 
     def loaded(self, version: str, now: float) -> None:
         self.device[version] = now
-        self._resident = None
+        self._changed()
         for call in self.loading.pop(version, []):
+            call.ready_at = now
             self.ready.append(call)
         if self.ready:
             self._cut_run(now)
         self.kick(now)
 
-    def evict(self, version: str) -> None:
-        """The core's Evict: drop an adapter from the device when no call here needs it."""
-        if version in self.device and not self.refs.get(version):
-            del self.device[version]
-            self.device_used -= self.specs[version].bytes
-            self._resident = None
-            self.record.evictions += 1
-            self._cache_on_host(version)
-
     def release(self, version: str, now: float) -> None:
-        """A call of `version` left this worker: unpin it, and retry the loads that waited for room."""
+        """A call of `version` left this worker: unpin it, carry out an eviction that waited for it, and retry
+        the loads that waited for room."""
         self.refs[version] -= 1
+        self._changed()
         if self.refs[version] <= 0:
             del self.refs[version]
+            if version in self.doomed:
+                self.evict(version, self.doomed.pop(version), now)
         if version in self.device:
             self.device[version] = now
             self.device.move_to_end(version)
-        while self.blocked and self._make_room(self.blocked[0]):
-            v = self.blocked.popleft()
-            self.record.loads += 1
-            self.schedule(now + self.cost.load_s(self.specs[v].bytes), _Kind.loaded, (self.id, v))
+        while self.blocked and self._make_room(self.blocked[0], now):
+            self._start_load(self.blocked.popleft(), now)
+
+    # -- staging commands -----------------------------------------------------------------------------------
+
+    def stage_fetch(self, version: str, now: float) -> None:
+        """The core's Fetch: object store -> host cache (nothing if it is there or on its way)."""
+        if version in self.host or version in self.fetching:
+            return
+        self.record.staged_fetches += 1
+        self._fetch(version, now)
+
+    def stage_load(self, version: str, now: float) -> None:
+        """The core's Load: bring a version to the device ahead of its calls (given up if there is no room)."""
+        if version in self.device or version in self.loading:
+            return
+        self.record.staged_loads += 1
+        self.loading[version] = []
+        self._bring(version, now)
+
+    def evict(self, version: str, to_tier: Tier, now: float) -> None:
+        """The core's Evict: off the device (`to_tier` host) or off the worker (object). A version that calls
+        here still need leaves when the last of them ends (unless another call wants it meanwhile); one being
+        loaded stays (the next heartbeat tells the core)."""
+        if self.refs.get(version):
+            self.doomed[version] = to_tier
+            return
+        if version in self.loading:
+            return
+        done = version in self.device or (to_tier == Tier.object and version in self.host)
+        if version in self.device:
+            self._leave_device(version, now)
+        if to_tier == Tier.object and version in self.host:
+            self.host_used -= self.host.pop(version)
+            self._changed()
+        self.record.staged_evictions += done
+
+    # -- accounting -----------------------------------------------------------------------------------------
+
+    def _changed(self) -> None:
+        self._resident = None
+
+    def _account(self, now: float) -> None:
+        """Add the device bytes held since the last change to the memory-time, within the scored window."""
+        lo, hi = self.window
+        start, end = max(self.device_since, lo), min(now, hi)
+        if end > start:
+            self.record.device_byte_s += self.device_used * (end - start)
+        self.device_since = now
 
     # -- steps ----------------------------------------------------------------------------------------------
 
@@ -475,6 +633,8 @@ class _Worker:
             self.step_no += done
             self.record.steps += done
             self.record.busy_s += done * self.step_s
+        self._account(now)
+        self.device_used = 0  # its memory is no longer held
         self.alive = False
         self.in_step = None
 
@@ -487,13 +647,14 @@ class _Worker:
         return [c for c in calls if not c.done]
 
     def heartbeat(self, now: float) -> WorkerReport:
-        """A heartbeat. Residency without `in_use` (the core does not read it), so that the list is rebuilt
-        only when residency changes: heartbeats are most of a long simulation's events."""
+        """A heartbeat: residency per tier (a device version's blob is in the host cache too, reported once,
+        on the device), calls using each device version, budgets. The residency list is rebuilt only after
+        a change."""
         if self._resident is None:
-            specs = self.specs
+            specs, refs = self.specs, self.refs
             self._resident = tuple(
-                [ResidentReport(v, Tier.device, specs[v].rank, specs[v].bytes, specs[v].bytes // POOL_PAGE_BYTES)
-                 for v in self.device]
+                [ResidentReport(v, Tier.device, specs[v].rank, specs[v].bytes, specs[v].bytes // POOL_PAGE_BYTES,
+                                refs.get(v, 0)) for v in self.device]
                 + [ResidentReport(v, Tier.host, specs[v].rank, n) for v, n in self.host.items() if v not in self.device])
         pool = self.config.device_pool_bytes
         return WorkerReport(
@@ -501,7 +662,8 @@ class _Worker:
             free_pages=(pool - self.device_used) // POOL_PAGE_BYTES, max_rank=self.config.max_rank,
             max_inflight=self.config.max_inflight, running=self.running,
             queue_depth=len(self.ready) + sum(len(c) for c in self.loading.values()),
-            resident=self._resident,
+            resident=self._resident, device_bytes=pool, host_bytes=self.config.host_cache_bytes,
+            page_bytes=POOL_PAGE_BYTES,
         )
 
 
@@ -510,17 +672,26 @@ class _Worker:
 
 def adapter_specs(trace: Sequence[TraceRequest], *, ranks: Sequence[int] = DEFAULT_RANKS, seed: int = 0,
                   fixed: Mapping[str, int] | None = None) -> dict[str, tuple[str, int, int]]:
-    """adapter name -> (version, rank, bytes). Ranks drawn with a `random.Random(seed)` over the names in
-    sorted order (so a name's rank does not depend on the trace's order); `fixed` overrides."""
+    """adapter key (`TraceRequest.key`: `tenant/adapter`, or the bare name) -> (version, rank, bytes). Ranks
+    drawn with a `random.Random(seed)` over the keys in sorted order (so a key's rank does not depend on the
+    trace's order); `fixed` (by key, or by bare adapter name) overrides."""
     rng = random.Random(seed)
     out = {}
-    for name in sorted({r.adapter for r in trace}):
+    for key in sorted({r.key for r in trace}):
         rank = rng.choice(list(ranks))
-        if fixed and name in fixed:
-            rank = fixed[name]
-        version = hashlib.sha256(f"sim/{name}/{rank}".encode()).hexdigest()
-        out[name] = (version, rank, adapter_bytes(rank))
+        if fixed:
+            rank = fixed.get(key, fixed.get(key.rpartition("/")[2], rank))
+        version = hashlib.sha256(f"sim/{key}/{rank}".encode()).hexdigest()
+        out[key] = (version, rank, adapter_bytes(rank))
     return out
+
+
+def arrivals(trace: Sequence[TraceRequest], *, ranks: Sequence[int] = DEFAULT_RANKS, seed: int = 0,
+             adapter_ranks: Mapping[str, int] | None = None) -> list[tuple[float, str]]:
+    """(time, adapter version) of every row, the versions `simulate` gives them with the same arguments: what
+    an oracle predictor (`scheduler.predict.Oracle`) is built from."""
+    specs = adapter_specs(trace, ranks=ranks, seed=seed, fixed=adapter_ranks)
+    return [(r.at_s, specs[r.key][0]) for r in trace]
 
 
 def simulate(
@@ -532,28 +703,36 @@ def simulate(
     seed: int = 0,
     core_config: CoreConfig | None = None,
     eviction: Callable[[], EvictionPolicy] = LruEviction,
+    predictor: Predictor | None = None,
+    stager: Stager | None = None,
     ranks: Sequence[int] = DEFAULT_RANKS,
     adapter_ranks: Mapping[str, int] | None = None,
     duration_s: float | None = None,
+    score_from_s: float | None = None,
     tick_s: float = 1.0,
     failures: Sequence[tuple[float, str]] = (),
     max_drain_s: float = 86_400.0,
     eager: bool = False,
 ) -> SimReport:
-    """Run `trace` (rows sorted by time) through a `SchedulerCore` with `router` over simulated workers
-    w0, w1, ... (module docstring). `duration_s`: only rows that arrive before it; `failures`: (time,
-    worker id) at which a worker dies; the run stops `max_drain_s` after the last arrival at the latest.
-    `eager`: every heartbeat and every tick an event (slow; the same report: the tests compare the two)."""
+    """Run `trace` (rows sorted by time) through a `SchedulerCore` with `router` (and, for pre-staging,
+    `predictor` and `stager`, both or neither) over simulated workers w0, w1, ... (module docstring), each
+    with its own `eviction()` policy for its device pool. `duration_s`: only rows that arrive before it;
+    `score_from_s`: the figures count only the calls that arrive from then on, and the device memory-time
+    only from then to the last arrival (the calls before it run all the same: they warm the caches and the
+    predictor); `failures`: (time, worker id) at which a worker dies; the run stops `max_drain_s` after the
+    last arrival at the latest. `eager`: every heartbeat and every tick an event (slow; the same report: the
+    tests compare the two)."""
     return _Simulation(trace, workers=workers, router=router, cost=cost or CostModel(), seed=seed,
-                       core_config=core_config, eviction=eviction, ranks=ranks, adapter_ranks=adapter_ranks,
-                       duration_s=duration_s, tick_s=tick_s, failures=failures, max_drain_s=max_drain_s,
-                       eager=eager).run()
+                       core_config=core_config, eviction=eviction, predictor=predictor, stager=stager, ranks=ranks,
+                       adapter_ranks=adapter_ranks, duration_s=duration_s, score_from_s=score_from_s, tick_s=tick_s,
+                       failures=failures, max_drain_s=max_drain_s, eager=eager).run()
 
 
 class _Simulation:
     def __init__(self, trace: Sequence[TraceRequest], *, workers: int | Sequence[WorkerConfig], router: Router | None,
                  cost: CostModel, seed: int, core_config: CoreConfig | None, eviction: Callable[[], EvictionPolicy],
-                 ranks: Sequence[int], adapter_ranks: Mapping[str, int] | None, duration_s: float | None,
+                 predictor: Predictor | None, stager: Stager | None, ranks: Sequence[int],
+                 adapter_ranks: Mapping[str, int] | None, duration_s: float | None, score_from_s: float | None,
                  tick_s: float, failures: Sequence[tuple[float, str]], max_drain_s: float, eager: bool) -> None:
         if tick_s <= 0:
             raise ValueError(f"tick_s must be > 0 (got {tick_s})")
@@ -562,7 +741,9 @@ class _Simulation:
             raise ValueError("a simulation needs at least one worker")
         rows = [r for r in trace if duration_s is None or r.at_s < duration_s]
         self.rng = random.Random(seed)
-        self.core = SchedulerCore(router=router or AffinityRouter(), config=core_config)
+        self.core = SchedulerCore(router=router or AffinityRouter(), config=core_config, predictor=predictor,
+                                  stager=stager)
+        self.predictor = predictor
         self.cost, self.tick_s, self.max_drain_s, self.eager = cost, tick_s, max_drain_s, eager
         self.heap: list[tuple[float, int, _Kind, Any]] = []
         self.seq = itertools.count()
@@ -581,18 +762,21 @@ class _Simulation:
         for i, r in enumerate(rows):
             spec = spec_of.get((r.tenant, r.adapter))
             if spec is None:
-                version, rank, nbytes = by_name[r.adapter]
+                version, rank, nbytes = by_name[r.key]
                 spec = spec_of[(r.tenant, r.adapter)] = AdapterSpec(r.tenant, r.adapter, version, rank, nbytes)
-                self.specs.setdefault(version, spec)
+                self.specs[version] = spec
             call = _Call(f"i{i:07d}", spec, r.prompt_tokens, r.output_tokens, r.at_s)
             self.calls.append(call)
             self._schedule(r.at_s, _Kind.arrive, call)
         self.by_id = {c.id: c for c in self.calls}
         self.trace_s = rows[-1].at_s if rows else 0.0
+        self.score_from = score_from_s if score_from_s is not None else -math.inf
 
         self.workers: dict[str, _Worker] = {}
         for i, config in enumerate(configs):
             w = _Worker(f"w{i}", config, cost, eviction(), self._schedule, self.specs)
+            w.window = (max(self.score_from, self.now), self.trace_s)
+            w.device_since = self.now
             self.workers[w.id] = w
             # workers come up before the first arrival, their heartbeats out of phase
             w.hb_first = -config.heartbeat_s * (1.0 - self.rng.random())
@@ -606,8 +790,7 @@ class _Simulation:
         self.next_tick_at = 0.0  # ... this
         self.tick_event: tuple[int, float] = (0, math.inf)  # (generation, time) of the tick event scheduled
         self.dying: set[str] = set()  # workers that died and that the core has not declared gone yet
-        staging = getattr(self.core, "predictor", None) is not None
-        self.interval_s: float | None = self.core.config.staging_interval_s if staging else None
+        self.interval_s: float | None = self.core.config.staging_interval_s if predictor is not None else None
         self.known: set[str] = set()  # workers the core has heard from (and not declared gone)
         # a worker whose state did not change is heard from at least every this many heartbeats (see _refresh)
         timeout = self.core.config.heartbeat_timeout_s
@@ -806,20 +989,19 @@ class _Simulation:
                         self._offer(call)
                 case Fetch():
                     w = self.workers[c.worker_id]
-                    self._touch(w)
-                    if c.version not in w.host and c.version not in w.loading:
-                        w.record.fetches += 1
-                        self._schedule(now + self.cost.fetch_s(self.specs[c.version].bytes), _Kind.fetched,
-                                       (w.id, c.version))
+                    if w.alive:
+                        self._touch(w)
+                        w.stage_fetch(c.version, now)
                 case Load():
                     w = self.workers[c.worker_id]
-                    self._touch(w)
-                    if c.version not in w.device and c.version not in w.loading:
-                        w.loading[c.version] = []
-                        w._bring(c.version, now)
+                    if w.alive:
+                        self._touch(w)
+                        w.stage_load(c.version, now)
                 case Evict():
-                    self._touch(self.workers[c.worker_id])
-                    self.workers[c.worker_id].evict(c.version)
+                    w = self.workers[c.worker_id]
+                    if w.alive:
+                        self._touch(w)
+                        w.evict(c.version, c.to_tier, now)
 
     def _wake(self, at: float) -> None:
         """Have a retry round at `at` (or earlier, if one is already due)."""
@@ -856,25 +1038,43 @@ class _Simulation:
         self._apply(self.core.handle(InvocationFinished(self.now, call.id, w.id)))
 
     def _report(self) -> SimReport:
-        done = [c for c in self.calls if c.done and c.first_token_at is not None]
-        tiers = Counter(c.tier for c in done)
+        for w in self.workers.values():
+            w._account(self.now)
+        records = [CallRecord(c.id, _key(c.spec), c.arrived, c.tier.value, c.worker or "",
+                              max(0.0, c.ready_at - c.dispatched_at), c.first_token_at - c.arrived,
+                              c.finished_at - c.arrived)
+                   for c in self.calls if c.done and c.first_token_at is not None]
+        scored = [r for r in records if r.arrived >= self.score_from]
+        tiers = Counter(r.tier for r in scored)
+        switches = getattr(self.predictor, "switches", [])
         return SimReport(
             requests=len(self.calls),
-            completed=len(done),
+            completed=len(records),
             failed=dict(sorted(self.failed.items())),
             unfinished=self.open,
-            cold_starts=tiers[Tier.object],
-            host_loads=tiers[Tier.host],
-            device_hits=tiers[Tier.device],
-            ttft_s=percentiles([c.first_token_at - c.arrived for c in done if c.first_token_at is not None]),
-            latency_s=percentiles([c.finished_at - c.arrived for c in done]),
-            dispatch_wait_s=percentiles([c.dispatched_at - c.arrived for c in done]),
+            scored=len(scored),
+            cold_starts=tiers[Tier.object.value],
+            host_loads=tiers[Tier.host.value],
+            device_hits=tiers[Tier.device.value],
+            ttft_s=percentiles([r.ttft_s for r in scored]),
+            latency_s=percentiles([r.latency_s for r in scored]),
+            dispatch_wait_s=percentiles([c.dispatched_at - c.arrived for c in self.calls
+                                         if c.done and c.first_token_at is not None and c.arrived >= self.score_from]),
+            load_wait_s=percentiles([r.load_wait_s for r in scored]),
+            device_byte_s=sum(w.record.device_byte_s for w in self.workers.values()),
             decisions=dict(sorted(self.core.decisions.items())),
             per_worker={w.id: w.record for w in self.workers.values()},
             trace_s=self.trace_s,
             end_s=self.end_s,
             events=self.events,
+            calls=records,
+            intervals=[{**asdict(r), "precision": r.precision, "recall": r.recall} for r in self.core.intervals],
+            switches=[(x.at, x.from_, x.to, x.reason) for x in switches],
         )
+
+
+def _key(spec: AdapterSpec) -> str:
+    return f"{spec.tenant}/{spec.adapter}" if spec.tenant else spec.adapter
 
 
 def percentiles(xs: Sequence[float], ps: Sequence[int] = (50, 90, 99)) -> dict[str, float]:
@@ -893,45 +1093,140 @@ ROUTERS: dict[str, Callable[[], Router]] = {
     # for every call, whatever it holds (the baseline that ignores residency)
     "least_loaded": lambda: AffinityRouter(replicate_at=0, replicate_margin=0, prefer_host_cached=False),
 }
+PREDICTOR_NAMES = ("none", *PREDICTORS)  # none: reactive (no pre-staging)
+STAGERS = ("auto", "none", "predictive")  # auto: predictive when there is a predictor
+EVICTIONS = ("lru", "greedy_dual")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--trace", type=Path, required=True, help="trace file (Azure LLM or Alibaba GenAI CSV)")
-    parser.add_argument("--format", choices=traces.FORMATS, help="trace format (default: from the header)")
-    parser.add_argument("--workers", type=int, default=3, help="simulated workers (default 3)")
-    parser.add_argument("--adapters", type=int, default=100, help="adapters of the Zipf popularity (Azure; default 100)")
+def eviction_factory(name: str, cost: CostModel) -> Callable[[], EvictionPolicy]:
+    """A worker's device-pool eviction policy by name: `lru` (LruEviction) or `greedy_dual`
+    (scheduler.staging.GreedyDualEviction weighing reloads with `cost`)."""
+    if name == "lru":
+        return LruEviction
+    if name == "greedy_dual":
+        return lambda: GreedyDualEviction(costs=cost.tier_costs(), page_bytes=POOL_PAGE_BYTES)
+    raise ValueError(f"unknown eviction policy {name!r}; known: {', '.join(EVICTIONS)}")
+
+
+def build_staging(predictor: str, stager: str, *, interval_s: float, cost: CostModel,
+                  trace: Sequence[TraceRequest] = (), ranks: Sequence[int] = DEFAULT_RANKS, seed: int = 0,
+                  adapter_ranks: Mapping[str, int] | None = None) -> tuple[Predictor | None, Stager | None]:
+    """(predictor, stager) by name (`PREDICTOR_NAMES`, `STAGERS`): (None, None) for the reactive policies. The
+    oracle reads the future from `trace` (the rows given to `simulate`, with the same ranks and seed); the
+    LSTM trains inline with `seed`, so that a run is deterministic."""
+    if predictor not in PREDICTOR_NAMES:
+        raise ValueError(f"unknown predictor {predictor!r}; known: {', '.join(PREDICTOR_NAMES)}")
+    if stager not in STAGERS:
+        raise ValueError(f"unknown stager {stager!r}; known: {', '.join(STAGERS)}")
+    if predictor == "none":
+        if stager == "predictive":
+            raise ValueError("the predictive stager needs a predictor (--predictor)")
+        return None, None
+    if stager == "none":
+        raise ValueError(f"predictor {predictor!r} needs a stager: pre-staging runs both (--stager predictive)")
+    options: dict[str, Any] = {}
+    if predictor == "oracle":
+        options["arrivals"] = arrivals(trace, ranks=ranks, seed=seed, adapter_ranks=adapter_ranks)
+    elif predictor == "lstm":
+        options["seed"] = seed
+    elif predictor == "fallback":
+        options["members"] = {"lstm": {"seed": seed}}
+    return build_predictor(predictor, interval_s, **options), PredictiveStager(costs=cost.tier_costs())
+
+
+def _ranks(text: str) -> tuple[int, ...]:
+    try:
+        ranks = tuple(int(x) for x in text.split(","))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"ranks are comma-separated integers (got {text!r})") from e
+    if not ranks or min(ranks) < 1:
+        raise argparse.ArgumentTypeError(f"ranks must be >= 1 (got {text!r})")
+    return ranks
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"a fraction in [0, 1) (got {text})")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (got {text})")
+    return value
+
+
+def add_trace_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of how a trace is read and sized (shared with `python -m bench scheduling`)."""
+    parser.add_argument("--adapters", type=_positive_int, default=100,
+                        help="adapters of the Zipf popularity (Azure; default 100)")
     parser.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent of adapter popularity (Azure; default 1.0)")
+    parser.add_argument("--alibaba-key", choices=traces.ALIBABA_KEYS, default="model",
+                        help="Alibaba: one adapter per model (default) or per (groupId, model)")
     parser.add_argument("--seed", type=int, default=0, help="seed of adapter assignment, ranks and heartbeat phases")
-    parser.add_argument("--duration-s", type=float, help="simulate only the requests of the first D trace seconds")
     parser.add_argument("--limit", type=int, help="read only the first N rows of the trace file")
     parser.add_argument("--time-scale", type=float, default=1.0,
                         help="multiply trace time by this (2: the same requests at half the rate; default 1)")
-    parser.add_argument("--router", choices=sorted(ROUTERS), default="affinity", help="routing policy (default affinity)")
-    parser.add_argument("--pin", action="append", default=[], metavar="TENANT/ADAPTER=WORKER",
-                        help="send every call of an adapter to one worker (PinnedRouter over --router); repeatable")
-    parser.add_argument("--ranks", type=lambda s: tuple(int(x) for x in s.split(",")), default=DEFAULT_RANKS,
+    parser.add_argument("--ranks", type=_ranks, default=DEFAULT_RANKS,
                         help="adapter ranks to draw from, comma-separated (default 8,16,32,64)")
     parser.add_argument("--max-output-tokens", type=int, default=traces.MAX_OUTPUT_TOKENS,
                         help=f"cap on a request's output tokens (default {traces.MAX_OUTPUT_TOKENS})")
     parser.add_argument("--output-tokens", type=int, default=128, help="output tokens of an Alibaba request (default 128)")
+    parser.add_argument("--cost", type=Path, help="JSON file of CostModel fields (a calibration; default: the built-in)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trace", type=Path, required=True,
+                        help="trace file (Azure LLM CSV, Alibaba GenAI CSV, or the canonical lorafn CSV)")
+    parser.add_argument("--format", choices=(*traces.FORMATS, "lorafn"), help="trace format (default: from the header)")
+    parser.add_argument("--workers", type=_positive_int, default=3, help="simulated workers (default 3)")
+    parser.add_argument("--duration-s", type=float, help="simulate only the requests of the first D trace seconds")
+    add_trace_arguments(parser)
+    parser.add_argument("--router", choices=sorted(ROUTERS), default="affinity", help="routing policy (default affinity)")
+    parser.add_argument("--pin", action="append", default=[], metavar="TENANT/ADAPTER=WORKER",
+                        help="send every call of an adapter to one worker (PinnedRouter over --router); repeatable")
+    parser.add_argument("--predictor", choices=PREDICTOR_NAMES, default="none",
+                        help="demand predictor for pre-staging (default none: reactive)")
+    parser.add_argument("--stager", choices=STAGERS, default="auto",
+                        help="staging policy (default auto: predictive when there is a predictor)")
+    parser.add_argument("--eviction", choices=EVICTIONS, default="lru", help="workers' device-pool eviction (default lru)")
+    parser.add_argument("--interval-s", type=float, default=CoreConfig.staging_interval_s,
+                        help=f"pre-staging interval (default {CoreConfig.staging_interval_s:g})")
+    parser.add_argument("--device-bytes", type=_positive_int, default=WorkerConfig.device_pool_bytes,
+                        help=f"device adapter pool per worker, bytes (default {WorkerConfig.device_pool_bytes})")
+    parser.add_argument("--host-bytes", type=_positive_int, default=WorkerConfig.host_cache_bytes,
+                        help=f"host cache per worker, bytes (default {WorkerConfig.host_cache_bytes})")
+    parser.add_argument("--score-from", type=_fraction, default=0.0,
+                        help="score only the calls after this fraction of the trace's span (the earlier ones warm "
+                             "the caches and the predictor; default 0: all)")
     parser.add_argument("--results-dir", type=Path, help="where the JSON goes (default bench/results)")
 
 
 def load_trace(args: argparse.Namespace) -> list[TraceRequest]:
-    fmt = args.format or traces.detect_format(args.trace)
-    rows: list[TraceRequest]
-    if fmt == "azure":
-        rows = traces.load_azure(args.trace, adapters=args.adapters, zipf_s=args.zipf, seed=args.seed,
+    """The trace of `args` (`add_trace_arguments`) as rows, time-scaled."""
+    if args.time_scale <= 0:
+        raise SystemExit(f"--time-scale must be > 0 (got {args.time_scale})")
+    try:
+        rows = traces.load_trace(args.trace, fmt=args.format, adapters=args.adapters, zipf_s=args.zipf,
+                                 seed=args.seed, alibaba_key=args.alibaba_key, output_tokens=args.output_tokens,
                                  max_output_tokens=args.max_output_tokens, limit=args.limit)
-    else:
-        rows = traces.load_alibaba(args.trace, output_tokens=args.output_tokens, seed=args.seed,
-                                   max_output_tokens=args.max_output_tokens, limit=args.limit)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"cannot read the trace: {e}") from e
     if args.time_scale != 1.0:
-        if args.time_scale <= 0:
-            raise SystemExit(f"--time-scale must be > 0 (got {args.time_scale})")
         rows = [TraceRequest(r.at_s * args.time_scale, r.tenant, r.adapter, r.prompt_tokens, r.output_tokens)
                 for r in rows]
     return rows
+
+
+def load_cost(path: Path | None) -> CostModel:
+    if path is None:
+        return CostModel()
+    try:
+        return CostModel.load(path)
+    except ValueError as e:
+        raise SystemExit(f"--cost: {e}") from e
 
 
 def build_router(name: str, pins: Sequence[str]) -> Router:
@@ -951,37 +1246,65 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m bench simulate", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
+    cost = load_cost(args.cost)
     started = time.perf_counter()
     trace = load_trace(args)
+    if args.duration_s is not None:
+        trace = [r for r in trace if r.at_s < args.duration_s]
     loaded = time.perf_counter()
-    report = simulate(trace, workers=args.workers, router=build_router(args.router, args.pin), seed=args.seed,
-                      ranks=args.ranks, duration_s=args.duration_s)
+    if args.interval_s <= 0:
+        raise SystemExit(f"--interval-s must be > 0 (got {args.interval_s})")
+    try:
+        predictor, stager = build_staging(args.predictor, args.stager, interval_s=args.interval_s, cost=cost,
+                                          trace=trace, ranks=args.ranks, seed=args.seed)
+    except ValueError as e:
+        raise SystemExit(str(e)) from e
+    score_from = trace[0].at_s + args.score_from * (trace[-1].at_s - trace[0].at_s) if trace else 0.0
+    worker = WorkerConfig(device_pool_bytes=args.device_bytes, host_cache_bytes=args.host_bytes)
+    core = CoreConfig(staging_interval_s=args.interval_s)
+    try:
+        report = simulate(trace, workers=[worker] * args.workers, router=build_router(args.router, args.pin),
+                          cost=cost, seed=args.seed, core_config=core, ranks=args.ranks,
+                          eviction=eviction_factory(args.eviction, cost), predictor=predictor, stager=stager,
+                          score_from_s=score_from)
+    except ValueError as e:
+        raise SystemExit(str(e)) from e
+    finally:
+        close = getattr(predictor, "close", None)
+        if close is not None:
+            close()
     finished = time.perf_counter()
 
     def pct(d: dict[str, float]) -> str:
         return " / ".join(f"{d[k]:.2f}" for k in ("p50", "p90", "p99"))
 
+    window = max(report.trace_s - max(score_from, 0.0), 1e-9)
     rows: list[list[Any]] = [
         ["requests", report.requests], ["completed", report.completed],
         ["failed", sum(report.failed.values())], ["unfinished", report.unfinished],
+        ["scored (arrived after the warm-up)", report.scored],
         ["cold starts (waited for the object store)", report.cold_starts],
         ["host loads (waited for host -> device)", report.host_loads], ["device hits", report.device_hits],
         ["TTFT s p50 / p90 / p99", pct(report.ttft_s)], ["latency s p50 / p90 / p99", pct(report.latency_s)],
         ["dispatch wait s p50 / p90 / p99", pct(report.dispatch_wait_s)],
+        ["load wait s p50 / p90 / p99", pct(report.load_wait_s)],
+        ["device memory GB mean per worker", f"{report.device_byte_s / window / args.workers / 1e9:.3f}"],
         ["trace s / last finish s", f"{report.trace_s:.0f} / {report.end_s:.0f}"],
         ["events", report.events], ["wall s (load trace + simulate)", f"{loaded - started:.2f} + {finished - loaded:.2f}"],
     ]
     rows += [[f"decision: {k}", v] for k, v in report.decisions.items()]
-    print_table(f"simulated {args.trace.name}: {args.workers} workers, router {args.router}, seed {args.seed}",
+    policy = f"router {args.router}, predictor {args.predictor}, eviction {args.eviction}"
+    print_table(f"simulated {args.trace.name}: {args.workers} workers, {policy}, seed {args.seed}",
                 ["figure", "value"], rows)
     print_table("per worker", ["worker", "dispatched", "completed", "adapters", "fetches", "loads", "evictions",
-                               "busy"],
+                               "staged", "busy"],
                 [[k, r.dispatched, r.completed, len(r.adapters), r.fetches, r.loads, r.evictions,
+                  r.staged_fetches + r.staged_loads + r.staged_evictions,
                   f"{r.busy_s / max(report.end_s, 1e-9):.0%}"] for k, r in report.per_worker.items()])
     payload = {
         "trace": args.trace.name, "format": args.format or traces.detect_format(args.trace),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "cost": asdict(CostModel()), "worker": asdict(WorkerConfig()), "core": asdict(CoreConfig()),
+        "cost": asdict(cost), "worker": asdict(worker), "core": asdict(core),
         "wall_s": {"load": loaded - started, "simulate": finished - loaded},
         **report.to_dict(),
     }
