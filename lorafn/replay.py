@@ -8,7 +8,8 @@ Azure LLM or Alibaba GenAI trace read with the converter's defaults. The replay:
    popularity in the planned rows (most calls first, ties by key), map onto `--adapters N` replay adapters:
    key k of that order goes to adapter k mod N (every key its own adapter without `--adapters`). Adapter i is
    `<prefix>-<iii>` of rank `RANK_CYCLE[i % 10]` (8, 16, 64, 8, 32, 8, 16, 128, 8, 16: four of ten rank 8, one
-   each of 32, 64 and 128) on q_proj and v_proj, random with seed i;
+   each of 32, 64 and 128) on q_proj and v_proj, random, seeded by its name (the same name, the same content:
+   versions are content-addressed, so another prefix is what gives fresh adapters that start cold);
 2. provisions: the backbone the adapters are made for (`--backbone`, else the registry's configured one, else
    the default) must be the gateway's base model (GET /v1/models names it); an adapter the caller's tenant
    already holds with that rank, modules and base model is reused, any other is written and pushed
@@ -44,6 +45,7 @@ import signal
 import tempfile
 import threading
 import time
+import zlib
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -507,7 +509,7 @@ async def provision(client: httpx.AsyncClient, plan: Plan, spec: BackboneSpec, w
             done[a.name] = "reused"
             continue
         path = await asyncio.to_thread(write_peft_adapter, work / a.name, spec, rank=a.rank, modules=ADAPTER_MODULES,
-                                       seed=a.index, std=ADAPTER_STD)
+                                       seed=zlib.crc32(a.name.encode()), std=ADAPTER_STD)
         files = [("files", (f, (path / f).read_bytes())) for f in (CONFIG_FILE, WEIGHTS_FILE)]
         t0 = time.perf_counter()
         response = await client.post("/v1/adapters", data={"name": a.name}, files=files)
@@ -588,7 +590,8 @@ def replay_command(
     backbone: Annotated[Path | None, typer.Option(
         help="the .gguf file or checkpoint dir the workers serve, for the adapters' shapes (default: "
              "LORAFN_REGISTRY__BACKBONE_*, else SmolLM2-135M)", exists=True)] = None,
-    name_prefix: Annotated[str, typer.Option(help="adapters are named PREFIX-000, PREFIX-001, ...")] = "replay",
+    name_prefix: Annotated[str, typer.Option(
+        help="adapters are named PREFIX-000, PREFIX-001, ... (another prefix: other adapters, cold)")] = "replay",
     timeout: Annotated[float, typer.Option(min=0.001, help="seconds one call may take")] = DEFAULT_TIMEOUT_S,
     state_dir: Annotated[Path | None, typer.Option("--state-dir", help="state directory of the local stack")]
     = None,
