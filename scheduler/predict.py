@@ -12,8 +12,13 @@ one is 0, a later one round((end - first end) / interval_s), so a skipped bounda
 and a late one as the next interval; an `end` not after the previous one is an error.
 
 Cost: `observe` touches only the keys with calls (most keys have none in most intervals); per-key state
-lives in numpy columns indexed by a key's number (`_KeyTable`), so `predict` is one vectorised pass over the
-known keys plus a dict of the asked keys (10,000 keys: well under a millisecond for the baselines).
+lives in numpy columns indexed by a key's number (`KeyTable`), so `predict` is one vectorised pass over the
+known keys plus a dict of the asked keys. Measured on this project's shared 2-core machine (loaded ~2x),
+10,000 keys of Zipf(1.1) popularity, 100 calls and ~64 keys called per interval, every key asked each
+interval: observe + predict 0.8 ms (last value), 1.0 ms (EWMA), 1.9 ms (histogram) per interval, i.e. under
+a minute for 20,000 intervals; the health monitor over histogram, EWMA and last value 6.9 ms (2.3 minutes).
+The 15-day Alibaba GenAI trace (77 models, 22,006 one-minute intervals) takes under a second for each
+baseline.
 
 - `LastValue`: p = 1 - exp(-c), c = the key's calls in the last interval (a Poisson arrival process whose
   rate is the last count): 0 for an idle key, 0.63 for one call, 0.86 for two.

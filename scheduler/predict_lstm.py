@@ -31,10 +31,17 @@ minibatches of `batch_size` (64) drawn uniformly from the buffer with a seeded t
 Until `warmup` intervals (60) have been observed and one training round has been published, `predict`
 answers with the `fallback` predictor (an `Ewma` unless given), which observes every interval.
 
-Cost (this project's 2-core CPU, torch threads 2): one forward for 10,000 active keys at the defaults
-(window 24, 2 x 64) ~0.35 s; a training step on 64 samples ~15 ms, so the default schedule costs ~3 ms per
-interval averaged. `threads`, when given, is passed to `torch.set_num_threads` at construction (a process-wide
-torch setting); nothing is changed at import.
+Cost, measured on this project's 2-core CPU while shared (load ~2x its cores), 1 torch thread: one forward
+for 10,000 active keys at the defaults (window 24, 2 x 64) 0.84 s (0.71 s for the same LSTM on the machine
+less loaded; 0.34 s there with 2 threads); a training step on 64 samples 12-18 ms, so the default schedule
+(4 steps every 20 intervals) costs 2.5-4 ms per interval. With 2 threads on the loaded machine a training
+step took 90-530 ms and the forward 1.1-1.6 s (OpenMP's threads wait on each other), hence `threads` = 1 by
+default: the torch intra-op threads of the predictor's own work, set around each training round and forward
+in the calling thread and restored after (the training thread sets its own once); None leaves torch's
+setting. Nothing is changed at import. The network's cost grows with the active keys x window x hidden^2:
+10,000 keys of Zipf(1.1) popularity with ~64 called per interval (~790 active) cost ~50 ms per interval; the
+15-day Alibaba GenAI trace (77 models, 22,006 one-minute intervals) 6 ms per interval (133 s), mostly
+training. `hidden`, `window`, `train_every` and `steps` are the levers for a long simulation.
 """
 
 from __future__ import annotations
