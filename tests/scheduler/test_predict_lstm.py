@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from scheduler.predict import LastValue
+from scheduler.predict import Ewma, FallbackPredictor, HybridHistogram, LastValue, build_predictor
 from scheduler.predict_lstm import DemandNet, LstmPredictor, torch_threads
 
 KEYS = [f"k{i}" for i in range(16)]
@@ -193,6 +193,19 @@ def test_background_training_never_blocks_predict_and_close_joins() -> None:
     p.close()
     assert not thread.is_alive() and p._thread is None
     p.close()  # twice is fine
+
+
+def test_build_predictor_makes_the_lstm_and_the_default_fallback_chain() -> None:
+    lstm = build_predictor("lstm", 60.0, hidden=8, window=6)
+    assert isinstance(lstm, LstmPredictor) and lstm.window == 6 and isinstance(lstm.fallback, Ewma)
+    fb = build_predictor("fallback", 60.0, members={"lstm": {"hidden": 8, "train": "background"}}, patience=3)
+    assert isinstance(fb, FallbackPredictor) and fb.name == "fallback(lstm>histogram>ewma)" and fb.active == "lstm"
+    assert isinstance(fb._members[1].predictor, HybridHistogram)
+    trainer = fb._members[0].predictor
+    assert isinstance(trainer, LstmPredictor) and trainer._thread is not None
+    thread = trainer._thread
+    fb.close()  # closes the members: the training thread is joined
+    assert not thread.is_alive()
 
 
 def test_torch_threads_are_restored() -> None:
