@@ -483,12 +483,12 @@ class AdapterPool:
             runs = self._allocator.allocate(pending.num_pages)
             if runs is None:
                 raise PoolFull(pending.key, pending.num_pages, self._allocator.free_pages)
+            if self.device.type == "cuda":  # the pages may belong to a victim that queued work still reads
+                pending._after = torch.cuda.Event()
+                pending._after.record(torch.cuda.current_stream(self.device))
             pending.runs = runs
             pending.state = "reserved"
             self._pending[pending.key] = pending
-        if self.device.type == "cuda":  # the pages may belong to a victim that queued work still reads
-            pending._after = torch.cuda.Event()
-            pending._after.record(torch.cuda.current_stream(self.device))
 
     def write(self, pending: PendingLoad, *, via_host_buffer: bool | None = None) -> None:
         """Convert, lay out and copy the weights of a reserved load into its pages: the heavy part of a

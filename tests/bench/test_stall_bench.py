@@ -39,7 +39,7 @@ def test_the_benchmark_loads_in_both_modes_while_the_batch_decodes(tiny: Backbon
         assert r["steps"] == len(r["period_ms"]) >= settings.rounds, "every load overlaps a step"
         assert 0 < r["p50_ms"] <= r["p99_ms"] <= r["max_ms"]
         assert r["stall_max_ms"] == pytest.approx(r["max_ms"] - written["idle"]["p50_ms"])
-        assert r["engine_thread_ms_per_load"] >= 0
+        assert r["engine_thread_ms_per_load"] >= 0 and len(r["engine_thread_ms"]) == len(r["delay_ms"]) == r["loads"]
     assert written["idle"]["steps"] > 0 and written["idle"]["p50_ms"] > 0
     assert [r["rank"] for r in written["ratios"]] == [4, 8]
     assert all(r["max_period_ratio"] > 0 for r in written["ratios"])
@@ -69,10 +69,12 @@ def test_periods_are_sorted_into_loads_idle_and_prefill() -> None:
     engine, background = figures["rows"]
     assert (engine["mode"], engine["steps"], engine["period_ms"]) == ("engine", 2, [10_000, 60_000])
     assert (engine["stall_p50_ms"], engine["stall_max_ms"], engine["engine_thread_ms_per_load"]) == (0, 50_000, 50_000)
+    assert engine["delay_ms"] == [50_000]
     assert (background["mode"], background["steps"], background["stall_max_ms"]) == ("background", 1, 0)
-    assert background["engine_thread_ms_per_load"] == 0
+    assert background["engine_thread_ms_per_load"] == background["delay_ms_per_load"] == 0
     ratios = figures["ratios"][0]
     assert ratios["stall_max_ratio"] is None and ratios["engine_thread_ratio"] is None  # nothing to divide by
+    assert ratios["delay_ratio"] is None
     assert ratios["max_period_ratio"] == 6
 
 

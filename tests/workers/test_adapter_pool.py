@@ -220,12 +220,12 @@ def test_ranks_and_subsets_compute_dense_result() -> None:
 HOLES = {f"hole{i}": adapter(3, 100 + i, layers=(i % 2,)) for i in range(6)}
 
 
-def _fragmented_pool(page_elems: int | None, then: dict[str, LoraWeights]) -> AdapterPool:
+def _fragmented_pool(page_elems: int | None, then: dict[str, LoraWeights], device: str = "cpu") -> AdapterPool:
     """A pool with holes that holds exactly the adapters `then` besides, so that they straddle runs."""
-    probe = AdapterPool(SPEC, 2**20, page_elems=page_elems)
+    probe = AdapterPool(SPEC, 2**20, page_elems=page_elems, device=device)
     kept = sum(probe.pages_needed(w) for i, w in enumerate(HOLES.values()) if i % 2)
     pages = kept + sum(probe.pages_needed(w) for w in then.values())
-    pool = AdapterPool(SPEC, pages * probe.page_bytes, page_elems=page_elems)
+    pool = AdapterPool(SPEC, pages * probe.page_bytes, page_elems=page_elems, device=device)
     for key, w in HOLES.items():
         pool.load(key, w)
     for key in list(HOLES)[::2]:
@@ -259,6 +259,28 @@ def test_a_staged_load_computes_what_a_direct_load_does(via_host_buffer: bool, p
     got, expected = outputs(staged, ["x", "y", "hole1"]), outputs(direct, ["x", "y", "hole1"])
     assert all(torch.equal(got[k], expected[k]) for k in expected)
     assert staged.stats() == direct.stats()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the side stream's copy needs a CUDA device")
+def test_on_cuda_the_write_copies_from_pinned_memory_on_a_side_stream() -> None:
+    weights = {"x": adapter(24, 1), "y": adapter(9, 2, modules=("q_proj", "down_proj"))}
+    direct, staged = (_fragmented_pool(None, weights, device="cuda") for _ in range(2))
+    for key, w in weights.items():
+        direct.load(key, w)
+        pending = staged.stage(key, w)
+        staged.reserve(pending)
+        staged.write(pending)
+        assert pending._ready is not None and pending._host is not None and pending._host.is_pinned()
+        staged.publish(pending)
+        assert pending._host is None
+    for key in weights:  # the default stream waited for the side stream's copy
+        assert torch.equal(_contents(staged, key), _contents(direct, key))
+    staged.evict("y")
+    free = staged.free_pages
+    pending = staged.stage("y", weights["y"])
+    staged.reserve(pending)
+    staged.write(pending)
+    assert staged.cancel(pending) and staged.free_pages == free and "y" not in staged
 
 
 def test_reserved_pages_belong_to_their_load_alone_until_published() -> None:
