@@ -220,6 +220,8 @@ class WorkerRecord:
     steps: int = 0
     busy_s: float = 0.0  # time spent in steps
     device_byte_s: float = 0.0  # device bytes held (resident or loading) x seconds, in the scored window
+    peak_device_bytes: int = 0  # most device bytes held (resident or loading) at once
+    peak_host_bytes: int = 0  # most bytes in the host cache at once
 
 
 @dataclass(frozen=True)
@@ -421,6 +423,7 @@ class _Worker:
                     self.host_used -= self.host.pop(v)
                     if self.host_used <= self.config.host_cache_bytes:
                         break
+            self.record.peak_host_bytes = max(self.record.peak_host_bytes, self.host_used)
         self.host.move_to_end(version)
 
     def _load(self, version: str, now: float) -> None:
@@ -452,6 +455,7 @@ class _Worker:
             self._leave_device(v, now)
         self._account(now)
         self.device_used += nbytes  # reserved while the load runs
+        self.record.peak_device_bytes = max(self.record.peak_device_bytes, self.device_used)
         return True
 
     def _leave_device(self, version: str, now: float) -> None:
@@ -472,6 +476,12 @@ class _Worker:
         if self.ready:
             self._cut_run(now)
         self.kick(now)
+        self._retry_blocked(now)  # what it reserved is resident now, and may be evicted for them
+
+    def _retry_blocked(self, now: float) -> None:
+        """Start the loads that waited for room, in order, while they fit."""
+        while self.blocked and self._make_room(self.blocked[0], now):
+            self._start_load(self.blocked.popleft(), now)
 
     def release(self, version: str, now: float) -> None:
         """A call of `version` left this worker: unpin it, carry out an eviction that waited for it, and retry
@@ -485,8 +495,7 @@ class _Worker:
         if version in self.device:
             self.device[version] = now
             self.device.move_to_end(version)
-        while self.blocked and self._make_room(self.blocked[0], now):
-            self._start_load(self.blocked.popleft(), now)
+        self._retry_blocked(now)
 
     # -- staging commands -----------------------------------------------------------------------------------
 
@@ -521,6 +530,7 @@ class _Worker:
             self.host_used -= self.host.pop(version)
             self._changed()
         self.record.staged_evictions += done
+        self._retry_blocked(now)
 
     # -- accounting -----------------------------------------------------------------------------------------
 
@@ -1108,12 +1118,13 @@ def eviction_factory(name: str, cost: CostModel) -> Callable[[], EvictionPolicy]
     raise ValueError(f"unknown eviction policy {name!r}; known: {', '.join(EVICTIONS)}")
 
 
-def build_staging(predictor: str, stager: str, *, interval_s: float, cost: CostModel,
+def build_staging(predictor: str, stager: str, *, interval_s: float, cost: CostModel, workers: int = 1,
                   trace: Sequence[TraceRequest] = (), ranks: Sequence[int] = DEFAULT_RANKS, seed: int = 0,
                   adapter_ranks: Mapping[str, int] | None = None) -> tuple[Predictor | None, Stager | None]:
     """(predictor, stager) by name (`PREDICTOR_NAMES`, `STAGERS`): (None, None) for the reactive policies. The
     oracle reads the future from `trace` (the rows given to `simulate`, with the same ranks and seed); the
-    LSTM trains inline with `seed`, so that a run is deterministic."""
+    LSTM trains inline with `seed`, so that a run is deterministic. The stager's cap on transfers per interval
+    is its default for one worker and a minute (16) scaled to `workers` and `interval_s` (at least 1)."""
     if predictor not in PREDICTOR_NAMES:
         raise ValueError(f"unknown predictor {predictor!r}; known: {', '.join(PREDICTOR_NAMES)}")
     if stager not in STAGERS:
@@ -1131,7 +1142,9 @@ def build_staging(predictor: str, stager: str, *, interval_s: float, cost: CostM
         options["seed"] = seed
     elif predictor == "fallback":
         options["members"] = {"lstm": {"seed": seed}}
-    return build_predictor(predictor, interval_s, **options), PredictiveStager(costs=cost.tier_costs())
+    cap = max(1, round(PredictiveStager.max_stages_per_interval * workers * interval_s / 60.0))
+    return (build_predictor(predictor, interval_s, **options),
+            PredictiveStager(costs=cost.tier_costs(), max_stages_per_interval=cap))
 
 
 def _ranks(text: str) -> tuple[int, ...]:
@@ -1256,7 +1269,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"--interval-s must be > 0 (got {args.interval_s})")
     try:
         predictor, stager = build_staging(args.predictor, args.stager, interval_s=args.interval_s, cost=cost,
-                                          trace=trace, ranks=args.ranks, seed=args.seed)
+                                          workers=args.workers, trace=trace, ranks=args.ranks, seed=args.seed)
     except ValueError as e:
         raise SystemExit(str(e)) from e
     score_from = trace[0].at_s + args.score_from * (trace[-1].at_s - trace[0].at_s) if trace else 0.0
@@ -1279,6 +1292,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         return " / ".join(f"{d[k]:.2f}" for k in ("p50", "p90", "p99"))
 
     window = max(report.trace_s - max(score_from, 0.0), 1e-9)
+    scored = [i for i in report.intervals if i["end"] > score_from]
+    hits, predicted, called = (sum(i[k] for i in scored) for k in ("hits", "predicted", "called"))
+    staging = {"intervals": len(scored), "precision": hits / predicted if predicted else None,
+               "recall": hits / called if called else None}
     rows: list[list[Any]] = [
         ["requests", report.requests], ["completed", report.completed],
         ["failed", sum(report.failed.values())], ["unfinished", report.unfinished],
@@ -1289,6 +1306,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         ["dispatch wait s p50 / p90 / p99", pct(report.dispatch_wait_s)],
         ["load wait s p50 / p90 / p99", pct(report.load_wait_s)],
         ["device memory GB mean per worker", f"{report.device_byte_s / window / args.workers / 1e9:.3f}"],
+        ["staging intervals scored / precision / recall",
+         " / ".join("-" if x is None else f"{x:.3g}" for x in staging.values())],
         ["trace s / last finish s", f"{report.trace_s:.0f} / {report.end_s:.0f}"],
         ["events", report.events], ["wall s (load trace + simulate)", f"{loaded - started:.2f} + {finished - loaded:.2f}"],
     ]
@@ -1305,7 +1324,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "trace": args.trace.name, "format": args.format or traces.detect_format(args.trace),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "cost": asdict(cost), "worker": asdict(worker), "core": asdict(core),
-        "wall_s": {"load": loaded - started, "simulate": finished - loaded},
+        "wall_s": {"load": loaded - started, "simulate": finished - loaded}, "staging": staging,
         **report.to_dict(),
     }
     write(f"simulate_{args.trace.stem}", payload, results_dir=args.results_dir or RESULTS_DIR)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import bisect
 import json
+import math
 import os
 import random
 import subprocess
 import sys
-from dataclasses import asdict
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,11 +23,17 @@ from bench.simulate import (
     WorkerConfig,
     adapter_bytes,
     adapter_specs,
+    build_staging,
+    eviction_factory,
     percentiles,
     simulate,
 )
+from bench.simulate import main as simulate_main
 from bench.traces import TraceRequest
-from scheduler.policy import AffinityRouter, PinnedRouter
+from protocol.messages import Tier
+from scheduler.core import CoreConfig
+from scheduler.policy import AdapterSpec, AffinityRouter, PinnedRouter
+from scheduler.staging import Stage, StageView
 
 ROOT = Path(__file__).resolve().parents[2]
 AZURE_CONV = ROOT.parent / "shared" / "traces" / "AzureLLMInferenceTrace_conv.csv"
@@ -165,6 +175,217 @@ def test_adapter_ranks_do_not_depend_on_the_trace_order() -> None:
 def test_percentiles() -> None:
     assert percentiles([]) == {"p50": 0.0, "p90": 0.0, "p99": 0.0, "mean": 0.0}
     assert percentiles([float(i) for i in range(1, 101)]) == {"p50": 50.0, "p90": 90.0, "p99": 99.0, "mean": 50.5}
+
+
+# -- sparse events: the same report as one event per heartbeat, tick and step ----------------------------------
+
+
+def _staging(name: str, trace: list[TraceRequest], seed: int, interval_s: float = 10.0) -> dict[str, Any]:
+    predictor, stager = build_staging(name, "auto", interval_s=interval_s, cost=CostModel(), workers=2,
+                                      trace=trace, seed=seed)
+    return {"predictor": predictor, "stager": stager, "core_config": CoreConfig(staging_interval_s=interval_s)}
+
+
+@pytest.mark.parametrize("case", ["plain", "failure", "small_pool", "greedy_dual", "ewma", "oracle"])
+def test_sparse_heartbeats_and_ticks_give_the_eager_report(case: str) -> None:
+    """Heartbeats only after a change, ticks caught up before the next event, runs of decode steps as one
+    event: the core sees the same inputs in the same order as with every heartbeat, tick and step an event."""
+    trace = synthetic(300, adapters=15, rate=0.5, seed=3)
+    trace += [TraceRequest(r.at_s + 2000.0, r.tenant, r.adapter, r.prompt_tokens, r.output_tokens)
+              for r in synthetic(150, adapters=15, rate=5.0, seed=4)]  # a silence, then a burst
+    kwargs: dict[str, Any] = {"workers": 3, "seed": 3}
+    if case == "failure":
+        kwargs["failures"] = [(2010.0, "w1")]
+    if case == "small_pool":
+        kwargs["workers"] = [WorkerConfig(device_pool_bytes=2 * adapter_bytes(64))] * 2
+    if case == "greedy_dual":
+        kwargs["eviction"] = eviction_factory("greedy_dual", CostModel())
+        kwargs["workers"] = [WorkerConfig(device_pool_bytes=3 * adapter_bytes(64))] * 2
+    reports = []
+    for eager in (True, False):
+        if case in ("ewma", "oracle"):
+            kwargs.update(_staging(case, trace, seed=3))
+        reports.append(simulate(trace, eager=eager, **kwargs))
+    eager_report, sparse = reports
+    assert sparse.events < eager_report.events / 3
+    a, b = eager_report.to_dict(full=True), sparse.to_dict(full=True)
+    del a["events"], b["events"]
+    assert _close(a, b)
+    if case == "failure":
+        assert sparse.decisions["worker_gone"] == 1 and sparse.completed == len(trace)
+    if case in ("ewma", "oracle"):
+        assert sparse.intervals and sum(r.staged_evictions + r.staged_loads for r in sparse.per_worker.values())
+
+
+def _close(a: Any, b: Any) -> bool:
+    """Equal, floats within 1e-9 (a run of steps ends at start + k x step, k steps one by one add up)."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float):
+        return isinstance(b, float) and math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
+    return bool(a == b)
+
+
+@pytest.mark.parametrize("name", ["ewma", "histogram", "fallback"])
+def test_same_seed_same_report_with_a_predictor_and_the_stager(name: str) -> None:
+    trace = synthetic(250, adapters=20, rate=0.5, seed=5)
+    runs = [simulate(trace, workers=2, seed=5, **_staging(name, trace, seed=5)) for _ in range(2)]
+    assert runs[0] == runs[1]  # calls, interval records and fallback switches included
+    assert runs[0].intervals and runs[0].calls
+
+
+def test_a_sparse_trace_on_many_workers_costs_events_per_call() -> None:
+    """Two days, 64 workers, 200 calls: idle workers and quiet seconds are no events."""
+    rng = random.Random(1)
+    trace = sorted((TraceRequest(rng.uniform(0, 2 * 86_400), "", f"a{rng.randrange(50)}", 64, 16)
+                    for _ in range(200)), key=lambda r: r.at_s)
+    r = simulate(trace, workers=64, seed=1)
+    assert r.completed == 200 and r.unfinished == 0
+    assert r.events < 40 * 200  # every heartbeat and tick would be 64 x 172,800 + 172,800 events
+
+
+def test_scale_smoke_thousands_of_adapters_and_64_workers() -> None:
+    trace = traces_zipf(4000, adapters=3000, rate=60.0, seed=2)
+    r = simulate(trace, workers=64, seed=2, score_from_s=trace[len(trace) // 2].at_s)
+    assert (r.completed, r.unfinished) == (4000, 0)
+    assert r.scored == sum(1 for c in r.calls if c.arrived >= trace[len(trace) // 2].at_s)
+    assert r.cold_starts + r.host_loads + r.device_hits == r.scored
+    assert len({c.adapter for c in r.calls}) > 1000
+    assert r.events < 30 * 4000
+
+
+def traces_zipf(n: int, *, adapters: int, rate: float, seed: int) -> list[TraceRequest]:
+    rng = random.Random(seed)
+    cum = traces.zipf_cum_weights(adapters, 1.0)
+    at, rows = 0.0, []
+    for _ in range(n):
+        at += rng.expovariate(rate)
+        i = min(bisect.bisect(cum, rng.random() * cum[-1]), adapters - 1)
+        rows.append(TraceRequest(at, "", f"a{i:05d}", rng.randint(8, 120), rng.randint(1, 24)))
+    return rows
+
+
+# -- staging commands carried out by the workers -------------------------------------------------------------
+
+
+@dataclass
+class ScriptedStager:
+    """Stages given per interval start (seconds -> stages), whatever the scores; checks that the workers'
+    budgets reach it (through their heartbeats and the core's StageViews)."""
+
+    script: dict[float, list[Stage]]
+    device_bytes: int
+    host_bytes: int
+    asked: list[float] = field(default_factory=list)
+
+    def plan(self, now: float, scores: Mapping[str, float], adapters: Mapping[str, AdapterSpec],
+             workers: Sequence[StageView]) -> list[Stage]:
+        self.asked.append(now)
+        assert [(v.device_bytes, v.host_bytes) for v in workers] == [(self.device_bytes, self.host_bytes)]
+        return self.script.get(now, [])
+
+
+class Silent:
+    name = "silent"
+    interval_s = 10.0
+
+    def observe(self, end: float, counts: Mapping[str, int]) -> None:
+        pass
+
+    def predict(self, now: float, keys: Collection[str]) -> dict[str, float]:
+        return dict.fromkeys(keys, 0.0)
+
+
+def test_fetch_load_and_evict_are_carried_out_within_the_budgets() -> None:
+    """One worker whose pool holds two rank-64 adapters. At 10 s, b and c run long calls: a staged load of d
+    finds no room and is given up (its blob, fetched first, stays in the host cache), a staged fetch of a lands
+    in the host cache. At 20 s, an eviction of c (in use) waits for its call to end. At 60 s, a leaves the
+    device and e is loaded ahead of its call."""
+    ranks = dict.fromkeys("abcde", 64)
+    trace = [TraceRequest(9.0, "", "b", 16, 1500), TraceRequest(9.0, "", "c", 16, 1200),
+             TraceRequest(12.0, "", "a", 16, 4), TraceRequest(63.0, "", "e", 16, 4),
+             TraceRequest(200.0, "", "c", 16, 4), TraceRequest(300.0, "", "d", 16, 4)]
+    v = {name: version for name, (version, _, _) in adapter_specs(trace, fixed=ranks).items()}
+    pool, host = 2 * adapter_bytes(64), 5 * adapter_bytes(64)
+    stager = ScriptedStager({
+        10.0: [Stage("load", v["d"], "w0"), Stage("fetch", v["a"], "w0")],
+        20.0: [Stage("evict", v["c"], "w0", to_tier=Tier.host)],
+        60.0: [Stage("evict", v["a"], "w0", to_tier=Tier.host), Stage("load", v["e"], "w0")],
+    }, pool, host)
+    r = simulate(trace, workers=[WorkerConfig(device_pool_bytes=pool, host_cache_bytes=host)], adapter_ranks=ranks,
+                 predictor=Silent(), stager=stager, core_config=CoreConfig(staging_interval_s=10.0))
+    assert (r.completed, r.unfinished) == (6, 0)
+    assert {10.0, 20.0, 60.0} <= set(stager.asked)
+    w = r.per_worker["w0"]
+    assert (w.stage_dropped, w.staged_fetches, w.staged_loads, w.staged_evictions) == (1, 1, 2, 2)
+    assert w.peak_device_bytes <= pool and w.peak_host_bytes <= host
+    tiers = {c.adapter: c.tier for c in r.calls if c.arrived < 100}
+    assert tiers["a"] == "host"  # fetched ahead of its call
+    assert next(c for c in r.calls if c.adapter == "a").load_wait_s > 20  # the pool was full of b and c in use
+    assert tiers["e"] == "device"  # loaded ahead of its call
+    later = {c.adapter: c.tier for c in r.calls if c.arrived >= 100}
+    assert later == {"c": "host", "d": "host"}  # c left the device when its call ended; d's blob stayed
+    assert (r.decisions["stage_load"], r.decisions["stage_fetch"], r.decisions["stage_evict"]) == (2, 1, 2)
+
+
+def test_a_call_waiting_for_room_loads_when_a_staged_load_lands() -> None:
+    """A staged load reserves the pool; a call whose load finds no room waits, and its load starts as soon as
+    the staged adapter is resident (and may be evicted), not at the next call's end on that worker (40 s)."""
+    ranks = dict.fromkeys("ab", 64)
+    trace = [TraceRequest(10.0, "", "b", 16, 2), TraceRequest(20.3, "", "b", 16, 2),
+             TraceRequest(40.0, "", "a", 16, 2)]
+    v = {name: version for name, (version, _, _) in adapter_specs(trace, fixed=ranks).items()}
+    pool = adapter_bytes(64)
+    cost = CostModel(host_latency_ms=500.0)  # host -> device loads of half a second
+    stager = ScriptedStager({10.0: [Stage("fetch", v["a"], "w0")], 20.0: [Stage("load", v["a"], "w0")]},
+                            pool, 3 * pool)
+    r = simulate(trace, workers=[WorkerConfig(device_pool_bytes=pool, host_cache_bytes=3 * pool)], cost=cost,
+                 adapter_ranks=ranks, predictor=Silent(), stager=stager, core_config=CoreConfig(staging_interval_s=10.0))
+    assert (r.completed, r.unfinished) == (3, 0)
+    second_b = r.calls[1]
+    assert second_b.tier == "host"  # the staged load of a evicted it
+    assert second_b.arrived + second_b.load_wait_s == pytest.approx(20.0 + 2 * cost.load_s(pool), abs=1e-6)
+    assert r.calls[2].tier == "host"  # and b's load then evicted a
+
+
+# -- calibration and the command line ------------------------------------------------------------------------
+
+
+def test_cost_model_loads_from_json(tmp_path: Path) -> None:
+    path = tmp_path / "cost.json"
+    path.write_text(json.dumps({"host_latency_ms": 40.0, "host_bytes_per_s": 2.5e8}))
+    cost = CostModel.load(path)
+    assert (cost.host_latency_ms, cost.host_bytes_per_s, cost.step_fixed_ms) == (40.0, 2.5e8, CostModel().step_fixed_ms)
+    assert cost.load_s(adapter_bytes(64)) == pytest.approx(0.040 + adapter_bytes(64) / 2.5e8)
+    results = tmp_path / "simulate_x.json"
+    results.write_text(json.dumps({"benchmark": "simulate_x", "cost": asdict(cost)}))
+    assert CostModel.load(results) == cost  # a results file's "cost"
+    assert cost.tier_costs().load_s(1000) == pytest.approx(cost.load_s(1000))
+    for bad, message in (({"host_latency": 1}, "unknown cost field"), ({"host_bytes_per_s": 0}, "must be > 0"),
+                         ({"prefill_ms_per_token": "fast"}, "finite number"), ([1, 2], "JSON object")):
+        path.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=message):
+            CostModel.load(path)
+
+
+def test_cli_runs_a_predictor_with_a_cost_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    trace = tmp_path / "trace.csv"
+    traces.write_trace(trace, synthetic(200, adapters=10, rate=1.0, seed=6))
+    cost = tmp_path / "cost.json"
+    cost.write_text(json.dumps({"object_latency_ms": 80.0}))
+    payload = simulate_main(["--trace", str(trace), "--workers", "2", "--predictor", "ewma", "--interval-s", "20",
+                             "--eviction", "greedy_dual", "--device-bytes", str(4 * adapter_bytes(64)),
+                             "--score-from", "0.5", "--cost", str(cost), "--results-dir", str(tmp_path)])
+    assert payload["completed"] == 200 and 0 < payload["scored"] < 200
+    assert payload["cost"]["object_latency_ms"] == 80.0 and payload["worker"]["device_pool_bytes"] == 4 * adapter_bytes(64)
+    assert payload["staging"]["intervals"] > 0 and payload["staging"]["precision"] is not None
+    assert "calls" not in payload and (tmp_path / "simulate_trace.json").exists()
+    out = capsys.readouterr().out
+    assert "load wait s" in out and "predictor ewma" in out
+    with pytest.raises(SystemExit, match="needs a stager"):
+        simulate_main(["--trace", str(trace), "--predictor", "ewma", "--stager", "none"])
 
 
 # -- the loaders --------------------------------------------------------------------------------------------------
