@@ -83,11 +83,16 @@ def staging_policies(cfg: StagingSettings) -> tuple[Predictor | None, Stager | N
     a background thread, so that the dispatcher never waits for it."""
     if cfg.predictor == "none":
         return None, None
+    # The histogram's bins are one interval wide over 240 intervals (1-minute bins over 4 hours at the default
+    # interval), so that a time-compressed replay with a shorter interval keeps the policy's shape.
+    histogram = {"bin_s": cfg.interval_s, "range_s": 240 * cfg.interval_s}
     options: dict[str, Any] = {}
     if cfg.predictor == "lstm":
         options = {"train": "background"}
+    elif cfg.predictor == "histogram":
+        options = histogram
     elif cfg.predictor == "fallback":
-        options = {"members": {"lstm": {"train": "background"}}}
+        options = {"members": {"lstm": {"train": "background"}, "histogram": histogram}}
     predictor = build_predictor(cfg.predictor, cfg.interval_s, **options)
     defaults = PredictiveStager()
     stager = PredictiveStager(device_at=cfg.device_at, device_release_at=min(defaults.device_release_at, cfg.device_at),
