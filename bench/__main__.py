@@ -1,5 +1,6 @@
 """`python -m bench [NAME ...]`: run the named benchmarks (all by default).
 `python -m bench simulate --trace FILE ...`: simulate a trace through the scheduler core (`bench.simulate`).
+`python -m bench scheduling [--quick]`: pre-staging policies compared on the shared traces (`bench.scheduling`).
 `python -m bench reliability [soak|chaos] --minutes M`: the soak and chaos runs with their audit (`bench.reliability`;
 3 minutes each in the default run)."""
 
@@ -21,6 +22,11 @@ def main() -> None:
         from bench import simulate
 
         simulate.main(sys.argv[2:])
+        return
+    if sys.argv[1:2] == ["scheduling"]:  # pre-staging policies on the shared traces (bench.scheduling)
+        from bench import scheduling
+
+        scheduling.main(sys.argv[2:])
         return
     if sys.argv[1:2] == ["reliability"] and sys.argv[2:]:  # its own arguments; bare `reliability` runs the short pair
         reliability.main(sys.argv[2:])
