@@ -17,8 +17,8 @@ a cluster of simulated workers would produce, and carries out the commands the c
   is on the device. An adapter not on the device is loaded first: from the host cache, or fetched from the
   object store into the host cache and then loaded. A load makes room in the device pool (a byte budget)
   with the eviction policy (`LruEviction` by default: never an adapter a call still needs) and waits while
-  it cannot; the host cache drops its least recently used blobs beyond its byte budget. Loads run beside
-  the decode steps (fetches are I/O; the copy into the pool is a few ms);
+  it cannot; the host cache drops its least recently used blobs beyond its byte budget (never the blob of a
+  version on the device or on its way there). Loads run beside the decode steps;
 - `Defer`: the call is offered again at `retry_at` or, when no worker had room, at the first moment after
   `retry_at` at which a worker may have some (a call finished, a worker came up, a tick): between those
   events nothing the core decides on has changed, so polling would only defer it again. The core's
@@ -131,14 +131,17 @@ class CostModel:
     # EngineSettings.max_batch_tokens default.
     max_batch_tokens: int = 2048
     # Object store -> host cache: a cold load of a rank-64 adapter (39 MB in bf16) took ~845 ms in the demo
-    # (local S3, host load included): a GET's round trips (latency assumed) and the rest at this bandwidth.
+    # (local S3, the host -> device load included; no benchmark of this project measures the GET alone): a
+    # GET's round trips (latency assumed) and the rest of the 845 ms less the host load below (660 ms) at
+    # this bandwidth.
     object_latency_ms: float = 50.0
-    object_bytes_per_s: float = 50e6
-    # Host cache -> device pool: parsing the blob, converting and copying it into the pool's pages. Taken at
-    # a tenth of the streaming bandwidth (20 ms at rank 64); bench/results/stall.json measures the load of a
-    # rank-64 blob (`load_ms`) and is the figure to calibrate these two with.
-    host_latency_ms: float = 1.0
-    host_bytes_per_s: float = 2e9
+    object_bytes_per_s: float = 64e6
+    # Host cache -> device pool: parsing the blob, converting it and writing it into the pool's pages, and
+    # publishing it between two steps. `python -m bench stall` (2026-11-30, 10 rounds, both load paths,
+    # fp32 blobs from RAM while the engine decodes on the same 2 cores): median 180-189 ms at rank 64 (39 MB
+    # in the pool), 245-257 ms at rank 128 (78 MB); the line through them: 120 ms + pool bytes / 0.6 GB/s.
+    host_latency_ms: float = 120.0
+    host_bytes_per_s: float = 0.6e9
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
@@ -1135,13 +1138,17 @@ def build_staging(predictor: str, stager: str, *, interval_s: float, cost: CostM
         return None, None
     if stager == "none":
         raise ValueError(f"predictor {predictor!r} needs a stager: pre-staging runs both (--stager predictive)")
+    # the histogram's bins one interval wide over 240 intervals, as the scheduler service builds it
+    histogram = {"bin_s": interval_s, "range_s": 240 * interval_s}
     options: dict[str, Any] = {}
     if predictor == "oracle":
         options["arrivals"] = arrivals(trace, ranks=ranks, seed=seed, adapter_ranks=adapter_ranks)
     elif predictor == "lstm":
         options["seed"] = seed
+    elif predictor == "histogram":
+        options = histogram
     elif predictor == "fallback":
-        options["members"] = {"lstm": {"seed": seed}}
+        options["members"] = {"lstm": {"seed": seed}, "histogram": histogram}
     cap = max(1, round(PredictiveStager.max_stages_per_interval * workers * interval_s / 60.0))
     return (build_predictor(predictor, interval_s, **options),
             PredictiveStager(costs=cost.tier_costs(), max_stages_per_interval=cap))
