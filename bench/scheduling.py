@@ -248,6 +248,13 @@ def _markdown(setups: Sequence[Setup], results: dict[str, list[PolicyResult]], c
         "probability >= 0.5 against the versions called in the interval (the core's interval records);",
         "- vs reactive: cold starts of the policy / cold starts of reactive LRU.",
         "",
+        "The predictive policies also release: an adapter whose probability of a call in the next interval falls "
+        "below the stager's thresholds leaves the device (p < 0.2) or the worker (p < 0.02, host copy included), "
+        "which the reactive policies never do (they keep whatever fits until a load needs the room). So they hold "
+        "less device memory and pay a cold start when a released adapter is called again; with intervals much "
+        "shorter than an adapter's gaps between calls, even a perfect predictor (the oracle) releases between "
+        "calls.",
+        "",
         f"Cost model: {', '.join(f'{k} {v:g}' for k, v in asdict(cost).items())}.",
         "",
     ]
@@ -255,6 +262,8 @@ def _markdown(setups: Sequence[Setup], results: dict[str, list[PolicyResult]], c
         rs = results[setup.name]
         base = next((r for r in rs if r.policy == BASELINE), None)
         warm_s = setup.warmup * (setup.rows[-1].at_s - setup.rows[0].at_s) if setup.rows else 0.0
+        fewest = min(rs, key=lambda r: (r.cold_starts, r.policy)) if rs else None
+        leanest = min(rs, key=lambda r: (r.device_gb_h, r.policy)) if rs else None
         out += [
             f"## {setup.title}",
             "",
@@ -277,6 +286,11 @@ def _markdown(setups: Sequence[Setup], results: dict[str, list[PolicyResult]], c
                 f"{r.device_gb_h:.3f} | {r.device_gb_mean:.3f} | {_fmt(r.precision, 2)} | {_fmt(r.recall, 2)} | "
                 f"{r.staged_loads:,} / {r.staged_fetches:,} / {r.staged_evictions:,} | {r.wall_s:.1f} |"
             )
+        if fewest is not None and leanest is not None:
+            out += ["", f"Fewest cold starts: {fewest.policy} ({fewest.cold_starts:,}); least device memory-time: "
+                        f"{leanest.policy} ({leanest.device_gb_h:.3g} GB·h"
+                        + (f", {leanest.device_gb_h / base.device_gb_h:.0%} of reactive LRU's" if base and
+                           base.device_gb_h else "") + ")."]
         unfinished = [r for r in rs if r.unfinished]
         if unfinished:
             out += ["", "Unfinished calls: " + ", ".join(f"{r.policy} {r.unfinished}" for r in unfinished) + "."]
@@ -364,7 +378,7 @@ def _plots(setups: Sequence[Setup], results: dict[str, list[PolicyResult]], out_
             if results[setup.name]:
                 axes[row][col].axvline(results[setup.name][0].score_from / 3600, color="black", linestyle="--",
                                        linewidth=0.8)
-            axes[row][col].set_ylabel(f"{key} (rolling mean of 30)")
+            axes[row][col].set_ylabel(f"{key} (sliding window)")
             axes[row][col].set_ylim(-0.02, 1.02)
             axes[row][col].set_title(f"{setup.name}: {key} per interval")
             axes[row][col].set_xlabel("trace time, h (dashed: end of the warm-up)")
@@ -391,19 +405,21 @@ def _plots(setups: Sequence[Setup], results: dict[str, list[PolicyResult]], out_
     return written
 
 
-def _rolling(intervals: Sequence[dict[str, Any]], key: str, window: int = 30) -> tuple[list[float], list[float]]:
-    """Mean of the defined values of `key` over the last `window` intervals, at each interval's end (hours);
-    the line breaks (NaN) where no interval of the window had a value."""
+def _rolling(intervals: Sequence[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    """`key` (precision or recall) pooled over a sliding window of intervals (hits / predicted, hits / called:
+    30 intervals, or a 150th of the trace if more), at each interval's end in hours; NaN (a gap in the line)
+    where the window predicted (or called) nothing."""
+    window = max(30, len(intervals) // 150)
+    total = "predicted" if key == "precision" else "called"
     xs: list[float] = []
     ys: list[float] = []
-    recent: list[float | None] = []
-    for i in intervals:
-        recent.append(i[key])
-        if len(recent) > window:
-            recent.pop(0)
-        defined = [v for v in recent if v is not None]
+    hits = count = 0
+    for n, i in enumerate(intervals):
+        hits, count = hits + i["hits"], count + i[total]
+        if n >= window:
+            hits, count = hits - intervals[n - window]["hits"], count - intervals[n - window][total]
         xs.append(i["end"] / 3600)
-        ys.append(sum(defined) / len(defined) if defined else math.nan)
+        ys.append(hits / count if count else math.nan)
     return xs, ys
 
 

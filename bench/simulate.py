@@ -3,8 +3,9 @@
 `simulate` feeds the very `SchedulerCore` and policy objects that the live dispatcher runs with the events
 a cluster of simulated workers would produce, and carries out the commands the core returns:
 
-- each trace row becomes an `InvocationArrived` at its trace time (its adapter's rank drawn once per
-  adapter from `ranks` with a seeded `random.Random`, its bytes from the rank and SmolLM2-135M's shapes);
+- each trace row becomes an `InvocationArrived` at its trace time (one adapter version per adapter key,
+  `tenant/adapter` or the bare name; its rank drawn once per adapter from `ranks` with a seeded
+  `random.Random`, its bytes from the rank and SmolLM2-135M's shapes in bf16);
 - a worker sends a `WorkerReport` every `heartbeat_s` (its device and host residency, running calls) and
   the driver a `Tick` every `tick_s`; as events, only the heartbeats and ticks that can change what the core
   decides are handled (a heartbeat after the worker's state changed, a tick before the next event), which
@@ -24,7 +25,20 @@ a cluster of simulated workers would produce, and carries out the commands the c
   events nothing the core decides on has changed, so polling would only defer it again. The core's
   "defer" count is therefore the number of offers deferred here, fewer than a polling driver would make;
 - `Fail`: recorded; `Rescue`: the calls the dead worker held are offered again with the next epoch;
-- `InvocationFinished` is reported when a call's last token is generated.
+- `InvocationFinished` is reported when a call's last token is generated;
+- pre-staging (a `predictor` and a `stager` given to the core, which runs them at each staging interval):
+  `Fetch` brings a blob to the host cache, `Load` a version to the device (fetching it first), ahead of
+  its calls; a staged load that finds no room without evicting a version in use is given up (calls never
+  wait behind it). `Evict` takes a version off the device (to the host cache) or off the worker; a version
+  that calls here still need leaves when the last of them ends, unless another call wants it meanwhile.
+  Each worker's heartbeat carries its budgets (device pool and host cache bytes) and what each device
+  version is used by, from which the core builds the stager's views.
+
+The report (`SimReport`) counts the calls that arrive from `score_from_s` on (the earlier ones warm the
+caches and the predictor): cold starts, host loads and device hits by where the adapter was at dispatch,
+TTFT, latency, load wait; the device memory-time (bytes held on each worker's device, resident or being
+loaded, times seconds, from `score_from_s` to the last arrival); per-call records, the core's interval
+records (predictor, precision, recall, staged counts) and a fallback predictor's switches.
 
 Time is the trace's (seconds from its first row); no wall clock is read, so two runs with the same inputs
 and seed give the same `SimReport`. The costs are in `CostModel`, each default with the measurement it
