@@ -681,7 +681,7 @@ class _Worker:
             specs, refs = self.specs, self.refs
             self._resident = tuple(
                 [ResidentReport(v, Tier.device, specs[v].rank, specs[v].bytes, specs[v].bytes // POOL_PAGE_BYTES,
-                                refs.get(v, 0)) for v in self.device]
+                                refs.get(v, 0), last_used) for v, last_used in self.device.items()]
                 + [ResidentReport(v, Tier.host, specs[v].rank, n) for v, n in self.host.items() if v not in self.device])
         pool = self.config.device_pool_bytes
         return WorkerReport(

@@ -88,6 +88,7 @@ class ResidentReport:
     bytes: int = 0
     pages: int = 0
     in_use: int = 0
+    last_used: float = 0.0  # when a call last used it there (driver's clock; 0: unknown)
 
 
 @dataclass(frozen=True)
@@ -593,7 +594,7 @@ class SchedulerCore:
             held: dict[str, HeldView] = {}
             pool = blob = 0
             for x in r.resident:
-                held[x.version] = HeldView(x.tier, x.bytes, x.rank, x.in_use)
+                held[x.version] = HeldView(x.tier, x.bytes, x.rank, x.in_use, x.last_used)
                 if x.tier == Tier.device and x.pages and x.bytes:
                     pool, blob = pool + x.pages * r.page_bytes, blob + x.bytes
             device_bytes = r.device_bytes * blob // pool if pool and blob else r.device_bytes
@@ -601,7 +602,8 @@ class SchedulerCore:
                 if worker_id in placing and held.get(version, HeldView(Tier.host, 0)).tier != Tier.device:
                     spec = specs.get(version)
                     held[version] = HeldView(Tier.device, spec.bytes if spec else 0, spec.rank if spec else 0,
-                                             in_use=sum(1 for v, _ in w.outstanding.values() if v == version))
+                                             in_use=sum(1 for v, _ in w.outstanding.values() if v == version),
+                                             last_used=placing[worker_id])
             views.append(StageView(
                 worker_id=worker_id, device_bytes=device_bytes, host_bytes=r.host_bytes, max_rank=r.max_rank,
                 outstanding=max(len(w.outstanding), w.backlog), capacity=r.max_inflight + self.config.queue_per_worker,

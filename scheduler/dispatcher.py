@@ -106,7 +106,7 @@ def worker_report(hb: Heartbeat, at: float) -> WorkerReport:
         device_bytes=int(cap.get("pool_pages", 0)) * int(cap.get("page_bytes", 0)),
         host_bytes=int(cap.get("host_ram_bytes", 0)) + int(cap.get("host_disk_bytes", 0)),
         page_bytes=int(cap.get("page_bytes", 0)),
-        resident=tuple(ResidentReport(r.version, Tier(r.tier), r.rank, r.bytes, r.pages, r.in_use)
+        resident=tuple(ResidentReport(r.version, Tier(r.tier), r.rank, r.bytes, r.pages, r.in_use, r.last_used or 0.0)
                        for r in hb.resident),
     )
 

@@ -96,7 +96,8 @@ def staging_policies(cfg: StagingSettings) -> tuple[Predictor | None, Stager | N
     predictor = build_predictor(cfg.predictor, cfg.interval_s, **options)
     defaults = PredictiveStager()
     stager = PredictiveStager(device_at=cfg.device_at, device_release_at=min(defaults.device_release_at, cfg.device_at),
-                              host_at=cfg.host_at, host_release_at=min(defaults.host_release_at, cfg.host_at))
+                              host_at=cfg.host_at, host_release_at=min(defaults.host_release_at, cfg.host_at),
+                              keep_alive_s=cfg.keep_alive_s)
     return predictor, stager
 
 

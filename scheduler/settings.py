@@ -68,6 +68,8 @@ class StagingSettings(BaseModel):
                                                       "a time-compressed replay shortens it)")
     device_at: float = Field(0.5, ge=0, le=1, description="load to a device at this probability of a call")
     host_at: float = Field(0.1, ge=0, le=1, description="fetch to a host cache at this probability of a call")
+    keep_alive_s: float = Field(1800.0, ge=0, description="an adapter unused this long and unlikely to be called "
+                                                         "is released from a device to its host cache")
     service_s: float = Field(2.0, gt=0, description="expected seconds of one call (the workers-needed signal)")
 
 

@@ -58,6 +58,7 @@ from scheduler.policy import AffinityRouter, PinnedRouter, Router
 from scheduler.predict import Oracle, Predictor
 from scheduler.service import SchedulerService
 from scheduler.settings import PlacementSettings, SchedulerSettings, StagingSettings
+from scheduler.staging import PredictiveStager
 from storage import repo
 from storage.adapter_format import write_peft_adapter
 from storage.backbone import BackboneSpec
@@ -167,7 +168,7 @@ class Cluster:
 
     @contextlib.asynccontextmanager
     async def scheduler(self, router: Router | None = None, expect: Sequence[str] = WORKERS, *,
-                        predictor: Predictor | None = None,
+                        predictor: Predictor | None = None, stager: PredictiveStager | None = None,
                         staging: StagingSettings = NO_STAGING) -> AsyncIterator[SchedulerService]:
         """An in-process scheduler with `router` (and `predictor`, with the staging settings' interval) for the
         duration of the block (once it has heard from the workers in `expect`)."""
@@ -178,7 +179,7 @@ class Cluster:
             staging=staging,
         )
         service = SchedulerService(settings, router=router, scheduler_id=f"test-{secrets.token_hex(3)}",
-                                   predictor=predictor)
+                                   predictor=predictor, stager=stager)
         stop = asyncio.Event()
         task = asyncio.create_task(service.run(stop))
         try:
@@ -421,9 +422,10 @@ async def test_the_schedulers_staging_commands_move_an_adapter_between_tiers(clu
 
 
 async def test_a_predicted_call_finds_its_adapter_staged_and_an_idle_one_is_released(cluster: Cluster) -> None:
-    """Pre-staging live, with the oracle (it knows when the calls come) at 1-second intervals: after its first
-    call the adapter is idle, so keep-alive releases it from every tier; before its next call the scheduler
-    loads it again, and that call finds it on the device."""
+    """Pre-staging live, with the oracle (it knows when the calls come) at 1-second intervals and a stager
+    whose keep-alive is short and drops host blobs too: after its first call the adapter is idle, so it is
+    released from every tier; before its next call the scheduler loads it again, and that call finds it on
+    the device."""
     tenant = f"pre{secrets.token_hex(3)}"
     sha = (await cluster.push(tenant, "ahead", seed=6100)).sha256
     t0 = math.ceil(time.time()) + 2.0
@@ -433,7 +435,8 @@ async def test_a_predicted_call_finds_its_adapter_staged_and_an_idle_one_is_rele
     def holders() -> dict[str, str]:
         return {w: r.tier.value for w, hb in cluster.heartbeats.items() for r in hb.resident if r.version == sha}
 
-    async with cluster.scheduler(predictor=oracle, staging=StagingSettings(interval_s=1.0)) as service:
+    stager = PredictiveStager(keep_alive_s=0.5, host_release_at=0.02)
+    async with cluster.scheduler(predictor=oracle, stager=stager, staging=StagingSettings(interval_s=1.0)) as service:
         await asyncio.sleep(max(0.0, first - time.time()))
         assert (await cluster.call(cluster.invocation(tenant, "ahead"))).adapter_tier != "device"  # never called
         await wait_for(lambda: not holders(), timeout=15, what="the idle adapter released from every tier")

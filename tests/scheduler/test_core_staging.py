@@ -63,8 +63,8 @@ def call(name: str, at: float, n: int) -> InvocationArrived:
     return InvocationArrived(at=at, invocation_id=f"{name}-{n}", adapter=spec(name), prompt_tokens=8, max_tokens=8)
 
 
-def core_with(predictor: Scripted, **config: float) -> SchedulerCore:
-    return SchedulerCore(predictor=predictor, stager=PredictiveStager(),
+def core_with(predictor: Scripted, stager: PredictiveStager | None = None, **config: float) -> SchedulerCore:
+    return SchedulerCore(predictor=predictor, stager=stager or PredictiveStager(),
                          config=CoreConfig(staging_interval_s=60.0, **config))  # type: ignore[arg-type]
 
 
@@ -111,9 +111,9 @@ def test_a_likely_version_is_loaded_ahead_and_its_next_call_goes_to_that_worker_
 
 def test_a_version_whose_score_falls_is_released_to_the_host_tier_unless_in_use() -> None:
     p = Scripted()
-    core = core_with(p)
-    core.handle(report("w1", 58.0, device=("a", "b"), in_use=("b",)))
-    p.scores = {"v-a": 0.1, "v-b": 0.1}  # below the device's keep threshold, above the host cache's
+    core = core_with(p, PredictiveStager(keep_alive_s=30.0))
+    core.handle(report("w1", 58.0, device=("a", "b"), in_use=("b",)))  # not used for 58 s (last_used 0)
+    p.scores = {"v-a": 0.1, "v-b": 0.1}  # below the device's keep threshold
     staged = core.handle(Tick(60.0))
     evicts = [c for c in staged if isinstance(c, Evict)]
     assert [(c.version, c.worker_id, c.to_tier) for c in evicts] == [("v-a", "w1", Tier.host)]

@@ -146,7 +146,7 @@ def test_a_version_in_use_is_never_evicted() -> None:
     assert kinds(STAGER.plan(0.0, {"new": 1.0}, adapters, [w])) == [("fetch", "new", "w1", None)]
     idle = replace(w, held={"busy": HeldView(D, 100 * MB, 16, in_use=0)})
     assert kinds(STAGER.plan(0.0, {"new": 1.0}, adapters, [idle])) == [
-        ("evict", "busy", "w1", OBJ), ("load", "new", "w1", None)]
+        ("evict", "busy", "w1", H), ("load", "new", "w1", None)]
 
 
 def test_room_is_made_only_by_evicting_what_is_worth_less() -> None:
@@ -232,20 +232,32 @@ def test_draining_workers_and_unknown_sizes_are_left_alone() -> None:
     assert kinds(STAGER.plan(0.0, {"v": 0.9}, adapters, [worker("w3", device=0)])) == [("fetch", "v", "w3", None)]
 
 
-def test_keep_alive_releases_to_host_then_to_object() -> None:
+def test_keep_alive_releases_an_idle_unlikely_device_copy_to_host_and_keeps_blobs() -> None:
     adapters = {"v": spec("v")}
-    workers = [worker("w1", held={"v": HeldView(D, 10 * MB, 16)})]
-    assert STAGER.plan(0.0, {"v": 0.3}, adapters, workers) == []  # still worth its place
-    stages = STAGER.plan(1.0, {"v": 0.1}, adapters, workers)
+    keep = STAGER.keep_alive_s
+    workers = [worker("w1", held={"v": HeldView(D, 10 * MB, 16, last_used=100.0)})]
+    assert STAGER.plan(100.0 + keep, {"v": 0.3}, adapters, workers) == []  # still worth its place
+    assert STAGER.plan(100.0 + keep - 1, {"v": 0.1}, adapters, workers) == []  # unlikely, but used lately
+    stages = STAGER.plan(100.0 + keep, {"v": 0.1}, adapters, workers)
     assert kinds(stages) == [("evict", "v", "w1", H)] and stages[0].reason == "release"
     workers = apply(stages, workers, adapters)
-    assert STAGER.plan(2.0, {"v": 0.05}, adapters, workers) == []  # the blob stays while p >= 0.02
-    stages = STAGER.plan(3.0, {}, adapters, workers)  # absent: 0
-    assert kinds(stages) == [("evict", "v", "w1", OBJ)]
-    assert apply(stages, workers, adapters)[0].held == {}
-    # from the device straight out when the score fell below both thresholds; never while in use
+    assert STAGER.plan(1e9, {}, adapters, workers) == []  # the blob stays: the host cache drops it when full
+    # never while in use
     on_device = worker("w1", held={"v": HeldView(D, 10 * MB, 16), "u": HeldView(D, 10 * MB, 16, in_use=1)})
-    assert kinds(STAGER.plan(0.0, {}, adapters, [on_device])) == [("evict", "v", "w1", OBJ)]
+    assert kinds(STAGER.plan(keep, {}, adapters, [on_device])) == [("evict", "v", "w1", H)]
+    # a stager told to release blobs too drops them below host_release_at, from the device straight out
+    dropping = PredictiveStager(host_release_at=0.02)
+    assert kinds(dropping.plan(keep, {"v": 0.05}, adapters, [on_device])) == [("evict", "v", "w1", H)]
+    assert kinds(dropping.plan(keep, {}, adapters, [on_device])) == [("evict", "v", "w1", OBJ)]
+
+
+def test_among_unpredicted_copies_the_least_recently_used_makes_room_first() -> None:
+    adapters = {v: spec(v, 10 * MB) for v in ("a", "b", "c", "new")}
+    held = {"a": HeldView(D, 10 * MB, 16, last_used=30.0), "b": HeldView(D, 10 * MB, 16, last_used=10.0),
+            "c": HeldView(D, 10 * MB, 16, last_used=20.0)}
+    full = worker("w1", device=30 * MB, held=held)
+    assert kinds(STAGER.plan(40.0, {"new": 0.9}, adapters, [full])) == [
+        ("evict", "b", "w1", H), ("load", "new", "w1", None)]
 
 
 def test_transfers_are_capped_most_valuable_first() -> None:
@@ -257,7 +269,8 @@ def test_transfers_are_capped_most_valuable_first() -> None:
     assert PredictiveStager(max_stages_per_interval=0).plan(0.0, scores, adapters, [worker("w1")]) == []
     # releases are not transfers: they happen even at cap 0
     held = worker("w1", held={"old": HeldView(D, MB)})
-    assert kinds(PredictiveStager(max_stages_per_interval=0).plan(0.0, scores, adapters, [held])) == [
+    assert kinds(PredictiveStager(max_stages_per_interval=0, host_release_at=0.02).plan(
+        1e4, scores, adapters, [held])) == [
         ("evict", "old", "w1", OBJ)]
 
 
