@@ -44,6 +44,7 @@ from bench.simulate import (
 )
 from bench.traces import TraceRequest
 from scheduler.core import CoreConfig
+from scheduler.staging import PredictiveStager
 
 ROOT = Path(__file__).resolve().parents[1]
 TRACES_DIR = ROOT.parent / "shared" / "traces"  # the shared traces beside the project (its README)
@@ -248,12 +249,7 @@ def _markdown(setups: Sequence[Setup], results: dict[str, list[PolicyResult]], c
         "probability >= 0.5 against the versions called in the interval (the core's interval records);",
         "- vs reactive: cold starts of the policy / cold starts of reactive LRU.",
         "",
-        "The predictive policies also release: an adapter whose probability of a call in the next interval falls "
-        "below the stager's thresholds leaves the device (p < 0.2) or the worker (p < 0.02, host copy included), "
-        "which the reactive policies never do (they keep whatever fits until a load needs the room). So they hold "
-        "less device memory and pay a cold start when a released adapter is called again; with intervals much "
-        "shorter than an adapter's gaps between calls, even a perfect predictor (the oracle) releases between "
-        "calls.",
+        _release_note(PredictiveStager()),
         "",
         f"Cost model: {', '.join(f'{k} {v:g}' for k, v in asdict(cost).items())}.",
         "",
@@ -306,6 +302,16 @@ def _markdown(setups: Sequence[Setup], results: dict[str, list[PolicyResult]], c
     if plots:
         out += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     return "\n".join(out)
+
+
+def _release_note(stager: PredictiveStager) -> str:
+    host = (f"below {stager.host_release_at:g} it leaves the worker" if stager.host_release_at > 0
+            else "host blobs leave only when the host cache is full")
+    return ("The predictive policies also release: the stager takes a device copy back to the host cache when its "
+            f"probability of a call in the next interval is below {stager.device_release_at:g} and no call has used "
+            f"it for {stager.keep_alive_s / 60:g} min ({host}); the reactive policies keep whatever fits until a "
+            "load needs the room. Releases save device memory-time and cost a host load when the adapter is "
+            "called again.")
 
 
 def _size(nbytes: int) -> str:

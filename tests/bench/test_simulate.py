@@ -191,11 +191,11 @@ def test_sparse_heartbeats_and_ticks_give_the_eager_report(case: str) -> None:
     """Heartbeats only after a change, ticks caught up before the next event, runs of decode steps as one
     event: the core sees the same inputs in the same order as with every heartbeat, tick and step an event."""
     trace = synthetic(300, adapters=15, rate=0.5, seed=3)
-    trace += [TraceRequest(r.at_s + 2000.0, r.tenant, r.adapter, r.prompt_tokens, r.output_tokens)
-              for r in synthetic(150, adapters=15, rate=5.0, seed=4)]  # a silence, then a burst
+    trace += [TraceRequest(r.at_s + 3600.0, r.tenant, r.adapter, r.prompt_tokens, r.output_tokens)
+              for r in synthetic(150, adapters=15, rate=5.0, seed=4)]  # a silence past the keep-alive, a burst
     kwargs: dict[str, Any] = {"workers": 3, "seed": 3}
     if case == "failure":
-        kwargs["failures"] = [(2010.0, "w1")]
+        kwargs["failures"] = [(3610.0, "w1")]
     if case == "small_pool":
         kwargs["workers"] = [WorkerConfig(device_pool_bytes=2 * adapter_bytes(64))] * 2
     if case == "greedy_dual":
