@@ -12,7 +12,7 @@ file of the format is accepted; the shared traces and their provenance are descr
   rest of the context window.
 - Alibaba GenAI serving trace (`gmt_create, ..., groupId, prompt_length, ...,
   checkpoint_model_version_id`): each checkpoint model version is one adapter, called by many tenants
-  (the groupId is the row's tenant; the simulator keys adapter versions on the adapter alone), prompt tokens are prompt characters / `chars_per_token`, and the
+  (the groupId is the row's tenant; the simulator keys adapter versions on tenant/adapter, so `load_trace`'s `alibaba_key` decides), prompt tokens are prompt characters / `chars_per_token`, and the
   output length is fixed or drawn (seeded) from given lengths, since the trace serves images, not text.
 
 The canonical trace ("lorafn" format) is what `lorafn replay` and the simulator read whatever a trace came
