@@ -1,6 +1,7 @@
 """`python -m bench [NAME ...]`: run the named benchmarks (all by default).
 `python -m bench simulate --trace FILE ...`: simulate a trace through the scheduler core (`bench.simulate`).
 `python -m bench scheduling [--quick]`: pre-staging policies compared on the shared traces (`bench.scheduling`).
+`python -m bench live-replay --trace FILE ...`: a trace slice replayed live, checked against the simulator.
 `python -m bench reliability [soak|chaos] --minutes M`: the soak and chaos runs with their audit (`bench.reliability`;
 3 minutes each in the default run)."""
 
@@ -22,6 +23,11 @@ def main() -> None:
         from bench import simulate
 
         simulate.main(sys.argv[2:])
+        return
+    if sys.argv[1:2] == ["live-replay"]:  # a trace slice live, reactive and predictive, against the simulator
+        from bench import live_replay
+
+        live_replay.main(sys.argv[2:])
         return
     if sys.argv[1:2] == ["scheduling"]:  # pre-staging policies on the shared traces (bench.scheduling)
         from bench import scheduling
