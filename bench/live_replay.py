@@ -231,6 +231,28 @@ def calibrate(calls: Sequence[Mapping[str, Any]], *, base: sim.CostModel | None 
     return fields_, how
 
 
+def calibration_note(fitted: Mapping[str, float], how: Mapping[str, Any], cost: sim.CostModel) -> str:
+    """How `calibrate` came to its figures, in a sentence."""
+    hs, oms = how.get("host_ms", {}), how.get("object_ms", {})
+    parts = []
+    if "step_fixed_ms" in fitted:
+        parts.append(f"step {how['step_ms_median']:.1f} ms (median time between tokens of {how['token_gaps']} "
+                     "device hits)")
+    if "prefill_ms_per_token" in fitted:
+        parts.append(f"prefill {cost.prefill_ms_per_token:.2f} ms/token (their median TTFT "
+                     f"{how['device_hit_ttft_ms_median']:.0f} ms less a step, over {how['prompt_tokens_median']:g} "
+                     "prompt tokens)")
+    parts.append(f"host -> device {hs['at_rank_0']:.0f} ms + {hs['per_rank']:.2f} ms per rank ("
+                 + (f"{how['host_loads']} host loads)" if how["host_loads"] else "the default: no host loads)"))
+    if oms:
+        parts.append(f"object -> host {cost.object_latency_ms:.0f} ms + {oms['per_rank']:.2f} ms per rank (the "
+                     f"{how['cold_starts']} cold starts' load times less the host line"
+                     + (f", whose intercept, {oms['at_rank_0']:.0f} ms, is taken as 0)" if oms["at_rank_0"] < 0 else ")"))
+    else:
+        parts.append("object -> host: the default (no cold starts)")
+    return ", ".join(parts) + "."
+
+
 def live_figures(summary: Mapping[str, Any]) -> dict[str, float | None]:
     """The compared figures of a replay report's summary."""
     return {"cold_starts": summary["cold_starts"], "host_loads": summary["host_loads"],
@@ -268,7 +290,7 @@ def ratio(a: float | None, b: float | None) -> float | None:
 def compare(live: Mapping[str, Mapping[str, float | None]], simulated: Mapping[str, Mapping[str, float | None]],
             tolerance: float = DEFAULT_TOLERANCE) -> list[Row]:
     """For each policy (live's order) and figure (`FIGURES`): live, simulated, their ratio and whether it is
-    within `tolerance` of 1."""
+    within `tolerance` of 1 (not when live is 0 and simulated is not; None when either is missing)."""
     if not 0 <= tolerance < 1:
         raise ValueError(f"tolerance must be in [0, 1) (got {tolerance})")
     rows = []
@@ -278,8 +300,8 @@ def compare(live: Mapping[str, Mapping[str, float | None]], simulated: Mapping[s
         for name in FIGURES:
             lv, sv = figures.get(name), simulated[policy].get(name)
             r = ratio(sv, lv)
-            rows.append(Row(policy, name, lv, sv, r, None if r is None else abs(r - 1) <= tolerance + 1e-12,
-                            name in TARGETS))
+            within = None if lv is None or sv is None else r is not None and abs(r - 1) <= tolerance + 1e-12
+            rows.append(Row(policy, name, lv, sv, r, within, name in TARGETS))
     return rows
 
 
@@ -635,14 +657,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     live_ = {p: live_figures(r["summary"]) for p, r in reports.items()}
     sims = {p: simulated[p] for p in reports}
     table = compare(live_, sims, args.tolerance)
-    hs, oms = how.get("host_ms", {}), how.get("object_ms", {})
-    note = (f"step {how.get('step_ms_median', 0):.1f} ms (median time between tokens of {how['token_gaps']} device "
-            f"hits), prefill {fitted.get('prefill_ms_per_token', cost.prefill_ms_per_token):.2f} ms/token (their "
-            f"median TTFT {how.get('device_hit_ttft_ms_median', 0):.0f} ms less a step, over "
-            f"{how.get('prompt_tokens_median', 0):g} prompt tokens), host -> device {hs.get('at_rank_0', 0):.0f} ms + "
-            f"{hs.get('per_rank', 0):.2f} ms per rank ({how['host_loads']} host loads), object -> host "
-            f"{oms.get('at_rank_0', 0):.0f} ms + {oms.get('per_rank', 0):.2f} ms per rank ({how['cold_starts']} cold "
-            "starts' load times less the host line).")
+    note = calibration_note(fitted, how, cost)
     result = {
         "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "wall_s": time.monotonic() - started,

@@ -74,6 +74,9 @@ def test_calibration_fits_the_step_prefill_and_a_load_line_per_tier() -> None:
     assert (how["device_hits"], how["host_loads"], how["cold_starts"]) == (3, 2, 2)
     cost = CostModel(**(asdict(base) | fitted))
     assert cost.load_s(adapter_bytes(64)) * 1000 == pytest.approx(120 + 64 * 2)
+    note = lr.calibration_note(fitted, how, cost)
+    assert "host -> device 120 ms + 2.00 ms per rank (2 host loads)" in note
+    assert "object -> host 300 ms + 5.00 ms per rank (the 2 cold starts' load times less the host line)" in note
 
 
 def test_calibration_keeps_the_defaults_of_a_tier_it_did_not_see_and_never_fits_a_negative_slope() -> None:
@@ -97,6 +100,10 @@ def test_the_comparison_gives_ratios_and_the_verdict_per_figure() -> None:
     assert table["none", "ttft_mean_ms"].ratio == pytest.approx(1.2) and not table["none", "ttft_mean_ms"].within
     assert table["ewma", "cold_starts"].ratio == pytest.approx(1.15) and table["ewma", "cold_starts"].within
     assert table["ewma", "host_loads"].ratio == 1.0  # 0 of 0
+    live["ewma"]["host_loads"] = 0
+    simulated["ewma"]["host_loads"] = 3
+    missed = {(r.policy, r.figure): r for r in lr.compare(live, simulated)}["ewma", "host_loads"]
+    assert missed.ratio is None and missed.within is False  # 3 of 0: no ratio, and a miss
     assert table["none", "cold_starts"].target and not table["none", "host_loads"].target
     assert lr.direction(live, "ewma")["cold_starts"] == pytest.approx(0.5)
     assert lr.ratio(3, 0) is None and lr.ratio(None, 2) is None
