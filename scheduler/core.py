@@ -220,7 +220,7 @@ class CoreConfig:
     interval_records: int = 100_000  # `IntervalRecord`s kept (the oldest are dropped)
     service_s: float = 2.0  # expected seconds of one call, for the workers-needed signal
     max_gap_intervals: int = 100_000  # empty intervals observed one by one after a silence; beyond, skipped
-    forget_adapter_s: float = 86_400.0  # a version neither called nor held for this long is not scored
+    forget_adapter_s: float = 30 * 86_400.0  # a version neither called nor held for this long is not scored
 
 
 @dataclass
