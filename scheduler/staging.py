@@ -56,14 +56,15 @@ from scheduler.policy import AdapterSpec, ResidentView
 @dataclass(frozen=True)
 class TierCosts:
     """Seconds to move `nbytes` of an adapter between tiers: `latency + nbytes / bandwidth` per tier crossed.
-    The defaults are the simulator's (`bench.simulate.CostModel`): a GET from the object store (50 ms, 50 MB/s
-    effective, from the demo's ~845 ms cold load of a 39 MB rank-64 adapter), a host -> device copy (1 ms,
-    2 GB/s)."""
+    The defaults are the simulator's (`bench.simulate.CostModel`): a GET from the object store (50 ms, 64 MB/s
+    effective: the rest of the demo's ~845 ms cold load of a 39 MB rank-64 adapter), a host -> device load
+    (120 ms, 0.6 GB/s: `python -m bench stall`, 180-189 ms at rank 64 and 245-257 ms at rank 128 while the
+    engine decodes)."""
 
     object_latency_s: float = 0.050
-    object_bytes_per_s: float = 50e6
-    host_latency_s: float = 0.001
-    host_bytes_per_s: float = 2e9
+    object_bytes_per_s: float = 64e6
+    host_latency_s: float = 0.120
+    host_bytes_per_s: float = 0.6e9
 
     def __post_init__(self) -> None:
         if min(self.object_latency_s, self.host_latency_s) < 0:

@@ -74,7 +74,7 @@ STAGER = PredictiveStager()
 
 
 def test_tier_costs_are_latency_plus_bytes_over_bandwidth() -> None:
-    c = TierCosts()
+    c = TierCosts(object_latency_s=0.05, object_bytes_per_s=50e6, host_latency_s=0.001, host_bytes_per_s=2e9)
     assert c.fetch_s(50_000_000) == pytest.approx(0.05 + 1.0)
     assert c.load_s(2_000_000_000) == pytest.approx(0.001 + 1.0)
     assert c.reload_s(10, D) == c.load_s(10) and c.reload_s(10, H) == c.fetch_s(10) and c.reload_s(10, OBJ) == 0
