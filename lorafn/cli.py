@@ -105,11 +105,19 @@ def up(
     restart_delay: Annotated[float, typer.Option(
         min=0.0, help="seconds before a crashed process is started again; doubles per crash in a row")] = 0.5,
     restart_delay_max: Annotated[float, typer.Option(min=0.0, help="longest wait before a restart, seconds")] = 30.0,
+    env: Annotated[list[str] | None, typer.Option(
+        "--env", metavar="NAME=VALUE", help="a setting for every service, e.g. LORAFN_STAGING__PREDICTOR=none "
+        "(repeatable; the services see no LORAFN_* variable of this shell)")] = None,
 ) -> None:
     """Start NATS, Postgres and S3 and the services on this machine, restart any that crashes (with
     backoff); Ctrl-C stops everything."""
     from lorafn.bootstrap import bootstrap
     from lorafn.services import RestartPolicy
+
+    for item in env or ():
+        if "=" not in item or not item.startswith("LORAFN_"):
+            raise _fail(f"--env takes LORAFN_NAME=VALUE (got {item!r})")
+    service_settings = dict(item.partition("=")[::2] for item in env or ())
 
     try:
         policy = RestartPolicy(first_delay_s=restart_delay, max_delay_s=restart_delay_max)
@@ -171,7 +179,8 @@ def up(
     with contextlib.ExitStack() as children:
         try:
             services = children.enter_context(running_services(endpoints, stack.state_dir, workers=workers,
-                                                               gateway_port=gateway_port, backbone=backbone))
+                                                               gateway_port=gateway_port, backbone=backbone,
+                                                               settings=service_settings))
         except OSError as e:
             children.close()
             stack.stop()

@@ -102,13 +102,15 @@ def backbone_env(backbone: Path | None) -> tuple[dict[str, str], dict[str, str]]
 
 @contextlib.contextmanager
 def running_services(endpoints: StackEndpoints, state_dir: Path, *, workers: int, gateway_port: int,
-                     backbone: Path | None = None) -> Iterator[list[ManagedProcess]]:
+                     backbone: Path | None = None, settings: Mapping[str, str] | None = None,
+                     ) -> Iterator[list[ManagedProcess]]:
     """Scheduler, `workers` workers and the gateway as child processes, started with the same commands and
-    environment as `lorafn up` (the gateway on `gateway_port`); stopped in reverse order on exit.
+    environment as `lorafn up` (the gateway on `gateway_port`); stopped in reverse order on exit. `settings`:
+    variables given to every service (`lorafn up --env`); the endpoints and ids set here win over them.
 
     Worker i is `local-w<i>` with its host cache in `<state_dir>/host-cache/w<i>`, which a restart keeps.
     """
-    env = service_env(endpoints)
+    env = {**(settings or {}), **service_env(endpoints)}
     worker_backbone, gateway_backbone = backbone_env(backbone)
     logs = state_dir / "logs"
     logs.mkdir(exist_ok=True)
