@@ -10,7 +10,7 @@ trace hours (shifted to start at 0 and written as its own canonical CSV beside t
    all the slice's adapters (at least the largest one), its host cache (LORAFN_HOST_CACHE__DISK_BYTES and
    __RAM_BYTES, both the same budget: RAM is a copy of part of the disk level) `--host-fraction` of their
    blob bytes;
-2. starts the local stack (`lorafn up --auto-ports --workers N` as a child process, its state in a temporary
+2. starts the local stack (`lorafn up --auto-ports --workers N --env ...` as a child process, its state in a temporary
    directory; the default SmolLM2 backbone, or `--tiny`: the tiny random one) and pushes the adapters, then
    stops it, so that neither measured run pays for (or profits from) the pushes;
 3. reactive run: starts the stack again on the same state (the adapters are in its object store; the
@@ -81,6 +81,7 @@ START_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 120.0
 TENANT = "dev"  # the tenant `lorafn up` creates, its key in <state>/dev-api-key
 FIGURES = ("cold_starts", "host_loads", "device_hits", "ttft_mean_ms")
+SPEED_KEYS = ("gap_ms_median", "in_flight_median", "device_hit_ttft_ms_median")  # how fast a run's steps were
 TARGETS = ("cold_starts", "ttft_mean_ms")  # the figures the simulator must match within the tolerance
 
 
@@ -179,16 +180,27 @@ def _line(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
     return intercept, slope
 
 
+def in_flight(spans: Sequence[tuple[float, float]], start: float, end: float) -> float:
+    """The mean number of `spans` (start, end) that overlap [start, end] over it (the instant's count when
+    end <= start)."""
+    if end <= start:
+        return float(sum(1 for a, b in spans if a <= start <= b))
+    return sum(max(0.0, min(b, end) - max(a, start)) for a, b in spans) / (end - start)
+
+
 NO_BYTE_COST = 1e15  # bytes/s standing for "no per-byte cost measured"
 
 
 def calibrate(calls: Sequence[Mapping[str, Any]], *, base: sim.CostModel | None = None) -> tuple[dict[str, float], dict[str, Any]]:
     """CostModel fields fitted to a replay's calls (`lorafn.replay.CallRecord`s as dicts), and how:
 
-    - step: the device hits' median time between tokens ((latency - TTFT) / (tokens - 1)) is one decode step
-      with the calls then running; `step_fixed_ms` is it less one call's `decode_ms_per_seq` (kept);
-    - prefill: their median TTFT less one step, over their median prompt tokens: `prefill_ms_per_token` (so it
-      carries the gateway -> scheduler -> worker path as well, which the simulator has no term for);
+    - step: the device hits' time between tokens ((latency - TTFT) / (tokens - 1)) is one decode step with
+      the calls then in flight: a line through (mean calls in flight over that time, gap) gives
+      `step_fixed_ms` and `decode_ms_per_seq` (the simulator's step at that many decodes);
+    - prefill: their TTFT less one and a half of that step at the calls in flight before their first token (a
+      call waits for the step under way, half of one on average, then its own step prefills it), over their
+      prompt tokens, the median: `prefill_ms_per_token` (so it carries the gateway -> scheduler -> worker path
+      as well, which the simulator has no term for);
     - host -> device: the host loads' load_ms against rank, a line: `host_latency_ms` and, per rank,
       `host_bytes_per_s` in the simulator's bytes (`bench.simulate.adapter_bytes`);
     - object -> host: the cold starts' load_ms less that host line, against rank: `object_latency_ms`,
@@ -196,22 +208,29 @@ def calibrate(calls: Sequence[Mapping[str, Any]], *, base: sim.CostModel | None 
     A tier without calls keeps `base`'s figures."""
     base = base or sim.CostModel()
     per_rank = sim.adapter_bytes(1)
-    ok = [c for c in calls if c.get("status") == "ok"]
+    ok = [c for c in calls if c.get("status") == "ok" and c.get("sent_ms") is not None
+          and c.get("latency_ms") is not None]
+    spans = [(c["sent_ms"], c["sent_ms"] + c["latency_ms"]) for c in ok]
     hits = [c for c in ok if c.get("tier") == "device" and c.get("ttft_ms") is not None]
-    gaps = [(c["latency_ms"] - c["ttft_ms"]) / (c["completion_tokens"] - 1) for c in hits
-            if (c.get("completion_tokens") or 0) > 1 and c.get("latency_ms") is not None]
+    gaps = [(in_flight(spans, c["sent_ms"] + c["ttft_ms"], c["sent_ms"] + c["latency_ms"]),
+             (c["latency_ms"] - c["ttft_ms"]) / (c["completion_tokens"] - 1))
+            for c in hits if (c.get("completion_tokens") or 0) > 1]
     fields_: dict[str, float] = {}
     how: dict[str, Any] = {"device_hits": len(hits), "token_gaps": len(gaps)}
-    step_ms = base.step_fixed_ms + base.decode_ms_per_seq
+    fixed, per_seq = base.step_fixed_ms, base.decode_ms_per_seq
     if gaps:
-        step_ms = statistics.median(gaps)
-        fields_["step_fixed_ms"] = max(1.0, step_ms - base.decode_ms_per_seq)
-        how["step_ms_median"] = step_ms
+        fixed, per_seq = _line(gaps)
+        fixed = max(1.0, fixed)
+        fields_ |= {"step_fixed_ms": fixed, "decode_ms_per_seq": per_seq}
+        how |= {"gap_ms_median": statistics.median(g for _, g in gaps),
+                "in_flight_median": statistics.median(n for n, _ in gaps)}
     if hits:
-        ttft = statistics.median(c["ttft_ms"] for c in hits)
-        prompt = statistics.median(c["prompt_tokens"] for c in hits)
-        fields_["prefill_ms_per_token"] = max(0.0, ttft - step_ms) / max(prompt, 1)
-        how |= {"device_hit_ttft_ms_median": ttft, "prompt_tokens_median": prompt}
+        prefill = [max(0.0, c["ttft_ms"] - 1.5 * (fixed + per_seq * in_flight(spans, c["sent_ms"],
+                                                                              c["sent_ms"] + c["ttft_ms"])))
+                   / max(c["prompt_tokens"], 1) for c in hits]
+        fields_["prefill_ms_per_token"] = statistics.median(prefill)
+        how |= {"device_hit_ttft_ms_median": statistics.median(c["ttft_ms"] for c in hits),
+                "prompt_tokens_median": statistics.median(c["prompt_tokens"] for c in hits)}
     host = [(float(c["rank"]), float(c["load_ms"])) for c in calls if c.get("tier") == "host" and c.get("load_ms")]
     host_line = (base.host_latency_ms, 1000 * per_rank / base.host_bytes_per_s)
     if host:
@@ -236,12 +255,13 @@ def calibration_note(fitted: Mapping[str, float], how: Mapping[str, Any], cost: 
     hs, oms = how.get("host_ms", {}), how.get("object_ms", {})
     parts = []
     if "step_fixed_ms" in fitted:
-        parts.append(f"step {how['step_ms_median']:.1f} ms (median time between tokens of {how['token_gaps']} "
-                     "device hits)")
+        parts.append(f"step {cost.step_fixed_ms:.1f} ms + {cost.decode_ms_per_seq:.1f} ms per call decoding (the "
+                     f"time between tokens of {how['token_gaps']} device hits against the calls in flight: median "
+                     f"{how['gap_ms_median']:.0f} ms at {how['in_flight_median']:.1f} in flight)")
     if "prefill_ms_per_token" in fitted:
-        parts.append(f"prefill {cost.prefill_ms_per_token:.2f} ms/token (their median TTFT "
-                     f"{how['device_hit_ttft_ms_median']:.0f} ms less a step, over {how['prompt_tokens_median']:g} "
-                     "prompt tokens)")
+        parts.append(f"prefill {cost.prefill_ms_per_token:.2f} ms/token (their TTFT, median "
+                     f"{how['device_hit_ttft_ms_median']:.0f} ms, less 1.5 steps, over their prompt tokens, median "
+                     f"{how['prompt_tokens_median']:g})")
     parts.append(f"host -> device {hs['at_rank_0']:.0f} ms + {hs['per_rank']:.2f} ms per rank ("
                  + (f"{how['host_loads']} host loads)" if how["host_loads"] else "the default: no host loads)"))
     if oms:
@@ -389,6 +409,19 @@ def markdown(result: Mapping[str, Any]) -> str:
         "live reactive run: " + result["calibration_note"],
         "",
     ]
+    speed = result.get("run_speed")
+    if speed:
+        lines += ["How fast the machine was in each live run (the 2 cores are shared): " + "; ".join(
+            f"{p}: device hits' median time between tokens {v.get('gap_ms_median', 0):.0f} ms at "
+            f"{v.get('in_flight_median', 0):.1f} calls in flight, their median TTFT "
+            f"{v.get('device_hit_ttft_ms_median', 0):.0f} ms" for p, v in speed.items()) + "."]
+    own = result.get("own_calibration")
+    if own:
+        live_ttft = result["live"][own["policy"]]["ttft_mean_ms"]
+        lines += ["", f"Simulated with a calibration fitted on the live {own['policy']} run itself instead, "
+                  f"{own['policy']} gives {own['simulated']['cold_starts']} cold starts and a mean TTFT of "
+                  f"{own['simulated']['ttft_mean_ms']:.1f} ms ({_num(ratio(own['simulated']['ttft_mean_ms'], live_ttft), 2)}"
+                  " of live).", ""]
     for name, live in result["live"].items():
         lines.append(f"Live {name}: {live['calls']:,} calls, {live['failed']:,} failed"
                      + (f" ({result['live_statuses'][name]})" if live["failed"] else "") + ".")
@@ -432,8 +465,8 @@ def _wait(stack: Stack, check: Any, *, timeout: float, what: str) -> Any:
 
 @contextlib.contextmanager
 def running_stack(state: Path, *, workers: int, backbone: Path | None, env: Mapping[str, str]) -> Iterator[Stack]:
-    """`lorafn up --auto-ports` with its state in `state` and `env` added, until a call of the bare backbone
-    succeeds; stopped with SIGINT (as Ctrl-C) on exit."""
+    """`lorafn up --auto-ports` with its state in `state` and `env` given to its services (`--env`), until a call
+    of the bare backbone succeeds; stopped with SIGINT (as Ctrl-C) on exit."""
     import httpx
 
     from protocol import subjects
@@ -441,8 +474,10 @@ def running_stack(state: Path, *, workers: int, backbone: Path | None, env: Mapp
     command = [sys.executable, "-m", "lorafn", "up", "--state-dir", str(state), "--auto-ports", "--workers", str(workers)]
     if backbone is not None:
         command += ["--backbone", str(backbone)]
+    for name, value in env.items():  # the services see only these LORAFN_* variables
+        command += ["--env", f"{name}={value}"]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **env, "COLUMNS": "200"})
+                            env={**os.environ, "COLUMNS": "200"})
     stack = Stack(proc, state)
 
     def read() -> None:
@@ -653,6 +688,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         _log(f"predictive policy: {policy}")
         reports[policy] = live(policy)
         _log(f"{policy}: {json.dumps(live_figures(reports[policy]['summary']))}")
+        # the predictive run's own calibration: how much of a difference is the machine's speed in that run
+        own_fitted, own_how = calibrate(reports[policy]["calls"])
+        own_cost = sim.CostModel(**(asdict(sim.CostModel()) | own_fitted))
+        own = sim_figures(simulate_policy(srows, policy, workers=args.workers, ranks=key_rank, budgets_=b,
+                                          interval_s=interval_s, keep_alive_s=keep_alive_s, cost=own_cost))
+        _log(f"simulated {policy}, calibrated on its own run: {json.dumps(own)}")
+        if args.replay_dir is not None:
+            args.replay_dir.mkdir(parents=True, exist_ok=True)
+            for p, r in reports.items():
+                (args.replay_dir / f"replay_{p}.json").write_text(json.dumps(r, indent=2) + "\n")
 
     live_ = {p: live_figures(r["summary"]) for p, r in reports.items()}
     sims = {p: simulated[p] for p in reports}
@@ -683,6 +728,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "calibration": {"fitted": fitted, "how": how},
         "calibration_note": note,
         "live_summaries": {p: r["summary"] for p, r in reports.items()},
+        "run_speed": {p: {k: v for k, v in h.items() if k in SPEED_KEYS}
+                      for p, h in (("none", how), (policy, own_how))},
+        "own_calibration": {"policy": policy, "fitted": own_fitted, "simulated": own},
     }
     results.mkdir(parents=True, exist_ok=True)
     (results / "live_replay.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -710,6 +758,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cost-out", type=Path, default=Path(__file__).parent / "costs" / "smollm2_cpu.json",
                         help="where the calibration goes (default bench/costs/smollm2_cpu.json)")
     parser.add_argument("--results-dir", type=Path, help="where the results go (default bench/results)")
+    parser.add_argument("--replay-dir", type=Path, help="keep the live replays' reports (every call) here")
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

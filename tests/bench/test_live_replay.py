@@ -52,29 +52,40 @@ def test_budgets_hold_a_fraction_and_the_largest_adapter_in_both_byte_units() ->
 
 
 def call(tier: str, rank: int, load_ms: float | None = None, ttft: float = 50.0, latency: float = 200.0,
-         tokens: int = 16, status: str = "ok") -> dict[str, object]:
+         tokens: int = 16, status: str = "ok", sent: float = 0.0) -> dict[str, object]:
     return {"status": status, "tier": tier, "rank": rank, "load_ms": load_ms, "ttft_ms": ttft,
-            "latency_ms": latency, "completion_tokens": tokens, "prompt_tokens": 10}
+            "latency_ms": latency, "completion_tokens": tokens, "prompt_tokens": 10, "sent_ms": sent}
+
+
+def test_calls_in_flight_are_averaged_over_a_window() -> None:
+    spans = [(0.0, 10.0), (5.0, 15.0), (20.0, 30.0)]
+    assert lr.in_flight(spans, 0, 10) == pytest.approx(1.5)
+    assert lr.in_flight(spans, 5, 5) == 2.0
+    assert lr.in_flight(spans, 16, 19) == 0.0
 
 
 def test_calibration_fits_the_step_prefill_and_a_load_line_per_tier() -> None:
     per_rank = adapter_bytes(1)
-    calls = [call("device", 8, ttft=50, latency=50 + 15 * 10) for _ in range(3)]  # 10 ms between tokens
-    calls += [call("host", 8, 120 + 8 * 2), call("host", 64, 120 + 64 * 2)]  # 120 ms + 2 ms per rank
-    calls += [call("object", 8, 120 + 8 * 2 + 300 + 8 * 5), call("object", 64, 120 + 64 * 2 + 300 + 64 * 5)]
-    calls += [call("device", 8, ttft=9999, status="http_503:overloaded")]  # failed: not a figure of the fit
+    # alone, 10 ms between tokens; two at a time (the same span), 14 ms: a step of 6 ms + 4 ms per call
+    calls = [call("device", 8, ttft=30, latency=30 + 15 * 10, sent=1000 * i) for i in range(3)]
+    calls += [call("device", 8, ttft=30, latency=30 + 15 * 14, sent=5000) for _ in range(2)]
+    calls += [call("host", 8, 120 + 8 * 2, sent=10_000), call("host", 64, 120 + 64 * 2, sent=11_000)]
+    calls += [call("object", 8, 120 + 8 * 2 + 300 + 8 * 5, sent=12_000),
+              call("object", 64, 120 + 64 * 2 + 300 + 64 * 5, sent=13_000)]
+    calls += [call("device", 8, ttft=9999, status="http_503:overloaded", sent=14_000)]  # failed: not in the fit
     fitted, how = lr.calibrate(calls)
-    base = CostModel()
-    assert fitted["step_fixed_ms"] == pytest.approx(10 - base.decode_ms_per_seq)
-    assert fitted["prefill_ms_per_token"] == pytest.approx((50 - 10) / 10)
+    assert fitted["step_fixed_ms"] == pytest.approx(6)
+    assert fitted["decode_ms_per_seq"] == pytest.approx(4)
+    assert fitted["prefill_ms_per_token"] == pytest.approx((30 - 1.5 * 10) / 10)  # the median: alone
     assert fitted["host_latency_ms"] == pytest.approx(120)
     assert fitted["host_bytes_per_s"] == pytest.approx(1000 * per_rank / 2)
     assert fitted["object_latency_ms"] == pytest.approx(300)
     assert fitted["object_bytes_per_s"] == pytest.approx(1000 * per_rank / 5)
-    assert (how["device_hits"], how["host_loads"], how["cold_starts"]) == (3, 2, 2)
-    cost = CostModel(**(asdict(base) | fitted))
+    assert (how["device_hits"], how["host_loads"], how["cold_starts"]) == (5, 2, 2)
+    cost = CostModel(**(asdict(CostModel()) | fitted))
     assert cost.load_s(adapter_bytes(64)) * 1000 == pytest.approx(120 + 64 * 2)
     note = lr.calibration_note(fitted, how, cost)
+    assert "step 6.0 ms + 4.0 ms per call decoding" in note
     assert "host -> device 120 ms + 2.00 ms per rank (2 host loads)" in note
     assert "object -> host 300 ms + 5.00 ms per rank (the 2 cold starts' load times less the host line)" in note
 
