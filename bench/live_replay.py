@@ -29,7 +29,9 @@ trace hours (shifted to start at 0 and written as its own canonical CSV beside t
 6. predictive run: as 3 with LORAFN_STAGING__PREDICTOR set to it;
 7. writes `bench/results/live_replay.json` and `.md`: live against simulated cold starts, host loads, device
    hits and mean TTFT for both policies, each ratio (simulated / live) and whether it is within `--tolerance`
-   (15%), and the predictive policy against reactive, live and simulated, side by side.
+   (15%), and the predictive policy against reactive, live and simulated, side by side; beside them how fast
+   each live run's steps were (the machine is shared, and a run's speed moves its TTFT) and the predictive run
+   simulated again with a calibration fitted on that run itself.
 
 Time is compressed by `--speed`: the staging interval is `max(1, 60 / speed)` s and the keep-alive
 `1800 / speed` s (the defaults, 60 s and 30 min, in trace time), in the live stack and the simulator alike.
@@ -175,8 +177,8 @@ def _line(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
     if slope <= 0:
         return my, 0.0
     intercept = my - slope * mx
-    if intercept < 0:  # through the origin instead
-        return 0.0, sum(x * y for x, y in points) / sum(x * x for x in xs)
+    if intercept < 0:  # through the origin instead (flat at 0 when even that slopes down)
+        return 0.0, max(0.0, sum(x * y for x, y in points) / sum(x * x for x in xs))
     return intercept, slope
 
 
@@ -425,8 +427,8 @@ def markdown(result: Mapping[str, Any]) -> str:
     for name, live in result["live"].items():
         lines.append(f"Live {name}: {live['calls']:,} calls, {live['failed']:,} failed"
                      + (f" ({result['live_statuses'][name]})" if live["failed"] else "") + ".")
-    if result.get("notes"):
-        lines += ["", *result["notes"]]
+    for note in result.get("notes") or ():
+        lines += ["", note]
     return "\n".join(lines) + "\n"
 
 

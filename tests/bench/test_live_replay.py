@@ -97,6 +97,7 @@ def test_calibration_keeps_the_defaults_of_a_tier_it_did_not_see_and_never_fits_
     base = CostModel()
     mean_host = base.host_latency_ms + 36 * 1000 * adapter_bytes(1) / base.host_bytes_per_s
     assert fitted["object_latency_ms"] == pytest.approx(450 - mean_host)
+    assert lr._line([(1, -5.0), (2, -1.0), (3, -2.0)]) == (0.0, 0.0)  # below the origin: flat at 0
 
 
 def test_the_comparison_gives_ratios_and_the_verdict_per_figure() -> None:
