@@ -26,7 +26,8 @@ trace hours (shifted to start at 0 and written as its own canonical CSV beside t
    with the same workers, budgets, staging interval and keep-alive, for `none`, `ewma` and `fallback`, and
    picks the predictive policy with the fewest simulated cold starts (then the lower mean TTFT), unless
    `--predictor` names one;
-6. predictive run: as 3 with LORAFN_STAGING__PREDICTOR set to it;
+6. predictive run: as 3 with LORAFN_STAGING__PREDICTOR set to it (`--predictive-first --predictor P`: before
+   the reactive run, so that the order's share of a difference can be told);
 7. writes `bench/results/live_replay.json` and `.md`: live against simulated cold starts, host loads, device
    hits and mean TTFT for both policies, each ratio (simulated / live) and whether it is within `--tolerance`
    (15%), and the predictive policy against reactive, live and simulated, side by side; beside them how fast
@@ -385,7 +386,7 @@ def markdown(result: Mapping[str, Any]) -> str:
         f"Slice: {s['trace']}, trace hours {s['start_h']:g} to {s['start_h'] + s['hours']:g}: {s['calls']:,} calls "
         f"to {s['adapters']} adapters (ranks {s['ranks']}), replayed at speed {s['speed']:g} "
         f"({s['replay_s']:,.0f} s), max_tokens capped at {s['max_tokens_cap']}; backbone {s['backbone']}; "
-        f"{s['workers']} worker(s). Staging interval {s['interval_s']:g} s, keep-alive {s['keep_alive_s']:g} s "
+        f"{s['workers']} worker(s), live runs {s.get('order', 'none first')}. Staging interval {s['interval_s']:g} s, keep-alive {s['keep_alive_s']:g} s "
         f"(60 s and 30 min of trace time).",
         "",
         f"Memory per worker: device pool {b['device_bytes'] / 1e6:.1f} MB, {b['device_bytes'] / b['adapters_pool_bytes']:.0%} "
@@ -658,6 +659,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 return _replay(stack, slice_csv, root / f"replay_{policy}.json", speed=args.speed,
                                cap=args.max_tokens_cap, prefix=args.name_prefix, backbone=backbone)
 
+        first = live(args.predictor) if args.predictive_first else None  # the order's share of a difference
         reports: dict[str, dict[str, Any]] = {}
         reports["none"] = live("none")
         _log(f"reactive: {json.dumps(live_figures(reports['none']['summary']))}")
@@ -688,7 +690,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             policy = min(POLICIES, key=lambda p: (simulated[p]["cold_starts"], simulated[p]["ttft_mean_ms"]))
             how_chosen = "the simulator's best on this slice: fewest cold starts, then lower mean TTFT"
         _log(f"predictive policy: {policy}")
-        reports[policy] = live(policy)
+        reports[policy] = first if first is not None else live(policy)
         _log(f"{policy}: {json.dumps(live_figures(reports[policy]['summary']))}")
         # the predictive run's own calibration: how much of a difference is the machine's speed in that run
         own_fitted, own_how = calibrate(reports[policy]["calls"])
@@ -715,7 +717,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                   "speed": args.speed, "replay_s": plan.calls[-1].at_s, "max_tokens_cap": args.max_tokens_cap,
                   "backbone": spec.name + (" (tiny random)" if args.tiny else ""), "workers": args.workers,
                   "interval_s": interval_s, "keep_alive_s": keep_alive_s, "name_prefix": args.name_prefix,
-                  "device_fraction": args.device_fraction, "host_fraction": args.host_fraction},
+                  "device_fraction": args.device_fraction, "host_fraction": args.host_fraction,
+                  "order": f"{policy} first" if args.predictive_first else "none first"},
         "budgets": asdict(b),
         "policy": policy,
         "choice": {"how": how_chosen, "simulated": {p: simulated[p] for p in POLICIES if p in simulated}},
@@ -760,6 +763,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cost-out", type=Path, default=Path(__file__).parent / "costs" / "smollm2_cpu.json",
                         help="where the calibration goes (default bench/costs/smollm2_cpu.json)")
     parser.add_argument("--results-dir", type=Path, help="where the results go (default bench/results)")
+    parser.add_argument("--predictive-first", action="store_true",
+                        help="run the predictive policy (--predictor) live before the reactive one")
     parser.add_argument("--replay-dir", type=Path, help="keep the live replays' reports (every call) here")
 
 
@@ -767,6 +772,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m bench live-replay", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
+    if args.predictive_first and not args.predictor:
+        parser.error("--predictive-first needs --predictor (the simulator's choice comes after the reactive run)")
     if args.workers < 1 or args.max_tokens_cap < 1:
         parser.error("--workers and --max-tokens-cap must be at least 1")
     try:
