@@ -224,3 +224,16 @@ def test_lorafn_up_refuses_a_first_delay_above_the_cap_before_starting_anything(
     message = " ".join(result.output.split())  # the console wraps long lines
     assert "first_delay_s (40.0) must be between 0 and max_delay_s (30.0) (--restart-delay 40.0" in message
     assert list(tmp_path.iterdir()) == []  # no server was started, no state written
+
+
+@pytest.mark.parametrize("item", ["FOO=1", "LORAFN_STAGING__PREDICTOR", "lorafn_x=1"])
+def test_lorafn_up_refuses_an_env_item_that_is_not_a_lorafn_setting_before_starting_anything(
+        tmp_path: Path, item: str) -> None:
+    from typer.testing import CliRunner
+
+    from lorafn.cli import app
+
+    result = CliRunner().invoke(app, ["up", "--state-dir", str(tmp_path), "--env", item])
+    assert result.exit_code == 1
+    assert "--env takes LORAFN_NAME=VALUE" in " ".join(result.output.split())
+    assert list(tmp_path.iterdir()) == []
