@@ -52,37 +52,30 @@ take plain data; `run` does the I/O.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import json
 import math
 import os
-import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from bench import simulate as sim
+from bench.launcher import Stack, running_stack
 from bench.traces import TraceRequest, load_trace
+from scheduler.settings import StagingSettings
 
 POLICIES = ("ewma", "fallback")  # the predictive policies the simulator chooses between
 DEFAULT_TOLERANCE = 0.15
 DEFAULT_SPEED = 60.0
-DEFAULT_INTERVAL_S = 60.0  # StagingSettings.interval_s, trace seconds
-DEFAULT_KEEP_ALIVE_S = 1800.0  # StagingSettings.keep_alive_s, trace seconds
-START_TIMEOUT_S = 300.0
-STOP_TIMEOUT_S = 120.0
-TENANT = "dev"  # the tenant `lorafn up` creates, its key in <state>/dev-api-key
+DEFAULT_STAGING = StagingSettings()  # its interval and keep-alive are in trace seconds here
 FIGURES = ("cold_starts", "host_loads", "device_hits", "ttft_mean_ms")
 SPEED_KEYS = ("gap_ms_median", "in_flight_median", "device_hit_ttft_ms_median")  # how fast a run's steps were
 TARGETS = ("cold_starts", "ttft_mean_ms")  # the figures the simulator must match within the tolerance
@@ -96,7 +89,7 @@ def scaled_staging(speed: float) -> tuple[float, float]:
     least 1 s."""
     if not math.isfinite(speed) or speed <= 0:
         raise ValueError(f"speed must be a number > 0 (got {speed})")
-    return max(1.0, DEFAULT_INTERVAL_S / speed), DEFAULT_KEEP_ALIVE_S / speed
+    return max(1.0, DEFAULT_STAGING.interval_s / speed), DEFAULT_STAGING.keep_alive_s / speed
 
 
 def slice_rows(rows: Sequence[TraceRequest], start_h: float, hours: float) -> list[TraceRequest]:
@@ -436,88 +429,6 @@ def markdown(result: Mapping[str, Any]) -> str:
 # -- the stack ------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Stack:
-    proc: subprocess.Popen[str]
-    state: Path
-    lines: deque[str] = field(default_factory=lambda: deque(maxlen=3000))
-    gateway: str = ""
-    api_key: str = ""
-
-    @property
-    def output(self) -> str:
-        return "\n".join(self.lines)
-
-
-def _wait(stack: Stack, check: Any, *, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    last: BaseException | None = None
-    while time.monotonic() < deadline:
-        if stack.proc.poll() is not None:
-            raise RuntimeError(f"lorafn up exited with code {stack.proc.returncode} waiting for {what}:\n"
-                               f"{stack.output[-4000:]}")
-        try:
-            value = check()
-            if value:
-                return value
-        except Exception as e:  # the table not printed yet, the gateway not yet listening
-            last = e
-        time.sleep(0.3)
-    raise RuntimeError(f"{what} not reached in {timeout:.0f} s ({last!r}); lorafn up printed:\n{stack.output[-4000:]}")
-
-
-@contextlib.contextmanager
-def running_stack(state: Path, *, workers: int, backbone: Path | None, env: Mapping[str, str]) -> Iterator[Stack]:
-    """`lorafn up --auto-ports` with its state in `state` and `env` given to its services (`--env`), until a call
-    of the bare backbone succeeds; stopped with SIGINT (as Ctrl-C) on exit."""
-    import httpx
-
-    from protocol import subjects
-
-    command = [sys.executable, "-m", "lorafn", "up", "--state-dir", str(state), "--auto-ports", "--workers", str(workers)]
-    if backbone is not None:
-        command += ["--backbone", str(backbone)]
-    for name, value in env.items():  # the services see only these LORAFN_* variables
-        command += ["--env", f"{name}={value}"]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "COLUMNS": "200"})
-    stack = Stack(proc, state)
-
-    def read() -> None:
-        assert proc.stdout is not None
-        for raw in proc.stdout:
-            stack.lines.append(raw.rstrip("\n"))
-
-    reader = threading.Thread(target=read, daemon=True, name="lorafn-up-output")
-    reader.start()
-    try:
-        found = _wait(stack, lambda: re.search(r"(http://[\d.]+:\d+)\s+\(OpenAI", stack.output),
-                      timeout=START_TIMEOUT_S, what="the stack's table")
-        stack.gateway = found.group(1)
-        stack.api_key = (state / "dev-api-key").read_text().strip()
-
-        def ready() -> bool:
-            with httpx.Client(base_url=stack.gateway, timeout=120,
-                              headers={"Authorization": f"Bearer {stack.api_key}"}) as client:
-                if client.get("/readyz").status_code != 200:
-                    return False
-                r = client.post(f"/v1/functions/{TENANT}/{subjects.BASE_ADAPTER}/invocations",
-                                json={"prompt": "warm up", "max_tokens": 2})
-                return r.status_code == 200
-
-        _wait(stack, ready, timeout=START_TIMEOUT_S, what="the gateway ready and a worker serving")
-        yield stack
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        reader.join(10)
-
-
 def _shown(path: Path) -> str:
     """`path` relative to the project's root when it is inside it, else its name."""
     try:
@@ -554,29 +465,13 @@ def simulate_policy(rows: Sequence[TraceRequest], policy: str, *, workers: int, 
                     seed: int = 0) -> sim.SimReport:
     """The compressed slice through the simulator with the live stack's policies and settings."""
     from scheduler.policy import AffinityRouter
-    from scheduler.predict import build_predictor
     from scheduler.service import core_config
-    from scheduler.settings import PlacementSettings, StagingSettings
-    from scheduler.staging import PredictiveStager
+    from scheduler.settings import PlacementSettings
+    from scheduler.staging import staging_policies
 
     staging = StagingSettings(predictor=policy, interval_s=interval_s, keep_alive_s=keep_alive_s)
     placement = PlacementSettings()
-    predictor, stager = None, None
-    if policy != "none":  # as scheduler.service.staging_policies builds them, the LSTM trained inline
-        histogram = {"bin_s": interval_s, "range_s": 240 * interval_s}
-        options: dict[str, Any] = {}
-        if policy == "lstm":
-            options = {"seed": seed}
-        elif policy == "histogram":
-            options = histogram
-        elif policy == "fallback":
-            options = {"members": {"lstm": {"seed": seed}, "histogram": histogram}}
-        predictor = build_predictor(policy, interval_s, **options)
-        defaults = PredictiveStager()
-        stager = PredictiveStager(device_at=staging.device_at,
-                                  device_release_at=min(defaults.device_release_at, staging.device_at),
-                                  host_at=staging.host_at, host_release_at=min(defaults.host_release_at, staging.host_at),
-                                  keep_alive_s=staging.keep_alive_s)
+    predictor, stager = staging_policies(staging, train="inline", seed=seed)  # as the service, the LSTM inline
     worker = sim.WorkerConfig(device_pool_bytes=budgets_.sim_device_bytes, host_cache_bytes=budgets_.sim_host_bytes)
     try:
         return sim.simulate(rows, workers=[worker] * workers, cost=cost, seed=seed,

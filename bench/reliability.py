@@ -53,13 +53,9 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -68,6 +64,9 @@ from typing import Any
 
 import httpx
 
+from bench import launcher
+from bench.launcher import CALL_TIMEOUT_S, TENANT, Stack, wait_until
+from lorafn.gateway_client import push_adapter
 from protocol import subjects
 
 log = logging.getLogger(__name__)
@@ -76,10 +75,7 @@ KINDS = ("sync", "async", "stream", "abandoned")
 FINAL = frozenset({"succeeded", "failed", "cancelled"})
 SERVICES = ("gateway", "scheduler", "worker-1", "worker-2")  # what chaos kills (names in stack.json)
 SERVER_STOP = {"nats": signal.SIGTERM, "postgres": signal.SIGINT}  # a server's own shutdown signal
-TENANT = "dev"  # the tenant `lorafn up` creates, with its key in <state>/dev-api-key
 PROMPT = "Tell me about reliability under load."
-START_TIMEOUT_S = 180.0
-CALL_TIMEOUT_S = 120.0
 POLL_S = 0.2
 BACKOFF_S = 1.0  # a caller's pause after a connection error
 RETRYABLE = frozenset({"connect_error", "connection_reset", "connection_dropped", "http_502", "http_503"})
@@ -350,107 +346,13 @@ def sample_processes(pids: Mapping[str, int], at_s: float) -> list[Sample]:
 # -- the stack: `lorafn up` as a child process -------------------------------------------------------------------
 
 
-@dataclass
-class Stack:
-    """A running `lorafn up --workers 2 --auto-ports` and what it printed (read by a thread)."""
-
-    proc: subprocess.Popen[str]
-    state: Path
-    lines: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=5000))
-    supervision: list[str] = field(default_factory=list)  # the launcher's exit and restart lines
-    gateway: str = ""
-    api_key: str = ""
-
-    @property
-    def output(self) -> str:
-        return "\n".join(self.lines)
-
-    def pids(self) -> dict[str, int]:
-        """Every process of the stack now: servers, services and the launcher."""
-        endpoints = json.loads((self.state / "stack.json").read_text())
-        return {**endpoints["pids"], "launcher": endpoints["launcher_pid"]}
-
-    def nats_url(self) -> str:
-        return str(json.loads((self.state / "stack.json").read_text())["nats_url"])
-
-    def database_url(self) -> str:
-        return str(json.loads((self.state / "stack.json").read_text())["database_url"])
-
-    def http(self, timeout: float = CALL_TIMEOUT_S) -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=self.gateway, timeout=timeout,
-                                 headers={"Authorization": f"Bearer {self.api_key}"},
-                                 limits=httpx.Limits(max_connections=64, max_keepalive_connections=16))
-
-
-def _wait(stack: Stack, check: Any, *, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    last: BaseException | None = None
-    while time.monotonic() < deadline:
-        if stack.proc.poll() is not None:
-            raise RuntimeError(f"lorafn up exited with code {stack.proc.returncode} waiting for {what}; its output:\n"
-                               f"{stack.output[-4000:]}")
-        try:
-            value = check()
-            if value:
-                return value
-        except Exception as e:  # stack.json mid-write, the gateway not yet listening
-            last = e
-        time.sleep(0.2)
-    raise RuntimeError(f"{what} not reached in {timeout:.0f} s ({last!r}); lorafn up printed:\n{stack.output[-4000:]}")
-
-
 @contextlib.contextmanager
 def running_stack(root: Path, backbone: Path, *, workers: int = 2) -> Iterator[Stack]:
-    """`lorafn up` on free ports with its state under `root`, serving `backbone`, until the gateway is ready and
-    a call of the bare backbone succeeds; stopped with Ctrl-C (SIGINT) on exit, as a user stops it."""
-    state = root / "state"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lorafn", "up", "--state-dir", str(state), "--auto-ports", "--workers", str(workers),
-         "--backbone", str(backbone)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        # Six services and the callers on a small machine: one compute thread each; a wide table, so that the
-        # gateway's address is printed on one line.
-        env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"},
-    )
-    stack = Stack(proc, state)
-
-    def read() -> None:
-        assert proc.stdout is not None
-        for raw in proc.stdout:
-            line = raw.rstrip("\n")
-            stack.lines.append(line)
-            if " exited with " in line or "restarted " in line or "restarting " in line:
-                stack.supervision.append(line)
-
-    reader = threading.Thread(target=read, daemon=True, name="lorafn-up-output")
-    reader.start()
-    try:
-        found = _wait(stack, lambda: re.search(r"(http://[\d.]+:\d+)\s+\(OpenAI", stack.output),
-                      timeout=START_TIMEOUT_S, what="the stack's table")
-        stack.gateway = found.group(1)
-        stack.api_key = (state / "dev-api-key").read_text().strip()
-        _wait(stack, lambda: set(SERVICES) <= set(stack.pids()), timeout=30, what="the services' pids")
-
-        def ready() -> bool:
-            with httpx.Client(base_url=stack.gateway, timeout=CALL_TIMEOUT_S,
-                              headers={"Authorization": f"Bearer {stack.api_key}"}) as client:
-                if client.get("/readyz").status_code != 200:
-                    return False
-                r = client.post(f"/v1/functions/{TENANT}/{subjects.BASE_ADAPTER}/invocations",
-                                json={"prompt": "warm up", "max_tokens": 2})
-                return r.status_code == 200
-
-        _wait(stack, ready, timeout=START_TIMEOUT_S, what="the gateway ready and a worker serving")
+    """`lorafn up` on free ports with its state under `root`, serving `backbone` (`bench.launcher`), one compute
+    thread per process (six services and the callers on a small machine), once every service has a pid."""
+    with launcher.running_stack(root / "state", workers=workers, backbone=backbone, one_thread=True) as stack:
+        wait_until(stack, lambda: set(SERVICES) <= set(stack.pids()), timeout=30, what="the services' pids")
         yield stack
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(120)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        reader.join(10)
 
 
 # -- load -----------------------------------------------------------------------------------------------------
@@ -603,10 +505,6 @@ class Load:
     async def _abandoned(self, http: httpx.AsyncClient, adapter: str, rng: random.Random) -> str:
         return await self._stream(http, adapter, rng, abandon_after=self.options.abandon_after_events)
 
-    async def push(self, http: httpx.AsyncClient, name: str, directory: Path) -> httpx.Response:
-        files = [("files", (p.name, p.read_bytes())) for p in sorted(directory.iterdir())]
-        return await http.post("/v1/adapters", data={"name": name}, files=files)
-
     async def churn(self) -> None:
         """Push an adapter of its own (every third one with the bytes of a stable adapter), call it once, delete
         it; the next step while the previous adapter's call may still run elsewhere."""
@@ -621,7 +519,7 @@ class Load:
                 for op in ("push", "call", "delete"):
                     try:
                         if op == "push":
-                            r = await self.push(http, name, source)
+                            r = await push_adapter(http, name, source)
                             outcome = "ok" if r.status_code in (200, 201) else _http_outcome(r)
                         elif op == "call":
                             outcome = await self._sync(http, name, rng)
@@ -641,7 +539,7 @@ async def push_stable(stack: Stack, load: Load) -> None:
     async with stack.http() as http:
         for name, directory in zip(load.stable, load.adapter_dirs, strict=False):
             for attempt in range(10):
-                r = await load.push(http, name, directory)
+                r = await push_adapter(http, name, directory)
                 if r.status_code in (200, 201):
                     break
                 log.warning("pushing %s answered %d (attempt %d): %s", name, r.status_code, attempt + 1, r.text)

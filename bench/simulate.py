@@ -92,8 +92,9 @@ from scheduler.policy import (
     ResidentView,
     Router,
 )
-from scheduler.predict import PREDICTORS, Predictor, build_predictor
-from scheduler.staging import GreedyDualEviction, PredictiveStager, Stager, TierCosts
+from scheduler.predict import PREDICTORS, Predictor
+from scheduler.settings import StagingSettings
+from scheduler.staging import GreedyDualEviction, PredictiveStager, Stager, TierCosts, staging_policies
 
 # SmolLM2-135M: 30 layers; LoRA A and B on q, k, v, o (hidden 576 -> 576 / kv 192) and gate, up, down (576 <-> 1536)
 SMOLLM2_LAYERS = 30
@@ -1152,20 +1153,10 @@ def build_staging(predictor: str, stager: str, *, interval_s: float, cost: CostM
         return None, None
     if stager == "none":
         raise ValueError(f"predictor {predictor!r} needs a stager: pre-staging runs both (--stager predictive)")
-    # the histogram's bins one interval wide over 240 intervals, as the scheduler service builds it
-    histogram = {"bin_s": interval_s, "range_s": 240 * interval_s}
-    options: dict[str, Any] = {}
-    if predictor == "oracle":
-        options["arrivals"] = arrivals(trace, ranks=ranks, seed=seed, adapter_ranks=adapter_ranks)
-    elif predictor == "lstm":
-        options["seed"] = seed
-    elif predictor == "histogram":
-        options = histogram
-    elif predictor == "fallback":
-        options["members"] = {"lstm": {"seed": seed}, "histogram": histogram}
     cap = max(1, round(PredictiveStager.max_stages_per_interval * workers * interval_s / 60.0))
-    return (build_predictor(predictor, interval_s, **options),
-            PredictiveStager(costs=cost.tier_costs(), max_stages_per_interval=cap))
+    future = arrivals(trace, ranks=ranks, seed=seed, adapter_ranks=adapter_ranks) if predictor == "oracle" else ()
+    return staging_policies(StagingSettings(predictor=predictor, interval_s=interval_s), train="inline", seed=seed,
+                            costs=cost.tier_costs(), max_stages_per_interval=cap, arrivals=future)
 
 
 def _ranks(text: str) -> tuple[int, ...]:

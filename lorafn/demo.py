@@ -37,6 +37,7 @@ from nats.aio.msg import Msg
 from rich.console import Console
 
 from lorafn.bootstrap import BootstrapResult, bootstrap
+from lorafn.gateway_client import header_float, push_adapter
 from lorafn.services import running_services
 from lorafn.stack import LocalStack, ManagedProcess, StackConfig, StackEndpoints, free_ports, free_stack_ports
 from protocol import subjects
@@ -50,7 +51,7 @@ from protocol.messages import (
     TokenChunk,
 )
 from protocol.nats_auth import tenant_inbox_prefix
-from storage.adapter_format import CONFIG_FILE, WEIGHTS_FILE, write_peft_adapter
+from storage.adapter_format import write_peft_adapter
 from storage.backbone import default_backbone_spec
 
 log = logging.getLogger(__name__)
@@ -162,9 +163,8 @@ async def push_adapters(http: httpx.AsyncClient, work: Path, console: Console) -
     for i, a in enumerate(DEMO_ADAPTERS):
         path = await asyncio.to_thread(write_peft_adapter, work / a.name, spec, rank=a.rank, modules=a.modules,
                                        seed=i, std=a.std)
-        files = [("files", (f, (path / f).read_bytes())) for f in (CONFIG_FILE, WEIGHTS_FILE)]
         t0 = time.perf_counter()
-        r = await http.post("/v1/adapters", data={"name": a.name}, files=files)
+        r = await push_adapter(http, a.name, path)
         ms = (time.perf_counter() - t0) * 1000
         if r.status_code not in (200, 201):
             raise DemoFailed(f"pushing {a.name} answered {r.status_code}: {r.text}")
@@ -182,13 +182,6 @@ def _ms(since: float) -> float:
     return (time.perf_counter() - since) * 1000
 
 
-def _float(value: str | None) -> float | None:
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
-
-
 async def call_openai(client: Any, model: str, console: Console) -> Outcome:
     """Chat completion over HTTP with the official openai client, streaming, tokens printed as they come."""
     out = Outcome(model, "openai")
@@ -198,7 +191,7 @@ async def call_openai(client: Any, model: str, console: Console) -> Outcome:
         temperature=0,
     ) as response:
         out.tier = response.headers.get("x-lorafn-adapter-tier")
-        out.load_ms = _float(response.headers.get("x-lorafn-load-ms"))
+        out.load_ms = header_float(response.headers, "x-lorafn-load-ms")
         parts: list[str] = []
         async for chunk in await response.parse():
             delta = chunk.choices[0].delta.content if chunk.choices else None
@@ -237,7 +230,7 @@ async def call_faas_async(http: httpx.AsyncClient, tenant: str, name: str) -> Ou
         raise DemoFailed(f"invocation {body['id']} failed: {body.get('error')}")
     out.text = body["output"]["text"]
     out.tier = r.headers.get("x-lorafn-adapter-tier")
-    out.load_ms = _float(r.headers.get("x-lorafn-load-ms"))
+    out.load_ms = header_float(r.headers, "x-lorafn-load-ms")
     out.ttft_ms = (body.get("timings") or {}).get("first_token_ms")  # measured by the worker from submission
     return out
 

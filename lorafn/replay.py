@@ -58,6 +58,7 @@ import typer
 from rich.console import Console
 
 from bench.traces import TraceError, TraceRequest, load_trace
+from lorafn.gateway_client import header_float, push_adapter
 
 if TYPE_CHECKING:
     from storage.backbone import BackboneSpec
@@ -330,17 +331,10 @@ def _error_of(response_body: bytes) -> tuple[str | None, str]:
         return None, response_body[:300].decode(errors="replace")
 
 
-def _float(value: str | None) -> float | None:
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
-
-
 def _headers(record: CallRecord, headers: httpx.Headers) -> None:
     record.invocation_id = headers.get("x-lorafn-invocation-id") or record.invocation_id
     record.tier = headers.get("x-lorafn-adapter-tier") or record.tier
-    load = _float(headers.get("x-lorafn-load-ms"))
+    load = header_float(headers, "x-lorafn-load-ms")
     record.load_ms = load if load is not None else record.load_ms
 
 
@@ -495,7 +489,7 @@ async def provision(client: httpx.AsyncClient, plan: Plan, spec: BackboneSpec, w
                     log: Callable[[str], None]) -> tuple[str, dict[str, str]]:
     """Reuse or push the plan's adapters (module docstring, step 2); (the caller's tenant, name -> what was
     done: "reused", "pushed" or "pushed (new version)")."""
-    from storage.adapter_format import CONFIG_FILE, WEIGHTS_FILE, write_peft_adapter
+    from storage.adapter_format import write_peft_adapter
 
     await _check_gateway(client, spec)
     listed = (await client.get("/v1/adapters")).json()["data"]
@@ -510,9 +504,8 @@ async def provision(client: httpx.AsyncClient, plan: Plan, spec: BackboneSpec, w
             continue
         path = await asyncio.to_thread(write_peft_adapter, work / a.name, spec, rank=a.rank, modules=ADAPTER_MODULES,
                                        seed=zlib.crc32(a.name.encode()), std=ADAPTER_STD)
-        files = [("files", (f, (path / f).read_bytes())) for f in (CONFIG_FILE, WEIGHTS_FILE)]
         t0 = time.perf_counter()
-        response = await client.post("/v1/adapters", data={"name": a.name}, files=files)
+        response = await push_adapter(client, a.name, path)
         if response.status_code not in (200, 201):
             raise ReplayError(f"pushing {a.name} (rank {a.rank}) answered {response.status_code}: "
                               f"{_error_of(response.content)[1]}")

@@ -331,7 +331,7 @@ class Dispatcher:
         if self.core.predictor is not None:
             new = min(self.core.intervals_closed - self._intervals_seen, len(self.core.intervals))
             self._intervals_seen = self.core.intervals_closed
-            records = list(self.core.intervals)[len(self.core.intervals) - new:] if new else []
+            records = [self.core.intervals[-k] for k in range(new, 0, -1)]  # the newest, without copying them all
             active = getattr(self.core.predictor, "active", None)
             metrics.observe_staging(records, active=active if isinstance(active, str) else self.core.predictor.name,
                                     workers_needed=self.core.workers_needed, switches=switches)

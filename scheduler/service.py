@@ -56,9 +56,9 @@ from scheduler.dispatcher import AdapterDirectory, Dispatcher
 from scheduler.metrics import MetricsEndpoint, SchedulerMetrics, serve_metrics
 from scheduler.nats_callout import NatsCallout
 from scheduler.policy import AffinityRouter, Router
-from scheduler.predict import Predictor, build_predictor
+from scheduler.predict import Predictor
 from scheduler.settings import PlacementSettings, SchedulerSettings, StagingSettings
-from scheduler.staging import PredictiveStager, Stager
+from scheduler.staging import PredictiveStager, Stager, staging_policies
 from scheduler.state import WarmState
 from storage import repo
 from storage.models import InvocationStatus
@@ -76,29 +76,6 @@ def core_config(cfg: PlacementSettings, staging: StagingSettings | None = None) 
         unknown_adapter_grace_s=cfg.unknown_adapter_grace_s, queue_per_worker=cfg.queue_per_worker,
         max_epochs=cfg.max_epochs, staging_interval_s=staging.interval_s, service_s=staging.service_s,
     )
-
-
-def staging_policies(cfg: StagingSettings) -> tuple[Predictor | None, Stager | None]:
-    """The predictor and stager the settings name ((None, None) for `predictor: none`). A live LSTM trains in
-    a background thread, so that the dispatcher never waits for it."""
-    if cfg.predictor == "none":
-        return None, None
-    # The histogram's bins are one interval wide over 240 intervals (1-minute bins over 4 hours at the default
-    # interval), so that a time-compressed replay with a shorter interval keeps the policy's shape.
-    histogram = {"bin_s": cfg.interval_s, "range_s": 240 * cfg.interval_s}
-    options: dict[str, Any] = {}
-    if cfg.predictor == "lstm":
-        options = {"train": "background"}
-    elif cfg.predictor == "histogram":
-        options = histogram
-    elif cfg.predictor == "fallback":
-        options = {"members": {"lstm": {"train": "background"}, "histogram": histogram}}
-    predictor = build_predictor(cfg.predictor, cfg.interval_s, **options)
-    defaults = PredictiveStager()
-    stager = PredictiveStager(device_at=cfg.device_at, device_release_at=min(defaults.device_release_at, cfg.device_at),
-                              host_at=cfg.host_at, host_release_at=min(defaults.host_release_at, cfg.host_at),
-                              keep_alive_s=cfg.keep_alive_s)
-    return predictor, stager
 
 
 # A resident adapter's last use is written to Postgres when it moved by this much (a row per adapter and second

@@ -45,10 +45,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from protocol.messages import Tier
 from scheduler.policy import AdapterSpec, ResidentView
+from scheduler.predict import Predictor, build_predictor
+
+if TYPE_CHECKING:
+    from scheduler.settings import StagingSettings
 
 # -- costs ---------------------------------------------------------------------------------------------------
 
@@ -475,3 +479,36 @@ def workers_needed(expected_calls: Mapping[str, float], *, interval_s: float, se
 def _ceil(x: float) -> int:
     """ceil, forgiving the last bits of float error (2.0000000000000004 workers are 2)."""
     return math.ceil(x - 1e-9)
+
+
+def staging_policies(cfg: StagingSettings, *, train: Literal["background", "inline"] = "background", seed: int = 0,
+                     costs: TierCosts | None = None, max_stages_per_interval: int | None = None,
+                     arrivals: Sequence[tuple[float, str]] = ()) -> tuple[Predictor | None, PredictiveStager | None]:
+    """The predictor and stager the staging settings name ((None, None) for `predictor: none`), for the live
+    scheduler and the simulator alike. `train`: how an LSTM trains (live: a background thread, so that the
+    dispatcher never waits for it; the simulator: inline, deterministic for `seed`); `arrivals`: the oracle's
+    future; `costs`, `max_stages_per_interval`: the stager's (default: its own)."""
+    if cfg.predictor == "none":
+        return None, None
+    # The histogram's bins are one interval wide over 240 intervals (1-minute bins over 4 hours at the default
+    # interval), so that a time-compressed replay with a shorter interval keeps the policy's shape.
+    histogram = {"bin_s": cfg.interval_s, "range_s": 240 * cfg.interval_s}
+    lstm: dict[str, Any] = {"train": "background"} if train == "background" else {"seed": seed}
+    options: dict[str, Any] = {}
+    if cfg.predictor == "lstm":
+        options = lstm
+    elif cfg.predictor == "histogram":
+        options = histogram
+    elif cfg.predictor == "fallback":
+        options = {"members": {"lstm": lstm, "histogram": histogram}}
+    elif cfg.predictor == "oracle":
+        options = {"arrivals": arrivals}
+    defaults = PredictiveStager()
+    stager = PredictiveStager(
+        device_at=cfg.device_at, device_release_at=min(defaults.device_release_at, cfg.device_at),
+        host_at=cfg.host_at, host_release_at=min(defaults.host_release_at, cfg.host_at),
+        keep_alive_s=cfg.keep_alive_s, costs=costs or defaults.costs,
+        max_stages_per_interval=defaults.max_stages_per_interval if max_stages_per_interval is None
+        else max_stages_per_interval,
+    )
+    return build_predictor(cfg.predictor, cfg.interval_s, **options), stager

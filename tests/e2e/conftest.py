@@ -32,26 +32,22 @@ import nats
 import pytest
 import pytest_asyncio
 import torch
-import uvicorn
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js.client import JetStreamContext
-from nats.js.errors import NotFoundError
 from openai import AsyncOpenAI
 
-from gateway.app import create_app
 from gateway.settings import GatewayOptions, GatewaySettings, LimitSettings
 from lorafn.services import child_env
 from protocol import subjects
 from protocol.messages import Heartbeat, InvocationResult, InvocationStarted
-from protocol.streams import ensure_streams
 from scheduler.service import SchedulerService
 from scheduler.settings import PlacementSettings, SchedulerSettings, StagingSettings
-from storage import repo
 from storage.adapter_format import load_canonical, write_peft_adapter
 from storage.backbone import BackboneSpec
 from storage.objectstore import ObjectStore
 from storage.settings import DatabaseSettings, ObjectStoreSettings, RegistrySettings
+from tests.stacks import clean_invocations_stream, start_gateway, stop_gateway, tenant_key
 from workers.adapters import lora_weights_from_parsed
 from workers.batcher import Completion
 from workers.engine import Engine, EngineSettings
@@ -330,30 +326,6 @@ def e2e_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                max_position_embeddings=4096)
 
 
-async def clean_invocations_stream(js: JetStreamContext) -> None:
-    """Delete every consumer of the invocations stream (their workers are gone) and purge it."""
-    await ensure_streams(js)
-    for consumer in await js.consumers_info(subjects.INVOCATIONS_STREAM):
-        with contextlib.suppress(NotFoundError):
-            await js.delete_consumer(subjects.INVOCATIONS_STREAM, consumer.name)
-    await js.purge_stream(subjects.INVOCATIONS_STREAM)
-
-
-async def _start_gateway(settings: GatewaySettings) -> tuple[str, Any, uvicorn.Server, asyncio.Task[None]]:
-    app = create_app(settings)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
-    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]  # keep pytest's Ctrl-C
-    task = asyncio.create_task(server.serve())
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if task.done():
-            task.result()
-        assert time.monotonic() < deadline, "the gateway did not start"
-        await asyncio.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    return f"http://127.0.0.1:{port}", app, server, task
-
-
 @pytest_asyncio.fixture(scope="module")
 async def cluster(services: Any, e2e_backbone: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Cluster]:
     root = tmp_path_factory.mktemp("e2e-cluster")
@@ -370,13 +342,7 @@ async def cluster(services: Any, e2e_backbone: Path, tmp_path_factory: pytest.Te
     await clean_invocations_stream(js)
 
     tenant = f"e2e{secrets.token_hex(4)}"
-    engine = repo.create_engine(database)
-    try:
-        async with repo.session_factory(engine)() as session, session.begin():
-            row = await repo.create_tenant(session, name=tenant)
-            api_key = await repo.create_api_key(session, tenant=row)
-    finally:
-        await engine.dispose()
+    api_key = await tenant_key(database, tenant)
 
     # The gateway, the scheduler and the workers each connect as their own NATS user, with its permissions.
     settings = GatewaySettings(
@@ -387,7 +353,7 @@ async def cluster(services: Any, e2e_backbone: Path, tmp_path_factory: pytest.Te
         gateway=GatewayOptions(limits=LimitSettings(sync_timeout_s=90.0, unavailable_retry_after_s=3),
                                nats_reconnect_wait_s=0.2),
     )
-    url, app, server, server_task = await _start_gateway(settings)
+    url, app, server, server_task = await start_gateway(settings)
     c = Cluster(services=services, backbone=e2e_backbone, spec=BackboneSpec.from_hf_dir(e2e_backbone),
                 store_settings=store_settings, store=store, database=database, gateway_url=url, gateway_app=app,
                 tenant=tenant, api_key=api_key, nc=nc, js=js, logs=logs)
@@ -429,9 +395,8 @@ async def cluster(services: Any, e2e_backbone: Path, tmp_path_factory: pytest.Te
         stop.set()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(scheduler_task, 15)
-        server.should_exit = True
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(server_task, 15)
+            await stop_gateway(server, server_task)
         with contextlib.suppress(Exception):
             await clean_invocations_stream(js)
         await nc.close()

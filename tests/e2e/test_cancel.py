@@ -28,6 +28,7 @@ from protocol import subjects
 from protocol.messages import Heartbeat
 from storage import repo
 from tests.e2e.conftest import WORKERS, Cluster, wait_for
+from tests.stacks import tenant_key
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -159,13 +160,7 @@ async def test_a_disconnected_sync_call_frees_its_slot_within_a_second(cluster: 
 
 
 async def test_the_cancel_endpoint_stops_a_running_invocation(cluster: Cluster, beats: Beats) -> None:
-    engine = repo.create_engine(cluster.database)
-    try:
-        async with repo.session_factory(engine)() as session, session.begin():
-            stranger = await repo.create_tenant(session, name=f"{cluster.tenant}x")
-            stranger_key = await repo.create_api_key(session, tenant=stranger)
-    finally:
-        await engine.dispose()
+    stranger_key = await tenant_key(cluster.database, f"{cluster.tenant}x")
     seen = len(cluster.started)
     async with cluster.http() as http, httpx.AsyncClient(
         base_url=cluster.gateway_url, headers={"Authorization": f"Bearer {stranger_key}"}) as other:

@@ -10,39 +10,21 @@ Only what cannot be the same here is replaced: the gateway's address (http://127
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import re
-import secrets
 import shlex
 import shutil
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import nats
 import pytest
 import pytest_asyncio
-import uvicorn
-from nats.js.errors import NotFoundError
 
-from gateway.app import create_app
-from gateway.settings import GatewayOptions, GatewaySettings, LimitSettings
-from protocol import subjects
-from protocol.settings import NatsSettings
-from protocol.streams import ensure_streams
-from scheduler.service import SchedulerService
-from scheduler.settings import SchedulerSettings
-from storage import repo
 from storage.adapter_format import write_peft_adapter
 from storage.backbone import BackboneSpec
-from storage.objectstore import ObjectStore
-from storage.settings import DatabaseSettings, ObjectStoreSettings, RegistrySettings
-from workers.service import open_worker
-from workers.settings import WorkerSettings
-from workers.tiny import write_tiny_backbone
+from tests.stacks import in_process_stack
 
 pytestmark = [pytest.mark.timeout(240),
               pytest.mark.skipif(shutil.which("curl") is None, reason="runs the README's examples with curl")]
@@ -70,64 +52,11 @@ class Stack:
 
 @pytest_asyncio.fixture
 async def stack(services: Any, tmp_path: Path) -> AsyncIterator[Stack]:
-    backbone = await asyncio.to_thread(write_tiny_backbone, tmp_path / "backbone", max_position_embeddings=512)
-    adapter_dir = write_peft_adapter(tmp_path / "adapter", BackboneSpec.from_hf_dir(backbone), rank=4,
-                                     modules=("q_proj", "v_proj"), seed=5)
-    store_settings = ObjectStoreSettings(endpoint=services.s3_endpoint, access_key=services.s3_access_key,
-                                         secret_key=services.s3_secret_key, bucket=f"readme-{secrets.token_hex(6)}")
-    await asyncio.to_thread(ObjectStore(store_settings).ensure_bucket)
-    database = DatabaseSettings(url=services.database_url)
-    engine = repo.create_engine(database)
-    try:
-        async with repo.session_factory(engine)() as session, session.begin():
-            tenant = await repo.get_or_create_tenant(session, name="dev")
-            key = await repo.create_api_key(session, tenant=tenant)
-    finally:
-        await engine.dispose()
-    nc = await nats.connect(services.nats_url)
-    js = nc.jetstream()
-    await ensure_streams(js)
-    for consumer in await js.consumers_info(subjects.INVOCATIONS_STREAM):  # left by other modules' workers
-        with contextlib.suppress(NotFoundError):
-            await js.delete_consumer(subjects.INVOCATIONS_STREAM, consumer.name)
-    await js.purge_stream(subjects.INVOCATIONS_STREAM)
-    await nc.close()
-
-    gateway_settings = GatewaySettings(
-        nats=NatsSettings(url=services.nats_url, connect_timeout_s=1), database=database, object_store=store_settings,
-        registry=RegistrySettings(backbone_hf_dir=backbone),
-        gateway=GatewayOptions(limits=LimitSettings(sync_timeout_s=120.0)),
-    )
-    server = uvicorn.Server(uvicorn.Config(create_app(gateway_settings), host="127.0.0.1", port=0,
-                                           log_level="warning", lifespan="on"))
-    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]  # keep pytest's Ctrl-C
-    serving_http = asyncio.create_task(server.serve())
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if serving_http.done():
-            serving_http.result()
-        assert time.monotonic() < deadline, "the gateway did not start"
-        await asyncio.sleep(0.02)
-    url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-
-    worker_settings = WorkerSettings(
-        worker_id=f"readme-{secrets.token_hex(3)}", nats={"url": services.nats_url}, object_store=store_settings,
-        backbone={"path": backbone}, engine={"kv_cache_bytes": 8 << 20, "adapter_pool_bytes": 1 << 20},
-        host_cache={"directory": tmp_path / "cache"},
-    )
-    scheduler = SchedulerService(SchedulerSettings(nats={"url": services.nats_url}, database=database))
-    stop = asyncio.Event()
-    try:
-        async with open_worker(worker_settings) as worker:
-            tasks = [asyncio.create_task(worker.run(stop)), asyncio.create_task(scheduler.run(stop))]
-            try:
-                yield Stack(url=url, key=key, adapter_dir=adapter_dir)
-            finally:
-                stop.set()
-                await asyncio.wait_for(asyncio.gather(*tasks), 30)
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(serving_http, 15)
+    async with in_process_stack(services, tmp_path, tenant="dev", adapter_pool_bytes=1 << 20,
+                                max_position_embeddings=512) as s:
+        adapter_dir = write_peft_adapter(tmp_path / "adapter", BackboneSpec.from_hf_dir(s.backbone), rank=4,
+                                         modules=("q_proj", "v_proj"), seed=5)
+        yield Stack(url=s.url, key=s.key, adapter_dir=adapter_dir)
 
 
 async def _curl(argv: list[str], *, cwd: Path) -> tuple[int, Any]:

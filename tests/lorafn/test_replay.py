@@ -5,26 +5,18 @@ services. Pure parts (the plan, the summary, the prompt's length in tokens) are 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import secrets
-import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
-import nats
 import pytest
 import pytest_asyncio
-import uvicorn
-from nats.js.errors import NotFoundError
 from typer.testing import CliRunner
 
 from bench.traces import TraceRequest, write_trace
-from gateway.app import create_app
-from gateway.settings import GatewayOptions, GatewaySettings, LimitSettings
 from lorafn.cli import app
 from lorafn.replay import (
     RANK_CYCLE,
@@ -37,17 +29,8 @@ from lorafn.replay import (
     summarise,
     synthetic_prompt,
 )
-from protocol import subjects
-from protocol.settings import NatsSettings
-from protocol.streams import ensure_streams
-from scheduler.service import SchedulerService
-from scheduler.settings import SchedulerSettings, StagingSettings
-from storage import repo
-from storage.objectstore import ObjectStore
-from storage.settings import DatabaseSettings, ObjectStoreSettings, RegistrySettings
-from workers.service import open_worker
-from workers.settings import WorkerSettings
-from workers.tiny import write_tiny_backbone
+from scheduler.settings import StagingSettings
+from tests.stacks import InProcessStack, in_process_stack
 from workers.tokenizer import Tokenizer
 
 SPEED = 4.0
@@ -148,81 +131,15 @@ def test_a_synthetic_prompt_is_as_many_tokens_as_words() -> None:
 # -- against a running stack ----------------------------------------------------------------------------------------
 
 
-@dataclass
-class Stack:
-    url: str
-    key: str
-    backbone: Path
-
-
 @pytest_asyncio.fixture(scope="module")
-async def stack(services: Any, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
-    root = tmp_path_factory.mktemp("replay")
-    backbone = await asyncio.to_thread(write_tiny_backbone, root / "backbone")
-    store_settings = ObjectStoreSettings(endpoint=services.s3_endpoint, access_key=services.s3_access_key,
-                                         secret_key=services.s3_secret_key, bucket=f"replay-{secrets.token_hex(6)}")
-    await asyncio.to_thread(ObjectStore(store_settings).ensure_bucket)
-    database = DatabaseSettings(url=services.database_url)
-    engine = repo.create_engine(database)
-    try:
-        async with repo.session_factory(engine)() as session, session.begin():
-            tenant = await repo.get_or_create_tenant(session, name=f"replay-{secrets.token_hex(3)}")
-            key = await repo.create_api_key(session, tenant=tenant)
-    finally:
-        await engine.dispose()
-    nc = await nats.connect(services.nats_url)
-    js = nc.jetstream()
-    await ensure_streams(js)
-    for consumer in await js.consumers_info(subjects.INVOCATIONS_STREAM):  # left by other modules' workers
-        with contextlib.suppress(NotFoundError):
-            await js.delete_consumer(subjects.INVOCATIONS_STREAM, consumer.name)
-    await js.purge_stream(subjects.INVOCATIONS_STREAM)
-    await nc.close()
-
-    gateway_settings = GatewaySettings(
-        nats=NatsSettings(url=services.nats_url, connect_timeout_s=1), database=database, object_store=store_settings,
-        registry=RegistrySettings(backbone_hf_dir=backbone),
-        gateway=GatewayOptions(limits=LimitSettings(sync_timeout_s=120.0)),
-    )
-    server = uvicorn.Server(uvicorn.Config(create_app(gateway_settings), host="127.0.0.1", port=0,
-                                           log_level="warning", lifespan="on"))
-    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]  # keep pytest's Ctrl-C
-    serving_http = asyncio.create_task(server.serve())
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if serving_http.done():
-            serving_http.result()
-        assert time.monotonic() < deadline, "the gateway did not start"
-        await asyncio.sleep(0.02)
-    url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-
-    worker_settings = WorkerSettings(
-        worker_id=f"replay-{secrets.token_hex(3)}", nats={"url": services.nats_url}, object_store=store_settings,
-        backbone={"path": backbone}, engine={"kv_cache_bytes": 8 << 20, "adapter_pool_bytes": 8 << 20},
-        host_cache={"directory": root / "cache"},
-    )
+async def stack(services: Any, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[InProcessStack]:
     # tiers are asserted where the calls left them: no predictive pre-staging moving adapters between tiers
-    scheduler = SchedulerService(SchedulerSettings(nats={"url": services.nats_url}, database=database,
-                                                   staging=StagingSettings(predictor="none")))
-    stop = asyncio.Event()
-    try:
-        async with open_worker(worker_settings) as worker:
-            tasks = [asyncio.create_task(worker.run(stop)), asyncio.create_task(scheduler.run(stop))]
-            try:
-                async with httpx.AsyncClient(base_url=url, timeout=60,
-                                             headers={"Authorization": f"Bearer {key}"}) as http:
-                    warm = await http.post("/v1/completions", json={"model": "base", "prompt": "hi", "max_tokens": 2})
-                    assert warm.status_code == 200, warm.text  # the worker serves: the stack is up end to end
-                yield Stack(url=url, key=key, backbone=backbone)
-            finally:
-                stop.set()
-                await asyncio.wait_for(asyncio.gather(*tasks), 30)
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(serving_http, 15)
+    async with in_process_stack(services, tmp_path_factory.mktemp("replay"), tenant=f"replay-{secrets.token_hex(3)}",
+                                staging=StagingSettings(predictor="none")) as s:
+        yield s
 
 
-async def replay(stack: Stack, trace: Path, report: Path, *args: str) -> tuple[int, str, dict[str, Any]]:
+async def replay(stack: InProcessStack, trace: Path, report: Path, *args: str) -> tuple[int, str, dict[str, Any]]:
     """`lorafn replay` against the stack, in a thread (it runs its own event loop); (exit code, output, report)."""
     argv = ["replay", str(trace), "--gateway", stack.url, "--api-key", stack.key, "--backbone", str(stack.backbone),
             "--report", str(report), *args]
@@ -242,7 +159,7 @@ def short_trace() -> list[TraceRequest]:
     return rows
 
 
-async def test_replay_records_every_call_cold_then_warm(stack: Stack, tmp_path: Path) -> None:
+async def test_replay_records_every_call_cold_then_warm(stack: InProcessStack, tmp_path: Path) -> None:
     trace, report = tmp_path / "trace.csv", tmp_path / "out" / "replay.json"
     rows = short_trace()
     write_trace(trace, rows)
@@ -279,7 +196,7 @@ async def test_replay_records_every_call_cold_then_warm(stack: Stack, tmp_path: 
     assert report.with_suffix(".md").read_text() in output
 
 
-async def test_a_second_replay_reuses_the_adapters_and_counts_failures(stack: Stack, tmp_path: Path) -> None:
+async def test_a_second_replay_reuses_the_adapters_and_counts_failures(stack: InProcessStack, tmp_path: Path) -> None:
     trace, report = tmp_path / "trace.csv", tmp_path / "replay.json"
     write_trace(trace, [TraceRequest(0.0, "acme", "chat", 5, 3), TraceRequest(0.1, "acme", "code", 5, 3),
                         TraceRequest(0.2, "acme", "chat", 3000, 3),  # longer than the backbone's 2,048 positions
