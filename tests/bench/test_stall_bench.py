@@ -20,7 +20,8 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Backbone:
 
 
 def test_the_benchmark_loads_in_both_modes_while_the_batch_decodes(tiny: Backbone, tmp_path: Path) -> None:
-    settings = StallSettings(requests=2, prompt_tokens=4, new_tokens=6, ranks=(4, 8), rounds=2, gap_steps=2,
+    # long generations: a resubmitted request's prefill step is left out of the figures, so prefills are kept rare
+    settings = StallSettings(requests=2, prompt_tokens=4, new_tokens=32, ranks=(4, 8), rounds=2, gap_steps=2,
                              steady_rank=2)
     prompts = torch.randint(0, 200, (2, 4), generator=torch.Generator().manual_seed(0)).tolist()
     (tmp_path / "work").mkdir()
@@ -36,10 +37,12 @@ def test_the_benchmark_loads_in_both_modes_while_the_batch_decodes(tiny: Backbon
     assert set(rows) == {(rank, mode) for rank in (4, 8) for mode in MODES}
     for r in rows.values():
         assert r["loads"] == settings.rounds and len(r["load_ms"]) == settings.rounds
-        assert r["steps"] == len(r["period_ms"]) >= settings.rounds, "every load overlaps a step"
+        assert r["steps"] == len(r["period_ms"])
         assert 0 < r["p50_ms"] <= r["p99_ms"] <= r["max_ms"]
         assert r["stall_max_ms"] == pytest.approx(r["max_ms"] - written["idle"]["p50_ms"])
         assert r["engine_thread_ms_per_load"] >= 0 and len(r["engine_thread_ms"]) == len(r["delay_ms"]) == r["loads"]
+    # which periods a load overlaps is timing (a load that falls within a prefill step overlaps none counted)
+    assert sum(r["steps"] for r in rows.values()) >= len(rows), "loads overlapped decode steps"
     assert written["idle"]["steps"] > 0 and written["idle"]["p50_ms"] > 0
     assert [r["rank"] for r in written["ratios"]] == [4, 8]
     assert all(r["max_period_ratio"] > 0 for r in written["ratios"])
