@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from protocol.messages import ErrorCode, Tier
+from scheduler.placement import Demand, PlacementPlan, PlaceWorker, Replanning
 from scheduler.policy import AdapterSpec, AffinityRouter, CallView, Residency, Route, Router, WorkerView
 from scheduler.staging import HeldView, Stager, StageView, workers_needed
 
@@ -221,6 +222,10 @@ class CoreConfig:
     service_s: float = 2.0  # expected seconds of one call, for the workers-needed signal
     max_gap_intervals: int = 100_000  # empty intervals observed one by one after a silence; beyond, skipped
     forget_adapter_s: float = 30 * 86_400.0  # a version neither called nor held for this long is not scored
+    placement_interval_s: float = 30.0  # a placing router (`scheduler.placement`) is replanned this often ...
+    placement_min_interval_s: float = 5.0  # ... and early, at most this often, when demand drifts by
+    placement_drift: float = 0.25  # this share of the planned load
+    placement_window_s: float = 120.0  # the demand a plan is made for: decode tokens/s over this much history
 
 
 @dataclass
@@ -297,6 +302,19 @@ class SchedulerCore:
         self.intervals: deque[IntervalRecord] = deque(maxlen=self.config.interval_records)
         self.workers_needed = 0
         self.intervals_closed = 0  # IntervalRecords made so far (drivers read the new ones from `intervals`)
+        # Placement (a router that replans from demand): the recent first dispatches (at, version, tokens),
+        # their sums per version, and when the next plan is due.
+        self.placer: Replanning | None = self.router if isinstance(self.router, Replanning) else None
+        self._recent: deque[tuple[float, str, int]] = deque()
+        self._recent_tokens: Counter[str] = Counter()
+        self._recent_specs: dict[str, AdapterSpec] = {}
+        self._demand_since: float | None = None
+        self._next_plan = 0.0
+        self._last_plan_at = -math.inf
+        self.plan: PlacementPlan | None = None
+        self._planned_tokens_per_s = 0.0
+        self._recent_total = 0
+        self.plans = 0
 
     # -- the one entry point ---------------------------------------------------------------------------------
 
@@ -304,6 +322,8 @@ class SchedulerCore:
         """Apply one event; the commands it calls for, in order (the staging commands of intervals that ended
         come first, or right after a Tick's own)."""
         self.now = max(self.now, event.at)
+        if self.placer is not None and self._plan_due():
+            self._replan()
         if self.predictor is not None and (self._interval_end is None or self.now >= self._interval_end):
             if isinstance(event, Tick):  # gone workers and expired placements are settled before the plan
                 done = self._apply(event)
@@ -399,6 +419,13 @@ class SchedulerCore:
             return [Defer(e.invocation_id, e.at + self.config.defer_s, reason)]
         self._assign(e.invocation_id, route.worker_id, e.adapter.version if e.adapter else None, e.at)
         self.decisions[route.reason] += 1
+        if self.placer is not None and e.adapter is not None and e.epoch == 1:
+            self._recent.append((e.at, e.adapter.version, max(1, e.max_tokens)))
+            self._recent_tokens[e.adapter.version] += max(1, e.max_tokens)
+            self._recent_total += max(1, e.max_tokens)
+            self._recent_specs[e.adapter.version] = e.adapter
+            if self._demand_since is None:
+                self._demand_since = e.at
         if self.predictor is not None and e.adapter is not None and e.epoch == 1:
             self._counts[e.adapter.version] += 1
             self._adapters[e.adapter.version] = (e.adapter, e.at)
@@ -504,6 +531,55 @@ class SchedulerCore:
                 del self._placing[version]
         return commands
 
+
+    # -- placement ---------------------------------------------------------------------------------------------
+
+    def demand(self) -> list[Demand]:
+        """Each recently called version's decode tokens/s over the last `placement_window_s` (or since the first
+        call, when that is shorter, but at least `placement_min_interval_s`)."""
+        self._prune_demand()
+        span = self._demand_span()
+        return [Demand(self._recent_specs[v], t / span) for v, t in sorted(self._recent_tokens.items())]
+
+    def _demand_span(self) -> float:
+        since = self._demand_since if self._demand_since is not None else self.now
+        return max(min(self.config.placement_window_s, self.now - since), self.config.placement_min_interval_s)
+
+    def _prune_demand(self) -> None:
+        horizon = self.now - self.config.placement_window_s
+        while self._recent and self._recent[0][0] < horizon:
+            _, version, tokens = self._recent.popleft()
+            self._recent_total -= tokens
+            self._recent_tokens[version] -= tokens
+            if self._recent_tokens[version] <= 0:
+                del self._recent_tokens[version]
+                self._recent_specs.pop(version, None)
+
+    def _plan_due(self) -> bool:
+        """A plan is due every `placement_interval_s`, and early (at most every `placement_min_interval_s`) when
+        the total demand moved by more than `placement_drift` of what the current plan was made for."""
+        if self.now >= self._next_plan:
+            return True
+        if self.plan is None or self.now - self._last_plan_at < self.config.placement_min_interval_s:
+            return False
+        self._prune_demand()
+        now, planned = self._recent_total / self._demand_span(), self._planned_tokens_per_s
+        return abs(now - planned) > self.config.placement_drift * max(planned, 1.0)
+
+    def _replan(self) -> None:
+        assert self.placer is not None
+        demand = self.demand()
+        workers = [PlaceWorker(worker_id, w.report.max_rank, w.report.device_bytes)
+                   for worker_id, w in sorted(self._workers.items()) if not w.report.draining]
+        if not demand or not workers:  # nothing to plan for yet: look again soon
+            self._next_plan = self.now + self.config.placement_min_interval_s
+            return
+        self._next_plan = self.now + self.config.placement_interval_s
+        self._last_plan_at = self.now
+        self.plan = self.placer.replan(self.now, demand, workers)
+        self._planned_tokens_per_s = sum(d.tokens_per_s for d in demand)
+        self.plans += 1
+        self.decisions["replan"] += 1
 
     # -- pre-staging -------------------------------------------------------------------------------------------
 
