@@ -45,7 +45,8 @@ while N is measured) calls rotating over N adapters (call i goes to adapter i mo
 through the gateway (lean client), the two interleaved in rounds, the same number of calls and callers for
 every N, after a warm-up that calls each adapter once: invocations/s and p50/p99 per N, their ratios to the
 first N (the target: within 10%), the JetStream consumers of each stream and each echo worker's NATS
-subscriptions (neither may grow with N).
+subscriptions (neither may grow with N), and the bytes an echo worker published per heartbeat during N's
+warm-up (the largest over the workers; the residency's changes every heartbeat, the whole of it every fifth).
 
 `run()` starts NATS, Postgres and S3 with the `lorafn up` launcher on free ports in a temporary directory;
 `measure()` takes running servers (the test fixtures' for the smoke test).
@@ -99,6 +100,7 @@ from protocol.messages import (
     TokenChunk,
     Usage,
 )
+from protocol.residency import ResidencySender, residency_headers
 from protocol.results import record_result
 from protocol.streams import ALL_STREAMS, ensure_streams
 from storage.settings import ObjectStoreSettings
@@ -332,6 +334,8 @@ class EchoWorker(EchoPeer):
     heartbeat_s: float = ECHO_HEARTBEAT_S
     started_at: float = field(default_factory=time.time)
     held: dict[str, float] = field(default_factory=dict)  # version -> last used (unix seconds)
+    residency: ResidencySender = field(default_factory=ResidencySender)  # full residency or the changes
+    sent_bytes: list[int] = field(default_factory=lambda: [0, 0])  # heartbeat bytes, heartbeats (since stats)
     _beats: asyncio.Task[None] | None = None
 
     @classmethod
@@ -353,7 +357,11 @@ class EchoWorker(EchoPeer):
         )
 
     async def beat(self, *, gone: bool = False) -> None:
-        await self.nc.publish(subjects.worker_event(self.worker_id), self.heartbeat(gone=gone).encode())
+        for hb in self.residency.stamp(self.heartbeat(gone=gone)):
+            data = hb.encode()
+            self.sent_bytes[0] += len(data)
+            await self.nc.publish(subjects.worker_event(self.worker_id), data, headers=residency_headers(hb))
+        self.sent_bytes[1] += 1
 
     async def _heartbeats(self) -> None:
         while True:
@@ -427,15 +435,18 @@ async def serve_echo(nats_url: str, prefix: str, count: int) -> None:
 
 
 def pool_stats(workers: Sequence[EchoWorker]) -> dict[str, Any]:
-    """Per worker: invocations answered, versions held, NATS subscriptions; and the hop samples taken since
-    the last call (which forgets them)."""
+    """Per worker: invocations answered, versions held, NATS subscriptions, bytes published per heartbeat
+    since the last call; and the hop samples taken since the last call (which forgets both)."""
     samples: dict[str, tuple[float, float]] = {}
     for w in workers:
         samples.update(w.samples)
         w.samples = {}
+    sent = {w.worker_id: w.sent_bytes[0] / max(1, w.sent_bytes[1]) for w in workers}
+    for w in workers:
+        w.sent_bytes = [0, 0]
     return {
-        "workers": {w.worker_id: {"answered": w.answered, "versions": len(w.held), "subscriptions": w.subscriptions()}
-                    for w in workers},
+        "workers": {w.worker_id: {"answered": w.answered, "versions": len(w.held), "subscriptions": w.subscriptions(),
+                                  "heartbeat_bytes": sent[w.worker_id]} for w in workers},
         "samples": samples,
     }
 
@@ -1030,6 +1041,7 @@ async def measure_adapters(s: BenchStack, options: BenchOptions, names: Sequence
         row["consumers"] = consumers
         row["echo_subscriptions"] = {w: x["subscriptions"] for w, x in stats["workers"].items()}
         row["echo_versions"] = {w: x["versions"] for w, x in stats["workers"].items()}
+        row["echo_heartbeat_bytes"] = max(x["heartbeat_bytes"] for x in stats["workers"].values())
         by_count[str(n)] = row
 
     first = by_count[str(options.adapter_counts[0])]
@@ -1157,14 +1169,15 @@ def print_adapters(t: dict[str, Any]) -> None:
             rows.append([n, label, x["calls"], x["invocations_per_s"], x["p50_ms"], x["p99_ms"],
                          f"{r['invocations_per_s']:.2f}", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}",
                          _yes(r["within_target"]), x["hop"]["p50_ms"] if "hop" in x else "",
-                         x["scheduler_cpu_ms_per_call"], consumers, subs])
+                         x["scheduler_cpu_ms_per_call"], round(row["echo_heartbeat_bytes"]), consumers, subs])
     first = t["counts"][0]
     streams = "/".join(spec.name.removeprefix("LORAFN_").lower() for spec in ALL_STREAMS)
     print_table(
         f"many adapters: calls rotating over N adapters, {t['concurrency']} callers, {t['echo_workers']} echo "
         f"workers (ms; ratios to N={first}, target within {TARGET_ADAPTER_RATIO:.0%})",
         ["N", "path", "calls", "inv/s", "p50", "p99", f"inv/s ÷ N={first}", f"p50 ÷ N={first}", f"p99 ÷ N={first}",
-         "within 10%", "hop p50", "scheduler CPU/call", f"consumers {streams}", "echo subs per worker"],
+         "within 10%", "hop p50", "scheduler CPU/call", "heartbeat bytes", f"consumers {streams}",
+         "echo subs per worker"],
         rows,
     )
 

@@ -28,7 +28,7 @@ import time
 from typing import Any, ClassVar, Literal, Self
 
 import msgpack
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 # Re-exported: an invocation with adapter=None is published under lora.invoke.<tenant>.<BASE_ADAPTER>.
 from protocol.subjects import BASE_ADAPTER as BASE_ADAPTER
@@ -241,7 +241,12 @@ class ResidentAdapter(Message):
 
 
 class Heartbeat(Message):
-    """A worker's state, published every second."""
+    """A worker's state, published every second. Its residency is the whole of it every few heartbeats and
+    the changes since the heartbeat before in between (`protocol.residency`: the sender that stamps them and
+    the tracker that reads them): `resident_base` None: `resident` lists every version the worker holds;
+    otherwise `resident` lists the versions added or changed since heartbeat `resident_base` of the same worker
+    process (same `started_at`) and `removed` those it no longer holds. `resident_seq` numbers the worker
+    process's heartbeats from 1 (0: a sender that numbers none; its heartbeats are all full)."""
 
     kind: ClassVar[str] = "heartbeat"
     worker_id: str
@@ -257,6 +262,23 @@ class Heartbeat(Message):
     queue_depth: int = 0
     running: int = 0
     tokens_per_s: float = 0.0
+    resident_seq: int = Field(0, ge=0)
+    resident_base: int | None = Field(None, ge=1)  # None: `resident` is full; else a delta on this heartbeat
+    removed: list[str] = Field(default_factory=list)  # versions dropped since `resident_base` (deltas only)
+
+    @model_validator(mode="after")
+    def _residency_consistent(self) -> Self:
+        if self.resident_base is not None and self.resident_base >= self.resident_seq:
+            raise ValueError(f"a delta applies on an earlier heartbeat: resident_base {self.resident_base} "
+                             f"is not before resident_seq {self.resident_seq}")
+        if self.resident_base is None and self.removed:
+            raise ValueError(f"a full heartbeat removes nothing (removed lists {len(self.removed)} versions)")
+        return self
+
+    @property
+    def full(self) -> bool:
+        """`resident` lists every version the worker holds (not only what changed)."""
+        return self.resident_base is None
 
 
 class AdapterEvent(Message):

@@ -72,6 +72,9 @@ ROUTE_HEADER = "Lorafn-Route"
 # On a recorded result: the tenant whose call it answers. Invocation ids are the callers' choice on the bus, so
 # a worker answers a call from a record only when the record is the same tenant's.
 TENANT_HEADER = "Lorafn-Tenant"
+# On a worker heartbeat that carries its whole residency: "<resident_seq> <started_at> <worker id>", so that a
+# reader that already has that residency drops it undecoded (protocol.residency).
+RESIDENCY_HEADER = "Lorafn-Residency"
 RESULT_ALL = f"{RESULT_PREFIX}.>"
 CALLBACK_ALL = f"{CALLBACK_PREFIX}.>"
 WORKER_EVENTS_ALL = f"{WORKER_EVENT_PREFIX}.*"

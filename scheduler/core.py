@@ -467,16 +467,28 @@ class SchedulerCore:
         if w is None:
             w = self._workers[r.worker_id] = _Worker(r, r.at)
             self.decisions["worker_up"] += 1
+            before: tuple[ResidentReport, ...] | None = None
         else:
+            before = w.report.resident
             w.report, w.last_seen = r, r.at
-        held = {x.version: x.tier for x in r.resident}
-        for version in w.held.keys() - held.keys():  # what it dropped since its last report
-            self._drop_resident(version, r.worker_id)
-        for version, tier in held.items():
-            if w.held.get(version) != tier:
-                self._resident.setdefault(version, {})[r.worker_id] = tier
-            if tier == Tier.device and version in self._placing:
-                self._placing[version].pop(r.worker_id, None)
+        # The tuple of the last report again (a driver passes it while nothing changed): nothing to compare.
+        # Otherwise versions and tiers are compared as a whole and walked only when one came, went or moved
+        # (most reports change a few entries' last use, not where versions are).
+        held = w.held if r.resident is before else {x.version: x.tier for x in r.resident}
+        if held is not w.held and held != w.held:
+            for version in w.held.keys() - held.keys():  # what it dropped since its last report
+                self._drop_resident(version, r.worker_id)
+            for version, tier in held.items():
+                if w.held.get(version) != tier:
+                    self._resident.setdefault(version, {})[r.worker_id] = tier
+        if len(self._placing) <= len(held):
+            for version, placing in self._placing.items():
+                if held.get(version) == Tier.device:
+                    placing.pop(r.worker_id, None)
+        else:
+            for version, tier in held.items():
+                if tier == Tier.device and version in self._placing:
+                    self._placing[version].pop(r.worker_id, None)
         w.held = held
         return []
 

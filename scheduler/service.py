@@ -5,7 +5,8 @@
   `lora.work.<worker>`; the work of a worker that stops heartbeating is dispatched again).
 - Warm state: heartbeats (`lora.evt.worker.*`) feed the core and an in-memory `WarmState`, written to
   Postgres every `flush_every_s` in one transaction (workers, residency per tier); workers silent for
-  `heartbeat_timeout_s` are marked down.
+  `heartbeat_timeout_s` are marked down. Heartbeats between full ones carry residency changes only
+  (`protocol.residency`): the warm state gets them made whole, and a worker from its first full one.
 - Demand: the dispatcher counts each invocation once, at its first dispatch, in the bucket of the time the
   invocations stream stored it; counts are batched into the demand history.
 - Invocation lifecycle in Postgres: running on `InvocationStarted`; succeeded/failed/cancelled, timestamps and
@@ -46,9 +47,11 @@ from protocol.messages import (
     InvocationResult,
     InvocationStarted,
     MessageInvalid,
+    ResidentAdapter,
     SchedulerHeartbeat,
     Tier,
 )
+from protocol.residency import ResidencyTracker
 from protocol.results import record_result
 from protocol.streams import ensure_streams
 from scheduler.core import CoreConfig, SchedulerCore
@@ -95,6 +98,21 @@ def residency_record(hb: Heartbeat) -> dict[tuple[str, Tier], tuple[repo.Residen
     return out
 
 
+def whole_heartbeat(tracker: ResidencyTracker[ResidentAdapter], heartbeat: Heartbeat) -> Heartbeat | None:
+    """The heartbeat with the worker's whole residency (a delta applied on the heartbeats before it, which
+    `tracker` followed); None until the worker's first full heartbeat (the warm state records no worker whose
+    residency it does not know)."""
+    tracker.apply(heartbeat)
+    resident = tracker.resident(heartbeat.worker_id)
+    if heartbeat.gone:
+        tracker.forget(heartbeat.worker_id)
+    if heartbeat.full or heartbeat.gone:  # a goodbye's residency is not recorded
+        return heartbeat
+    if resident is None:
+        return None
+    return heartbeat.model_copy(update={"resident": list(resident), "removed": [], "resident_base": None})
+
+
 def default_scheduler_id() -> str:
     """<host>-<pid>, reduced to the subject-token alphabet."""
     return subjects.process_name("scheduler")
@@ -121,6 +139,7 @@ class SchedulerService:
             config=core_config(self.cfg, settings.staging), predictor=predictor, stager=stager,
         )
         self.state = WarmState(heartbeat_timeout_s=self.cfg.heartbeat_timeout_s)
+        self.heartbeat_residency = ResidencyTracker.of_adapters()  # delta heartbeats made whole for `state`
         self.metrics = SchedulerMetrics()
         self.metrics_endpoint: MetricsEndpoint | None = None  # set by run() (None: disabled)
         self.nc: NatsClient | None = None
@@ -210,14 +229,19 @@ class SchedulerService:
     # -- subscriptions -----------------------------------------------------------------------------------
 
     async def _on_heartbeat(self, msg: Msg) -> None:
+        if self.heartbeat_residency.has(msg.headers) and (
+                self.dispatcher is None or self.dispatcher.reports.residency.has(msg.headers)):
+            return  # the whole residency, which the delta just before it told: nothing to decode
         try:
             heartbeat = Heartbeat.decode(msg.data)
         except MessageInvalid as e:
             logger.warning("ignoring a heartbeat on %s: %s", msg.subject, e)
             return
-        if heartbeat.worker_id not in self.state.workers:
-            logger.info("worker %s is up", heartbeat.worker_id)
-        self.state.observe(heartbeat)
+        whole = whole_heartbeat(self.heartbeat_residency, heartbeat)
+        if whole is not None:
+            if heartbeat.worker_id not in self.state.workers:
+                logger.info("worker %s is up", heartbeat.worker_id)
+            self.state.observe(whole)
         if self.dispatcher is not None:
             self.dispatcher.on_heartbeat(heartbeat)
 
@@ -289,6 +313,7 @@ class SchedulerService:
         self._residency.update(written)
         for worker_id in gone:
             self._residency.pop(worker_id, None)
+            self.heartbeat_residency.forget(worker_id)
 
     async def _write_heartbeats(self, session: AsyncSession, heartbeats: list[Heartbeat]) -> list[Any]:
         """Workers' rows, and what changed in their residency since this scheduler last wrote it (all of it the

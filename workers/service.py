@@ -25,7 +25,8 @@ this module is the asyncio side:
   generation within `in_progress_every_s`;
 - answers the control verbs fetch / load / evict / drain on `lora.ctl.<worker id>.<verb>`;
 - publishes a typed `Heartbeat` every `heartbeat_s` (per resident adapter: tier, rank, bytes, pages,
-  in-use count; what it is running);
+  in-use count; what it is running): the changes to its residency since the heartbeat before, and the whole
+  residency every few heartbeats, first and after a reconnection or a failed publish (`protocol.residency`);
 - on stop (SIGTERM): stops fetching, gives running invocations `drain_timeout_s` to finish, aborts the rest
   and hands them (and whatever is still queued on its subject) back to the dispatcher, sends a last
   heartbeat with gone=true, drains NATS.
@@ -77,6 +78,7 @@ from protocol.messages import (
     TokenChunk,
     Usage,
 )
+from protocol.residency import ResidencySender, residency_headers
 from protocol.results import record_result
 from protocol.streams import ensure_streams
 from scheduler.metrics import MetricsEndpoint, serve_metrics
@@ -189,6 +191,7 @@ class WorkerService:
         self.host = socket.gethostname()
         self.started_at = time.time()
         self.draining = False
+        self._residency = ResidencySender()  # heartbeats as published: the changes, the whole every few
         self.nc: NatsClient | None = None
         self.js: JetStreamContext | None = None
         self._slots = asyncio.Semaphore(settings.consumer.max_inflight)
@@ -211,6 +214,7 @@ class WorkerService:
                 reconnect_time_wait=0.5,
                 name=f"lorafn-worker-{self.worker_id}",
                 inbox_prefix=self.settings.nats.inbox_prefix,
+                reconnected_cb=self._on_reconnect,
             )
             stack.push_async_callback(self._close_nats)
             self.js = self.nc.jetstream()
@@ -805,8 +809,11 @@ class WorkerService:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=self.settings.heartbeat_s)
 
+    async def _on_reconnect(self) -> None:
+        self._residency.reset()  # readers may have missed heartbeats: the next one is full
+
     def heartbeat(self, *, gone: bool = False) -> Heartbeat:
-        """This worker's state now."""
+        """This worker's state now, with its whole residency (`_publish_heartbeat` sends what changed)."""
         waiting, running = self.engine.counts()
         kv_free, kv_blocks = self.engine.kv_blocks()
         resident = [
@@ -843,7 +850,13 @@ class WorkerService:
             return
         heartbeat = self.heartbeat(gone=gone)
         self.metrics.observe_heartbeat(heartbeat)
-        await self.nc.publish(subjects.worker_event(self.worker_id), heartbeat.encode())
+        try:
+            for stamped in self._residency.stamp(heartbeat):
+                await self.nc.publish(subjects.worker_event(self.worker_id), stamped.encode(),
+                                      headers=residency_headers(stamped))
+        except BaseException:
+            self._residency.reset()  # the next one must not be a delta on a heartbeat nobody got
+            raise
         if gone:
             await self.nc.flush(timeout=2)
 

@@ -48,10 +48,12 @@ from protocol.messages import (
     Invocation,
     InvocationResult,
     InvocationStarted,
+    ResidentAdapter,
     Sampling,
     Tier,
     TokenChunk,
 )
+from protocol.residency import ResidencyTracker
 from protocol.streams import ensure_streams
 from scheduler.core import Evict, Fetch, Load
 from scheduler.policy import AffinityRouter, PinnedRouter, Router
@@ -118,6 +120,7 @@ class Cluster:
     workers: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     schedulers: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     heartbeats: dict[str, Heartbeat] = field(default_factory=dict)
+    residency: ResidencyTracker[ResidentAdapter] = field(default_factory=ResidencyTracker.of_adapters)
     replies: dict[str, Reply] = field(default_factory=dict)
     calls: dict[str, Call] = field(default_factory=dict)  # invocations followed by the gateway's Call
 
@@ -134,6 +137,7 @@ class Cluster:
             "LORAFN_HEARTBEAT_S": "0.25", "LORAFN_DRAIN_TIMEOUT_S": "5", "OMP_NUM_THREADS": "1",
         })
         self.heartbeats.pop(worker_id, None)
+        self.residency.forget(worker_id)
         with open(self.logs / f"{worker_id}.log", "ab") as log:
             self.workers[worker_id] = subprocess.Popen([sys.executable, "-m", "workers"], env=env, stdout=log,
                                                        stderr=subprocess.STDOUT, cwd=REPO_ROOT)
@@ -287,6 +291,7 @@ async def cluster(services: Any, tmp_path_factory: pytest.TempPathFactory) -> As
     async def on_heartbeat(msg: Msg) -> None:
         hb = Heartbeat.decode(msg.data)
         c.heartbeats[hb.worker_id] = hb
+        c.residency.apply(hb)
 
     async def on_reply(msg: Msg) -> None:
         inv_id = msg.subject.rpartition(".")[2]
@@ -403,8 +408,8 @@ async def test_the_schedulers_staging_commands_move_an_adapter_between_tiers(clu
     sha, worker = pushed.sha256, "dw-2"
 
     def tier_in_heartbeat() -> str | None:
-        hb = cluster.heartbeats.get(worker)
-        return next((r.tier.value for r in hb.resident if r.version == sha), None) if hb else None
+        held = cluster.residency.entries(worker).get(sha)
+        return held.tier.value if held else None
 
     async with cluster.scheduler() as service:
         assert service.dispatcher is not None
@@ -433,7 +438,8 @@ async def test_a_predicted_call_finds_its_adapter_staged_and_an_idle_one_is_rele
     oracle = Oracle([(first, sha), (second, sha)], 1.0)
 
     def holders() -> dict[str, str]:
-        return {w: r.tier.value for w, hb in cluster.heartbeats.items() for r in hb.resident if r.version == sha}
+        return {w: held[sha].tier.value for w in cluster.heartbeats
+                for held in (cluster.residency.entries(w),) if sha in held}
 
     stager = PredictiveStager(keep_alive_s=0.5, host_release_at=0.02)
     async with cluster.scheduler(predictor=oracle, stager=stager, staging=StagingSettings(interval_s=1.0)) as service:

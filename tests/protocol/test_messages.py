@@ -30,10 +30,35 @@ from protocol.messages import (
                          error=InvocationError(code=ErrorCode.dead_letter, message="gave up after 3 deliveries")),
         Heartbeat(worker_id="w1", host="h", device="cpu", started_at=1.0,
                   resident=[ResidentAdapter(tenant="acme", adapter="bot", version="a" * 64, tier="device", pages=3)]),
+        Heartbeat(worker_id="w1", host="h", device="cpu", started_at=1.0, resident_seq=7,
+                  resident=[ResidentAdapter(version="a" * 64, tier="host", last_used=5.0)]),
+        Heartbeat(worker_id="w1", host="h", device="cpu", started_at=1.0, resident_seq=8, resident_base=7,
+                  resident=[ResidentAdapter(version="b" * 64, tier="device", pages=2, in_use=1)], removed=["a" * 64]),
     ],
 )
 def test_round_trip(message) -> None:  # type: ignore[no-untyped-def]
     assert type(message).decode(message.encode()) == message
+
+
+def test_a_heartbeat_without_residency_numbers_is_full() -> None:
+    """A sender that numbers no heartbeats (fields it does not know are absent) sends the whole residency."""
+    old = {"worker_id": "w1", "host": "h", "device": "cpu", "started_at": 1.0,
+           "resident": [{"version": "a" * 64, "tier": "device"}]}
+    hb = Heartbeat.decode(msgpack.packb(old))
+    assert hb.full and hb.resident_seq == 0 and hb.removed == []
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [({"resident_seq": 3, "resident_base": 3}, "resident_base 3 is not before resident_seq 3"),
+     ({"resident_seq": 0, "resident_base": 1}, "resident_base 1 is not before resident_seq 0"),
+     ({"resident_seq": 2, "removed": ["a" * 64]}, "a full heartbeat removes nothing"),
+     ({"resident_seq": -1}, "resident_seq")],
+)
+def test_inconsistent_residency_numbers_are_refused(fields: dict[str, object], reason: str) -> None:
+    data = msgpack.packb({"worker_id": "w1", "host": "h", "device": "cpu", "started_at": 1.0, **fields})
+    with pytest.raises(MessageInvalid, match=reason):
+        Heartbeat.decode(data)
 
 
 def test_unknown_fields_are_ignored_and_missing_ones_refused() -> None:

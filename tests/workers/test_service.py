@@ -38,9 +38,11 @@ from protocol.messages import (
     Invocation,
     InvocationResult,
     InvocationStarted,
+    ResidentAdapter,
     Sampling,
     TokenChunk,
 )
+from protocol.residency import ResidencyTracker
 from protocol.streams import ensure_streams
 from scheduler.service import SchedulerService
 from scheduler.settings import PlacementSettings, SchedulerSettings, StagingSettings
@@ -99,6 +101,7 @@ class Cluster:
     heartbeats: dict[str, list[Heartbeat]]
     started: list[InvocationStarted]
     scheduler: SchedulerService
+    residency: ResidencyTracker[ResidentAdapter]  # what the heartbeats say each worker holds
 
     async def invoke(self, inv: Invocation, *, timeout: float = 60.0, wait: bool = True,
                      msg_id: str | None = None) -> Reply:
@@ -171,11 +174,13 @@ async def cluster(services, tmp_path_factory: pytest.TempPathFactory) -> AsyncIt
     js = nc.jetstream()
     await ensure_streams(js)
     heartbeats: dict[str, list[Heartbeat]] = {w: [] for w in WORKERS}
+    residency = ResidencyTracker.of_adapters()
     started: list[InvocationStarted] = []
 
     async def on_heartbeat(msg: Msg) -> None:
         hb = Heartbeat.decode(msg.data)
         heartbeats.setdefault(hb.worker_id, []).append(hb)
+        residency.apply(hb)
 
     async def on_started(msg: Msg) -> None:
         started.append(InvocationStarted.decode(msg.data))
@@ -192,10 +197,10 @@ async def cluster(services, tmp_path_factory: pytest.TempPathFactory) -> AsyncIt
     stop = asyncio.Event()
     scheduler_task = asyncio.create_task(scheduler.run(stop))
     c = Cluster(nc, js, backbone, BackboneSpec.from_hf_dir(backbone), store_settings, procs, logs, heartbeats,
-                started, scheduler)
+                started, scheduler, residency)
     try:
         deadline = time.monotonic() + 60
-        while not all(heartbeats[w] for w in WORKERS):
+        while not all(residency.resident(w) is not None for w in WORKERS):  # a full heartbeat of each
             dead = [w for w, p in procs.items() if p.poll() is not None]
             assert not dead and time.monotonic() < deadline, f"workers {dead} did not start\n{c.log_tail()}"
             await asyncio.sleep(0.2)
@@ -415,7 +420,7 @@ async def test_control_verbs_and_lru_eviction(cluster: Cluster, registry: Regist
     assert reply.ok and reply.tier == "device"
     n = len(cluster.heartbeats["tw-1"])
     await wait_for(lambda: len(cluster.heartbeats["tw-1"]) > n + 1, what="a fresh heartbeat")
-    tiers = {r.version: r.tier for r in cluster.heartbeats["tw-1"][-1].resident}
+    tiers = {v: r.tier for v, r in cluster.residency.entries("tw-1").items()}
     assert tiers[pushed[0].sha256] == "host"
     assert tiers[pushed[1].sha256] == tiers[pushed[2].sha256] == "device"
     assert cluster.heartbeats["tw-1"][-1].capacity["transitions"]["load"]["count"] >= 3
