@@ -184,6 +184,12 @@ class ResidentAdapters:
             raise UnknownAdapter(key)
         return self._pages[key]
 
+    def rank(self, key: str) -> int:
+        """The largest rank of a registered adapter's modules."""
+        if key not in self._ranks:
+            raise UnknownAdapter(key)
+        return self._ranks[key]
+
     def fits(self, keys: frozenset[str]) -> bool:
         """Whether these adapters can be resident together (pages are never fragmented away)."""
         return sum(self.pages(k) for k in keys) <= self.total_pages

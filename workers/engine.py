@@ -16,7 +16,8 @@ from __future__ import annotations
 import itertools
 import logging
 import random
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -34,6 +35,8 @@ from workers.adapter_pool import (
 )
 from workers.adapters import ResidentAdapters, UnknownAdapter
 from workers.batcher import (
+    AdapterFootprint,
+    Admission,
     Batcher,
     BatchPlan,
     BatchPolicy,
@@ -98,6 +101,23 @@ class EngineSettings(BaseModel):
     max_batch_tokens: int = Field(2048, ge=1, description="tokens per step (prefill chunks + decodes)")
     max_running: int = Field(64, ge=1, description="requests holding KV blocks at once")
     max_adapters_per_batch: int | None = Field(None, ge=1, description="distinct adapters per step (None: any)")
+    # Admission and adapter contention; the defaults and why are in `workers.batcher.BatchPolicy`.
+    admission: Admission = Field(
+        "slack", description="order of admission: slack (ascending TTFT slack) or arrival (first come, first served)"
+    )
+    ttft_target_s: float = Field(1.0, gt=0, description="TTFT target of a request that gives none (slack order)")
+    prefill_s_per_token: float = Field(
+        0.0016, ge=0, description="estimated prefill seconds per prompt token (slack order)"
+    )
+    max_pass_overs: int = Field(
+        20, ge=0, description="steps a waiting request that does not fit may be passed over before admission "
+        "stops at it (0: strict head-of-line order)",
+    )
+    max_adapter_bytes_per_step: int | None = Field(
+        None, ge=1, description="bytes of distinct adapters (their pool pages) one step may read (None: no cap; "
+        "a lone larger adapter still runs)",
+    )
+    group_by_rank: bool = Field(True, description="order a step's adapter segments by rank for the LoRA kernels")
     max_model_len: int | None = Field(
         None, ge=2, description="context window in tokens (None: the backbone's max_position_embeddings)"
     )
@@ -108,6 +128,12 @@ class EngineSettings(BaseModel):
             max_batch_tokens=self.max_batch_tokens,
             max_running=self.max_running,
             max_adapters_per_batch=self.max_adapters_per_batch,
+            admission=self.admission,
+            ttft_target_s=self.ttft_target_s,
+            prefill_s_per_token=self.prefill_s_per_token,
+            max_pass_overs=self.max_pass_overs,
+            max_adapter_bytes_per_step=self.max_adapter_bytes_per_step,
+            group_by_rank=self.group_by_rank,
         )
 
 
@@ -148,9 +174,11 @@ class Engine:
         *,
         tokenizer: Tokenizer | None = None,
         eviction: EvictionPolicy | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """`eviction` chooses the adapters a step evicts when the pool is full (`LruEviction` when None);
-        a worker passes the same policy to its `AdapterTiers`."""
+        a worker passes the same policy to its `AdapterTiers`. `clock` (seconds) stamps the requests'
+        arrivals and gives each step's `now` for the batcher's slack order."""
         self.settings = settings = settings or EngineSettings()
         self.backbone = backbone
         self.tokenizer = tokenizer
@@ -165,7 +193,9 @@ class Engine:
         )
         self.pool = pool
         self.adapters = ResidentAdapters(pool, eviction)
-        self.batcher = Batcher(self.kv, settings.policy(), adapters_fit=self.adapters.fits)
+        self.batcher = Batcher(self.kv, settings.policy(), adapters_fit=self.adapters.fits,
+                               adapter_info=self._footprint)
+        self.clock = clock
         self.runner = ModelRunner(backbone, self.kv, pool)
         window = settings.max_model_len or spec.max_position_embeddings
         # A request's prompt and output must fit both the context window and the whole KV cache.
@@ -192,6 +222,10 @@ class Engine:
     def remove_adapter(self, key: str) -> None:
         self.adapters.unregister(key)
 
+    def _footprint(self, key: str) -> AdapterFootprint:
+        """An adapter's bytes in the pool (whole pages) and rank, for the batcher."""
+        return AdapterFootprint(self.adapters.pages(key) * self.pool.page_bytes, self.adapters.rank(key))
+
     @property
     def eviction(self) -> EvictionPolicy:
         """The policy that chooses which adapters leave the pool to make room."""
@@ -207,13 +241,18 @@ class Engine:
         params: SamplingParams | None = None,
         on_token: TokenCallback | None = None,
         request_id: str | None = None,
+        ttft_target_s: float | None = None,
+        arrived_s: float | None = None,
     ) -> str:
-        """Queue a request; returns its id. It starts at the next `step`.
+        """Queue a request; returns its id. It starts at a later `step` (see `workers.batcher`, Admission).
 
-        prompt:    text (encoded with the tokenizer, BOS added if the checkpoint asks) or token ids
-        adapter:   a registered adapter key, or None for the bare backbone
-        on_token:  called with a `TokenEvent` for every generated token, the last one with its finish
-                   reason
+        prompt:        text (encoded with the tokenizer, BOS added if the checkpoint asks) or token ids
+        adapter:       a registered adapter key, or None for the bare backbone
+        on_token:      called with a `TokenEvent` for every generated token, the last one with its finish
+                       reason
+        ttft_target_s: this request's TTFT target (None: the settings' `ttft_target_s`)
+        arrived_s:     when it arrived on the engine's `clock` (None: now), e.g. earlier when it queued
+                       before reaching the engine
         The prompt must leave room for one generated token: at most `max_len - 1` tokens, where
         `max_len` is the context window (`max_model_len` or the backbone's) capped by the KV cache's
         capacity; a longer one raises `PromptTooLong`. `params.max_tokens` is clamped to
@@ -234,6 +273,8 @@ class Engine:
             raise UnknownAdapter(adapter)
         if params.stop and self.tokenizer is None:
             raise NoTokenizer("stop strings")
+        if ttft_target_s is not None and not ttft_target_s > 0:
+            raise ValueError(f"ttft_target_s ({ttft_target_s}) must be > 0 or None")
         max_tokens = min(params.max_tokens, self.max_len - len(prompt_ids))
         if max_tokens < params.max_tokens:
             logger.debug("max_tokens %d clamped to %d by the context window", params.max_tokens, max_tokens)
@@ -253,6 +294,8 @@ class Engine:
             max_tokens=max_tokens,
             stop_token_ids=frozenset(stop_ids),
             arrival=arrival,
+            arrived_s=self.clock() if arrived_s is None else arrived_s,
+            ttft_target_s=ttft_target_s,
             generator=generator,
             callback=on_token,
             detokenizer=self.tokenizer.detokenizer(prompt_ids) if self.tokenizer is not None else None,
@@ -272,7 +315,7 @@ class Engine:
 
     def step(self) -> list[Completion]:
         """Run one batch; returns the requests that finished in it."""
-        plan = self.batcher.plan()  # CPU only: which tokens of which requests, KV blocks reserved
+        plan = self.batcher.plan(self.clock())  # CPU only: which tokens of which requests, KV blocks reserved
         if not plan:
             return []
         self.adapters.ensure_resident(plan.adapters)  # may copy host -> device pages
