@@ -39,7 +39,9 @@ request; an adapter joins the step while `max_adapters_per_batch`, the adapter p
 `max_adapter_bytes_per_step` allow. Requests of an adapter left out wait for a later step; the one left
 out longest always comes first, and the first adapter of a step is never refused, so every running
 request progresses (a single adapter larger than the byte cap runs alone). Requests without an adapter
-are never left out for adapter reasons.
+are never left out for adapter reasons. Admission checks the same limits against the step's adapters,
+so the running requests' adapters fit together as long as the limits stay; they take turns when the
+limits tighten between steps (`batcher.policy` replaced).
 
 Tokens of the same adapter are placed next to each other in the batch, so each adapter is one segment
 of the LoRA kernels; with `group_by_rank` (and an `adapter_info`) the segments are ordered by rank, so
