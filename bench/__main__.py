@@ -3,7 +3,9 @@
 `python -m bench scheduling [--quick]`: pre-staging policies compared on the shared traces (`bench.scheduling`).
 `python -m bench live-replay --trace FILE ...`: a trace slice replayed live, checked against the simulator.
 `python -m bench reliability [soak|chaos] --minutes M`: the soak and chaos runs with their audit (`bench.reliability`;
-3 minutes each in the default run)."""
+3 minutes each in the default run).
+`python -m bench operating-points [--quick] [--slo S]`: one worker's decode tokens/s per rank class at the TTFT SLO,
+and the scheduler's points file (`bench.operating_points`; its quick run in the default run)."""
 
 from __future__ import annotations
 
@@ -12,10 +14,11 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from bench import engine, invocation, pool, reliability, stall
+from bench import engine, invocation, operating_points, pool, reliability, stall
 
 BENCHMARKS: dict[str, Callable[..., Any]] = {"pool": pool.run, "engine": engine.run, "invocation": invocation.run,
-                                            "reliability": reliability.run, "stall": stall.run}
+                                            "reliability": reliability.run, "stall": stall.run,
+                                            "operating-points": operating_points.run}
 
 
 def main() -> None:
@@ -33,6 +36,9 @@ def main() -> None:
         from bench import scheduling
 
         scheduling.main(sys.argv[2:])
+        return
+    if sys.argv[1:2] == ["operating-points"]:  # its own arguments; bare `python -m bench` runs the quick one
+        operating_points.main(sys.argv[2:])
         return
     if sys.argv[1:2] == ["reliability"] and sys.argv[2:]:  # its own arguments; bare `reliability` runs the short pair
         reliability.main(sys.argv[2:])
