@@ -21,9 +21,10 @@ ends), so each step decodes c calls and prefills the newcomers. A level from c t
 submits the c' - c new calls with staggered output lengths (1 .. `new_tokens`, so that they do not finish
 together and arrive again in a convoy) and steps until each has its first token (the warm-up, not
 counted); a level to a lower c aborts the newest calls. Then the window: only calls submitted from its
-start are measured. It closes after `min_window_s` once `min_calls` calls have their first token, or
-earlier when the decision is plain (p95 so far within half the SLO: clearly within; two calls and over
-5% of them over the SLO: clearly over), and at the latest after `max_window_s`.
+start are measured. It closes after `min_window_s` and `min_window_steps` steps (half an output: the
+throughput of a few steps depends on how many prefills they happened to hold) once `min_calls` calls
+have their first token or their p95 so far is within half the SLO (clearly within); at once when two
+calls and over 5% of them are over the SLO (clearly over); at the latest after `max_window_s`.
 
 Figures per level: tokens/s (every token generated in the window's steps / the window's length; the
 scheduler's demand counts every output token), TTFT (submission to the end of the step that gave the
@@ -104,6 +105,7 @@ class PointsSettings:
     max_concurrency: int = 128
     max_adapters: int = 64
     min_calls: int = 20
+    min_window_steps: int = 16
     min_window_s: float = 2.0
     max_window_s: float = 8.0
     near: float = 1.15
@@ -120,10 +122,12 @@ class PointsSettings:
                 raise ValueError(f"a mix is (rank >= 1, share > 0) pairs (got {mix})")
         if not self.slo_ttft_s > 0:
             raise ValueError(f"slo_ttft_s must be > 0 (got {self.slo_ttft_s})")
-        if min(self.prompt_tokens, self.start_concurrency, self.max_concurrency, self.max_adapters, self.min_calls, self.max_levels) < 1:
+        if min(self.prompt_tokens, self.start_concurrency, self.max_concurrency, self.max_adapters, self.min_calls,
+               self.min_window_steps, self.max_levels) < 1:
             raise ValueError(
-                f"prompt_tokens ({self.prompt_tokens}), start_concurrency ({self.start_concurrency}), max_concurrency ({self.max_concurrency}), max_adapters "
-                f"({self.max_adapters}), min_calls ({self.min_calls}) and max_levels ({self.max_levels}) must be >= 1"
+                f"prompt_tokens ({self.prompt_tokens}), start_concurrency ({self.start_concurrency}), max_concurrency "
+                f"({self.max_concurrency}), max_adapters ({self.max_adapters}), min_calls ({self.min_calls}), "
+                f"min_window_steps ({self.min_window_steps}) and max_levels ({self.max_levels}) must be >= 1"
             )
         if self.new_tokens < 2:
             raise ValueError(f"new_tokens ({self.new_tokens}) must be >= 2: a call must decode")
@@ -142,8 +146,8 @@ class PointsSettings:
         return [((rank, 1.0),) for rank in self.classes] + list(self.mixes)
 
 
-QUICK = PointsSettings(classes=(8, 128), mixes=MIXES[:1], min_calls=10, min_window_s=1.0, max_window_s=4.0, refine=1,
-                       max_levels=8)
+QUICK = PointsSettings(classes=(8, 128), mixes=MIXES[:1], min_calls=10, min_window_steps=8, min_window_s=1.0,
+                       max_window_s=4.0, refine=1, max_levels=8)
 
 
 def label(shares: Sequence[tuple[int, float]]) -> str:
@@ -293,16 +297,16 @@ class ClosedLoop:
             self.step()
         return self.clock() - started
 
-    def _window_done(self, elapsed: float) -> bool:
+    def _window_done(self, elapsed: float, steps: int) -> bool:
         s, n = self.settings, len(self.samples)
         if elapsed >= s.max_window_s:
             return True
-        if elapsed < s.min_window_s or n == 0:
-            return False
-        if n >= s.min_calls or percentile(self.samples, 95) <= CLEARLY_WITHIN * s.slo_ttft_s:
-            return True
         over = sum(t > s.slo_ttft_s for t in self.samples)
-        return over >= 2 and over > 0.05 * n
+        if over >= 2 and over > 0.05 * n:  # clearly over: its throughput is never a point's
+            return True
+        if elapsed < s.min_window_s or steps < s.min_window_steps or n == 0:
+            return False
+        return n >= s.min_calls or percentile(self.samples, 95) <= CLEARLY_WITHIN * s.slo_ttft_s
 
     def level(self, concurrency: int) -> dict[str, Any]:
         """Measure one level (module docstring)."""
@@ -315,7 +319,7 @@ class ClosedLoop:
             tokens += self.step()
             end = self.clock()
             steps.append(end - last_start)
-            if self._window_done(end - start):
+            if self._window_done(end - start, len(steps)):
                 break
         waiting = [end - c.submitted for c in self.calls.values()
                    if c.measured and c.first is None and c.submitted <= last_start]
