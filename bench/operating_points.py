@@ -1,8 +1,8 @@
 """Operating points of one worker: the decode throughput it sustains per LoRA rank class (and per mix of
 classes) while the p95 TTFT of its calls stays within the SLO. `python -m bench operating-points [--quick]
-[--tiny] [--slo S]` writes bench/results/operating_points.json and .md and, from a full run on the default
-backbone, the points file the scheduler's rank-aware placement reads (`scheduler/operating_points.json`,
-format in `scheduler.operating_points`).
+[--tiny] [--slo S]` writes bench/results/operating_points.json and .md (`--quick`, which `make bench` runs:
+operating_points_quick.*) and, from a full run on the default backbone, the points file the scheduler's
+rank-aware placement reads (`scheduler/operating_points.json`, format in `scheduler.operating_points`).
 
 Workload: one engine (the default backbone, SmolLM2-135M, fp32, on CUDA when there is one; `--tiny`: the
 tiny random backbone) stepped by hand with a clock, one engine per series. A series is one rank class (8,
@@ -36,14 +36,17 @@ highest level within the SLO by the factor SLO / its p95 (TTFT grows about linea
 so this approaches the crossing from below), at most doubling, at most `max_concurrency`; it stops when
 that factor is below `near` (within 15% of the crossing by that estimate). After a level over the SLO it
 bisects between the highest level within and the lowest over, `refine` times at most, while they are more
-than `near` apart; while no level is within it halves down to one call. The operating point (`choose`) is the
-level of highest tokens/s among those whose p95 TTFT is within the SLO (measured, not interpolated);
+than `near` apart; while no level is within it halves down to one call. The operating point (`choose`) is
+the level of highest tokens/s among those whose p95 TTFT is within the SLO (measured, not interpolated);
 when even one call at a time misses the SLO the series has no point and the file gets the lowest level's
 throughput, marked in the JSON.
 
 TTFT here counts from a submission just before a step; a call that arrives at a random moment also waits
 for the rest of the step under way (half a step on average), which this closed loop leaves out. The
-machine's other jobs stall single steps: one stalled step can put a level over the SLO.
+machine's other jobs stall single steps (one stalled step can put a level over the SLO) and change its speed
+from minute to minute: on 2 shared CPU cores a series measured twice a few minutes apart differed by up to
+15%, more than ranks 8, 16 and 32 differ from each other. Throughput is flat near the SLO, so the point's
+concurrency moves more between runs than its tokens/s.
 """
 
 from __future__ import annotations
