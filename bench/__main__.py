@@ -5,7 +5,8 @@
 `python -m bench reliability [soak|chaos] --minutes M`: the soak and chaos runs with their audit (`bench.reliability`;
 3 minutes each in the default run).
 `python -m bench operating-points [--quick] [--slo S]`: one worker's decode tokens/s per rank class at the TTFT SLO,
-and the scheduler's points file (`bench.operating_points`; its quick run in the default run)."""
+and the scheduler's points file (`bench.operating_points`; its quick run in the default run).
+`python -m bench placement [--quick]`: rank-aware placement against rank-blind routing in the simulator."""
 
 from __future__ import annotations
 
@@ -31,6 +32,11 @@ def main() -> None:
         from bench import live_replay
 
         live_replay.main(sys.argv[2:])
+        return
+    if sys.argv[1:2] == ["placement"]:  # rank-aware against rank-blind routing (bench.placement)
+        from bench import placement
+
+        placement.main(sys.argv[2:])
         return
     if sys.argv[1:2] == ["scheduling"]:  # pre-staging policies on the shared traces (bench.scheduling)
         from bench import scheduling

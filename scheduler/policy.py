@@ -17,6 +17,7 @@ dispatcher and the simulator carry them out.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -135,6 +136,22 @@ class AffinityRouter:
                 if best.load < lightest.load + self.replicate_margin:
                     return Route(best.worker_id, "host")
         return Route(lightest.worker_id, "cold")
+
+
+@dataclass
+class RandomRouter:
+    """A uniformly random worker among those that can take the call (a rank- and residency-blind baseline for
+    the simulator; seeded, so a run is reproducible)."""
+
+    seed: int = 0
+    rng: random.Random = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+
+    def route(self, call: CallView, workers: Sequence[WorkerView], residency: Residency) -> Route | None:
+        candidates = [w for w in workers if w.takes(call.adapter)]
+        return Route(self.rng.choice(candidates).worker_id, "random") if candidates else None
 
 
 @dataclass(frozen=True)

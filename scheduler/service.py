@@ -58,6 +58,9 @@ from scheduler.core import CoreConfig, SchedulerCore
 from scheduler.dispatcher import AdapterDirectory, Dispatcher
 from scheduler.metrics import MetricsEndpoint, SchedulerMetrics, serve_metrics
 from scheduler.nats_callout import NatsCallout
+from scheduler.operating_points import DEFAULT_PATH as DEFAULT_POINTS
+from scheduler.operating_points import OperatingPoints
+from scheduler.placement import RankAwareRouter
 from scheduler.policy import AffinityRouter, Router
 from scheduler.predict import Predictor
 from scheduler.settings import PlacementSettings, SchedulerSettings, StagingSettings
@@ -78,7 +81,17 @@ def core_config(cfg: PlacementSettings, staging: StagingSettings | None = None) 
         heartbeat_timeout_s=cfg.heartbeat_timeout_s, placement_grace_s=cfg.placement_grace_s,
         unknown_adapter_grace_s=cfg.unknown_adapter_grace_s, queue_per_worker=cfg.queue_per_worker,
         max_epochs=cfg.max_epochs, staging_interval_s=staging.interval_s, service_s=staging.service_s,
+        placement_interval_s=cfg.placement_interval_s,
     )
+
+
+def build_router(cfg: PlacementSettings) -> Router:
+    """The routing policy the settings name (a bad operating points file is a clear error at start-up)."""
+    affinity = AffinityRouter(replicate_at=cfg.replicate_at, replicate_margin=cfg.replicate_margin)
+    if cfg.router == "rank_aware":
+        points = OperatingPoints.read(cfg.operating_points or DEFAULT_POINTS)
+        return RankAwareRouter(points, fallback=affinity)
+    return affinity
 
 
 # A resident adapter's last use is written to Postgres when it moved by this much (a row per adapter and second
@@ -134,8 +147,7 @@ class SchedulerService:
         elif stager is None:
             stager = PredictiveStager()
         self.core = SchedulerCore(
-            router=router or AffinityRouter(replicate_at=self.cfg.replicate_at,
-                                            replicate_margin=self.cfg.replicate_margin),
+            router=router or build_router(self.cfg),
             config=core_config(self.cfg, settings.staging), predictor=predictor, stager=stager,
         )
         self.state = WarmState(heartbeat_timeout_s=self.cfg.heartbeat_timeout_s)

@@ -6,6 +6,9 @@ LORAFN_DATABASE__URL, LORAFN_SCHEDULER__HEARTBEAT_TIMEOUT_S, LORAFN_STAGING__PRE
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Literal
+
 from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -45,6 +48,14 @@ class PlacementSettings(BaseModel):
         300.0, ge=0, description="seconds a tenant/adapter -> version lookup is reused (an AdapterEvent clears it at "
         "once, and a NATS reconnection clears them all)")
     results_consumer: str = Field("scheduler-results", description="durable consumer of the results stream")
+    router: Literal["affinity", "rank_aware"] = Field(
+        "affinity", description="affinity (device holders, a replica when busy, host holders, else the least loaded) "
+        "or rank_aware (rank classes on their own workers, sized by operating points: scheduler.placement)")
+    operating_points: Path | None = Field(
+        None, description="operating points file of the rank_aware router (None: scheduler/operating_points.json, "
+        "measured by python -m bench operating-points)")
+    placement_interval_s: float = Field(30.0, gt=0, description="seconds between rank-aware placement plans (and "
+                                                                "sooner when demand drifts by a quarter)")
 
     @model_validator(mode="after")
     def _timeout_above_flush(self) -> PlacementSettings:

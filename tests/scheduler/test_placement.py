@@ -8,7 +8,7 @@ from protocol.messages import Tier
 from scheduler.core import CoreConfig, Dispatch, InvocationArrived, SchedulerCore, Tick, WorkerReport
 from scheduler.operating_points import from_lists
 from scheduler.placement import Demand, PlaceWorker, RankAwareRouter, plan_placement
-from scheduler.policy import AdapterSpec, CallView, WorkerView
+from scheduler.policy import AdapterSpec, AffinityRouter, CallView, WorkerView
 
 # One worker sustains 1,000 decode tokens/s of rank-8 adapters at the SLO, 250 of rank 128.
 POINTS = from_lists(1.0, (8, 32, 128), (1000.0, 600.0, 250.0))
@@ -170,3 +170,16 @@ def test_the_core_replans_from_recent_demand_every_interval_and_on_drift() -> No
     core.handle(Tick(t + 5.0))
     assert core.plans > plans and core.plan.at < planned_at + config.placement_interval_s
     assert core.decisions["replan"] == core.plans
+
+
+def test_the_scheduler_builds_the_router_its_settings_name(tmp_path) -> None:
+    from scheduler.service import build_router
+    from scheduler.settings import PlacementSettings
+
+    assert isinstance(build_router(PlacementSettings()), AffinityRouter)
+    router = build_router(PlacementSettings(router="rank_aware"))
+    assert isinstance(router, RankAwareRouter) and router.points.classes  # the committed points file
+    bad = tmp_path / "points.json"
+    bad.write_text('{"slo_ttft_s": 1.0, "points": []}')
+    with pytest.raises(ValueError, match="at least one rank class"):
+        build_router(PlacementSettings(router="rank_aware", operating_points=bad))
