@@ -24,9 +24,10 @@ reason):
 (and early when demand drifts) through `replan`; between plans a call of a placed adapter goes to the worker
 of its routes with the least outstanding calls per routing fraction; a call of an adapter the plan does not
 know goes to a worker of its class (a device holder first, then the least loaded). When none of those can take
-it (full, draining, gone), the call is offloaded: to another worker holding the adapter on its device or in its
-host cache whose class is at least its rank, else to the least loaded such worker (reason "offload"). With no
-plan yet (no demand seen) it routes as `AffinityRouter` does.
+it (full, draining, gone), or when the chosen one is busy (`offload_at` calls outstanding) and a worker whose
+class covers the rank has `offload_margin` fewer, the call is offloaded (reason "offload"): to such a worker
+holding the adapter on its device or in its host cache, else to the least loaded such worker (ServerlessLoRA's
+offload under contention). With no plan yet (no demand seen) it routes as `AffinityRouter` does.
 """
 
 from __future__ import annotations
@@ -221,6 +222,8 @@ class RankAwareRouter:
     points: OperatingPoints
     fallback: AffinityRouter = field(default_factory=AffinityRouter)
     plan: PlacementPlan | None = None
+    offload_at: int = 8  # a planned worker with this many calls outstanding is busy ...
+    offload_margin: int = 4  # ... when a worker whose class covers the rank has at least this many fewer
 
     def replan(self, at: float, demand: Sequence[Demand], workers: Sequence[PlaceWorker]) -> PlacementPlan:
         self.plan = plan_placement(demand, workers, self.points, previous=self.plan, at=at)
@@ -233,28 +236,38 @@ class RankAwareRouter:
         candidates = {w.worker_id: w for w in workers if w.takes(adapter)}
         if not candidates:
             return None
+        holders = residency.get(adapter.version, {})
+        # workers whose class covers the rank: where an offloaded call may go
+        able = [w for w in candidates.values() if plan.classes.get(w.worker_id, 0) >= adapter.rank] or list(
+            candidates.values())
+        chosen: Route | None = None
         routes = plan.routes.get(adapter.version)
         if routes:
             open_ = [(candidates[w], f) for w, f in routes if w in candidates and f > 0]
             if open_:
                 best, _ = min(open_, key=lambda x: ((x[0].load + 1) / x[1], x[0].worker_id))
-                return Route(best.worker_id, "placed")
+                chosen = Route(best.worker_id, "placed")
         else:
             rank_class = self.points.rank_class(adapter.rank)
             served = [c for c in set(plan.classes.values()) if c >= rank_class]
             home = min(served) if served else max(plan.classes.values())
             mine = [candidates[w] for w in plan.workers_of_class(home) if w in candidates]
             if mine:
-                holders = residency.get(adapter.version, {})
                 on_device = [w for w in mine if holders.get(w.worker_id) == Tier.device]
                 best = min(on_device or mine, key=lambda w: (w.load, w.worker_id))
-                return Route(best.worker_id, "class")
-        # Offload: the planned workers cannot take it now; a worker whose class covers its rank, holders first.
-        holders = residency.get(adapter.version, {})
-        able = [w for w in candidates.values() if plan.classes.get(w.worker_id, 0) >= adapter.rank] or list(
-            candidates.values())
+                chosen = Route(best.worker_id, "class")
+        if chosen is not None:
+            # Offload under contention: the planned worker is busy and a covering worker is much lighter.
+            load = candidates[chosen.worker_id].load
+            lightest = min(able, key=lambda w: (w.load, w.worker_id))
+            if load < self.offload_at or lightest.load + self.offload_margin > load:
+                return chosen
+        # Offload: the planned workers cannot take it now, or are busy; a covering worker, holders first.
         for tier in (Tier.device, Tier.host):
-            held = [w for w in able if holders.get(w.worker_id) == tier]
+            held = [w for w in able if holders.get(w.worker_id) == tier
+                    and (chosen is None or w.worker_id != chosen.worker_id)]
             if held:
-                return Route(min(held, key=lambda w: (w.load, w.worker_id)).worker_id, "offload")
+                best = min(held, key=lambda w: (w.load, w.worker_id))
+                if chosen is None or best.load + self.offload_margin <= candidates[chosen.worker_id].load:
+                    return Route(best.worker_id, "offload")
         return Route(min(able, key=lambda w: (w.load, w.worker_id)).worker_id, "offload")
