@@ -183,3 +183,25 @@ def test_the_scheduler_builds_the_router_its_settings_name(tmp_path) -> None:
     bad.write_text('{"slo_ttft_s": 1.0, "points": []}')
     with pytest.raises(ValueError, match="at least one rank class"):
         build_router(PlacementSettings(router="rank_aware", operating_points=bad))
+
+
+def test_a_busy_planned_worker_offloads_to_a_much_lighter_covering_worker_holders_first() -> None:
+    router = RankAwareRouter(POINTS, offload_at=8, offload_margin=4)
+    d = [demand(f"s{i}", 8, 100.0) for i in range(20)] + [demand("b", 128, 200.0)]
+    plan = router.replan(0.0, d, workers(3))
+    home = plan.routes["v-s0"][0][0]
+    big = plan.routes["v-b"][0][0]
+    others = [w for w in ("w0", "w1", "w2") if w != home]
+    # busy, but nobody is 4 calls lighter: it stays
+    views = [view(w, outstanding=9 if w == home else 6) for w in ("w0", "w1", "w2")]
+    route = router.route(CallView("c", spec("s0", 8)), views, {})
+    assert route is not None and (route.worker_id, route.reason) == (home, "placed")
+    # busy, and the others are idle: offloaded, to the one holding the adapter in its host cache
+    views = [view(w, outstanding=9 if w == home else 0) for w in ("w0", "w1", "w2")]
+    holder = others[-1]
+    route = router.route(CallView("c", spec("s0", 8)), views, {"v-s0": {holder: Tier.host}})
+    assert route is not None and (route.worker_id, route.reason) == (holder, "offload")
+    # a rank-128 call is never offloaded to a class-8 worker
+    views = [view(w, outstanding=9 if w == big else 0) for w in ("w0", "w1", "w2")]
+    route = router.route(CallView("c", spec("b", 128)), views, {})
+    assert route is not None and plan.classes[route.worker_id] == 128
