@@ -89,6 +89,7 @@ from scheduler.policy import (
     EvictionPolicy,
     LruEviction,
     PinnedRouter,
+    RandomRouter,
     ResidentView,
     Router,
 )
@@ -1120,6 +1121,7 @@ ROUTERS: dict[str, Callable[[], Router]] = {
     # the affinity router told to replicate at once and never prefer a cached blob: the least loaded worker
     # for every call, whatever it holds (the baseline that ignores residency)
     "least_loaded": lambda: AffinityRouter(replicate_at=0, replicate_margin=0, prefer_host_cached=False),
+    "random": RandomRouter,  # a uniformly random worker that can take the call (seed 0)
 }
 PREDICTOR_NAMES = ("none", *PREDICTORS)  # none: reactive (no pre-staging)
 STAGERS = ("auto", "none", "predictive")  # auto: predictive when there is a predictor
