@@ -8,6 +8,7 @@ LORAFN_TEST_DATABASE_URL and LORAFN_TEST_S3_ENDPOINT (+ _ACCESS_KEY, _SECRET_KEY
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import tempfile
@@ -19,6 +20,7 @@ import pytest
 import pytest_asyncio
 import torch
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
 from lorafn.stack import LocalStack, StackConfig, free_stack_ports
 from protocol.nats_auth import inbox_prefix
@@ -154,9 +156,16 @@ def database_settings(services: Services) -> DatabaseSettings:
 async def sessions(database_settings: DatabaseSettings) -> AsyncIterator[repo.async_sessionmaker[repo.AsyncSession]]:
     """A session factory over an emptied database (every table truncated before the test)."""
     engine = repo.create_engine(database_settings)
-    async with engine.begin() as conn:
-        tables = ", ".join(t.name for t in reversed(repo.Tenant.metadata.sorted_tables))
-        await conn.execute(text(f"TRUNCATE {tables} CASCADE"))
+    tables = ", ".join(t.name for t in reversed(repo.Tenant.metadata.sorted_tables))
+    for attempt in range(5):
+        try:
+            async with engine.begin() as conn:
+                await conn.execute(text(f"TRUNCATE {tables} CASCADE"))
+            break
+        except DBAPIError as e:  # a scheduler of a module-scoped stack flushed its warm state meanwhile
+            if "deadlock" not in str(e) or attempt == 4:
+                raise
+            await asyncio.sleep(0.1 * (attempt + 1))
     try:
         yield repo.session_factory(engine)
     finally:
