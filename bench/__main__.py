@@ -6,7 +6,8 @@
 3 minutes each in the default run).
 `python -m bench operating-points [--quick] [--slo S]`: one worker's decode tokens/s per rank class at the TTFT SLO,
 and the scheduler's points file (`bench.operating_points`; its quick run in the default run).
-`python -m bench placement [--quick]`: rank-aware placement against rank-blind routing in the simulator."""
+`python -m bench placement [--quick]`: rank-aware placement against rank-blind routing in the simulator.
+`python -m bench rank-burst`: a burst of rank-8 and rank-128 calls on the live stack, affinity against rank-aware."""
 
 from __future__ import annotations
 
@@ -37,6 +38,11 @@ def main() -> None:
         from bench import placement
 
         placement.main(sys.argv[2:])
+        return
+    if sys.argv[1:2] == ["rank-burst"]:  # the live burst, affinity against rank-aware routing (bench.rank_burst)
+        from bench import rank_burst
+
+        rank_burst.main(sys.argv[2:])
         return
     if sys.argv[1:2] == ["scheduling"]:  # pre-staging policies on the shared traces (bench.scheduling)
         from bench import scheduling
