@@ -14,8 +14,9 @@ For each router in `--routers` (default: affinity, then rank_aware), on a fresh 
    scheduler's metrics count a `replan` decision (the core's first plan comes about 5 s after the first call);
 3. the burst: `--calls` calls sent at once, `--small-share` of them to the small adapters (round robin) and the
    rest to the large ones, interleaved (`burst_calls`), each `POST /v1/completions` streamed with the same short
-   prompt and `--max-tokens`, greedy; TTFT (the first text) and latency measured by the client
-   (`lorafn.replay.call_openai`);
+   prompt (a story opening, so that no adapter ends its text at once) and `--max-tokens`, greedy; TTFT (the
+   first chunk with text, or the finish chunk if it comes first), latency and tokens generated measured by the
+   client (`stream_call`);
 4. afterwards: the worker that ran each call and its dispatches (its invocation row in Postgres), the
    scheduler's dispatch decisions during the burst (the change of `lorafn_dispatch_decisions_total{reason}`)
    and each worker's peak queue while it lasted (`lorafn_worker_queue`, sampled every 0.25 s), from the
@@ -34,6 +35,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import json
 import re
 import tempfile
 import time
@@ -46,7 +48,7 @@ from typing import Any
 import httpx
 
 ROUTERS = ("affinity", "rank_aware")
-PROMPT = "Write one short sentence about the sea."
+PROMPT = "Once upon a time, in a small village by the sea, there lived"  # continues past 16 tokens
 SMALL, LARGE = "small", "large"
 METRICS_URL = re.compile(r"scheduler \S+ metrics on (http://\S+)")
 SAMPLE_S = 0.25  # between two readings of the scheduler's metrics during the burst
@@ -150,7 +152,7 @@ class BurstCall:
     adapter: str
     rank: int
     kind: str
-    status: str = "not_sent"  # ok, or what went wrong (lorafn.replay.CallRecord's statuses)
+    status: str = "not_sent"  # ok, http_<status>, stream_error, incomplete, transport:<error>
     error: str | None = None
     invocation_id: str | None = None
     ttft_ms: float | None = None
@@ -158,6 +160,7 @@ class BurstCall:
     tier: str | None = None  # where the adapter was when the call arrived
     worker: str | None = None  # the worker that ran it (its invocation row)
     attempts: int | None = None  # dispatches of the invocation
+    completion_tokens: int | None = None
 
 
 def _pcts(values: Sequence[float]) -> dict[str, float | None]:
@@ -179,6 +182,7 @@ def summarise(calls: Sequence[BurstCall]) -> dict[str, Any]:
             "calls": len(mine), "ok": len(ok), "failed": len(mine) - len(ok),
             "ttft_ms": _pcts([c.ttft_ms for c in ok if c.ttft_ms is not None]),
             "latency_ms": _pcts([c.latency_ms for c in ok if c.latency_ms is not None]),
+            "tokens_mean": (sum(c.completion_tokens or 0 for c in ok) / len(ok)) if ok else None,
             "workers": dict(sorted(collections.Counter(c.worker or "unknown" for c in mine).items())),
             "tiers": dict(sorted(collections.Counter(c.tier or "unknown" for c in mine).items())),
         }
@@ -252,13 +256,13 @@ def rows(payload: Mapping[str, Any]) -> list[list[Any]]:
         for kind, k in run["summary"]["by_kind"].items():
             out.append([router, f"{kind} (rank {', '.join(map(str, k['ranks']))})", k["calls"], k["failed"],
                         _ms(k["ttft_ms"]["p50"]), _ms(k["ttft_ms"]["p99"]), _ms(k["latency_ms"]["p50"]),
-                        _ms(k["latency_ms"]["p99"]),
+                        _ms(k["latency_ms"]["p99"]), "-" if k["tokens_mean"] is None else f"{k['tokens_mean']:.1f}",
                         ", ".join(f"{w} {n}" for w, n in k["workers"].items())])
     return out
 
 
 COLUMNS = ["router", "calls to", "calls", "failed", "TTFT p50 ms", "TTFT p99 ms", "latency p50 ms", "latency p99 ms",
-           "calls per worker"]
+           "tokens (mean)", "calls per worker"]
 
 
 def markdown(payload: Mapping[str, Any]) -> str:
@@ -341,17 +345,43 @@ async def push_all(http: httpx.AsyncClient, folders: Mapping[str, Path]) -> None
 
 
 async def stream_call(http: httpx.AsyncClient, tenant: str, call: BurstCall, max_tokens: int) -> None:
-    """One streamed completion; the call's status, TTFT, latency, tier and invocation id."""
-    from lorafn.replay import CallRecord, call_openai
-
-    record = CallRecord(call.index, call.adapter, f"{tenant}/{call.adapter}", call.rank, 0, max_tokens, 0.0)
-    loop = asyncio.get_running_loop()
+    """One streamed completion (POST /v1/completions, greedy, usage asked for): the call's status, TTFT (the
+    first chunk with text, or the finish chunk when it comes first: a first token that is the end of the text),
+    latency, tokens generated, tier and invocation id."""
+    body = {"model": f"{tenant}/{call.adapter}", "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    done = finished = False
     try:
-        await call_openai(http, record, PROMPT, loop.time)
+        async with http.stream("POST", "/v1/completions", json=body) as r:
+            call.invocation_id = r.headers.get("x-lorafn-invocation-id")
+            call.tier = r.headers.get("x-lorafn-adapter-tier")
+            if r.status_code != 200:
+                call.status, call.error = f"http_{r.status_code}", (await r.aread()).decode(errors="replace")[:300]
+                return
+            async for line in r.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line.removeprefix("data: ").strip()
+                if data == "[DONE]":
+                    done = True
+                    break
+                event = json.loads(data)
+                if "error" in event:
+                    call.status, call.error = "stream_error", str(event["error"])
+                for choice in event.get("choices") or ():
+                    if call.ttft_ms is None and (choice.get("text") or choice.get("finish_reason")):
+                        call.ttft_ms = (time.perf_counter() - t0) * 1000
+                    finished = finished or bool(choice.get("finish_reason"))
+                if event.get("usage"):
+                    call.completion_tokens = int(event["usage"].get("completion_tokens", 0))
     except (httpx.HTTPError, OSError) as e:
-        record.status, record.error = f"transport:{type(e).__name__}", str(e)
-    call.status, call.error, call.invocation_id = record.status, record.error, record.invocation_id
-    call.ttft_ms, call.latency_ms, call.tier = record.ttft_ms, record.latency_ms, record.tier
+        call.status, call.error = f"transport:{type(e).__name__}", str(e)
+        return
+    finally:
+        call.latency_ms = (time.perf_counter() - t0) * 1000
+    if call.status == "not_sent":
+        call.status = "ok" if done and finished else "incomplete"
 
 
 def read_workers(database_url: str, ids: Sequence[str]) -> dict[str, tuple[str | None, int]]:
