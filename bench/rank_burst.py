@@ -37,6 +37,7 @@ import collections
 import contextlib
 import json
 import re
+import statistics
 import tempfile
 import time
 import zlib
@@ -170,9 +171,17 @@ def _pcts(values: Sequence[float]) -> dict[str, float | None]:
     return {"p50": p["p50"], "p99": p["p99"], "max": p["max"]}
 
 
+def _group(calls: Sequence[BurstCall]) -> dict[tuple[str, str], list[BurstCall]]:
+    out: dict[tuple[str, str], list[BurstCall]] = collections.defaultdict(list)
+    for c in calls:
+        out[(c.worker or "unknown", c.kind)].append(c)
+    return out
+
+
 def summarise(calls: Sequence[BurstCall]) -> dict[str, Any]:
-    """Per kind (small, large): calls, ok, failed, TTFT and latency percentiles (ok calls, ms), calls per worker
-    and per tier; per worker, calls of each kind; and the failures' statuses."""
+    """Per kind (small, large): calls, ok, failed, TTFT and latency percentiles (ok calls, ms), mean tokens, calls
+    per worker and per tier; per worker, calls of each kind, and per worker and kind the calls, the cold ones
+    (adapter in the object store on arrival) and TTFT min / median / max; and the failures' statuses."""
     by_kind: dict[str, Any] = {}
     for kind in (SMALL, LARGE):
         mine = [c for c in calls if c.kind == kind]
@@ -190,8 +199,16 @@ def summarise(calls: Sequence[BurstCall]) -> dict[str, Any]:
     for c in calls:
         row = per_worker.setdefault(c.worker or "unknown", {SMALL: 0, LARGE: 0})
         row[c.kind] += 1
+    ttft: dict[str, dict[str, Any]] = {}
+    for (worker, kind), mine in sorted(_group(calls).items()):
+        t = sorted(c.ttft_ms for c in mine if c.status == "ok" and c.ttft_ms is not None)
+        ttft.setdefault(worker, {})[kind] = {
+            "calls": len(mine), "cold": sum(1 for c in mine if c.tier == "object"),
+            "ttft_ms_min": t[0] if t else None, "ttft_ms_median": statistics.median(t) if t else None,
+            "ttft_ms_max": t[-1] if t else None}
     failures = collections.Counter(c.status for c in calls if c.status != "ok")
-    return {"by_kind": by_kind, "per_worker": dict(sorted(per_worker.items())), "failures": dict(failures),
+    return {"by_kind": by_kind, "per_worker": dict(sorted(per_worker.items())), "per_worker_ttft": ttft,
+            "failures": dict(failures),
             "failed": sum(failures.values()),
             "redispatched": sum(1 for c in calls if c.attempts is not None and c.attempts > 1)}
 
@@ -299,6 +316,14 @@ def markdown(payload: Mapping[str, Any]) -> str:
         peaks = ", ".join(f"{w} {v:g}" for w, v in run["queue_peak"].items()) or "-"
         lines.append(f"- {router}: {workers}. Decisions: {decisions}. Peak queues: {peaks}. Plans before the "
                      f"burst: {run['replans_before_burst']}.")
+    lines += ["", "TTFT per worker and rank (ms; cold: the adapter was in the object store when the call arrived):",
+              "", "| router | worker | calls to | calls | cold | TTFT min | TTFT median | TTFT max |", "|---" * 8 + "|"]
+    for router, run in payload["runs"].items():
+        for worker, kinds in run["summary"]["per_worker_ttft"].items():
+            for kind, t in kinds.items():
+                rank = o["small_rank"] if kind == SMALL else o["large_rank"]
+                lines.append(f"| {router} | {worker} | rank {rank} | {t['calls']} | {t['cold']} | "
+                             f"{_ms(t['ttft_ms_min'])} | {_ms(t['ttft_ms_median'])} | {_ms(t['ttft_ms_max'])} |")
     if payload.get("observations"):
         lines += ["", payload["observations"]]
     return "\n".join(lines) + "\n"

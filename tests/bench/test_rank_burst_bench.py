@@ -103,6 +103,11 @@ def test_summarise_gives_nearest_rank_percentiles_per_class_over_the_ok_calls() 
     assert s["per_worker"] == {"unknown": {SMALL: 2, LARGE: 0}, "w1": {SMALL: 5, LARGE: 0},
                                "w2": {SMALL: 5, LARGE: 0}, "w3": {SMALL: 0, LARGE: 2}}
     assert s["failed"] == 2 and s["failures"] == {"http_503:overloaded": 2} and s["redispatched"] == 1
+    assert s["per_worker_ttft"]["w1"][SMALL] == {"calls": 5, "cold": 0, "ttft_ms_min": 10.0, "ttft_ms_median": 50.0,
+                                                 "ttft_ms_max": 90.0}
+    assert s["per_worker_ttft"]["w3"][LARGE]["ttft_ms_median"] == 700.0
+    assert s["per_worker_ttft"]["unknown"][SMALL] == {"calls": 2, "cold": 0, "ttft_ms_min": None,
+                                                      "ttft_ms_median": None, "ttft_ms_max": None}
 
 
 def test_compare_is_affinity_over_rank_aware_and_judges_the_target() -> None:
@@ -133,6 +138,7 @@ def test_the_markdown_has_a_row_per_router_and_class_and_the_ratio() -> None:
     assert "| rank_aware | large (rank 128) | 1 | 0 | 700 | 700 | 1,000 | 1,000 | 1.0 | w3 1 |" in text
     assert "TTFT p99 3.00x" in text and "Target 2x on the rank-8 p99: met" in text
     assert "- rank_aware: w1: 1 rank 8 + 0 rank 128" in text and "Plans before the burst: 1." in text
+    assert "| affinity | w2 | rank 8 | 1 | 0 | 900 | 900 | 900 |" in text
 
 
 def test_metrics_are_read_from_prometheus_text() -> None:
