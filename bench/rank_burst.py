@@ -36,6 +36,7 @@ import asyncio
 import collections
 import contextlib
 import json
+import os
 import re
 import statistics
 import tempfile
@@ -563,7 +564,7 @@ def run(options: BurstOptions, *, results_dir: Path | None = None, write: bool =
     payload: dict[str, Any] = {
         "options": {**asdict(options), "routers": list(options.routers)},
         "backbone": spec.name + (" (tiny random)" if options.tiny else ""),
-        "machine_note": "2 CPU cores shared by the stack and the client",
+        "machine_note": f"{os.cpu_count()} CPU cores shared by the stack and the client",
         "burst": {SMALL: burst[SMALL], LARGE: burst[LARGE]},
         "runs": runs, "comparison": compare(summaries), "elapsed_s": time.monotonic() - started,
     }
