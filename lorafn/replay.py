@@ -367,7 +367,9 @@ async def call_openai(client: httpx.AsyncClient, record: CallRecord, prompt: str
                 record.status = f"stream_error:{record.error_code}"
                 continue
             for choice in event.get("choices") or ():
-                if choice.get("text") and record.ttft_ms is None:
+                # the first chunk: its first text, or the finish chunk of a call that streamed no text before it
+                # (its tokens' text held back, e.g. parts of a character, or none at all): a completed call has a TTFT
+                if record.ttft_ms is None:
                     record.ttft_ms = (now() - t0) * 1000
                 record.finish_reason = choice.get("finish_reason") or record.finish_reason
             if event.get("usage"):

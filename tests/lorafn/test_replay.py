@@ -23,6 +23,7 @@ from lorafn.replay import (
     WORDS,
     CallRecord,
     ReplayError,
+    call_openai,
     new_records,
     plan_replay,
     send_all,
@@ -213,3 +214,23 @@ async def test_a_second_replay_reuses_the_adapters_and_counts_failures(stack: In
     assert [(a["name"], a["provisioned"]) for a in body["adapters"]] == [
         ("replay-000", "reused"), ("replay-001", "reused"), ("replay-002", "reused")]
     assert s["first_call_tiers"] == {"device": 3}
+
+
+def test_a_call_whose_text_comes_only_with_its_finish_chunk_still_has_a_ttft() -> None:
+    """The SSE parsing of `call_openai` alone (the gateway's own streams are tested against it above): a completion
+    whose tokens streamed no text of their own before the finish chunk is ok and its TTFT is that chunk's time."""
+    finish = {"choices": [{"index": 0, "text": "", "logprobs": None, "finish_reason": "length"}]}
+    usage = {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}}
+    body = "".join(f"data: {json.dumps(x)}\n\n" for x in (finish, usage)) + "data: [DONE]\n\n"
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, text=body,
+                                                                   headers={"content-type": "text/event-stream"}))
+    ticks = iter([0.0, 0.25, 0.5, 0.75])
+    record = CallRecord(0, "k", "t/a", 8, 3, 4, 0.0)
+
+    async def go() -> None:
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+            await call_openai(client, record, "hi", lambda: next(ticks))
+
+    asyncio.run(go())
+    assert (record.status, record.finish_reason, record.completion_tokens) == ("ok", "length", 4)
+    assert record.ttft_ms == 250.0 and record.latency_ms == 500.0
