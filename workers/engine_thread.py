@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from workers.batcher import Completion, TokenEvent
+from workers.batcher import BatcherStats, Completion, TokenEvent
 from workers.engine import Engine
 from workers.sampling import SamplingParams
 from workers.tokenizer import Tokenizer
@@ -137,6 +137,10 @@ class EngineThread:
         """(waiting, running) requests of the engine (a racy but harmless read for heartbeats)."""
         batcher = self.engine.batcher
         return len(batcher.waiting), len(batcher.running)
+
+    def batcher_stats(self) -> BatcherStats:
+        """The batcher's contention counters (a racy but harmless read: they only grow)."""
+        return self.engine.batcher.stats
 
     def kv_blocks(self) -> tuple[int, int]:
         """(free, total) blocks of the engine's KV cache (a racy but harmless read for heartbeats: what a

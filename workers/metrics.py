@@ -14,6 +14,10 @@ The rest are lorafn's own:
 - `lorafn_adapter_pool_pages`, `lorafn_adapter_pool_free_pages`: the device pool;
 - `lorafn_worker_invocations_total{status}`: invocations that ended here: succeeded, failed, cancelled (a
   result was recorded), rescued (the dispatcher gave it to another worker), handed_back (this worker stopped).
+- `lorafn_batch_contention_total{decision}`: the batcher's contention decisions (`workers.batcher.BatcherStats`):
+  passed_over (a waiting request passed by one behind it, per step), wall (admission stopped at a request passed
+  over too often), adapter_skip (a running request left out of a step for an adapter limit), byte_cap (a step the
+  adapter-bytes cap bound).
 
 Gauges come from the heartbeat the worker publishes anyway (`observe_heartbeat`); per-invocation metrics are
 a few observations when an invocation ends, none per token.
@@ -28,6 +32,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from protocol.messages import Heartbeat, InvocationResult, Tier
+from workers.batcher import BatcherStats
 
 # vLLM's buckets for both request latencies (seconds).
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -88,6 +93,9 @@ class WorkerMetrics:
                                                                    "handed_back")}
         self._resident = {t: self.resident.labels(t.value) for t in (Tier.device, Tier.host)}
         self._evictions_seen = 0
+        self.contention = Counter("lorafn_batch_contention", "the batcher's contention decisions", ["decision"],
+                                  registry=r)
+        self._contention_seen: dict[str, int] = {}
 
     def observe_heartbeat(self, hb: Heartbeat) -> None:
         """Refresh the gauges from the heartbeat just published, and count the evictions it reports."""
@@ -105,6 +113,15 @@ class WorkerMetrics:
         if evicted > self._evictions_seen:
             self.evictions.inc(evicted - self._evictions_seen)
         self._evictions_seen = evicted
+
+    def observe_batcher(self, stats: BatcherStats) -> None:
+        """Count the batcher's contention decisions since the last call (its counters only grow)."""
+        for decision, total in (("passed_over", stats.passed_over), ("wall", stats.walls),
+                                ("adapter_skip", stats.adapter_skips), ("byte_cap", stats.byte_cap_steps)):
+            new = total - self._contention_seen.get(decision, 0)
+            if new > 0:
+                self.contention.labels(decision).inc(new)
+            self._contention_seen[decision] = total
 
     def observe_load(self, source: Tier, ms: float) -> None:
         """One adapter load onto the device, from `source` (host or object), that took `ms`."""

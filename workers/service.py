@@ -850,6 +850,7 @@ class WorkerService:
             return
         heartbeat = self.heartbeat(gone=gone)
         self.metrics.observe_heartbeat(heartbeat)
+        self.metrics.observe_batcher(self.engine.batcher_stats())
         try:
             for stamped in self._residency.stamp(heartbeat):
                 await self.nc.publish(subjects.worker_event(self.worker_id), stamped.encode(),

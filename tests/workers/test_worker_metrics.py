@@ -91,6 +91,19 @@ def test_loads_by_source_tier() -> None:
     assert value(page, "lorafn_adapter_load_seconds_sum", source_tier="object") == pytest.approx(0.120)
 
 
+def test_batcher_contention_counts_only_what_is_new() -> None:
+    from workers.batcher import BatcherStats
+
+    m = WorkerMetrics()
+    m.observe_batcher(BatcherStats(passed_over=3, walls=1))
+    m.observe_batcher(BatcherStats(passed_over=5, walls=1, adapter_skips=2, byte_cap_steps=4))
+    page = rendered(m)
+    assert value(page, "lorafn_batch_contention_total", decision="passed_over") == 5
+    assert value(page, "lorafn_batch_contention_total", decision="wall") == 1
+    assert value(page, "lorafn_batch_contention_total", decision="adapter_skip") == 2
+    assert value(page, "lorafn_batch_contention_total", decision="byte_cap") == 4
+
+
 def test_results_and_endings() -> None:
     m = WorkerMetrics()
     m.observe_result(InvocationResult(
