@@ -35,7 +35,6 @@ import argparse
 import asyncio
 import collections
 import contextlib
-import json
 import os
 import re
 import statistics
@@ -154,7 +153,7 @@ class BurstCall:
     adapter: str
     rank: int
     kind: str
-    status: str = "not_sent"  # ok, http_<status>, stream_error, incomplete, transport:<error>
+    status: str = "not_sent"  # ok, http_<status>:<code>, stream_error:<code>, incomplete, transport:<error>
     error: str | None = None
     invocation_id: str | None = None
     ttft_ms: float | None = None
@@ -371,43 +370,18 @@ async def push_all(http: httpx.AsyncClient, folders: Mapping[str, Path]) -> None
 
 
 async def stream_call(http: httpx.AsyncClient, tenant: str, call: BurstCall, max_tokens: int) -> None:
-    """One streamed completion (POST /v1/completions, greedy, usage asked for): the call's status, TTFT (the
-    first chunk with text, or the finish chunk when it comes first: a first token that is the end of the text),
-    latency, tokens generated, tier and invocation id."""
-    body = {"model": f"{tenant}/{call.adapter}", "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0,
-            "stream": True, "stream_options": {"include_usage": True}}
-    t0 = time.perf_counter()
-    done = finished = False
+    """One streamed completion through `lorafn.replay.call_openai` (greedy, usage asked for): the call's status,
+    TTFT (its first text, or the finish chunk when no text came before it), latency, tokens generated, tier and
+    invocation id."""
+    from lorafn.replay import CallRecord, call_openai
+
+    record = CallRecord(call.index, call.adapter, f"{tenant}/{call.adapter}", call.rank, 0, max_tokens, 0.0)
     try:
-        async with http.stream("POST", "/v1/completions", json=body) as r:
-            call.invocation_id = r.headers.get("x-lorafn-invocation-id")
-            call.tier = r.headers.get("x-lorafn-adapter-tier")
-            if r.status_code != 200:
-                call.status, call.error = f"http_{r.status_code}", (await r.aread()).decode(errors="replace")[:300]
-                return
-            async for line in r.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                data = line.removeprefix("data: ").strip()
-                if data == "[DONE]":
-                    done = True
-                    break
-                event = json.loads(data)
-                if "error" in event:
-                    call.status, call.error = "stream_error", str(event["error"])
-                for choice in event.get("choices") or ():
-                    if call.ttft_ms is None and (choice.get("text") or choice.get("finish_reason")):
-                        call.ttft_ms = (time.perf_counter() - t0) * 1000
-                    finished = finished or bool(choice.get("finish_reason"))
-                if event.get("usage"):
-                    call.completion_tokens = int(event["usage"].get("completion_tokens", 0))
+        await call_openai(http, record, PROMPT, time.perf_counter)
     except (httpx.HTTPError, OSError) as e:
-        call.status, call.error = f"transport:{type(e).__name__}", str(e)
-        return
-    finally:
-        call.latency_ms = (time.perf_counter() - t0) * 1000
-    if call.status == "not_sent":
-        call.status = "ok" if done and finished else "incomplete"
+        record.status, record.error = f"transport:{type(e).__name__}", str(e)
+    call.status, call.error, call.invocation_id, call.tier = record.status, record.error, record.invocation_id, record.tier
+    call.ttft_ms, call.latency_ms, call.completion_tokens = record.ttft_ms, record.latency_ms, record.completion_tokens
 
 
 def read_workers(database_url: str, ids: Sequence[str]) -> dict[str, tuple[str | None, int]]:
