@@ -4,7 +4,6 @@ adapter-bytes cap, rank-ordered segments; plan/commit over a real (tiny) KV cach
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from workers.engine import Engine, EngineSettings
 from workers.kv_cache import PagedKVCache
 from workers.model import Backbone
 from workers.sampling import SamplingParams
+from workers.tiny import write_tiny_backbone
 from workers.weights import load_backbone
 
 SPEC = BackboneSpec(name="tiny", num_layers=1, hidden_size=8, intermediate_size=8, num_heads=1,
@@ -261,15 +261,7 @@ def test_segments_are_ordered_by_rank_when_asked() -> None:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Backbone:
-    transformers = pytest.importorskip("transformers")
-    path: Path = tmp_path_factory.mktemp("tiny_contention")
-    torch.manual_seed(1)
-    config = transformers.LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
-    )
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
-    return load_backbone(path)
+    return load_backbone(write_tiny_backbone(tmp_path_factory.mktemp("tiny_contention") / "backbone"))
 
 
 def _adapter(backbone: Backbone, rank: int, seed: int) -> LoraWeights:
