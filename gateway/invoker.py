@@ -43,6 +43,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from gateway.bus import NatsLink
+from gateway.depths import QueueDepths
 from gateway.errors import (
     IdempotencyMismatch,
     InvocationNotFound,
@@ -380,7 +381,8 @@ class Invoker:
         self.metrics = metrics
         self.inflight = 0
         self._calls: dict[str, Call] = {}
-        self._depths: dict[str, list[float]] = {}  # subject -> [depth, read at (monotonic)]
+        # pending invocations per adapter subject, read for all adapters at once (gateway/depths.py)
+        self.depths = QueueDepths(interval_s=limits.queue_check_interval_s, max_age_s=limits.queue_depth_max_age_s)
         self._callback_urls: KeyValue | None = None
         self._expiring: set[asyncio.Future[None]] = set()
         self._cancelling: set[asyncio.Future[Any]] = set()  # cancels of calls whose client went away
@@ -416,31 +418,19 @@ class Invoker:
             raise Unavailable("nats", "not connected", self.limits.unavailable_retry_after_s)
         return self.link.nc, self.link.js
 
-    async def _queue_depth(self, js: JetStreamContext, subject: str) -> list[float]:
-        now = time.monotonic()
-        entry = self._depths.get(subject)
-        if entry is None or now - entry[1] > self.limits.queue_check_interval_s:
-            info = await js.stream_info(subjects.INVOCATIONS_STREAM, subjects_filter=subject)
-            depth = (info.state.subjects or {}).get(subject, 0)
-            if len(self._depths) > 100_000:
-                self._depths.clear()
-            entry = self._depths[subject] = [float(depth), now]
-        return entry
-
-    async def _admit(self, js: JetStreamContext, target: Target) -> list[float]:
+    async def _admit(self, js: JetStreamContext, target: Target) -> None:
         limits = self.limits
         if self.inflight >= limits.max_inflight:
             self.metrics.rejections.labels("gateway_busy").inc()
             raise Overloaded("this gateway", self.inflight, limits.max_inflight, limits.retry_after_s)
         try:
-            entry = await self._queue_depth(js, target.subject)
+            depth = await self.depths.depth(js, target.subject)
         except (nats.errors.Error, TimeoutError) as e:
             raise Unavailable("nats", f"cannot read the queue depth ({e!r})", limits.unavailable_retry_after_s) from e
-        if entry[0] >= limits.max_queue_per_adapter:
+        if depth >= limits.max_queue_per_adapter:
             self.metrics.rejections.labels("queue_full").inc()
-            raise Overloaded(f"the queue of {target.label}", int(entry[0]), limits.max_queue_per_adapter,
+            raise Overloaded(f"the queue of {target.label}", depth, limits.max_queue_per_adapter,
                              limits.retry_after_s)
-        return entry
 
     # -- submission ------------------------------------------------------------------------------
 
@@ -490,7 +480,7 @@ class Invoker:
                 found = await self._find_idempotent(session, target, idempotency_key, body_hash)
             if found is not None:
                 return await self._replay(found, target, sync)
-        entry = await self._admit(js, target)
+        await self._admit(js, target)
         if self.quotas is not None:
             self.quotas.check_invocation(target.tenant, time.monotonic())  # 429 before anything is written
         invocation_id = new_invocation_id()
@@ -526,7 +516,7 @@ class Invoker:
             if isinstance(e, Exception):
                 await self._mark_failed(invocation_id, ErrorCode.unavailable, f"not published: {e!r}")
             raise
-        entry[0] += 1  # this publish is pending now, until the next read of the stream
+        self.depths.added(target.subject)  # pending now, until the next read of the stream
         if call is None:
             self._release()
             self.metrics.invocations.labels(target.label, "queued").inc()

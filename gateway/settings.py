@@ -42,7 +42,12 @@ class LimitSettings(BaseModel):
     )
     max_inflight: int = Field(1000, ge=0, description="invocations this gateway process handles at once before 429")
     queue_check_interval_s: float = Field(
-        0.25, ge=0.0, description="how long a per-adapter queue depth read from the stream is reused"
+        0.25, ge=0.0, description="how often the per-adapter queue depths are read from the stream (one read for "
+        "all adapters; calls meanwhile use the last read plus this gateway's publishes)"
+    )
+    queue_depth_max_age_s: float = Field(
+        5.0, gt=0.0, description="queue depths older than this are not used: a call waits for a fresh read, 503 "
+        "if NATS cannot answer"
     )
     retry_after_s: int = Field(1, ge=1, description="Retry-After of a 429")
     unavailable_retry_after_s: int = Field(5, ge=1, description="Retry-After of a 503")
@@ -51,6 +56,13 @@ class LimitSettings(BaseModel):
     max_tokens: int = Field(
         4096, ge=1, description="largest max_tokens (max_completion_tokens) a call may ask for, refused with 400 "
         "above it; the model's context window bounds it too")
+
+    @model_validator(mode="after")
+    def _depth_age(self) -> LimitSettings:
+        if self.queue_depth_max_age_s < self.queue_check_interval_s:
+            raise ValueError(f"queue_depth_max_age_s ({self.queue_depth_max_age_s}) must be at least "
+                             f"queue_check_interval_s ({self.queue_check_interval_s})")
+        return self
 
 
 class QuotaSettings(BaseModel):
