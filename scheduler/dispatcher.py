@@ -18,6 +18,10 @@ Mechanism (docs/nats.md, "Dispatch"):
   worker's consumer (a paused worker can take nothing more), requeue what is left on its subject.
   A heartbeat carries the worker's whole residency every few heartbeats and the changes in between;
   `WorkerReports` keeps each worker's residency and hands the core the whole of it with every report.
+- Staging verbs and rescues must happen once: with several scheduler replicas only the leader
+  (`scheduler.leader`, the `leading` callable) carries them out. A follower's core decides the same way (its
+  view stays whole, so it can lead at once); the follower drops its staging verbs and keeps its rescues until
+  it leads (then carried out at its next tick) or until the worker heartbeats again.
 - Everything the core knows is rebuilt after a restart: workers and residency from heartbeats (residency
   from each worker's next full one), their load from the work stream, calls in flight from the streams
   themselves.
@@ -98,6 +102,9 @@ MAX_BATCHES_IN_FLIGHT = 4
 # Cancelled invocation ids remembered so that their queued copies are dropped, not dispatched (the oldest are
 # forgotten first; a forgotten one is dispatched, and its worker answers it from the recorded result).
 CANCELLED_REMEMBERED = 100_000
+# Rescues a follower keeps for when it leads (the oldest are forgotten first: the work of a forgotten worker is
+# still found on its subject by the core, as an orphan, and rescued).
+RESCUES_REMEMBERED = 10_000
 
 
 def resident_report(r: ResidentAdapter) -> ResidentReport:
@@ -224,15 +231,17 @@ class Dispatcher:
 
     def __init__(self, *, nc: NatsClient, js: JetStreamContext, core: SchedulerCore, directory: AdapterDirectory,
                  cfg: PlacementSettings, fail: FailHook, demand: DemandHook | None = None,
-                 clock: Callable[[], float] = time.time, metrics: SchedulerMetrics | None = None) -> None:
+                 clock: Callable[[], float] = time.time, metrics: SchedulerMetrics | None = None,
+                 leading: Callable[[], bool] = lambda: True) -> None:
         self.nc, self.js, self.core, self.directory, self.cfg = nc, js, core, directory, cfg
+        self.leading = leading  # whether this replica carries out staging verbs and rescues now
         self.fail_hook = fail
         self.demand_hook = demand
         self.clock = clock
         self.reports = WorkerReports()  # heartbeats -> core events, residency tracked across delta heartbeats
         self._room = asyncio.Event()  # set while some worker can take more work
         self._tasks: set[asyncio.Task[None]] = set()
-        self._unrescued: dict[str, str] = {}  # gone workers whose rescue failed -> why they are gone
+        self._unrescued: dict[str, str] = {}  # gone workers whose rescue failed or waits for leadership -> why
         self._sending = asyncio.Semaphore(MAX_BATCHES_IN_FLIGHT)
         self._cancelled: OrderedDict[str, None] = OrderedDict()  # invocations cancelled before their dispatch
         self.dispatched = 0
@@ -242,19 +251,31 @@ class Dispatcher:
     # -- events from NATS ----------------------------------------------------------------------------------
 
     def apply(self, event: Event) -> list[Command]:
-        """Feed the core one event and carry out what needs no message at hand (rescues)."""
+        """Feed the core one event and carry out what needs no message at hand (rescues, staging verbs: the
+        leader's alone)."""
         commands = self.core.handle(event)
         for c in commands:
             if isinstance(c, Rescue):
                 self.reports.forget(c.worker_id)
-                self._spawn(self.rescue(c.worker_id, c.reason), f"rescue-{c.worker_id}")
+                if self.leading():
+                    self._spawn(self.rescue(c.worker_id, c.reason), f"rescue-{c.worker_id}")
+                else:
+                    self._unrescued[c.worker_id] = c.reason
+                    if len(self._unrescued) > RESCUES_REMEMBERED:
+                        del self._unrescued[next(iter(self._unrescued))]
+                    self._dropped("rescue")
             elif isinstance(c, Fetch | Load | Evict):
-                self._spawn(self.stage(c), f"stage-{c.worker_id}")
+                if self.leading():
+                    self._spawn(self.stage(c), f"stage-{c.worker_id}")
+                else:
+                    self._dropped(type(c).__name__.lower())
         self._update_room()
         return commands
 
     def on_heartbeat(self, hb: Heartbeat) -> None:
         now = self.clock()
+        if not hb.gone:  # back (paused, or restarted with its id): its work is its own again, not to rescue
+            self._unrescued.pop(hb.worker_id, None)
         self.apply(self.reports.report(hb, now))
         if hb.gone:
             self.apply(WorkerGone(now, hb.worker_id))
@@ -268,6 +289,10 @@ class Dispatcher:
 
     def on_adapter_event(self, event: AdapterEvent) -> None:
         self.directory.forget(event.tenant, event.adapter)
+
+    def _dropped(self, kind: str) -> None:
+        if self.metrics is not None:
+            self.metrics.dropped.labels(kind).inc()
 
     def _update_room(self) -> None:
         if self.core.has_room():
@@ -342,8 +367,9 @@ class Dispatcher:
         except nats.js.errors.NotFoundError:
             pass
         self.apply(Tick(self.clock()))
-        for worker_id, reason in list(self._unrescued.items()):
-            self._spawn(self.rescue(worker_id, reason), f"rescue-{worker_id}")
+        if self.leading():
+            for worker_id, reason in list(self._unrescued.items()):
+                self._spawn(self.rescue(worker_id, reason), f"rescue-{worker_id}")
         switches = self._staging_switches()
         if self.metrics is not None:
             await self._observe(self.metrics, switches)

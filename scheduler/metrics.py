@@ -23,7 +23,9 @@ Metrics (see docs/ARCHITECTURE.md, "Metrics"):
   `lorafn_staging_precision` / `lorafn_staging_recall` / `lorafn_staging_device_hit_ratio` (the last interval
   that had predictions / calls), `lorafn_staging_commands_total{kind}` (fetch, load, evict),
   `lorafn_staging_loaded_bytes_total` and `lorafn_staging_unused_loaded_bytes_total` (loaded for an interval in
-  which the version was not called).
+  which the version was not called); these count what this replica's core called for, issued only by the leader;
+- leadership (`scheduler.leader`): `lorafn_scheduler_leader` (1 on the leader, 0 on the others) and
+  `lorafn_scheduler_dropped_commands_total{kind}` (commands a follower's core called for and left to the leader).
 """
 
 from __future__ import annotations
@@ -170,6 +172,11 @@ class SchedulerMetrics:
         self.loaded_bytes = Counter("lorafn_staging_loaded_bytes", "adapter bytes loaded ahead of calls", registry=r)
         self.unused_bytes = Counter("lorafn_staging_unused_loaded_bytes", "adapter bytes loaded for an interval in "
                                     "which the version was not called", registry=r)
+        self.leader = Gauge("lorafn_scheduler_leader", "1 while this scheduler replica is the leader "
+                            "(scheduler.leader), else 0", registry=r)
+        self.dropped = Counter("lorafn_scheduler_dropped_commands", "commands this replica's core called for while "
+                               "it did not lead (fetch, load, evict: dropped; rescue: kept until it leads)",
+                               ["kind"], registry=r)
         self._predictors: set[str] = set()
         self._decisions_seen: dict[str, int] = {}
         self._workers: set[str] = set()

@@ -14,7 +14,10 @@
 - Liveness: a `SchedulerHeartbeat` every second on `lora.evt.scheduler.<id>`; gateways are ready only while
   some scheduler is alive (without one, nothing dispatches).
 Several schedulers may run: they share the dispatcher's and the results' durable consumers, and each keeps
-its own core from the same heartbeats and streams.
+its own core from the same heartbeats and streams. What must happen once is done by the leader alone
+(`scheduler.leader`: a Postgres advisory lock): staging verbs, rescues, the warm state's writes (worker rows,
+residency, workers marked down, invocations marked running) and the pruning of rows of workers silent for
+`worker_prune_after_s`. Every replica writes the demand it counted (the calls it dispatched).
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ from protocol.results import record_result
 from protocol.streams import ensure_streams
 from scheduler.core import CoreConfig, SchedulerCore
 from scheduler.dispatcher import AdapterDirectory, Dispatcher
+from scheduler.leader import Change, LeaderElection, LeaderLock
 from scheduler.metrics import MetricsEndpoint, SchedulerMetrics, serve_metrics
 from scheduler.nats_callout import NatsCallout
 from scheduler.operating_points import DEFAULT_PATH as DEFAULT_POINTS
@@ -94,6 +98,8 @@ def build_router(cfg: PlacementSettings) -> Router:
     return affinity
 
 
+# How often the leader deletes the rows of workers silent for `worker_prune_after_s`.
+PRUNE_EVERY_S = 60.0
 # A resident adapter's last use is written to Postgres when it moved by this much (a row per adapter and second
 # for every worker would be written otherwise; the live decisions use the heartbeats, not these rows).
 LAST_USED_PRECISION_S = 30
@@ -162,6 +168,8 @@ class SchedulerService:
         self._demand: dict[tuple[str, str, datetime], int] = defaultdict(int)
         self._started: list[InvocationStarted] = []
         self._demand_flushed = 0.0  # time.monotonic() of the last demand write
+        self.election: LeaderElection | None = None  # set by run()
+        self._pruned = -PRUNE_EVERY_S  # time.monotonic() of the last pruning of workers' rows
         # What this scheduler last wrote of each worker's residency, so a flush writes only what changed.
         self._residency: dict[str, dict[tuple[str, Tier], tuple[repo.ResidencyRow, tuple[int, int, int]]]] = {}
 
@@ -183,9 +191,14 @@ class SchedulerService:
             self.metrics_endpoint = await stack.enter_async_context(serve_metrics(
                 self.metrics.registry, self.settings.metrics, what=f"scheduler {self.scheduler_id}"))
             self._directory = AdapterDirectory(self.sessions, ttl_s=self.cfg.adapter_cache_s)
+            self.election = LeaderElection(LeaderLock(self.settings.database, ttl_s=self.cfg.leader_ttl_s),
+                                           ttl_s=self.cfg.leader_ttl_s, on_change=self._on_leader_change)
+            stack.push_async_callback(self.election.close)  # after the last flush: a follower takes over
+            await self.election.step()  # a lone scheduler leads from the start
             self.dispatcher = Dispatcher(nc=self.nc, js=self.js, core=self.core, directory=self._directory,
                                          cfg=self.cfg, fail=self._finish_failed, demand=self._count_demand,
-                                         metrics=self.metrics if self.settings.metrics.enabled else None)
+                                         metrics=self.metrics if self.settings.metrics.enabled else None,
+                                         leading=self.leading)
             await self.nc.subscribe(subjects.WORKER_EVENTS_ALL, cb=self._on_heartbeat)
             await self.nc.subscribe(subjects.RESULT_ALL, cb=self._on_result)
             await self.nc.subscribe(subjects.ADAPTER_EVENTS_ALL, cb=self._on_adapter_event)
@@ -195,6 +208,7 @@ class SchedulerService:
                 asyncio.create_task(self._every(self.cfg.flush_every_s, self.flush, stop), name="flush"),
                 asyncio.create_task(self._every(1.0, self._announce, stop), name="announce"),
                 asyncio.create_task(self._results_loop(stop), name="results"),
+                asyncio.create_task(self.election.run(stop), name="election"),
             ]
             if self.settings.nats_callout.enabled:  # tenants' direct NATS clients (scheduler.nats_callout)
                 callout = NatsCallout(self.settings.nats_callout, self.sessions)
@@ -209,6 +223,21 @@ class SchedulerService:
                 await self.flush(all_demand=True)
             except Exception:  # Postgres may be gone at shutdown; the next scheduler rewrites warm state
                 logger.warning("last flush failed", exc_info=True)
+
+    def leading(self) -> bool:
+        """Whether this replica leads now (does what must happen once)."""
+        return self.election is not None and self.election.leads()
+
+    def _on_leader_change(self, change: Change) -> None:
+        self.metrics.leader.set(1 if change.leader else 0)
+        if change.leader:
+            logger.info("scheduler %s is the leader (%s)", self.scheduler_id, change.reason)
+            # Another leader wrote the warm state meanwhile: write every live worker whole at the next flush.
+            self._residency.clear()
+            for record in self.state.workers.values():
+                record.dirty = True
+        else:
+            logger.warning("scheduler %s is no longer the leader: %s", self.scheduler_id, change.reason)
 
     async def _on_reconnect(self) -> None:
         """Adapter events sent while disconnected are lost to this process: drop the lookups they would clear."""
@@ -287,18 +316,24 @@ class SchedulerService:
     # -- Postgres ----------------------------------------------------------------------------------------
 
     async def flush(self, *, all_demand: bool = False) -> None:
-        """Write heartbeats, residency, demand and started invocations; mark silent workers down."""
+        """Write the demand this replica counted and, on the leader, heartbeats, residency and started
+        invocations; mark silent workers down and prune long-silent ones (the leader)."""
         assert self.sessions is not None
         self.state.expire()
         heartbeats, gone = self.state.to_write()
+        leading = self.leading()
+        if not leading:  # the leader writes them; those gone are kept for when this replica leads
+            self.state.unwritten([], gone)
+            heartbeats, gone = [], []
+        prune = leading and time.monotonic() - self._pruned >= PRUNE_EVERY_S
         demand: dict[tuple[str, str, datetime], int] = {}
         if all_demand or time.monotonic() - self._demand_flushed >= self.cfg.demand_flush_every_s:
             # Demand is counted per adapter and minute: written every few seconds, a busy adapter costs one row
             # update per flush, not one per second.
             demand, self._demand = self._demand, defaultdict(int)
             self._demand_flushed = time.monotonic()
-        started, self._started = self._started, []
-        if not (heartbeats or gone or demand or started):
+        started, self._started = (self._started if leading else []), []
+        if not (heartbeats or gone or demand or started or prune):
             return
         try:
             async with self.sessions() as session, session.begin():
@@ -316,12 +351,19 @@ class SchedulerService:
                 await repo.mark_invocations_running(session, started=[
                     (s.invocation_id, s.worker_id, s.attempt, datetime.fromtimestamp(s.started_at, UTC))
                     for s in started])
+                pruned = await repo.prune_workers(session, silent_since=datetime.now(UTC) - timedelta(
+                    seconds=self.cfg.worker_prune_after_s)) if prune else []
         except BaseException:
             for key, count in demand.items():  # keep what could not be written for the next flush
                 self._demand[key] += count
             self._started[:0] = started
             self.state.unwritten(heartbeats, gone)
             raise
+        if prune:
+            self._pruned = time.monotonic()
+        if pruned:
+            logger.info("deleted the rows of %d workers silent for %.0f s: %s", len(pruned),
+                        self.cfg.worker_prune_after_s, ", ".join(pruned[:20]))
         self._residency.update(written)
         for worker_id in gone:
             self._residency.pop(worker_id, None)

@@ -1,7 +1,8 @@
 """Settings of the scheduler service: one typed object, built in `scheduler.__main__` and passed down.
 
 Environment variables use the prefix LORAFN_ and `__` between sections, e.g. LORAFN_NATS__URL,
-LORAFN_DATABASE__URL, LORAFN_SCHEDULER__HEARTBEAT_TIMEOUT_S, LORAFN_STAGING__PREDICTOR, LORAFN_METRICS__PORT.
+LORAFN_DATABASE__URL, LORAFN_SCHEDULER__HEARTBEAT_TIMEOUT_S, LORAFN_SCHEDULER__LEADER_TTL_S,
+LORAFN_STAGING__PREDICTOR, LORAFN_METRICS__PORT.
 """
 
 from __future__ import annotations
@@ -56,6 +57,12 @@ class PlacementSettings(BaseModel):
         "measured by python -m bench operating-points)")
     placement_interval_s: float = Field(30.0, gt=0, description="seconds between rank-aware placement plans (and "
                                                                 "sooner when demand drifts by a quarter)")
+    leader_ttl_s: float = Field(
+        5.0, ge=0.5, description="leader election (scheduler.leader): a leader steps down when its lock was not "
+        "confirmed for this long; the lock is checked every fifth of it, and the lock's connection is given up "
+        "by both ends within about this long after the holder's host vanished")
+    worker_prune_after_s: float = Field(86_400.0, gt=0, description="the leader deletes the Postgres rows of "
+                                                                   "workers silent for this long")
 
     @model_validator(mode="after")
     def _timeout_above_flush(self) -> PlacementSettings:

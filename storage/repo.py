@@ -23,14 +23,22 @@ from sqlalchemy import (
     func,
     literal,
     select,
+    table,
     tuple_,
     update,
     values,
 )
 from sqlalchemy.dialects.postgresql import UUID, insert
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 from sqlalchemy.orm import joinedload, selectinload
+from sqlalchemy.pool import NullPool
 
 from storage.errors import AlreadyExists, NotFound
 from storage.models import (
@@ -496,6 +504,53 @@ async def mark_worker_down(session: AsyncSession, *, worker_id: str) -> None:
 
 async def live_workers(session: AsyncSession) -> Sequence[Worker]:
     return (await session.scalars(select(Worker).where(Worker.status == "up").order_by(Worker.id))).all()
+
+
+async def prune_workers(session: AsyncSession, *, silent_since: datetime) -> list[str]:
+    """Delete the rows (and residency) of workers whose last recorded heartbeat is older than `silent_since`;
+    their ids. A worker that comes back later gets a new row from its next heartbeat."""
+    ids = await session.scalars(delete(Worker).where(Worker.last_heartbeat_at < silent_since).returning(Worker.id))
+    return sorted(ids.all())
+
+
+# -- scheduler leader election ---------------------------------------------------------------------------
+
+_PG_LOCKS = table("pg_locks", column("locktype"), column("pid"), column("granted"), column("classid"),
+                  column("objid"), column("objsubid"))
+
+
+def create_lock_engine(settings: DatabaseSettings, *, keepalive_s: int) -> AsyncEngine:
+    """An engine for ONE long-lived connection that holds a session advisory lock: no pool (the connection is
+    the lock), autocommit (never idle in a transaction), and TCP keepalives on both ends every `keepalive_s`
+    (3 probes), so that the server ends the session of a holder whose host vanished, and the holder's own
+    checks fail, within about 4 x `keepalive_s` (a holder that dies with its host up is seen at once: its
+    kernel closes the socket)."""
+    idle = max(1, keepalive_s)
+    server = (f"-c tcp_keepalives_idle={idle} -c tcp_keepalives_interval={idle} -c tcp_keepalives_count=3 "
+              f"-c tcp_user_timeout={4 * idle * 1000}")
+    return create_async_engine(
+        settings.url, poolclass=NullPool, isolation_level="AUTOCOMMIT",
+        connect_args={"keepalives": 1, "keepalives_idle": idle, "keepalives_interval": idle,
+                      "keepalives_count": 3, "tcp_user_timeout": 4 * idle * 1000, "options": server},
+    )
+
+
+async def try_advisory_lock(conn: AsyncConnection, *, key: int) -> bool:
+    """Take session advisory lock `key` on this connection if no other session holds it (never waits). Taken,
+    it is held until the session ends (the server releases it when the connection closes or dies)."""
+    return bool(await conn.scalar(select(func.pg_try_advisory_lock(key))))
+
+
+async def holds_advisory_lock(conn: AsyncConnection, *, key: int) -> bool:
+    """Whether this connection's session holds advisory lock `key` (one round trip: the connection is alive
+    too). pg_locks shows a bigint key as classid (its high 32 bits), objid (its low 32 bits), objsubid 1."""
+    c = _PG_LOCKS.c
+    found = await conn.scalar(select(func.count()).select_from(_PG_LOCKS).where(
+        c.locktype == "advisory", c.pid == func.pg_backend_pid(), c.granted.is_(True),
+        cast(c.classid, BigInteger) == (key >> 32) & 0xFFFFFFFF, cast(c.objid, BigInteger) == key & 0xFFFFFFFF,
+        c.objsubid == 1,
+    ))
+    return bool(found)
 
 
 async def set_residency(

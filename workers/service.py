@@ -100,9 +100,14 @@ logger = logging.getLogger(__name__)
 KIND_HEADER = subjects.KIND_HEADER
 
 
-def default_worker_id() -> str:
-    """<host>-<pid>, reduced to the subject-token alphabet."""
-    return subjects.process_name("worker")
+def default_worker_id(host: str | None = None) -> str:
+    """The host name (`host`, default this machine's) reduced to the subject-token alphabet and 64 characters:
+    a Kubernetes pod's name, a compose container's. It stays the same when the process restarts, so the worker
+    resumes its Postgres row and its durable consumer (`work-<id>`) and serves what waits on its subject.
+    Workers that share a host need LORAFN_WORKER_ID each."""
+    name = socket.gethostname() if host is None else host
+    token = "".join(c if c.isascii() and (c.isalnum() or c in "-_") else "-" for c in name)[:64]
+    return token or "worker"
 
 
 def invocation_seed(invocation_id: str) -> int:
@@ -226,6 +231,7 @@ class WorkerService:
             await self.nc.subscribe(subjects.CANCEL_ALL, cb=self._on_cancel)
             heartbeats = asyncio.create_task(self._heartbeat_loop(stop), name="heartbeats")
             stack.push_async_callback(self._cancel, heartbeats)
+            await self._warn_if_id_in_use()
             self._puller = asyncio.create_task(self._pull(), name="pull-work")
             logger.info("worker %s ready on %s (%d adapter pages), consuming %s", self.worker_id, self.device,
                         self.tiers.total_pages, subjects.work(self.worker_id))
@@ -298,6 +304,20 @@ class WorkerService:
             # A worker that never comes back leaves no consumer behind (the rescue deletes it at once).
             inactive_threshold=3600.0,
         )
+
+    async def _warn_if_id_in_use(self) -> None:
+        """Say so when another live process seems to run as this worker (its pull requests wait on this worker's
+        consumer; a restarted worker's previous process left none: they expire within a fetch timeout, and the
+        backbone takes longer to load). Two processes with one id share its work and flap in its heartbeats."""
+        assert self.js is not None
+        try:
+            info = await self.js.consumer_info(subjects.WORK_STREAM, subjects.work_consumer(self.worker_id))
+        except (nats.errors.Error, nats.js.errors.Error):  # none yet (a new worker), or cannot tell
+            return
+        if info.num_waiting:
+            logger.warning("worker id %s seems taken by another live process (%d pull requests wait on consumer "
+                           "%s): give each worker its own LORAFN_WORKER_ID", self.worker_id, info.num_waiting,
+                           subjects.work_consumer(self.worker_id))
 
     async def _free_slots(self) -> int:
         """Wait for at least one free slot; how many are free (taken now: the loop fetches that many). 0 when

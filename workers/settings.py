@@ -71,7 +71,8 @@ class WorkerSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="LORAFN_", env_nested_delimiter="__", extra="ignore")
 
-    worker_id: str | None = Field(None, description="worker name, a subject token (None: <host>-<pid>)")
+    worker_id: str | None = Field(None, description="worker name, a subject token, kept across restarts (None: the "
+                                  "host name as a subject token; set it when several workers share a host)")
     nats: NatsSettings = Field(default_factory=NatsSettings)
     object_store: ObjectStoreSettings = Field(default_factory=ObjectStoreSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
