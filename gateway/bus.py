@@ -76,7 +76,7 @@ class NatsLink:
             try:
                 # max_reconnect_attempts=-1 makes nats-py retry the FIRST connection for ever too.
                 nc = await nats.connect(
-                    self.settings.url,
+                    self.settings.servers,
                     name=self.name,
                     connect_timeout=max(1, int(self.settings.connect_timeout_s)),
                     allow_reconnect=True,
@@ -88,7 +88,8 @@ class NatsLink:
                     inbox_prefix=self.settings.inbox_prefix,
                 )
                 js = nc.jetstream()
-                await ensure_streams(js)
+                await ensure_streams(js, replicas=self.settings.stream_replicas,
+                                     storage=self.settings.stream_storage)
                 for hook in self._hooks:
                     await hook(nc, js)
             except asyncio.CancelledError:

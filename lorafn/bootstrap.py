@@ -10,6 +10,7 @@ from pathlib import Path
 import nats
 
 from lorafn.stack import StackEndpoints
+from protocol.settings import split_nats_urls
 from protocol.streams import ensure_streams
 from storage import repo
 from storage.migrate import upgrade
@@ -37,13 +38,17 @@ def object_store_settings(endpoints: StackEndpoints) -> ObjectStoreSettings:
     )
 
 
-async def prepare_services(*, nats_url: str, database_url: str, object_store: ObjectStoreSettings) -> list[str]:
-    """Schema at head, the adapter bucket, the JetStream streams. Idempotent. Returns the stream names."""
+async def prepare_services(*, nats_url: str, database_url: str, object_store: ObjectStoreSettings,
+                           stream_replicas: int = 1, stream_storage: str = "file") -> list[str]:
+    """Schema at head, the adapter bucket, the JetStream streams (with `stream_replicas` replicas, existing
+    ones included, in `stream_storage`). Idempotent. Returns the stream names. `nats_url`: one server's URL
+    or several, comma-separated."""
     upgrade(database_url)
     ObjectStore(object_store).ensure_bucket()
-    nc = await nats.connect(nats_url, connect_timeout=5, max_reconnect_attempts=3)
+    nc = await nats.connect(split_nats_urls(nats_url), connect_timeout=5, max_reconnect_attempts=3)
     try:
-        return await ensure_streams(nc.jetstream())
+        return await ensure_streams(nc.jetstream(), replicas=stream_replicas, storage=stream_storage,
+                                    reconfigure=True)
     finally:
         await nc.drain()
 
@@ -51,8 +56,8 @@ async def prepare_services(*, nats_url: str, database_url: str, object_store: Ob
 async def bootstrap(endpoints: StackEndpoints, *, state_dir: Path) -> BootstrapResult:
     """Idempotently prepare a fresh or existing local stack for use, with a dev tenant and key."""
     streams = await prepare_services(
-        nats_url=endpoints.nats_url, database_url=endpoints.database_url,
-        object_store=object_store_settings(endpoints),
+        nats_url=endpoints.nats_admin, database_url=endpoints.database_url,
+        object_store=object_store_settings(endpoints), stream_replicas=endpoints.nats_stream_replicas,
     )
     key = await _dev_key(DatabaseSettings(url=endpoints.database_url), state_dir / "dev-api-key")
     return BootstrapResult(streams=streams, dev_tenant=DEV_TENANT, dev_api_key=key)

@@ -91,6 +91,14 @@ def up(
     nats_monitor_port: Annotated[int | None, typer.Option(help="NATS monitoring port")] = None,
     nats_monitor: Annotated[bool, typer.Option(
         "--nats-monitor", help="serve NATS monitoring (no authentication: on 127.0.0.1 only)")] = False,
+    nats_cluster: Annotated[int, typer.Option(
+        min=1, max=5, help="NATS servers: a cluster of N on this machine (ports: the first's + 1, + 2, ...), the "
+        "streams with N replicas")] = 1,
+    nats_cluster_port: Annotated[int | None, typer.Option(
+        help="route port of the first NATS server of a cluster (default 6222)")] = None,
+    nats_sync: Annotated[str | None, typer.Option(
+        metavar="always|DURATION", help="JetStream's sync_interval: 'always' (fsync every write before its ack) "
+        "or how often to fsync, e.g. 10s (default: the server's, 2m)")] = None,
     postgres_port: Annotated[int | None, typer.Option(help="Postgres port")] = None,
     s3_port: Annotated[int | None, typer.Option(help="S3 API port (SeaweedFS also takes the next 7)")] = None,
     auto_ports: Annotated[bool, typer.Option(
@@ -129,13 +137,18 @@ def up(
                                   "postgres_port": postgres_port, "s3_port": s3_port}.items() if v is not None}
     )
     if auto_ports:  # free ports for what no option names: an explicit port always wins
-        explicit = {"nats": nats_port, "nats_monitor": nats_monitor_port, "postgres": postgres_port, "s3": s3_port}
+        explicit = {"nats": nats_port, "nats_monitor": nats_monitor_port, "postgres": postgres_port, "s3": s3_port,
+                    "nats_cluster": nats_cluster_port}
         ports = free_stack_ports(stack_settings.host, **{k: v for k, v in explicit.items() if v is not None},
-                                 avoid=() if gateway_port is None else (gateway_port,))
+                                 avoid=() if gateway_port is None else (gateway_port,), nats_servers=nats_cluster)
     else:
         ports = stack_settings.ports()
+        if nats_cluster_port is not None:
+            ports.nats_cluster = nats_cluster_port
     if gateway_port is None and auto_ports:
-        used = {*ports.all().values(), *ports.s3_internal()}
+        used = {*ports.all().values(), *ports.s3_internal(),
+                *(p for server in ports.nats_servers(nats_cluster) for p in (server.client, server.cluster,
+                                                                           server.monitor))}
         gateway_port = free_ports(stack_settings.host, 1)[0]
         while gateway_port in used:
             gateway_port = free_ports(stack_settings.host, 1)[0]
@@ -143,8 +156,12 @@ def up(
         gateway_port = 8000 if gateway_port is None else gateway_port
         if not port_is_free(stack_settings.host, gateway_port):
             raise _fail(str(PortInUse("the gateway", stack_settings.host, gateway_port, "--gateway-port")))
-    stack = LocalStack(StackConfig(state_dir=settings.state_dir, host=stack_settings.host, ports=ports,
-                                   bucket=settings.object_store.bucket, nats_monitor=nats_monitor))
+    try:
+        stack = LocalStack(StackConfig(state_dir=settings.state_dir, host=stack_settings.host, ports=ports,
+                                       bucket=settings.object_store.bucket, nats_monitor=nats_monitor,
+                                       nats_cluster=nats_cluster, nats_sync=nats_sync))
+    except StackError as e:
+        raise _fail(str(e)) from None
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -166,7 +183,9 @@ def up(
         raise _fail(f"bootstrap failed: {e}; everything that was started has been stopped") from e
 
     table = Table(title=f"lorafn stack up in {time.monotonic() - started:.1f} s", show_header=False)
-    table.add_row("NATS", f"nats://{stack.config.host}:{ports.nats} (JetStream; streams {', '.join(result.streams)})")
+    nats_servers = ",".join(f"nats://{stack.config.host}:{server.client}" for server in ports.nats_servers(nats_cluster))
+    cluster_note = f"a cluster of {nats_cluster}, streams at R{nats_cluster}: " if nats_cluster > 1 else "streams "
+    table.add_row("NATS", f"{nats_servers} (JetStream; {cluster_note}{', '.join(result.streams)})")
     table.add_row("Postgres", f"{stack.config.host}:{ports.postgres} database lorafn")
     table.add_row("S3", f"http://{endpoints.s3_endpoint} bucket {endpoints.bucket}")
     table.add_row("state", str(stack.state_dir))
@@ -219,7 +238,9 @@ def init(state_dir: StateDir = None) -> None:
     settings = _settings(state_dir).with_running_stack()
     try:
         streams = asyncio.run(prepare_services(nats_url=settings.nats.url, database_url=settings.database.url,
-                                               object_store=settings.object_store))
+                                               object_store=settings.object_store,
+                                               stream_replicas=settings.nats.stream_replicas,
+                                               stream_storage=settings.nats.stream_storage))
     except Exception as e:
         raise _fail(f"init failed: {e}") from e
     console.print(f"schema at head; bucket {settings.object_store.bucket}; streams {', '.join(streams)}")
@@ -322,7 +343,7 @@ async def _publish_event(settings: LorafnSettings, subject: str, payload: bytes)
     import nats.errors
 
     try:
-        nc = await nats.connect(settings.nats.url, connect_timeout=2, max_reconnect_attempts=0,
+        nc = await nats.connect(settings.nats.servers, connect_timeout=2, max_reconnect_attempts=0,
                                 allow_reconnect=False)
     except (nats.errors.Error, OSError) as e:
         console.print(f"[yellow]could not announce the change over NATS ({e}); gateways see it within their "
@@ -464,9 +485,10 @@ def keys_create(
     if not nats:
         console.print(secret, highlight=False)
         return
-    server = NatsSettings(url=settings.nats.url).redacted_url.partition("://")[2]
+    servers = [u.partition("://")[2] for u in NatsSettings(url=settings.nats.url).redacted_url.split(",")]
+    url = ",".join(f"nats://{tenant}:{secret}@{server}" for server in servers)  # every server of a cluster
     # soft_wrap: the URL stays on one line whatever the terminal's width (scripts read it)
-    console.print(f"user {tenant}\npassword {secret}\nurl nats://{tenant}:{secret}@{server}\n"
+    console.print(f"user {tenant}\npassword {secret}\nurl {url}\n"
                   f"publish {INVOKE_PREFIX}.{tenant}.<adapter>   read {tenant_replies(tenant)}   "
                   f"inbox prefix {tenant_inbox_prefix(tenant)}", highlight=False, soft_wrap=True)
 

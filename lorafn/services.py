@@ -76,7 +76,8 @@ def nats_env(endpoints: StackEndpoints, component: str) -> dict[str, str]:
     url = endpoints.nats_urls.get(component)
     if url is None:
         return {}
-    env = {"LORAFN_NATS__URL": url, "LORAFN_NATS__INBOX_PREFIX": inbox_prefix(component)}
+    env = {"LORAFN_NATS__URL": url, "LORAFN_NATS__INBOX_PREFIX": inbox_prefix(component),
+           "LORAFN_NATS__STREAM_REPLICAS": str(endpoints.nats_stream_replicas)}
     if component == "scheduler" and "auth" in endpoints.nats_urls and endpoints.nats_callout_seed:
         env |= {"LORAFN_NATS_CALLOUT__URL": endpoints.nats_urls["auth"],
                 "LORAFN_NATS_CALLOUT__ISSUER_SEED": endpoints.nats_callout_seed}

@@ -61,7 +61,7 @@ class LorafnSettings(BaseSettings):
         ep = StackEndpoints.read(path)
         update: dict[str, object] = {}
         if "nats" not in self.model_fields_set:
-            update["nats"] = NatsSettings(url=ep.nats_url)
+            update["nats"] = NatsSettings(url=ep.nats_admin, stream_replicas=ep.nats_stream_replicas)
         if "database" not in self.model_fields_set:
             update["database"] = DatabaseSettings(url=ep.database_url)
         if "object_store" not in self.model_fields_set:

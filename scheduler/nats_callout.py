@@ -61,7 +61,7 @@ class NatsCallout:
     async def run(self, stop: asyncio.Event) -> None:
         """Answer authorization requests until `stop`."""
         assert self.settings.url is not None
-        self.nc = await nats.connect(self.settings.url, name="lorafn-auth-callout", max_reconnect_attempts=-1,
+        self.nc = await nats.connect(self.settings.servers, name="lorafn-auth-callout", max_reconnect_attempts=-1,
                                      reconnect_time_wait=0.5, inbox_prefix=nats_auth.inbox_prefix("auth"))
         try:
             await self.nc.subscribe(nats_auth.AUTH_CALLOUT_SUBJECT, queue=self.settings.queue_group,

@@ -181,13 +181,14 @@ class SchedulerService:
             stack.push_async_callback(engine.dispose)
             self.sessions = repo.session_factory(engine)
             self.nc = await nats.connect(
-                self.settings.nats.url, connect_timeout=self.settings.nats.connect_timeout_s,
+                self.settings.nats.servers, connect_timeout=self.settings.nats.connect_timeout_s,
                 max_reconnect_attempts=-1, reconnect_time_wait=0.5, name=f"lorafn-scheduler-{self.scheduler_id}",
                 reconnected_cb=self._on_reconnect, inbox_prefix=self.settings.nats.inbox_prefix,
             )
             stack.push_async_callback(self._close_nats)
             self.js = self.nc.jetstream()
-            await ensure_streams(self.js)
+            await ensure_streams(self.js, replicas=self.settings.nats.stream_replicas,
+                                 storage=self.settings.nats.stream_storage)
             self.metrics_endpoint = await stack.enter_async_context(serve_metrics(
                 self.metrics.registry, self.settings.metrics, what=f"scheduler {self.scheduler_id}"))
             self._directory = AdapterDirectory(self.sessions, ttl_s=self.cfg.adapter_cache_s)

@@ -213,7 +213,7 @@ class WorkerService:
         """Serve until `stop` is set, then drain and return."""
         async with AsyncExitStack() as stack:
             self.nc = await nats.connect(
-                self.settings.nats.url,
+                self.settings.nats.servers,
                 connect_timeout=self.settings.nats.connect_timeout_s,
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=0.5,
@@ -223,7 +223,8 @@ class WorkerService:
             )
             stack.push_async_callback(self._close_nats)
             self.js = self.nc.jetstream()
-            await ensure_streams(self.js)
+            await ensure_streams(self.js, replicas=self.settings.nats.stream_replicas,
+                                 storage=self.settings.nats.stream_storage)
             self.metrics_endpoint = await stack.enter_async_context(serve_metrics(
                 self.metrics.registry, self.settings.metrics, what=f"worker {self.worker_id}"))
             for verb in ControlVerb:
