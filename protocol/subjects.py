@@ -102,7 +102,8 @@ class InvalidName(ValueError):
 
 
 def process_name(fallback: str) -> str:
-    """<host>-<pid> reduced to the subject-token alphabet: the default id of a worker or scheduler process."""
+    """<host>-<pid> reduced to the subject-token alphabet: the default id of a scheduler process (a worker's is
+    its host name, kept across restarts: `workers.service.default_worker_id`)."""
     import os
     import socket
 
