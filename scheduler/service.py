@@ -324,6 +324,8 @@ class SchedulerService:
         heartbeats, gone = self.state.to_write()
         leading = self.leading()
         if not leading:  # the leader writes them; those gone are kept for when this replica leads
+            for worker_id in gone:
+                self.heartbeat_residency.forget(worker_id)
             self.state.unwritten([], gone)
             heartbeats, gone = [], []
         prune = leading and time.monotonic() - self._pruned >= PRUNE_EVERY_S
