@@ -37,7 +37,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NoStreamResponseError, NotFoundError
 from nats.js.kv import KeyValue
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -79,6 +79,8 @@ KIND_HEADER = subjects.KIND_HEADER  # workers set it to "chunk" or "result" on t
 MSG_ID_HEADER = subjects.MSG_ID_HEADER
 ID_PREFIX = "inv_"
 ID_RANDOM_BYTES = 16  # 22 URL-safe characters
+# Between publishes to an invocations stream without a leader (a JetStream election takes seconds).
+PUBLISH_RETRY_S = 0.25
 
 Event = InvocationStarted | TokenChunk | InvocationResult
 Receive = Callable[[], Awaitable[Mapping[str, Any]]]  # an ASGI receive()
@@ -550,14 +552,26 @@ class Invoker:
         task.add_done_callback(self._expiring.discard)
 
     async def _publish(self, js: JetStreamContext, target: Target, message: Invocation) -> None:
-        try:
-            await js.publish(
-                target.subject, message.encode(), timeout=self.limits.publish_timeout_s,
-                stream=subjects.INVOCATIONS_STREAM, headers={MSG_ID_HEADER: message.id},
-            )
-        except (nats.errors.Error, TimeoutError, OSError) as e:
-            raise Unavailable("nats", f"publishing the invocation failed ({e!r})",
-                              self.limits.unavailable_retry_after_s) from e
+        """Publish and await the ack, within `publish_timeout_s`. A stream without a leader (an election, after
+        the server that led it died) answers at once with no responders: the publish is tried again until the
+        timeout (the message id de-duplicates a copy that was stored after all)."""
+        deadline = time.monotonic() + self.limits.publish_timeout_s
+        while True:
+            try:
+                await js.publish(
+                    target.subject, message.encode(), timeout=max(deadline - time.monotonic(), 0.1),
+                    stream=subjects.INVOCATIONS_STREAM, headers={MSG_ID_HEADER: message.id},
+                )
+                return
+            except NoStreamResponseError as e:
+                if time.monotonic() + PUBLISH_RETRY_S < deadline:
+                    await asyncio.sleep(PUBLISH_RETRY_S)
+                    continue
+                raise Unavailable("nats", f"publishing the invocation failed ({e!r}): the invocations stream has "
+                                  "no leader", self.limits.unavailable_retry_after_s) from e
+            except (nats.errors.Error, TimeoutError, OSError) as e:
+                raise Unavailable("nats", f"publishing the invocation failed ({e!r})",
+                                  self.limits.unavailable_retry_after_s) from e
 
     async def _mark_failed(self, invocation_id: str, code: ErrorCode, message: str) -> None:
         """Best effort: a row whose publish failed must not stay queued for ever."""

