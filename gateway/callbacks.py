@@ -289,7 +289,7 @@ class CallbackDispatcher:
         link.on_connect(self._setup)
 
     async def _setup(self, nc: Client, js: JetStreamContext) -> None:
-        self._kv = await ensure_callback_bucket(js, self.settings)
+        self._kv = await ensure_callback_bucket(js, self.settings, replicas=self.link.settings.stream_replicas)
         self._task = asyncio.create_task(self._run(js), name="callbacks")
 
     def backoff_s(self, delivered: int) -> float:

@@ -131,12 +131,14 @@ def request_hash(*parts: bytes) -> str:
     return h.hexdigest()
 
 
-async def ensure_callback_bucket(js: JetStreamContext, settings: CallbackSettings) -> KeyValue:
-    """The key-value bucket of callback URLs (invocation id -> URL), created if missing."""
+async def ensure_callback_bucket(js: JetStreamContext, settings: CallbackSettings, *, replicas: int = 1) -> KeyValue:
+    """The key-value bucket of callback URLs (invocation id -> URL), created if missing, with `replicas` copies
+    (the streams' replicas: LORAFN_NATS__STREAM_REPLICAS)."""
     try:
         return await js.key_value(settings.bucket)
     except BucketNotFoundError:
-        return await js.create_key_value(KeyValueConfig(bucket=settings.bucket, ttl=settings.bucket_ttl_s))
+        return await js.create_key_value(KeyValueConfig(bucket=settings.bucket, ttl=settings.bucket_ttl_s,
+                                                        replicas=replicas))
 
 
 @dataclass(frozen=True)
@@ -392,7 +394,8 @@ class Invoker:
         link.on_connect(self._subscribe_events)
 
     async def _subscribe_events(self, nc: Client, js: JetStreamContext) -> None:
-        self._callback_urls = await ensure_callback_bucket(js, self.callbacks)
+        self._callback_urls = await ensure_callback_bucket(js, self.callbacks,
+                                                           replicas=self.link.settings.stream_replicas)
         await nc.subscribe(subjects.gateway_replies(self.gateway_id), cb=self._on_reply)
         await nc.subscribe(subjects.CANCEL_ALL, cb=self._on_cancel)
 
@@ -586,7 +589,8 @@ class Invoker:
 
     async def _remember_callback(self, js: JetStreamContext, invocation_id: str, url: str) -> None:
         try:
-            kv = self._callback_urls or await ensure_callback_bucket(js, self.callbacks)
+            kv = self._callback_urls or await ensure_callback_bucket(
+                js, self.callbacks, replicas=self.link.settings.stream_replicas)
             await kv.put(invocation_id, url.encode())
         except (nats.errors.Error, TimeoutError) as e:
             raise Unavailable("nats", f"cannot record the callback URL ({e!r})",
@@ -673,7 +677,8 @@ class Invoker:
         return result
 
     async def _callback_url(self, js: JetStreamContext, invocation_id: str) -> str | None:
-        kv = self._callback_urls or await ensure_callback_bucket(js, self.callbacks)
+        kv = self._callback_urls or await ensure_callback_bucket(
+            js, self.callbacks, replicas=self.link.settings.stream_replicas)
         try:
             entry = await kv.get(invocation_id)
         except KeyNotFoundError:

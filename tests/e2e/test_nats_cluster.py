@@ -27,6 +27,7 @@ from nats.js.api import StorageType
 
 from lorafn.stack import LocalStack, StackConfig, free_stack_ports
 from protocol import subjects
+from protocol.settings import NatsSettings
 from protocol.streams import ALL_STREAMS, INVOCATIONS, ensure_streams
 from tests.conftest import Services
 from tests.e2e.conftest import Cluster, OpenAICall, Reference, openai_finish_reason, run_openai, wait_for
@@ -39,6 +40,17 @@ CALLS = 100
 # The workers' ack wait as deployed (the other e2e modules shorten it to see a killed worker's calls move fast):
 # one shorter than a JetStream election (seconds) would have the new leader redeliver every call in flight.
 WORKER_ENV = {"LORAFN_CONSUMER__ACK_WAIT_S": "30"}
+
+
+class ClusterServices(Services):
+    """Services whose components are told the streams' replicas, as `lorafn up --nats-cluster` tells them
+    (LORAFN_NATS__STREAM_REPLICAS): what they create (the gateway's callback bucket) gets as many."""
+
+    def nats_of(self, component: str) -> NatsSettings:
+        return super().nats_of(component).model_copy(update={"stream_replicas": SERVERS})
+
+    def nats_env_of(self, component: str) -> dict[str, str]:
+        return {**super().nats_env_of(component), "LORAFN_NATS__STREAM_REPLICAS": str(SERVERS)}
 
 
 async def _streams_at(admin_url: str, replicas: int) -> None:
@@ -57,7 +69,7 @@ def services(services: Services, tmp_path_factory: pytest.TempPathFactory) -> It
     endpoints = stack.start()
     try:
         asyncio.run(_streams_at(endpoints.nats_admin, SERVERS))
-        yield Services(nats_url=endpoints.nats_admin, database_url=services.database_url,
+        yield ClusterServices(nats_url=endpoints.nats_admin, database_url=services.database_url,
                        s3_endpoint=services.s3_endpoint, s3_access_key=services.s3_access_key,
                        s3_secret_key=services.s3_secret_key, stack=stack, nats_urls=endpoints.nats_urls,
                        nats_callout_seed=endpoints.nats_callout_seed)
@@ -81,20 +93,25 @@ async def results_by_invocation(js: Any) -> dict[str, int]:
     return {s.rpartition(".")[2]: n for s, n in (info.state.subjects or {}).items()}
 
 
-async def leaders(js: Any) -> dict[str, str | None]:
-    """The server that leads each stream and each of its consumers ("<stream>" or "<stream>/<consumer>")."""
+async def leaders(nc: NatsClient) -> dict[str, str | None]:
+    """The server that leads each stream (lorafn's and the gateway's callback bucket) and each of its consumers
+    ("<stream>" or "<stream>/<consumer>"). Names come from the NAMES APIs (the meta leader's own state): the
+    LIST ones leave out, as `missing`, what a leader in transition did not answer in time."""
+    js = nc.jetstream()
     out: dict[str, str | None] = {}
-    for spec in ALL_STREAMS:
-        out[spec.name] = (await js.stream_info(spec.name)).cluster.leader
-        for consumer in await js.consumers_info(spec.name):
-            out[f"{spec.name}/{consumer.name}"] = consumer.cluster.leader if consumer.cluster else None
+    for stream in [*(spec.name for spec in ALL_STREAMS), f"KV_{subjects.CALLBACKS_BUCKET}"]:
+        out[stream] = (await js.stream_info(stream)).cluster.leader  # type: ignore[union-attr]
+        names = json.loads((await nc.request(f"$JS.API.CONSUMER.NAMES.{stream}", b"{}", timeout=5)).data)
+        for consumer in names.get("consumers") or []:
+            info = await js.consumer_info(stream, consumer)
+            out[f"{stream}/{consumer}"] = info.cluster.leader if info.cluster else None
     return out
 
 
-async def lead_everything_from(nc: NatsClient, js: Any, server: str) -> dict[str, str | None]:
+async def lead_everything_from(nc: NatsClient, server: str) -> dict[str, str | None]:
     """Move the leadership of every stream and consumer to `server` (a leader stepdown naming it preferred):
     its death then leaves every stream and consumer without a leader at once, the worst case."""
-    for name, leader in (await leaders(js)).items():
+    for name, leader in (await leaders(nc)).items():
         if leader != server:
             stream, _, consumer = name.partition("/")
             api = f"CONSUMER.LEADER.STEPDOWN.{stream}.{consumer}" if consumer else f"STREAM.LEADER.STEPDOWN.{stream}"
@@ -102,7 +119,7 @@ async def lead_everything_from(nc: NatsClient, js: Any, server: str) -> dict[str
             assert json.loads(r.data).get("success"), r.data
 
     async def moved() -> dict[str, str | None] | None:
-        now = await leaders(js)
+        now = await leaders(nc)
         return now if set(now.values()) == {server} else None
 
     moved_to: dict[str, str | None] = await wait_for(moved, what=f"every leader on {server}")
@@ -138,8 +155,10 @@ async def test_killing_the_invocations_leader_loses_and_duplicates_nothing(
     # dispatcher's, each worker's, the scheduler's results consumer): its death stops all of them at once.
     victim = (await js.stream_info(INVOCATIONS.name)).cluster.leader  # type: ignore[union-attr]
     assert victim in services.stack.config.nats_names
-    led = await lead_everything_from(admin, js, victim)
+    led = await lead_everything_from(admin, victim)
     assert any("/" in name for name in led), led  # consumers included
+    bucket = f"KV_{subjects.CALLBACKS_BUCKET}"
+    assert bucket in led and (await js.stream_info(bucket)).config.num_replicas == SERVERS  # the gateway's, at R3
     seen = len(cluster.started)
     async with cluster.http() as http:
         async def submit(call: OpenAICall) -> httpx.Response:
