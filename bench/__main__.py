@@ -7,7 +7,9 @@
 `python -m bench operating-points [--quick] [--slo S]`: one worker's decode tokens/s per rank class at the TTFT SLO,
 and the scheduler's points file (`bench.operating_points`; its quick run in the default run).
 `python -m bench placement [--quick]`: rank-aware placement against rank-blind routing in the simulator.
-`python -m bench rank-burst`: a burst of rank-8 and rank-128 calls on the live stack, affinity against rank-aware."""
+`python -m bench rank-burst`: a burst of rank-8 and rank-128 calls on the live stack, affinity against rank-aware.
+`python -m bench durability [--quick]`: a JetStream publish of an invocation on 1 server and on 3 (R3), default sync
+interval against `always` (`bench.durability`; its quick run in the default run)."""
 
 from __future__ import annotations
 
@@ -16,11 +18,11 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from bench import engine, invocation, operating_points, pool, reliability, stall
+from bench import durability, engine, invocation, operating_points, pool, reliability, stall
 
 BENCHMARKS: dict[str, Callable[..., Any]] = {"pool": pool.run, "engine": engine.run, "invocation": invocation.run,
                                             "reliability": reliability.run, "stall": stall.run,
-                                            "operating-points": operating_points.run}
+                                            "operating-points": operating_points.run, "durability": durability.run}
 
 
 def main() -> None:
@@ -51,6 +53,9 @@ def main() -> None:
         return
     if sys.argv[1:2] == ["operating-points"]:  # its own arguments; bare `python -m bench` runs the quick one
         operating_points.main(sys.argv[2:])
+        return
+    if sys.argv[1:2] == ["durability"] and sys.argv[2:]:  # its own arguments; bare `durability` runs the quick one
+        durability.main(sys.argv[2:])
         return
     if sys.argv[1:2] == ["reliability"] and sys.argv[2:]:  # its own arguments; bare `reliability` runs the short pair
         reliability.main(sys.argv[2:])
