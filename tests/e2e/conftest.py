@@ -328,14 +328,16 @@ def e2e_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                max_position_embeddings=4096)
 
 
-@pytest_asyncio.fixture(scope="module")
-async def cluster(services: Any, e2e_backbone: Path, tmp_path_factory: pytest.TempPathFactory,
-                  request: pytest.FixtureRequest) -> AsyncIterator[Cluster]:
-    root = tmp_path_factory.mktemp("e2e-cluster")
+@contextlib.asynccontextmanager
+async def gateway_cluster(services: Any, backbone: Path, root: Path, *, name: str, limits: LimitSettings,
+                          worker_env: dict[str, str] | None = None) -> AsyncIterator[Cluster]:
+    """A bucket of its own, the test's NATS connection (the invocations stream cleaned), a tenant and its key,
+    the gateway in this process, and a `Cluster` that follows heartbeats and started events; the caller adds
+    the scheduler(s) and workers. Cleans up the gateway, the stream and the connection."""
     logs = root / "logs"
     logs.mkdir()
     store_settings = ObjectStoreSettings(endpoint=services.s3_endpoint, access_key=services.s3_access_key,
-                                         secret_key=services.s3_secret_key, bucket=f"e2e-{secrets.token_hex(6)}")
+                                         secret_key=services.s3_secret_key, bucket=f"{name}-{secrets.token_hex(6)}")
     store = ObjectStore(store_settings)
     store.ensure_bucket()
     database = DatabaseSettings(url=services.database_url)
@@ -344,7 +346,7 @@ async def cluster(services: Any, e2e_backbone: Path, tmp_path_factory: pytest.Te
     js = nc.jetstream()
     await clean_invocations_stream(js)
 
-    tenant = f"e2e{secrets.token_hex(4)}"
+    tenant = f"{name}{secrets.token_hex(4)}"
     api_key = await tenant_key(database, tenant)
 
     # The gateway, the scheduler and the workers each connect as their own NATS user, with its permissions.
@@ -352,15 +354,13 @@ async def cluster(services: Any, e2e_backbone: Path, tmp_path_factory: pytest.Te
         nats=services.nats_of("gateway"),
         database=database,
         object_store=store_settings,
-        registry=RegistrySettings(backbone_hf_dir=e2e_backbone),
-        gateway=GatewayOptions(limits=LimitSettings(sync_timeout_s=90.0, unavailable_retry_after_s=3),
-                               nats_reconnect_wait_s=0.2),
+        registry=RegistrySettings(backbone_hf_dir=backbone),
+        gateway=GatewayOptions(limits=limits, nats_reconnect_wait_s=0.2),
     )
     url, app, server, server_task = await start_gateway(settings)
-    c = Cluster(services=services, backbone=e2e_backbone, spec=BackboneSpec.from_hf_dir(e2e_backbone),
+    c = Cluster(services=services, backbone=backbone, spec=BackboneSpec.from_hf_dir(backbone),
                 store_settings=store_settings, store=store, database=database, gateway_url=url, gateway_app=app,
-                tenant=tenant, api_key=api_key, nc=nc, js=js, logs=logs,
-                worker_env=dict(getattr(request.module, "WORKER_ENV", {})))
+                tenant=tenant, api_key=api_key, nc=nc, js=js, logs=logs, worker_env=dict(worker_env or {}))
 
     async def on_heartbeat(msg: Msg) -> None:
         with contextlib.suppress(Exception):
@@ -372,38 +372,48 @@ async def cluster(services: Any, e2e_backbone: Path, tmp_path_factory: pytest.Te
 
     await nc.subscribe(subjects.WORKER_EVENTS_ALL, cb=on_heartbeat)
     await nc.subscribe(subjects.invocation_event("started"), cb=on_started)
-
-    scheduler = SchedulerService(SchedulerSettings(
-        nats=services.nats_of("scheduler"), nats_callout=services.callout(), database=database,
-        # No replication of busy adapters here: these tests expect a repeated call to find its adapter where
-        # the first one loaded it (replication has its own test in test_dispatch.py).
-        scheduler=PlacementSettings(heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S, flush_every_s=0.5, tick_s=0.25,
-                                    placement_grace_s=3.0, adapter_cache_s=0.0, replicate_at=10_000),
-        # tiers are asserted where calls left them: no predictive keep-alive moving adapters between tiers
-        staging=StagingSettings(predictor="none"),
-    ))
-    stop = asyncio.Event()
-    scheduler_task = asyncio.create_task(scheduler.run(stop))
-    for worker_id in WORKERS:
-        c.spawn_worker(worker_id)
     try:
-        await c.wait_workers()
         yield c
     finally:
-        for proc in c.workers.values():
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGCONT)  # a test may have paused it
-                proc.kill()
-                proc.wait()
-        stop.set()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(scheduler_task, 15)
         with contextlib.suppress(Exception):
             await stop_gateway(server, server_task)
         with contextlib.suppress(Exception):
             await clean_invocations_stream(js)
         await nc.close()
+
+
+@pytest_asyncio.fixture(scope="module")
+async def cluster(services: Any, e2e_backbone: Path, tmp_path_factory: pytest.TempPathFactory,
+                  request: pytest.FixtureRequest) -> AsyncIterator[Cluster]:
+    async with gateway_cluster(services, e2e_backbone, tmp_path_factory.mktemp("e2e-cluster"), name="e2e",
+                               limits=LimitSettings(sync_timeout_s=90.0, unavailable_retry_after_s=3),
+                               worker_env=getattr(request.module, "WORKER_ENV", {})) as c:
+        scheduler = SchedulerService(SchedulerSettings(
+            nats=services.nats_of("scheduler"), nats_callout=services.callout(), database=c.database,
+            # No replication of busy adapters here: these tests expect a repeated call to find its adapter where
+            # the first one loaded it (replication has its own test in test_dispatch.py).
+            scheduler=PlacementSettings(heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S, flush_every_s=0.5, tick_s=0.25,
+                                        placement_grace_s=3.0, adapter_cache_s=0.0, replicate_at=10_000),
+            # tiers are asserted where calls left them: no predictive keep-alive moving adapters between tiers
+            staging=StagingSettings(predictor="none"),
+        ))
+        stop = asyncio.Event()
+        scheduler_task = asyncio.create_task(scheduler.run(stop))
+        for worker_id in WORKERS:
+            c.spawn_worker(worker_id)
+        try:
+            await c.wait_workers()
+            yield c
+        finally:
+            for proc in c.workers.values():
+                if proc.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(proc.pid, signal.SIGCONT)  # a test may have paused it
+                    proc.kill()
+                    proc.wait()
+            stop.set()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(scheduler_task, 15)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ on the session's NATS, Postgres and S3.
 from __future__ import annotations
 
 import contextlib
-import secrets
 import signal
 import subprocess
 import sys
@@ -33,26 +32,22 @@ import pytest_asyncio
 from nats.aio.msg import Msg
 from sqlalchemy import func, select
 
-from gateway.settings import GatewayOptions, GatewaySettings, LimitSettings
+from gateway.settings import LimitSettings
 from lorafn.services import child_env
 from lorafn.stack import free_ports
 from protocol import subjects
-from protocol.messages import Heartbeat, InvocationStarted
 from storage import repo
-from storage.backbone import BackboneSpec
 from storage.models import Worker
-from storage.objectstore import ObjectStore
-from storage.settings import DatabaseSettings, ObjectStoreSettings, RegistrySettings
 from tests.e2e.conftest import (
     ACK_WAIT_S,
     ADAPTER_POOL_BYTES,
     HEARTBEAT_TIMEOUT_S,
     KV_CACHE_BYTES,
     Cluster,
+    gateway_cluster,
     wait_for,
 )
 from tests.prometheus import Samples, samples, value
-from tests.stacks import clean_invocations_stream, start_gateway, stop_gateway, tenant_key
 from workers.service import default_worker_id
 
 pytestmark = pytest.mark.timeout(300)
@@ -141,42 +136,22 @@ class Stack:
 
 @pytest_asyncio.fixture(scope="module")
 async def stack(services: Any, e2e_backbone: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
-    root = tmp_path_factory.mktemp("schedulers")
-    logs = root / "logs"
-    logs.mkdir()
-    store_settings = ObjectStoreSettings(endpoint=services.s3_endpoint, access_key=services.s3_access_key,
-                                         secret_key=services.s3_secret_key, bucket=f"sch-{secrets.token_hex(6)}")
-    store = ObjectStore(store_settings)
-    store.ensure_bucket()
-    database = DatabaseSettings(url=services.database_url)
-    nc = await nats.connect(services.nats_url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
-    js = nc.jetstream()
-    await clean_invocations_stream(js)
-    tenant = f"sch{secrets.token_hex(4)}"
-    api_key = await tenant_key(database, tenant)
-    url, app, server, server_task = await start_gateway(GatewaySettings(
-        nats=services.nats_of("gateway"), database=database, object_store=store_settings,
-        registry=RegistrySettings(backbone_hf_dir=e2e_backbone),
-        gateway=GatewayOptions(limits=LimitSettings(sync_timeout_s=90.0), nats_reconnect_wait_s=0.2),
-    ))
-    cluster = Cluster(services=services, backbone=e2e_backbone, spec=BackboneSpec.from_hf_dir(e2e_backbone),
-                      store_settings=store_settings, store=store, database=database, gateway_url=url,
-                      gateway_app=app, tenant=tenant, api_key=api_key, nc=nc, js=js, logs=logs)
+    async with (
+        gateway_cluster(services, e2e_backbone, tmp_path_factory.mktemp("schedulers"), name="sch",
+                        limits=LimitSettings(sync_timeout_s=90.0)) as cluster,
+        _schedulers_and_workers(services, cluster) as s,
+    ):
+        yield s
+
+
+@contextlib.asynccontextmanager
+async def _schedulers_and_workers(services: Any, cluster: Cluster) -> AsyncIterator[Stack]:
+    nc, logs = cluster.nc, cluster.logs
     control: list[tuple[float, str, str]] = []
-
-    async def on_heartbeat(msg: Msg) -> None:
-        with contextlib.suppress(Exception):
-            cluster.last_heartbeat[Heartbeat.decode(msg.data).worker_id] = time.monotonic()
-
-    async def on_started(msg: Msg) -> None:
-        with contextlib.suppress(Exception):
-            cluster.started.append(InvocationStarted.decode(msg.data))
 
     async def on_control(msg: Msg) -> None:
         control.append((time.monotonic(), msg.subject, msg.reply))
 
-    await nc.subscribe(subjects.WORKER_EVENTS_ALL, cb=on_heartbeat)
-    await nc.subscribe(subjects.invocation_event("started"), cb=on_started)
     await nc.subscribe(f"{subjects.CTL_PREFIX}.>", cb=on_control)
 
     ports = free_ports("127.0.0.1", 2)
@@ -204,11 +179,6 @@ async def stack(services: Any, e2e_backbone: Path, tmp_path_factory: pytest.Temp
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        with contextlib.suppress(Exception):
-            await stop_gateway(server, server_task)
-        with contextlib.suppress(Exception):
-            await clean_invocations_stream(js)
-        await nc.close()
 
 
 async def submit_async(http: httpx.AsyncClient, tenant: str, adapter: str, prompt: str, max_tokens: int) -> str:
@@ -259,6 +229,11 @@ async def restart_and_serve(stack: Stack, sessions: Any, tmp_path: Path) -> None
     async with httpx.AsyncClient(trust_env=False) as scrape:
         leader, follower = await stack.schedulers.roles(scrape)
         await wait_for(lambda: row_status("up"), what="the worker's row")
+
+        async def every_row() -> bool:  # the leader writes each worker's row at its flush, not all at once
+            return (await row())[0] >= len(WORKERS)
+
+        await wait_for(every_row, what="every worker's row")
         rows_before, worker = await row()
         assert worker is not None
         first_started = worker.started_at
