@@ -14,11 +14,14 @@ def main() -> None:
 
     from gateway.app import create_app
     from gateway.settings import GatewaySettings
+    from protocol.heap import freeze_startup_heap
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = GatewaySettings()
     http = settings.gateway.http
-    uvicorn.run(create_app(settings), host=http.host, port=http.port, log_level="info", access_log=False)
+    app = create_app(settings)
+    freeze_startup_heap()  # FastAPI, SQLAlchemy, pydantic and the routes are built
+    uvicorn.run(app, host=http.host, port=http.port, log_level="info", access_log=False)
 
 
 if __name__ == "__main__":

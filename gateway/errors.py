@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from protocol.messages import ErrorCode
@@ -199,6 +200,9 @@ def error_status(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str
             return 503, error_body(503, str(exc), code="unavailable"), {"Retry-After": "5"}
         case OperationalError() | InterfaceError():
             return 503, error_body(503, "postgres is unavailable", code="unavailable"), {"Retry-After": "5"}
+        case PoolTimeout():  # every pooled connection stayed busy for pool_timeout_s (repo.create_fast_write_engine)
+            return 503, error_body(503, "every postgres connection of this gateway is busy", code="unavailable"), {
+                "Retry-After": "1"}
         case InvocationFailed():
             status = ERROR_CODE_STATUS.get(exc.code, 500)
             headers = {"Retry-After": "1"} if status in (429, 503) else {}
@@ -265,5 +269,5 @@ def install(app: FastAPI) -> None:
 
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
-    for cls in (GatewayError, InvalidName, NotFound, AdapterInvalid, StorageUnavailable, DBAPIError):
+    for cls in (GatewayError, InvalidName, NotFound, AdapterInvalid, StorageUnavailable, DBAPIError, PoolTimeout):
         app.add_exception_handler(cls, on_error)

@@ -10,6 +10,7 @@ import logging
 import signal
 import sys
 
+from protocol.heap import freeze_startup_heap
 from scheduler.service import SchedulerService
 from scheduler.settings import SchedulerSettings
 
@@ -20,7 +21,9 @@ async def serve(settings: SchedulerSettings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await SchedulerService(settings).run(stop)
+    service = SchedulerService(settings)  # its predictor and policies: the long-lived heap
+    freeze_startup_heap()
+    await service.run(stop)
 
 
 def main() -> int:

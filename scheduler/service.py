@@ -105,16 +105,27 @@ PRUNE_EVERY_S = 60.0
 LAST_USED_PRECISION_S = 30
 
 
-def residency_record(hb: Heartbeat) -> dict[tuple[str, Tier], tuple[repo.ResidencyRow, tuple[int, int, int]]]:
-    """A heartbeat's residency as rows keyed by (sha256, tier), each with the mark that says it changed."""
-    out = {}
+ResidencyMarks = dict[tuple[str, Tier], tuple[int, int, int]]
+
+
+def residency_changes(hb: Heartbeat, before: ResidencyMarks | None) -> tuple[ResidencyMarks, list[repo.ResidencyRow],
+                                                                            list[tuple[str, Tier]]]:
+    """A heartbeat's residency against what was written before (None: nothing): the marks that say what each
+    (sha256, tier) row holds now, the rows to write (new or changed marks) and the keys to drop. Only changed
+    entries become rows: a worker holding 1,000 versions costs a flush a tuple per version, not a row object
+    and a datetime each (3 ms per worker and second)."""
+    now: ResidencyMarks = {}
+    changed = []
     for r in hb.resident:
-        last_used = datetime.fromtimestamp(r.last_used, UTC) if r.last_used else None
-        row = repo.ResidencyRow(sha256=r.version, tier=Tier(r.tier), pages=r.pages, nbytes=r.bytes,
-                                last_used_at=last_used)
+        key = (r.version, Tier(r.tier))
         mark = (r.pages, r.bytes, int(r.last_used or 0) // LAST_USED_PRECISION_S)
-        out[(r.version, Tier(r.tier))] = (row, mark)
-    return out
+        now[key] = mark
+        if before is None or before.get(key) != mark:
+            last_used = datetime.fromtimestamp(r.last_used, UTC) if r.last_used else None
+            changed.append(repo.ResidencyRow(sha256=r.version, tier=key[1], pages=r.pages, nbytes=r.bytes,
+                                             last_used_at=last_used))
+    dropped = [] if before is None else [key for key in before if key not in now]
+    return now, changed, dropped
 
 
 def whole_heartbeat(tracker: ResidencyTracker[ResidentAdapter], heartbeat: Heartbeat) -> Heartbeat | None:
@@ -171,7 +182,7 @@ class SchedulerService:
         self.election: LeaderElection | None = None  # set by run()
         self._pruned = -PRUNE_EVERY_S  # time.monotonic() of the last pruning of workers' rows
         # What this scheduler last wrote of each worker's residency, so a flush writes only what changed.
-        self._residency: dict[str, dict[tuple[str, Tier], tuple[repo.ResidencyRow, tuple[int, int, int]]]] = {}
+        self._residency: dict[str, ResidencyMarks] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
@@ -380,10 +391,8 @@ class SchedulerService:
             state = hb.model_dump(mode="json", exclude={"resident", "capacity"})
             await repo.upsert_worker(session, worker_id=hb.worker_id, host=hb.host, device=hb.device,
                                      capacity=hb.capacity, state=state)
-            now = residency_record(hb)
             before = self._residency.get(hb.worker_id)
-            changed = [row for key, (row, mark) in now.items() if before is None or before.get(key, (None, None))[1] != mark]
-            dropped = [] if before is None else [key for key in before if key not in now]
+            now, changed, dropped = residency_changes(hb, before)
             await repo.write_worker_residency(session, worker_id=hb.worker_id, rows=changed, drop=dropped,
                                               replace=before is None)
             written.append((hb.worker_id, now))

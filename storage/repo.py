@@ -14,9 +14,6 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
-    DateTime,
-    Integer,
-    String,
     cast,
     column,
     delete,
@@ -26,9 +23,8 @@ from sqlalchemy import (
     table,
     tuple_,
     update,
-    values,
 )
-from sqlalchemy.dialects.postgresql import UUID, insert
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
@@ -670,6 +666,18 @@ async def record_demand(
     )
 
 
+# Demand counts as driver SQL over parallel arrays (one statement text whatever the number of adapters; see
+# _FINISH_INVOCATIONS). FOR KEY SHARE: an adapter whose delete is in flight is waited for and then skipped, not read
+# from this statement's snapshot (the foreign key check would then fail the whole write when the delete commits).
+_RECORD_DEMAND = (
+    "INSERT INTO demand_history (adapter_id, bucket_start, bucket_seconds, count) "
+    "SELECT a.id, d.bucket_start, %(bucket_seconds)s, d.count "
+    "FROM unnest(%(adapter_id)s::uuid[], %(bucket_start)s::timestamptz[], %(count)s::int[]) "
+    "AS d(adapter_id, bucket_start, count) JOIN adapters AS a ON a.id = d.adapter_id FOR KEY SHARE OF a "
+    "ON CONFLICT (adapter_id, bucket_start, bucket_seconds) DO UPDATE SET count = demand_history.count + excluded.count"
+)
+
+
 async def record_demand_many(session: AsyncSession, *, counts: Sequence[tuple[uuid.UUID, datetime, int]],
                              bucket_seconds: int = 60) -> None:
     """`record_demand` for many (adapter id, time, count) at once, in one statement (a flush of a thousand
@@ -681,19 +689,10 @@ async def record_demand_many(session: AsyncSession, *, counts: Sequence[tuple[uu
         epoch = int(at.timestamp())
         start = datetime.fromtimestamp(epoch - epoch % bucket_seconds, UTC)
         merged[(adapter_id, start)] = merged.get((adapter_id, start), 0) + count
-    rows = values(column("adapter_id", UUID(as_uuid=True)), column("bucket_start", DateTime(timezone=True)),
-                  column("count", Integer), name="demand").data([(a, t, n) for (a, t), n in merged.items()])
-    # FOR KEY SHARE: an adapter whose delete is in flight is waited for and then skipped, not read from this
-    # statement's snapshot (the foreign key check would then fail the whole write when the delete commits).
-    source = (select(Adapter.id, cast(rows.c.bucket_start, DateTime(timezone=True)), literal(bucket_seconds),
-                     cast(rows.c.count, Integer)).join(rows, Adapter.id == cast(rows.c.adapter_id, UUID(as_uuid=True)))
-              .with_for_update(key_share=True, of=Adapter))
-    stmt = insert(DemandBucket).from_select(
-        [DemandBucket.adapter_id, DemandBucket.bucket_start, DemandBucket.bucket_seconds, DemandBucket.count], source)
-    await session.execute(stmt.on_conflict_do_update(
-        index_elements=[DemandBucket.adapter_id, DemandBucket.bucket_start, DemandBucket.bucket_seconds],
-        set_={"count": DemandBucket.count + stmt.excluded.count},
-    ))
+    connection = await session.connection()
+    await connection.exec_driver_sql(_RECORD_DEMAND, {
+        "bucket_seconds": bucket_seconds, "adapter_id": [a for a, _ in merged],
+        "bucket_start": [t for _, t in merged], "count": list(merged.values())})
 
 
 async def demand_series(
@@ -744,6 +743,19 @@ class ResidencyRow:
     last_used_at: datetime | None = None
 
 
+# A worker's reported residency as driver SQL over parallel arrays (see _FINISH_INVOCATIONS); FOR KEY SHARE as in
+# _RECORD_DEMAND: a version whose delete is in flight is waited for and skipped.
+_WRITE_RESIDENCY = (
+    "INSERT INTO residency (adapter_version_id, worker_id, tier, pages, bytes, last_used_at) "
+    "SELECT v.id, %(worker_id)s, r.tier::tier, r.pages, r.bytes, r.last_used_at "
+    "FROM unnest(%(sha256)s::text[], %(tier)s::text[], %(pages)s::int[], %(bytes)s::bigint[], "
+    "%(last_used_at)s::timestamptz[]) AS r(sha256, tier, pages, bytes, last_used_at) "
+    "JOIN adapter_versions AS v ON v.sha256 = r.sha256 FOR KEY SHARE OF v "
+    "ON CONFLICT (adapter_version_id, worker_id, tier) DO UPDATE SET pages = excluded.pages, "
+    "bytes = excluded.bytes, last_used_at = excluded.last_used_at"
+)
+
+
 async def write_worker_residency(session: AsyncSession, *, worker_id: str, rows: Sequence[ResidencyRow],
                                  drop: Sequence[tuple[str, Tier]] = (), replace: bool = False) -> None:
     """Upsert a worker's residency rows and delete `drop` ((sha256, tier) pairs), in three statements at most
@@ -761,23 +773,11 @@ async def write_worker_residency(session: AsyncSession, *, worker_id: str, rows:
         ))
     if not rows:
         return
-    reported = values(
-        column("sha256", String), column("tier", String), column("pages", Integer), column("bytes", BigInteger),
-        column("last_used_at", DateTime(timezone=True)), name="reported",
-    ).data([(r.sha256, r.tier.value, r.pages, r.nbytes, r.last_used_at) for r in rows])
-    source = select(
-        # Casts: psycopg sends the VALUES untyped (a NULL last use would be text).
-        AdapterVersion.id, literal(worker_id), cast(reported.c.tier, Residency.__table__.c.tier.type),
-        cast(reported.c.pages, Integer), cast(reported.c.bytes, BigInteger),
-        cast(reported.c.last_used_at, DateTime(timezone=True)),
-    ).join(reported, AdapterVersion.sha256 == reported.c.sha256).with_for_update(key_share=True, of=AdapterVersion)
-    # (FOR KEY SHARE: a version whose delete is in flight is waited for and skipped, as in record_demand_many.)
-    stmt = insert(Residency).from_select(
-        ["adapter_version_id", "worker_id", "tier", "pages", "bytes", "last_used_at"], source)
-    await session.execute(stmt.on_conflict_do_update(
-        index_elements=[Residency.adapter_version_id, Residency.worker_id, Residency.tier],
-        set_={"pages": stmt.excluded.pages, "bytes": stmt.excluded.bytes, "last_used_at": stmt.excluded.last_used_at},
-    ))
+    connection = await session.connection()
+    await connection.exec_driver_sql(_WRITE_RESIDENCY, {
+        "worker_id": worker_id, "sha256": [r.sha256 for r in rows], "tier": [r.tier.value for r in rows],
+        "pages": [r.pages for r in rows], "bytes": [r.nbytes for r in rows],
+        "last_used_at": [r.last_used_at for r in rows]})
 
 
 async def mark_invocation_running(
@@ -792,22 +792,25 @@ async def mark_invocation_running(
     )
 
 
+_MARK_RUNNING = (
+    "UPDATE invocations AS i SET status = 'running', worker_id = s.worker_id, attempts = s.attempt, "
+    "started_at = s.started_at FROM unnest(%(id)s::text[], %(worker_id)s::text[], %(attempt)s::int[], "
+    "%(started_at)s::timestamptz[]) AS s(id, worker_id, attempt, started_at) "
+    "WHERE i.id = s.id AND i.status IN ('queued', 'running')"
+)
+
+
 async def mark_invocations_running(session: AsyncSession, *,
                                     started: Sequence[tuple[str, str, int, datetime]]) -> None:
-    """`mark_invocation_running` for many (invocation id, worker id, attempt, started at), in one statement."""
+    """`mark_invocation_running` for many (invocation id, worker id, attempt, started at), in one statement of
+    fixed text (driver SQL over arrays, as _FINISH_INVOCATIONS: one row per invocation the scheduler saw start)."""
     if not started:
         return
     latest = {inv: (w, a, t) for inv, w, a, t in sorted(started, key=lambda s: s[3])}  # the last start wins
-    rows = values(column("id", String), column("worker_id", String), column("attempt", Integer),
-                  column("started_at", DateTime(timezone=True)), name="started").data(
-        [(i, w, a, t) for i, (w, a, t) in latest.items()])
-    await session.execute(
-        update(Invocation)
-        .where(Invocation.id == rows.c.id,
-               Invocation.status.in_([InvocationStatus.queued, InvocationStatus.running]))
-        .values(status=InvocationStatus.running, worker_id=rows.c.worker_id, attempts=cast(rows.c.attempt, Integer),
-                started_at=cast(rows.c.started_at, DateTime(timezone=True)))
-    )
+    connection = await session.connection()
+    await connection.exec_driver_sql(_MARK_RUNNING, {
+        "id": list(latest), "worker_id": [w for w, _, _ in latest.values()],
+        "attempt": [a for _, a, _ in latest.values()], "started_at": [t for _, _, t in latest.values()]})
 
 
 async def finish_invocation(
@@ -839,32 +842,37 @@ class Outcome:
     error: str | None = None
 
 
+# Outcomes as driver SQL over parallel arrays: one statement text whatever the batch size, so neither SQLAlchemy
+# nor the driver compiles anything per batch (the VALUES form compiled every row's parameters on each batch: a tenth
+# of the scheduler's CPU under load, in one stretch that held up its dispatch loop).
+_FINISH_INVOCATIONS = (
+    "UPDATE invocations AS i SET status = o.status::invocation_status, finished_at = o.finished_at, "
+    "first_token_at = o.first_token_at, started_at = coalesce(i.started_at, o.started_at), "
+    "prompt_tokens = o.prompt_tokens, completion_tokens = o.completion_tokens, error = o.error, "
+    "worker_id = coalesce(o.worker_id, i.worker_id), attempts = coalesce(o.attempts, i.attempts) "
+    "FROM unnest(%(id)s::text[], %(status)s::text[], %(finished_at)s::timestamptz[], %(started_at)s::timestamptz[], "
+    "%(first_token_at)s::timestamptz[], %(prompt_tokens)s::int[], %(completion_tokens)s::int[], "
+    "%(worker_id)s::text[], %(attempts)s::int[], %(error)s::text[]) "
+    "AS o(id, status, finished_at, started_at, first_token_at, prompt_tokens, completion_tokens, worker_id, "
+    "attempts, error) WHERE i.id = o.id"
+)
+
+
 async def finish_invocations(session: AsyncSession, *, outcomes: Sequence[Outcome]) -> None:
     """Record many invocations' outcomes in one statement (the scheduler writes a batch of results at once);
     a start time already set is kept, as are the worker and attempts an outcome does not name."""
     if not outcomes:
         return
-    latest = {o.invocation_id: o for o in outcomes}  # a result recorded twice: either copy says the same
-    rows = values(
-        column("id", String), column("status", String), column("finished_at", DateTime(timezone=True)),
-        column("started_at", DateTime(timezone=True)), column("first_token_at", DateTime(timezone=True)),
-        column("prompt_tokens", Integer), column("completion_tokens", Integer), column("worker_id", String),
-        column("attempts", Integer), column("error", String), name="outcome",
-    ).data([(o.invocation_id, o.status.value, o.finished_at, o.started_at, o.first_token_at, o.prompt_tokens,
-             o.completion_tokens, o.worker_id, o.attempts, o.error) for o in latest.values()])
-    ts = DateTime(timezone=True)
-    await session.execute(
-        update(Invocation).where(Invocation.id == rows.c.id).values(
-            status=cast(rows.c.status, Invocation.__table__.c.status.type),
-            finished_at=cast(rows.c.finished_at, ts),
-            first_token_at=cast(rows.c.first_token_at, ts),
-            started_at=func.coalesce(Invocation.started_at, cast(rows.c.started_at, ts)),
-            prompt_tokens=cast(rows.c.prompt_tokens, Integer),
-            completion_tokens=cast(rows.c.completion_tokens, Integer),
-            error=cast(rows.c.error, String),
-            worker_id=func.coalesce(cast(rows.c.worker_id, String), Invocation.worker_id),
-            attempts=func.coalesce(cast(rows.c.attempts, Integer), Invocation.attempts),
-        ))
+    latest = list({o.invocation_id: o for o in outcomes}.values())  # a result recorded twice: either copy says the same
+    params = {
+        "id": [o.invocation_id for o in latest], "status": [o.status.name for o in latest],
+        "finished_at": [o.finished_at for o in latest], "started_at": [o.started_at for o in latest],
+        "first_token_at": [o.first_token_at for o in latest], "prompt_tokens": [o.prompt_tokens for o in latest],
+        "completion_tokens": [o.completion_tokens for o in latest], "worker_id": [o.worker_id for o in latest],
+        "attempts": [o.attempts for o in latest], "error": [o.error for o in latest],
+    }
+    connection = await session.connection()
+    await connection.exec_driver_sql(_FINISH_INVOCATIONS, params)
 
 
 # The row of a new invocation, as driver SQL: this runs once per invocation on the request path, where building
@@ -885,10 +893,17 @@ def create_fast_write_engine(settings: DatabaseSettings) -> AsyncEngine:
     its WAL flush (synchronous_commit off for the engine's sessions), and pooled connections are not pinged
     before use: a connection that died in the pool is detected by the statement itself, which
     `insert_invocation` then retries once on a fresh one. Never used for the registry.
+
+    The pool never grows past `pool_size`: a statement that finds every connection busy waits for one (an
+    insert holds it well under a millisecond) instead of opening an overflow connection, which SQLAlchemy
+    closes again as soon as it is returned. With the default overflow, 16 concurrent callers of the gateway
+    made Postgres start a backend process for about one call in five (550 sessions per 3,000 calls), a
+    fork and an authentication each, on the same CPUs as the calls. A wait longer than `pool_timeout_s`
+    raises sqlalchemy's TimeoutError (the gateway answers 503).
     """
     return create_async_engine(
-        settings.url, pool_size=settings.pool_size, pool_pre_ping=False, isolation_level="AUTOCOMMIT",
-        connect_args={"options": "-c synchronous_commit=off"},
+        settings.url, pool_size=settings.pool_size, max_overflow=0, pool_timeout=settings.pool_timeout_s,
+        pool_pre_ping=False, isolation_level="AUTOCOMMIT", connect_args={"options": "-c synchronous_commit=off"},
     )
 
 

@@ -15,6 +15,8 @@ class DatabaseSettings(BaseModel):
         description="SQLAlchemy URL of the Postgres database (driver psycopg)",
     )
     pool_size: int = Field(5, ge=1, le=100, description="connections kept open per process")
+    pool_timeout_s: float = Field(10.0, gt=0, description="seconds a statement waits for a pooled connection "
+                                  "when all are busy (the request-path engine never opens more than pool_size)")
 
     @field_validator("url")
     @classmethod

@@ -11,6 +11,7 @@ import logging
 import signal
 import sys
 
+from protocol.heap import freeze_startup_heap
 from workers.service import open_worker
 from workers.settings import WorkerSettings
 
@@ -24,6 +25,7 @@ async def serve(settings: WorkerSettings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with open_worker(settings) as worker:
+        freeze_startup_heap()  # the backbone, the engine and their modules are built
         await worker.run(stop)
     logger.info("worker %s stopped", worker.worker_id)
 

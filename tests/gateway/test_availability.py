@@ -112,3 +112,15 @@ async def test_a_nats_reconnection_runs_the_reconnect_hooks() -> None:
             await link.close()
             proc.terminate()
             proc.wait(10)
+
+
+def test_a_postgres_pool_that_stays_busy_is_503_with_retry_after() -> None:
+    """The request-path engine never opens more than its pool (repo.create_fast_write_engine): a call that waits
+    longer than pool_timeout_s for a connection is told to retry, not answered 500."""
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    from gateway.errors import error_status
+
+    status, body, headers = error_status(PoolTimeout("QueuePool limit of size 5 overflow 0 reached"))
+    assert (status, headers) == (503, {"Retry-After": "1"})
+    assert body["error"]["code"] == "unavailable" and "busy" in body["error"]["message"]

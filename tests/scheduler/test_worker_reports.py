@@ -7,7 +7,7 @@ from protocol.messages import Heartbeat, ResidentAdapter, Tier
 from protocol.residency import ResidencySender, ResidencyTracker, residency_headers
 from scheduler.core import SchedulerCore
 from scheduler.dispatcher import WorkerReports
-from scheduler.service import whole_heartbeat
+from scheduler.service import LAST_USED_PRECISION_S, residency_changes, whole_heartbeat
 
 A, B, C = "a" * 64, "b" * 64, "c" * 64
 
@@ -84,3 +84,20 @@ def test_the_warm_state_gets_heartbeats_made_whole() -> None:
     assert whole is not None and whole.full and whole.removed == [] and whole.resident_seq == delta.resident_seq
     assert {(r.version, r.tier) for r in whole.resident} == {(B, Tier.device)}
     assert tracker.has(residency_headers(full))  # what the scheduler drops undecoded
+
+
+def test_a_flush_writes_only_the_residency_rows_that_changed() -> None:
+    hb = beat((A, Tier.device), (B, Tier.host), used=1_000_000.0)
+    marks, rows, dropped = residency_changes(hb, None)  # nothing written yet: every row, nothing to drop
+    assert {(r.sha256, r.tier) for r in rows} == {(A, Tier.device), (B, Tier.host)} and dropped == []
+    assert residency_changes(hb, marks) == (marks, [], [])  # the same residency: nothing
+    # A last use within the rounding of the written one is not worth a write; a later one is.
+    near = beat((A, Tier.device), (B, Tier.host), used=1_000_000.0 + LAST_USED_PRECISION_S / 2 - 1)
+    assert residency_changes(near, marks)[1] == []
+    later = beat((A, Tier.device), (B, Tier.host), used=1_000_000.0 + LAST_USED_PRECISION_S)
+    assert len(residency_changes(later, marks)[1]) == 2
+    # B moved to the device and C arrived: their rows; B's host row is dropped.
+    moved = beat((A, Tier.device), (B, Tier.device), (C, Tier.host), used=1_000_000.0)
+    now, rows, dropped = residency_changes(moved, marks)
+    assert {(r.sha256, r.tier) for r in rows} == {(B, Tier.device), (C, Tier.host)}
+    assert dropped == [(B, Tier.host)] and set(now) == {(A, Tier.device), (B, Tier.device), (C, Tier.host)}

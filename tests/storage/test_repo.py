@@ -9,8 +9,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import create_engine, inspect, select
+from sqlalchemy import create_engine, event, inspect, select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from storage import repo
 from storage.errors import AlreadyExists, NotFound
@@ -154,6 +155,35 @@ async def test_invocations_idempotency_key_is_unique_per_tenant(sessions) -> Non
         assert inv.status == InvocationStatus.succeeded and inv.completion_tokens == 5
         with pytest.raises(ValueError, match="cannot update"):
             await repo.update_invocation(session, invocation_id="inv1", tenant_id=uuid.uuid4())
+
+
+async def test_the_request_path_engine_never_opens_more_connections_than_its_pool(sessions, database_settings) -> None:
+    """48 concurrent inserts through a pool of 3 share those 3 connections (an overflow connection, closed again
+    when returned, costs Postgres a new backend per call); with every connection held, an insert waits
+    `pool_timeout_s` and then raises the pool's TimeoutError, which the gateway answers with 503."""
+    async with sessions() as session, session.begin():
+        acme = await repo.get_or_create_tenant(session, name="acme")
+    settings = database_settings.model_copy(update={"pool_size": 3, "pool_timeout_s": 0.3})
+    engine = repo.create_fast_write_engine(settings)
+    opened = []
+    event.listen(engine.sync_engine, "connect", lambda *_: opened.append(1))
+    try:
+        await asyncio.gather(*(repo.insert_invocation(engine, invocation_id=f"pool{i}", tenant=acme, adapter=None)
+                               for i in range(48)))
+        assert len(opened) == 3
+        async with sessions() as session:
+            assert (await repo.count_rows(session))["invocations"] == 48
+        held = [await engine.connect() for _ in range(3)]
+        try:
+            with pytest.raises(PoolTimeout):
+                await repo.insert_invocation(engine, invocation_id="waits", tenant=acme, adapter=None)
+        finally:
+            for c in held:
+                await c.close()
+        await repo.insert_invocation(engine, invocation_id="after", tenant=acme, adapter=None)
+        assert len(opened) == 3
+    finally:
+        await engine.dispose()
 
 
 async def test_demand_history_buckets_and_totals(sessions) -> None:
