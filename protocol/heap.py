@@ -11,9 +11,17 @@ long-lived heap larger and full collections more frequent.
 `freeze_startup_heap()` is called by each service's entry point once its modules are imported and its
 long-lived objects are built: it collects what start-up left behind, then moves every surviving object to the
 collector's permanent generation (`gc.freeze()`), which no collection scans again. What the process builds
-afterwards (per-adapter state, messages in flight) is still collected as usual. The price: a frozen object
-that later becomes cyclic garbage is never freed; start-up objects (modules, classes, the model, settings,
-connections' machinery) live as long as the process anyway.
+afterwards (per-adapter state, messages in flight) is still collected. The price: a frozen object that later
+becomes cyclic garbage is never freed; start-up objects (modules, classes, the model, settings, connections'
+machinery) live as long as the process anyway.
+
+It also lets the youngest generation grow to `YOUNG_THRESHOLD` objects before a collection (CPython's default is
+700). A service handling a thousand messages a second keeps a few thousand objects in flight for a millisecond
+or two: with 700, collections ran every few hundred microseconds, caught those objects alive and promoted
+them, and the promoted ones soon triggered full collections. Measured on the invocation benchmark's stack (1,000
+adapters, 6,000 direct and 6,000 gateway calls), after the freeze: the scheduler spent 238 ms in 322
+collections (one full, 24 ms) with the default and 54 ms in 9 young ones (the longest 21 ms) with 10,000; the
+benchmark's echo workers 896 ms (6 full collections, the longest 157 ms) against 294 ms (none full).
 
 Only entry points call it (`python -m scheduler`, `python -m workers`, `python -m gateway`, the benchmark's
 echo workers): a test process that builds services over and over must not freeze each one's garbage.
@@ -27,11 +35,17 @@ import logging
 logger = logging.getLogger(__name__)
 
 
+# Objects allocated (net of those freed) before the youngest generation is collected.
+YOUNG_THRESHOLD = 10_000
+
+
 def freeze_startup_heap() -> int:
-    """Collect start-up's garbage, then exempt every object alive now from future collections; returns how
-    many objects are frozen."""
+    """Collect start-up's garbage, exempt every object alive now from future collections, and let the youngest
+    generation grow to YOUNG_THRESHOLD; returns how many objects are frozen."""
     gc.collect()
     gc.freeze()
+    _, middle, oldest = gc.get_threshold()
+    gc.set_threshold(YOUNG_THRESHOLD, middle, oldest)
     frozen = gc.get_freeze_count()
     logger.info("froze %d start-up objects out of the garbage collector's scans", frozen)
     return frozen
