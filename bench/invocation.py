@@ -44,7 +44,9 @@ load nothing), then for each N in `adapter_counts` (in increasing order, so that
 while N is measured) calls rotating over N adapters (call i goes to adapter i mod N) directly over NATS and
 through the gateway (lean client), the two interleaved in rounds, the same number of calls and callers for
 every N, after a warm-up that calls each adapter once: invocations/s and p50/p99 per N, their ratios to the
-first N (the target: within 10%), the JetStream consumers of each stream and each echo worker's NATS
+first N (the target: within 10%); a control row measures the first N a second time with callers of its own in
+the same rounds, so its ratios show how far two measurements of the same thing differ in this run (on 2 shared
+cores the p99 of one N moved by up to 30% between runs, in either direction); the JetStream consumers of each stream and each echo worker's NATS
 subscriptions (neither may grow with N), and the bytes an echo worker published per heartbeat during N's
 warm-up (the largest over the workers; the residency's changes every heartbeat, the whole of it every fifth).
 
@@ -114,6 +116,7 @@ MAX_TOKENS = 4
 TARGET_P50_MS = 2.0  # targets of the gateway's added latency
 TARGET_P99_MS = 10.0
 TARGET_ADAPTER_RATIO = 0.10  # many adapters: throughput and latency within 10% of the fewest adapters
+CONTROL = "control"  # many adapters: the first adapter count measured again (the run's noise)
 ECHO_READY = "ready"
 ECHO_STATS = "stats"  # the command the echo pool answers on its stdin with one JSON line
 ECHO_BATCH = 32  # most messages per pull request of an echo peer
@@ -156,7 +159,7 @@ class BenchOptions:
     echo_workers: int = 3
     adapter_counts: tuple[int, ...] = (10, 100, 1000)
     adapter_calls: int = 6000  # per path and adapter count (fewer leave p99 at the mercy of a few stalls)
-    adapter_rounds: int = 6
+    adapter_rounds: int = 30  # short rounds: a spell of the shared machine running slow falls on every N alike
     adapter_concurrency: int = 16
 
     def __post_init__(self) -> None:
@@ -1000,68 +1003,77 @@ async def consumer_counts(js: JetStreamContext) -> dict[str, int]:
 
 
 async def measure_adapters(s: BenchStack, options: BenchOptions, names: Sequence[str]) -> dict[str, Any]:
-    """Table 2: for each adapter count N, calls rotating over N adapters, directly and through the gateway."""
+    """Table 2: for each adapter count N, calls rotating over N adapters, directly and through the gateway; and a
+    control: the first N measured a second time, by callers of their own, in the same rounds. The control's
+    ratios to the first N are this run's noise: what the ratios of the other N would be if the adapter count
+    made no difference at all."""
     paths = ("direct", "gateway")
-    by_count: dict[str, Any] = {}
     per_round = options.adapter_calls // options.adapter_rounds
-    # Rounds interleave the adapter counts (round 1 of N=10, 100, 1000, then round 2, ...), so that drift over
-    # the run (tables growing, the machine's other load) falls on every N alike.
-    callers: dict[int, dict[str, Any]] = {}
-    lat: dict[int, dict[str, list[float]]] = {}
-    wall: dict[int, dict[str, float]] = {}
-    scheduler_cpu: dict[int, dict[str, float]] = {}
-    counted: dict[int, tuple[dict[str, int], dict[str, Any]]] = {}  # consumers and echo stats after N's warm-up
+    first = options.adapter_counts[0]
+    groups = {str(n): n for n in options.adapter_counts} | {CONTROL: first}
+    # Rounds interleave the groups (round 1 of N=10, 100, 1000 and the control, then round 2, ...), so that drift
+    # over the run (tables growing, the machine's other load) falls on every N alike.
+    callers: dict[str, dict[str, Any]] = {}
+    lat: dict[str, dict[str, list[float]]] = {}
+    wall: dict[str, dict[str, float]] = {}
+    scheduler_cpu: dict[str, dict[str, float]] = {}
+    counted: dict[str, tuple[dict[str, int], dict[str, Any]]] = {}  # consumers and echo stats after the warm-up
     try:
-        for n in options.adapter_counts:
-            callers[n] = {"direct": DirectCaller(s.nc, s.tenant, adapters=names[:n]), "gateway": s.raw(names[:n])}
-            for call in callers[n].values():  # each adapter once: resolved, placed on a worker, cached
+        for group, n in groups.items():
+            callers[group] = {"direct": DirectCaller(s.nc, s.tenant, adapters=names[:n]),
+                              "gateway": s.raw(names[:n])}
+            for call in callers[group].values():  # each adapter once: resolved, placed on a worker, cached
                 await timed_concurrent([call] * options.adapter_concurrency, n)
-            callers[n]["direct"].take()
-            counted[n] = (await consumer_counts(s.nc.jetstream()), await s.echo.stats())
-            lat[n] = {p: [] for p in paths}
-            wall[n] = dict.fromkeys(paths, 0.0)
-            scheduler_cpu[n] = dict.fromkeys(paths, 0.0)
+            callers[group]["direct"].take()
+            counted[group] = (await consumer_counts(s.nc.jetstream()), await s.echo.stats())
+            lat[group] = {p: [] for p in paths}
+            wall[group] = dict.fromkeys(paths, 0.0)
+            scheduler_cpu[group] = dict.fromkeys(paths, 0.0)
         for _ in range(options.adapter_rounds):
-            for n in options.adapter_counts:
+            for group in groups:
                 for name in paths:
-                    call = callers[n][name]
+                    call = callers[group][name]
                     before = process_cpu_s(s.scheduler_pid)
                     got, took = await timed_concurrent([call] * options.adapter_concurrency, per_round)
-                    scheduler_cpu[n][name] += process_cpu_s(s.scheduler_pid) - before
-                    lat[n][name] += got
-                    wall[n][name] += took
+                    scheduler_cpu[group][name] += process_cpu_s(s.scheduler_pid) - before
+                    lat[group][name] += got
+                    wall[group][name] += took
     finally:
         for c in callers.values():
             await c["gateway"].aclose()
-    for n in options.adapter_counts:
-        consumers, stats = counted[n]
-        row: dict[str, Any] = {p: {**summary(lat[n][p]), "invocations_per_s": len(lat[n][p]) / wall[n][p],
-                                   "scheduler_cpu_ms_per_call": scheduler_cpu[n][p] / len(lat[n][p]) * 1000}
+    rows: dict[str, Any] = {}
+    for group in groups:
+        consumers, stats = counted[group]
+        row: dict[str, Any] = {p: {**summary(lat[group][p]), "invocations_per_s": len(lat[group][p]) / wall[group][p],
+                                   "scheduler_cpu_ms_per_call": scheduler_cpu[group][p] / len(lat[group][p]) * 1000}
                                for p in paths}
-        row["direct"]["hop"] = summary(callers[n]["direct"].take()[1])
+        row["direct"]["hop"] = summary(callers[group]["direct"].take()[1])
         row["consumers"] = consumers
         row["echo_subscriptions"] = {w: x["subscriptions"] for w, x in stats["workers"].items()}
         row["echo_versions"] = {w: x["versions"] for w, x in stats["workers"].items()}
         row["echo_heartbeat_bytes"] = max(x["heartbeat_bytes"] for x in stats["workers"].values())
-        by_count[str(n)] = row
+        rows[group] = row
 
-    first = by_count[str(options.adapter_counts[0])]
+    base = rows[str(first)]
     ratios: dict[str, Any] = {}
-    for count, row in by_count.items():
-        ratios[count] = {}
+    for group, row in rows.items():
+        ratios[group] = {}
         for p in paths:
-            r = {k: row[p][k] / first[p][k] for k in ("invocations_per_s", "p50_ms", "p99_ms")}
+            r = {k: row[p][k] / base[p][k] for k in ("invocations_per_s", "p50_ms", "p99_ms")}
             r["within_target"] = (r["invocations_per_s"] >= 1 - TARGET_ADAPTER_RATIO
                                   and r["p50_ms"] <= 1 + TARGET_ADAPTER_RATIO and r["p99_ms"] <= 1 + TARGET_ADAPTER_RATIO)
-            ratios[count][p] = r
+            ratios[group][p] = r
+    by_count = {group: rows[group] for group in groups if group != CONTROL}
     counts_equal = len({json.dumps(row["consumers"], sort_keys=True) for row in by_count.values()}) == 1
     subs_equal = len({json.dumps(row["echo_subscriptions"], sort_keys=True) for row in by_count.values()}) == 1
     return {"counts": list(options.adapter_counts), "calls_per_path": per_round * options.adapter_rounds,
             "concurrency": options.adapter_concurrency, "rounds": options.adapter_rounds,
-            "echo_workers": options.echo_workers, "by_count": by_count, "ratios": ratios,
+            "echo_workers": options.echo_workers, "by_count": by_count,
+            "ratios": {g: r for g, r in ratios.items() if g != CONTROL},
+            "control": {"label": CONTROL, "of": first, **rows[CONTROL], "ratios": ratios[CONTROL]},
             "consumers_equal_across_counts": counts_equal, "subscriptions_equal_across_counts": subs_equal,
-            "calls": len(by_count) * len(paths) * per_round * options.adapter_rounds
-            + len(paths) * sum(options.adapter_counts)}
+            "calls": len(groups) * len(paths) * per_round * options.adapter_rounds
+            + len(paths) * (sum(options.adapter_counts) + first)}
 
 
 async def measure(servers: Servers, options: BenchOptions = BenchOptions(), *,
@@ -1162,11 +1174,15 @@ def print_adapters(t: dict[str, Any]) -> None:
     from bench.report import print_table
 
     rows: list[list[Any]] = []
-    for n, row in t["by_count"].items():
+    control = t.get("control")
+    groups = [(n, row, t["ratios"][n]) for n, row in t["by_count"].items()]
+    if control is not None:
+        groups.append((f"{control['of']} again (control)", control, control["ratios"]))
+    for n, row, ratios in groups:
         consumers = "/".join(str(row["consumers"][spec.name]) for spec in ALL_STREAMS)
         subs = "/".join(str(x) for x in row["echo_subscriptions"].values())
         for p, label in (("direct", "direct (NATS)"), ("gateway", "gateway (lean client)")):
-            x, r = row[p], t["ratios"][n][p]
+            x, r = row[p], ratios[p]
             rows.append([n, label, x["calls"], x["invocations_per_s"], x["p50_ms"], x["p99_ms"],
                          f"{r['invocations_per_s']:.2f}", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}",
                          _yes(r["within_target"]), x["hop"]["p50_ms"] if "hop" in x else "",

@@ -109,12 +109,17 @@ async def test_benchmark_measures_both_tables_and_reports(services: Any, object_
     assert t["by_count"]["2"]["consumers"] == t["by_count"]["5"]["consumers"]
     assert t["by_count"]["2"]["echo_subscriptions"] == t["by_count"]["5"]["echo_subscriptions"]
     assert t["consumers_equal_across_counts"] and t["subscriptions_equal_across_counts"]
+    # The control: the first count again, as many calls, its own ratios to the first (the run's noise).
+    control = t["control"]
+    assert control["of"] == 2 and all(control[path]["calls"] == per_path for path in ("direct", "gateway"))
+    assert all(_finite(control["ratios"][path][k]) and control["ratios"][path][k] > 0
+               for path in ("direct", "gateway") for k in ("invocations_per_s", "p50_ms", "p99_ms"))
 
     n_variants = len(VARIANTS)
     assert payload["total_calls"] == (
         n_variants * (OPTIONS.rounds * OPTIONS.calls_per_round + OPTIONS.concurrent_rounds
                       * OPTIONS.concurrent_calls_per_round + 2 * OPTIONS.warmup)
-        + 2 * (len(t["counts"]) * per_path + sum(t["counts"])))
+        + 2 * ((len(t["counts"]) + 1) * per_path + sum(t["counts"]) + t["counts"][0]))
 
     # The echo workers deleted their work consumers; the scheduler's dispatcher consumer stays (durable).
     nc = await nats.connect(services.nats_url)
@@ -128,5 +133,6 @@ async def test_benchmark_measures_both_tables_and_reports(services: Any, object_
     out = capsys.readouterr().out
     assert "added by" in out
     assert "dispatch hop" in out
+    assert "2 again (control)" in out
     assert "many adapters" in out
     assert "Postgres" in out
