@@ -18,8 +18,8 @@ machinery) live as long as the process anyway.
 It also lets the youngest generation grow to `YOUNG_THRESHOLD` objects before a collection (CPython's default is
 700). A service handling a thousand messages a second keeps a few thousand objects in flight for a millisecond
 or two: with 700, collections ran every few hundred microseconds, caught those objects alive and promoted
-them, and the promoted ones soon triggered full collections. Measured on the invocation benchmark's stack (1,000
-adapters, 6,000 direct and 6,000 gateway calls), after the freeze: the scheduler spent 238 ms in 322
+them, and the promoted ones soon triggered full collections. Measured on the invocation benchmark's stack (10 and
+1,000 adapters, 6,000 direct and 6,000 gateway calls each), after the freeze: the scheduler spent 238 ms in 322
 collections (one full, 24 ms) with the default and 54 ms in 9 young ones (the longest 21 ms) with 10,000; the
 benchmark's echo workers 896 ms (6 full collections, the longest 157 ms) against 294 ms (none full).
 

@@ -666,6 +666,12 @@ async def record_demand(
     )
 
 
+async def _execute_arrays(session: AsyncSession, sql: str, params: dict[str, Any]) -> None:
+    """Run one of the fixed driver statements over parallel arrays below in the session's transaction."""
+    connection = await session.connection()
+    await connection.exec_driver_sql(sql, params)
+
+
 # Demand counts as driver SQL over parallel arrays (one statement text whatever the number of adapters; see
 # _FINISH_INVOCATIONS). FOR KEY SHARE: an adapter whose delete is in flight is waited for and then skipped, not read
 # from this statement's snapshot (the foreign key check would then fail the whole write when the delete commits).
@@ -689,8 +695,7 @@ async def record_demand_many(session: AsyncSession, *, counts: Sequence[tuple[uu
         epoch = int(at.timestamp())
         start = datetime.fromtimestamp(epoch - epoch % bucket_seconds, UTC)
         merged[(adapter_id, start)] = merged.get((adapter_id, start), 0) + count
-    connection = await session.connection()
-    await connection.exec_driver_sql(_RECORD_DEMAND, {
+    await _execute_arrays(session, _RECORD_DEMAND, {
         "bucket_seconds": bucket_seconds, "adapter_id": [a for a, _ in merged],
         "bucket_start": [t for _, t in merged], "count": list(merged.values())})
 
@@ -773,8 +778,7 @@ async def write_worker_residency(session: AsyncSession, *, worker_id: str, rows:
         ))
     if not rows:
         return
-    connection = await session.connection()
-    await connection.exec_driver_sql(_WRITE_RESIDENCY, {
+    await _execute_arrays(session, _WRITE_RESIDENCY, {
         "worker_id": worker_id, "sha256": [r.sha256 for r in rows], "tier": [r.tier.value for r in rows],
         "pages": [r.pages for r in rows], "bytes": [r.nbytes for r in rows],
         "last_used_at": [r.last_used_at for r in rows]})
@@ -807,8 +811,7 @@ async def mark_invocations_running(session: AsyncSession, *,
     if not started:
         return
     latest = {inv: (w, a, t) for inv, w, a, t in sorted(started, key=lambda s: s[3])}  # the last start wins
-    connection = await session.connection()
-    await connection.exec_driver_sql(_MARK_RUNNING, {
+    await _execute_arrays(session, _MARK_RUNNING, {
         "id": list(latest), "worker_id": [w for w, _, _ in latest.values()],
         "attempt": [a for _, a, _ in latest.values()], "started_at": [t for _, _, t in latest.values()]})
 
@@ -871,8 +874,7 @@ async def finish_invocations(session: AsyncSession, *, outcomes: Sequence[Outcom
         "completion_tokens": [o.completion_tokens for o in latest], "worker_id": [o.worker_id for o in latest],
         "attempts": [o.attempts for o in latest], "error": [o.error for o in latest],
     }
-    connection = await session.connection()
-    await connection.exec_driver_sql(_FINISH_INVOCATIONS, params)
+    await _execute_arrays(session, _FINISH_INVOCATIONS, params)
 
 
 # The row of a new invocation, as driver SQL: this runs once per invocation on the request path, where building

@@ -25,7 +25,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import nats
@@ -168,6 +168,32 @@ class Cluster:
 
     def log_tail(self, chars: int = 4000) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-chars:]}" for p in sorted(self.logs.glob("*.log")))
+
+
+class SpawnsWorkers(Protocol):
+    workers: dict[str, subprocess.Popen[bytes]]
+
+    def spawn_worker(self, worker_id: str) -> None: ...
+
+    async def wait_workers(self, worker_ids: Sequence[str], timeout: float = ...) -> None: ...
+
+
+@contextlib.asynccontextmanager
+async def running_workers(cluster: SpawnsWorkers, worker_ids: Sequence[str]) -> AsyncIterator[None]:
+    """Spawn the workers named and wait for their heartbeats; on exit, kill whichever still runs (one a test
+    paused is continued first). The clusters of this folder and of test_dispatch share it."""
+    for worker_id in worker_ids:
+        cluster.spawn_worker(worker_id)
+    try:
+        await cluster.wait_workers(worker_ids)
+        yield
+    finally:
+        for proc in cluster.workers.values():
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGCONT)
+                proc.kill()
+            proc.wait()
 
 
 async def wait_for(check: Callable[[], Any], *, timeout: float = 30.0, what: str = "condition",
@@ -399,18 +425,10 @@ async def cluster(services: Any, e2e_backbone: Path, tmp_path_factory: pytest.Te
         ))
         stop = asyncio.Event()
         scheduler_task = asyncio.create_task(scheduler.run(stop))
-        for worker_id in WORKERS:
-            c.spawn_worker(worker_id)
         try:
-            await c.wait_workers()
-            yield c
+            async with running_workers(c, WORKERS):
+                yield c
         finally:
-            for proc in c.workers.values():
-                if proc.poll() is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(proc.pid, signal.SIGCONT)  # a test may have paused it
-                    proc.kill()
-                    proc.wait()
             stop.set()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(scheduler_task, 15)

@@ -67,6 +67,7 @@ from storage.backbone import BackboneSpec
 from storage.objectstore import ObjectStore
 from storage.registry import PushResult, Registry
 from storage.settings import DatabaseSettings, ObjectStoreSettings, RegistrySettings
+from tests.e2e.conftest import running_workers
 from workers.tiny import write_tiny_backbone
 
 pytestmark = pytest.mark.timeout(300)
@@ -312,17 +313,11 @@ async def cluster(services: Any, tmp_path_factory: pytest.TempPathFactory) -> As
 
     await nc.subscribe(subjects.WORKER_EVENTS_ALL, cb=on_heartbeat)
     await nc.subscribe(subjects.gateway_replies(REPLIES_AS), cb=on_reply)
-    for worker_id in WORKERS:
-        c.spawn_worker(worker_id)
     try:
-        await c.wait_workers()
-        yield c
+        async with running_workers(c, WORKERS):
+            yield c
     finally:
         c.stop_schedulers()
-        for proc in c.workers.values():
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
         await nc.drain()
         await engine.dispose()
 
