@@ -223,7 +223,11 @@ async def test_gateway_inflight_limit_is_429(gateway_factory: GatewayFactory, ke
     gw = await gateway_factory(max_inflight=1)
     async with gw.client(headers=keys.auth()) as c:
         slow = asyncio.create_task(c.post(FN, json={"prompt": "SLOW 1 busy"}))
-        await asyncio.sleep(0.3)
+        invoker = gw.app.state.gateway.invoker
+        deadline = time.monotonic() + 10
+        while invoker.inflight < 1:  # admitted (a fixed sleep lost the race on a loaded machine)
+            assert time.monotonic() < deadline and not slow.done()
+            await asyncio.sleep(0.02)
         busy = await c.post(FN, json={"prompt": "me too"})
         assert busy.status_code == 429 and "retry-after" in busy.headers
         assert (await slow).status_code == 200
