@@ -129,7 +129,7 @@ def create_app(settings: GatewaySettings, *, registry: Any | None = None) -> Fas
         link.on_connect(subscribe_adapter_events)
         # Adapter events are what keeps the long-lived lookup cache right; any sent while this process was
         # disconnected are lost to it, so a reconnection drops the whole cache.
-        link.on_reconnect(resolver.cache.clear)
+        link.on_reconnect(resolver.clear)
         link.on_reconnect(authenticator.clear)  # a key revoked while away must not stay cached
         http = httpx.AsyncClient(follow_redirects=False)
         dispatcher = CallbackDispatcher(link=link, http=http, settings=options.callbacks, metrics=metrics)
