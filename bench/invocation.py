@@ -440,12 +440,13 @@ async def serve_echo(nats_url: str, prefix: str, count: int) -> None:
 
 def pool_stats(workers: Sequence[EchoWorker]) -> dict[str, Any]:
     """Per worker: invocations answered, versions held, NATS subscriptions, bytes published per heartbeat
-    since the last call; and the hop samples taken since the last call (which forgets both)."""
+    since the last call (None when it sent none since); and the hop samples taken since the last call (which
+    forgets both)."""
     samples: dict[str, tuple[float, float]] = {}
     for w in workers:
         samples.update(w.samples)
         w.samples = {}
-    sent = {w.worker_id: w.sent_bytes[0] / max(1, w.sent_bytes[1]) for w in workers}
+    sent = {w.worker_id: w.sent_bytes[0] / w.sent_bytes[1] if w.sent_bytes[1] else None for w in workers}
     for w in workers:
         w.sent_bytes = [0, 0]
     return {
@@ -1051,7 +1052,8 @@ async def measure_adapters(s: BenchStack, options: BenchOptions, names: Sequence
         row["consumers"] = consumers
         row["echo_subscriptions"] = {w: x["subscriptions"] for w, x in stats["workers"].items()}
         row["echo_versions"] = {w: x["versions"] for w, x in stats["workers"].items()}
-        row["echo_heartbeat_bytes"] = max(x["heartbeat_bytes"] for x in stats["workers"].values())
+        beats = [x["heartbeat_bytes"] for x in stats["workers"].values() if x["heartbeat_bytes"] is not None]
+        row["echo_heartbeat_bytes"] = max(beats, default=None)  # None: no heartbeat during this N's warm-up
         rows[group] = row
 
     base = rows[str(first)]
@@ -1106,6 +1108,10 @@ async def measure(servers: Servers, options: BenchOptions = BenchOptions(), *,
 
 def _yes(ok: bool) -> str:
     return "yes" if ok else "NO"
+
+
+def _bytes(n: float | None) -> str:
+    return "-" if n is None else str(round(n))
 
 
 def print_report(payload: dict[str, Any]) -> None:
@@ -1186,7 +1192,7 @@ def print_adapters(t: dict[str, Any]) -> None:
             rows.append([n, label, x["calls"], x["invocations_per_s"], x["p50_ms"], x["p99_ms"],
                          f"{r['invocations_per_s']:.2f}", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}",
                          _yes(r["within_target"]), x["hop"]["p50_ms"] if "hop" in x else "",
-                         x["scheduler_cpu_ms_per_call"], round(row["echo_heartbeat_bytes"]), consumers, subs])
+                         x["scheduler_cpu_ms_per_call"], _bytes(row["echo_heartbeat_bytes"]), consumers, subs])
     first = t["counts"][0]
     streams = "/".join(spec.name.removeprefix("LORAFN_").lower() for spec in ALL_STREAMS)
     print_table(
