@@ -164,7 +164,9 @@ class GatewayOptions(BaseModel):
 class GatewaySettings(BaseSettings):
     """Everything `python -m gateway` needs."""
 
-    model_config = SettingsConfigDict(env_prefix="LORAFN_", env_nested_delimiter="__", extra="ignore")
+    # hide_input_in_errors: a rejected value may be a URL with its password, or a secret key
+    model_config = SettingsConfigDict(env_prefix="LORAFN_", env_nested_delimiter="__", extra="ignore",
+                                      hide_input_in_errors=True)
 
     gateway: GatewayOptions = Field(default_factory=GatewayOptions)
     # GET /metrics on a listener of its own (loopback by default): the metrics name every tenant's adapters.

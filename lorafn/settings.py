@@ -44,7 +44,9 @@ class StackSettings(BaseModel):
 class LorafnSettings(BaseSettings):
     """Everything the `lorafn` command needs."""
 
-    model_config = SettingsConfigDict(env_prefix="LORAFN_", env_nested_delimiter="__", extra="ignore")
+    # hide_input_in_errors: a rejected value may be a URL with its password, or a secret key
+    model_config = SettingsConfigDict(env_prefix="LORAFN_", env_nested_delimiter="__", extra="ignore",
+                                      hide_input_in_errors=True)
 
     state_dir: Path = Field(Path(".lorafn"), description="where the local stack keeps its data and secrets")
     stack: StackSettings = Field(default_factory=StackSettings)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 NATS_SCHEMES = ("nats://", "tls://", "ws://", "wss://")
 
@@ -39,6 +39,8 @@ def redact_nats_url(url: str) -> str:
 
 class NatsSettings(BaseModel):
     """Where the NATS servers are, as whom this process connects, and how durable the streams it creates are."""
+
+    model_config = ConfigDict(hide_input_in_errors=True)  # a rejected value may carry a password
 
     url: str = Field("nats://127.0.0.1:4222", description="NATS server URL, credentials included if any; several "
                      "servers of a cluster comma-separated (the client fails over between them)")
@@ -77,6 +79,8 @@ class NatsSettings(BaseModel):
 class NatsCalloutSettings(BaseModel):
     """The NATS auth callout (run by the scheduler): it checks the credentials of tenants' direct clients
     against Postgres and answers the server with a signed grant (protocol.nats_auth)."""
+
+    model_config = ConfigDict(hide_input_in_errors=True)  # a rejected value may carry a password
 
     url: str | None = Field(None, description="NATS URL of the callout's own user (lorafn.auth); unset: no callout")
     issuer_seed: SecretStr | None = Field(None, description="account nkey seed (SA...) whose public key the server "

@@ -94,7 +94,9 @@ class StagingSettings(BaseModel):
 class SchedulerSettings(BaseSettings):
     """Everything the scheduler process needs."""
 
-    model_config = SettingsConfigDict(env_prefix="LORAFN_", env_nested_delimiter="__", extra="ignore")
+    # hide_input_in_errors: a rejected value may be a URL with its password, or a secret key
+    model_config = SettingsConfigDict(env_prefix="LORAFN_", env_nested_delimiter="__", extra="ignore",
+                                      hide_input_in_errors=True)
 
     nats: NatsSettings = Field(default_factory=NatsSettings)
     nats_callout: NatsCalloutSettings = Field(default_factory=NatsCalloutSettings)

@@ -4,11 +4,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+
+def redact_url(url: str) -> str:
+    """`url` without the credentials before its host (scheme://user:password@host -> scheme://host)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url.rpartition("@")[2]
+    authority, slash, path = rest.partition("/")
+    return f"{scheme}{sep}{authority.rpartition('@')[2]}{slash}{path}"
 
 
 class DatabaseSettings(BaseModel):
     """Where Postgres is."""
+
+    model_config = ConfigDict(hide_input_in_errors=True)  # a rejected value may carry a password
 
     url: str = Field(
         "postgresql+psycopg://lorafn@127.0.0.1:5432/lorafn",
@@ -22,7 +33,7 @@ class DatabaseSettings(BaseModel):
     @classmethod
     def _postgres_url(cls, v: str) -> str:
         if not v.startswith(("postgresql://", "postgresql+psycopg://")):
-            raise ValueError(f"database url {v!r} must be a postgresql:// or postgresql+psycopg:// URL")
+            raise ValueError(f"database url {redact_url(v)!r} must be a postgresql:// or postgresql+psycopg:// URL")
         if v.startswith("postgresql://"):
             v = "postgresql+psycopg://" + v[len("postgresql://") :]
         return v
@@ -30,6 +41,8 @@ class DatabaseSettings(BaseModel):
 
 class ObjectStoreSettings(BaseModel):
     """Where the S3-compatible object store is (MinIO, SeaweedFS, AWS S3)."""
+
+    model_config = ConfigDict(hide_input_in_errors=True)  # a rejected value may carry a password
 
     endpoint: str = Field("127.0.0.1:9000", description="host:port of the S3 API, no scheme")
     access_key: str = Field("lorafn", description="S3 access key id")

@@ -69,7 +69,9 @@ class ConsumerSettings(BaseModel):
 class WorkerSettings(BaseSettings):
     """Everything one worker process needs."""
 
-    model_config = SettingsConfigDict(env_prefix="LORAFN_", env_nested_delimiter="__", extra="ignore")
+    # hide_input_in_errors: a rejected value may be a URL with its password, or a secret key
+    model_config = SettingsConfigDict(env_prefix="LORAFN_", env_nested_delimiter="__", extra="ignore",
+                                      hide_input_in_errors=True)
 
     worker_id: str | None = Field(None, description="worker name, a subject token, kept across restarts (None: the "
                                   "host name as a subject token; set it when several workers share a host)")
