@@ -216,6 +216,9 @@ class CoreConfig:
     queue_per_worker: int = 32  # calls a worker may have waiting beyond its max_inflight
     max_epochs: int = 5  # dispatches of one call (first + rescues) before it fails as a dead letter
     outstanding_ttl_s: float = 3600.0  # forget a dispatched call never seen to finish after this long
+    # A call dispatched this long ago is in the work stream's counts (its publish was acked long before) unless
+    # it finished: the counts then correct the calls the core believes outstanding (see `_work_queues`).
+    work_settle_s: float = 2.0
     staging_interval_s: float = 60.0  # pre-staging: the predictor's interval
     staging_cutoff: float = 0.5  # a score at or above this counts as "predicted" in the interval records
     interval_records: int = 100_000  # `IntervalRecord`s kept (the oldest are dropped)
@@ -444,14 +447,25 @@ class SchedulerCore:
             self._placing.setdefault(version, {})[worker_id] = at
 
     def _work_queues(self, e: WorkQueues) -> list[Command]:
-        queued = set()
-        for worker_id, count in e.counts:
-            w = self._workers.get(worker_id)
-            if w is not None:
-                w.backlog = count
-            elif count > 0:
-                queued.add(worker_id)
-                self._orphans.setdefault(worker_id, e.at)
+        """The work stream's counts are the truth of what each worker has waiting or running (a subject with
+        nothing on it is not listed: its worker's count is 0). A call this core dispatched more than
+        `work_settle_s` ago and still counts as outstanding although the stream holds fewer calls for that
+        worker has finished without its result reaching this core: one another scheduler dispatched as well
+        (this core dispatched it again after that scheduler died unacknowledged, and the worker had recorded
+        its result before), or a result missed during a reconnection. The oldest such calls are forgotten, so
+        that capacity the worker has is not held by calls that ended (otherwise until `outstanding_ttl_s`)."""
+        counts = dict(e.counts)
+        settled_before = e.at - self.config.work_settle_s
+        for worker_id, w in self._workers.items():
+            w.backlog = count = counts.get(worker_id, 0)
+            settled = [i for i, (_, at) in w.outstanding.items() if at <= settled_before]
+            if len(settled) > count:
+                for invocation_id in settled[:len(settled) - count]:  # oldest first: the likeliest to be done
+                    self._finished(invocation_id)
+                self.decisions["outstanding_forgotten"] += len(settled) - count
+        queued = {worker_id for worker_id, count in e.counts if count > 0 and worker_id not in self._workers}
+        for worker_id in queued:
+            self._orphans.setdefault(worker_id, e.at)
         for worker_id in set(self._orphans) - queued:
             del self._orphans[worker_id]
         return []

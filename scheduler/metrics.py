@@ -8,7 +8,8 @@ dispatcher's per-invocation path does nothing for metrics beyond the core's own 
 
 Metrics (see docs/ARCHITECTURE.md, "Metrics"):
 - `lorafn_dispatch_decisions_total{reason}`: the core's decisions: route reasons (device, replicate, host,
-  cold, base, pinned, or a policy's own word), defer, fail_* (copied from `SchedulerCore.decisions` each tick);
+  cold, base, pinned, or a policy's own word), defer, fail_*, outstanding_forgotten (calls the work stream
+  showed finished whose result never reached this scheduler) (copied from `SchedulerCore.decisions` each tick);
 - `lorafn_scheduler_worker_events_total{event}`: workers that came up / were declared gone;
 - `lorafn_worker_queue{worker}`: calls dispatched to each live worker and not finished (the core's count);
 - `lorafn_live_workers`: workers the core counts as alive;

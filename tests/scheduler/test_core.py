@@ -204,6 +204,36 @@ def test_work_queues_give_a_restarted_core_the_load_of_every_worker() -> None:
     assert [c.worker_id for c in fresh.handle(call("y")) if isinstance(c, Dispatch)] == ["w1"]
 
 
+def test_a_worker_missing_from_the_counts_has_nothing_queued() -> None:
+    core = SchedulerCore()
+    replay(core, [report("w1"), report("w2"), loads(w1=5, w2=1)])
+    core.handle(WorkQueues(at=0.6, counts=(("w2", 1),)))  # w1's subject is empty now: not listed
+    assert {v.worker_id: v.outstanding for v in core.views()} == {"w1": 0, "w2": 1}
+
+
+def test_calls_the_work_stream_no_longer_holds_are_forgotten_once_settled() -> None:
+    """A call whose result never reached this core (another scheduler dispatched it too and the worker had
+    finished it; a result missed during a reconnection) must not hold its worker's capacity: once it was
+    dispatched `work_settle_s` ago and the work stream holds fewer calls for that worker, the oldest go."""
+    core = SchedulerCore(config=CoreConfig(queue_per_worker=0, work_settle_s=2.0))
+    replay(core, [report("w1", max_inflight=3)])
+    first = [call(f"a{i}", 1.0) for i in range(2)]
+    last = call("a9", 2.5)
+    for e in (*first, last):
+        assert [type(c) for c in core.handle(e)] == [Dispatch]
+    assert not core.has_room()
+    core.handle(WorkQueues(at=2.9, counts=()))  # dispatched less than 2 s ago: maybe not stored yet
+    assert core.outstanding("w1") == 3 and not core.has_room()
+    core.handle(WorkQueues(at=3.2, counts=(("w1", 1),)))  # the one held may be a settled one: one of two goes
+    assert core.outstanding("w1") == 2 and core.has_room()
+    core.handle(WorkQueues(at=4.6, counts=(("w1", 1),)))  # all settled now: the oldest goes
+    assert core.outstanding("w1") == 1 and core.decisions["outstanding_forgotten"] == 2
+    core.handle(InvocationFinished(3.3, last.invocation_id, "w1"))  # the one that was still there
+    assert core.outstanding("w1") == 0
+    core.handle(WorkQueues(at=10.0, counts=(("w1", 5),)))  # more queued than it knows of (another scheduler's)
+    assert core.decisions["outstanding_forgotten"] == 2 and [v.outstanding for v in core.views()] == [5]
+
+
 def test_work_queues_ignore_unknown_workers() -> None:
     core = SchedulerCore()
     replay(core, [report("w1"), WorkQueues(at=0.5, counts=(("gone", 40),))])
