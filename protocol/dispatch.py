@@ -8,7 +8,8 @@ dispatcher, a rescue and a stopping worker do it.
   by `<id>-epoch-<n>`: two schedulers rescuing the same dead worker requeue it once), keeping the time it
   first arrived. A dispatcher then routes it like any other invocation.
 - `requeue_subject` requeues everything left on a worker's work subject, then deletes it there: a worker
-  that is stopping hands its queue back; the dispatcher rescues the work of a worker that went silent.
+  that is stopping hands its queue back; the dispatcher rescues the work of a worker that went silent; a
+  worker restarted with its id hands back what its previous process had taken (up to a stream sequence).
   Publish first, delete second: a crash in between leaves a copy on both, and the copy on the dead worker's
   subject is requeued again under the same de-duplication id.
 """
@@ -90,14 +91,17 @@ async def requeue(js: JetStreamContext, data: bytes, inv: Invocation, work: Work
     })
 
 
-async def requeue_subject(js: JetStreamContext, worker_id: str) -> int:
-    """Requeue every invocation on `worker_id`'s work subject and delete it there; how many."""
+async def requeue_subject(js: JetStreamContext, worker_id: str, *, up_to: int | None = None) -> int:
+    """Requeue every invocation on `worker_id`'s work subject (those stored at stream sequence `up_to` or
+    before, when given) and delete it there; how many."""
     subject = subjects.work(worker_id)
     seq, count = 1, 0
-    while True:
+    while up_to is None or seq <= up_to:
         try:
             raw = await js.get_msg(subjects.WORK_STREAM, seq, subject=subject, next=True)
         except nats.js.errors.NotFoundError:
+            return count
+        if up_to is not None and raw.seq is not None and raw.seq > up_to:
             return count
         data = raw.data or b""
         try:
@@ -112,3 +116,4 @@ async def requeue_subject(js: JetStreamContext, worker_id: str) -> int:
         with contextlib.suppress(nats.js.errors.NotFoundError):
             await js.delete_msg(subjects.WORK_STREAM, raw.seq)
         seq = raw.seq + 1
+    return count

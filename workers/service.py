@@ -232,7 +232,7 @@ class WorkerService:
             await self.nc.subscribe(subjects.CANCEL_ALL, cb=self._on_cancel)
             heartbeats = asyncio.create_task(self._heartbeat_loop(stop), name="heartbeats")
             stack.push_async_callback(self._cancel, heartbeats)
-            await self._warn_if_id_in_use()
+            await self._claim_work_consumer()
             self._puller = asyncio.create_task(self._pull(), name="pull-work")
             logger.info("worker %s ready on %s (%d adapter pages), consuming %s", self.worker_id, self.device,
                         self.tiers.total_pages, subjects.work(self.worker_id))
@@ -306,19 +306,42 @@ class WorkerService:
             inactive_threshold=3600.0,
         )
 
-    async def _warn_if_id_in_use(self) -> None:
-        """Say so when another live process seems to run as this worker (its pull requests wait on this worker's
-        consumer; a restarted worker's previous process left none: they expire within a fetch timeout, and the
-        backbone takes longer to load). Two processes with one id share its work and flap in its heartbeats."""
+    async def _claim_work_consumer(self) -> None:
+        """Before the first fetch: take over this worker's work consumer from a previous process of the same id.
+
+        - Another live process pulling on it (its pull requests wait there; a dead process's expire within a
+          fetch timeout, and the backbone takes longer to load): say so and change nothing. Two processes with
+          one id share its work and flap in its heartbeats.
+        - Calls the consumer delivered that nobody acknowledged were taken by the previous process, which died
+          (killed, crashed, its machine lost) and came back before the scheduler declared it gone: they are
+          handed back for a new dispatch now (epoch + 1, as a rescue does; the caller follows the newest), not
+          redelivered here after the ack wait. Calls queued but not yet delivered stay: they were routed here.
+        - The consumer is updated to this process's settings (its ack wait, for one): binding to a durable
+          consumer would keep the settings it was created with.
+        """
         assert self.js is not None
+        durable = subjects.work_consumer(self.worker_id)
         try:
-            info = await self.js.consumer_info(subjects.WORK_STREAM, subjects.work_consumer(self.worker_id))
-        except (nats.errors.Error, nats.js.errors.Error):  # none yet (a new worker), or cannot tell
+            info = await self.js.consumer_info(subjects.WORK_STREAM, durable)
+        except nats.js.errors.NotFoundError:
+            return  # a new worker, or one the scheduler rescued: the first fetch creates it
+        except (nats.errors.Error, nats.js.errors.Error) as e:
+            logger.warning("cannot read consumer %s (%s); pulling without taking it over", durable, e)
             return
         if info.num_waiting:
             logger.warning("worker id %s seems taken by another live process (%d pull requests wait on consumer "
                            "%s): give each worker its own LORAFN_WORKER_ID", self.worker_id, info.num_waiting,
-                           subjects.work_consumer(self.worker_id))
+                           durable)
+            return
+        try:
+            if info.num_ack_pending and info.delivered is not None and info.delivered.stream_seq:
+                handed = await requeue_subject(self.js, self.worker_id, up_to=info.delivered.stream_seq)
+                logger.warning("worker %s: %d invocations its previous process took were unfinished; handed back "
+                               "for a new dispatch", self.worker_id, handed)
+            await self.js.add_consumer(subjects.WORK_STREAM, config=self._consumer_config())  # create or update
+        except (nats.errors.Error, nats.js.errors.Error) as e:
+            logger.warning("taking over consumer %s failed (%s); its unfinished calls come back after the ack "
+                           "wait", durable, e)
 
     async def _free_slots(self) -> int:
         """Wait for at least one free slot; how many are free (taken now: the loop fetches that many). 0 when

@@ -127,7 +127,8 @@ class Cluster:
 
     # -- processes ---------------------------------------------------------------------------------------------
 
-    def spawn_worker(self, worker_id: str) -> None:
+    def spawn_worker(self, worker_id: str, **settings: str) -> None:
+        """Start `python -m workers` as `worker_id`; `settings`: LORAFN_* variables over the module's own."""
         env = child_env(nats_url=self.services.nats_url, object_store=self.store_settings, extra={
             **self.services.nats_env_of("worker"),  # the workers' own NATS user
             "LORAFN_BACKBONE__PATH": str(self.backbone), "LORAFN_WORKER_ID": worker_id,
@@ -136,6 +137,7 @@ class Cluster:
             "LORAFN_ENGINE__ADAPTER_DTYPE": "float32",
             "LORAFN_CONSUMER__ACK_WAIT_S": "4", "LORAFN_CONSUMER__IN_PROGRESS_EVERY_S": "0.5",
             "LORAFN_HEARTBEAT_S": "0.25", "LORAFN_DRAIN_TIMEOUT_S": "5", "OMP_NUM_THREADS": "1",
+            **settings,
         })
         self.heartbeats.pop(worker_id, None)
         self.residency.forget(worker_id)
@@ -596,6 +598,58 @@ async def test_a_paused_worker_is_rescued_and_the_caller_sees_one_stream(cluster
     # The woken worker abandoned its copies: it recorded nothing and is serving again.
     await wait_for(lambda: victim in cluster.heartbeats and not cluster.heartbeats[victim].running,
                    what="the woken worker idle")
+
+
+async def test_a_worker_restarted_before_it_was_missed_hands_back_what_it_was_running(cluster: Cluster) -> None:
+    """SIGKILL a worker mid-generation and start it again with its id while no scheduler could notice (a crashed
+    container restarted in place): its new process hands the calls the old one was running back for a new
+    dispatch at once (epoch 2), instead of running them again after the ack wait, and its consumer takes the
+    new process's settings. Every call succeeds once, and the caller sees one stream."""
+    tenant = f"crash{secrets.token_hex(3)}"
+    await cluster.push(tenant, "c", seed=9600)
+    victim = "dw-2"
+    calls = [cluster.invocation(tenant, "c", max_tokens=400, prompt=f"crash {i}") for i in range(6)]
+    for inv in calls:
+        cluster.calls[inv.id] = Call(inv.id, inv.id, deadline=time.monotonic() + 180, timeout_s=180)
+    durable = subjects.work_consumer(victim)
+    try:
+        async with cluster.scheduler(router=PinnedRouter(pins={f"{tenant}/c": victim})):
+            replies = [await cluster.publish(inv) for inv in calls]
+            await wait_for(lambda: all(r.chunks for r in replies), what="every call streaming on the victim")
+        assert (await cluster.js.consumer_info(subjects.WORK_STREAM, durable)).num_ack_pending == len(calls)
+        cluster.workers[victim].send_signal(signal.SIGKILL)
+        cluster.workers[victim].wait(10)
+        assert not any(r.done.is_set() for r in replies)
+        cluster.spawn_worker(victim, LORAFN_CONSUMER__ACK_WAIT_S="7")
+        await cluster.wait_workers([victim])
+        async def handed_back() -> bool:  # to the invocations stream, for the next scheduler to dispatch
+            subject = subjects.invoke(tenant, "c")
+            info = await cluster.js.stream_info(subjects.INVOCATIONS_STREAM, subjects_filter=subject)
+            return (info.state.subjects or {}).get(subject, 0) == len(calls)
+
+        await wait_for(handed_back, what="the calls handed back")
+        assert (await cluster.js.consumer_info(subjects.WORK_STREAM, durable)).config.ack_wait == 7.0
+        async with cluster.scheduler(router=AffinityRouter()):
+            await asyncio.wait_for(asyncio.gather(*(r.done.wait() for r in replies)), 120)
+            await asyncio.sleep(1.0)  # anything sent twice would arrive now
+    finally:
+        cluster.workers[victim].kill()
+        cluster.workers[victim].wait()
+        cluster.spawn_worker(victim)  # the module's settings again (the consumer's too)
+        await cluster.wait_workers()
+    for inv in calls:
+        assert await cluster.results_recorded(inv.id) == 1
+        call = cluster.calls.pop(inv.id)
+        tokens: list[int] = []
+        result: InvocationResult | None = None
+        async for event in call.events():
+            if isinstance(event, TokenChunk):
+                assert event.index == len(tokens)  # contiguous, nothing twice
+                tokens += event.token_ids
+            elif isinstance(event, InvocationResult):
+                result = event
+        assert result is not None and result.status == "succeeded", result
+        assert result.epoch == 2 and tokens == result.token_ids  # a new dispatch, not a redelivery after ack wait
 
 
 async def test_a_drained_worker_hands_back_its_queue(cluster: Cluster) -> None:
