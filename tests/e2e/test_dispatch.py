@@ -556,6 +556,25 @@ async def test_a_killed_dispatcher_loses_nothing(cluster: Cluster) -> None:
         cluster.stop_schedulers()
 
 
+async def one_stream(cluster: Cluster, inv: Invocation) -> InvocationResult:
+    """What the caller of `inv` saw through the gateway's Call (followed since it was published): one
+    contiguous stream of tokens, none twice, ending in a succeeded result with exactly those tokens, the only
+    result recorded."""
+    assert await cluster.results_recorded(inv.id) == 1
+    call = cluster.calls.pop(inv.id)
+    tokens: list[int] = []
+    result: InvocationResult | None = None
+    async for event in call.events():
+        if isinstance(event, TokenChunk):
+            assert event.index == len(tokens)  # contiguous, nothing twice
+            tokens += event.token_ids
+        elif isinstance(event, InvocationResult):
+            result = event
+    assert result is not None and result.status == "succeeded", result
+    assert tokens == result.token_ids
+    return result
+
+
 async def test_a_paused_worker_is_rescued_and_the_caller_sees_one_stream(cluster: Cluster) -> None:
     """SIGSTOP a worker mid-generation for longer than its heartbeat timeout, then SIGCONT: every call succeeds
     once (one recorded result), and the caller, through the gateway's Call, sees one stream whose tokens are
@@ -583,18 +602,8 @@ async def test_a_paused_worker_is_rescued_and_the_caller_sees_one_stream(cluster
     finally:
         cluster.workers[victim].send_signal(signal.SIGCONT)
     for inv in calls:
-        assert await cluster.results_recorded(inv.id) == 1
-        call = cluster.calls.pop(inv.id)
-        tokens: list[int] = []
-        result: InvocationResult | None = None
-        async for event in call.events():
-            if isinstance(event, TokenChunk):
-                assert event.index == len(tokens)  # contiguous, nothing twice
-                tokens += event.token_ids
-            elif isinstance(event, InvocationResult):
-                result = event
-        assert result is not None and result.status == "succeeded" and result.epoch == 2
-        assert tokens == result.token_ids and result.worker_id != victim
+        result = await one_stream(cluster, inv)
+        assert result.epoch == 2 and result.worker_id != victim
     # The woken worker abandoned its copies: it recorded nothing and is serving again.
     await wait_for(lambda: victim in cluster.heartbeats and not cluster.heartbeats[victim].running,
                    what="the woken worker idle")
@@ -638,18 +647,7 @@ async def test_a_worker_restarted_before_it_was_missed_hands_back_what_it_was_ru
         cluster.spawn_worker(victim)  # the module's settings again (the consumer's too)
         await cluster.wait_workers()
     for inv in calls:
-        assert await cluster.results_recorded(inv.id) == 1
-        call = cluster.calls.pop(inv.id)
-        tokens: list[int] = []
-        result: InvocationResult | None = None
-        async for event in call.events():
-            if isinstance(event, TokenChunk):
-                assert event.index == len(tokens)  # contiguous, nothing twice
-                tokens += event.token_ids
-            elif isinstance(event, InvocationResult):
-                result = event
-        assert result is not None and result.status == "succeeded", result
-        assert result.epoch == 2 and tokens == result.token_ids  # a new dispatch, not a redelivery after ack wait
+        assert (await one_stream(cluster, inv)).epoch == 2  # a new dispatch, not a redelivery after the ack wait
 
 
 async def test_a_drained_worker_hands_back_its_queue(cluster: Cluster) -> None:

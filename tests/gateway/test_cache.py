@@ -43,6 +43,16 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
+async def stored_old() -> tuple[Clock, LoadingCache[str, object], Loads]:
+    """A 10 s cache whose "key" was loaded once ("old"; its next load gives "new"), at clock 1000."""
+    clock = Clock()
+    cache: LoadingCache[str, object] = LoadingCache(10.0, 100, clock)
+    load = Loads(["old", "new"])
+    load.release.set()
+    assert await cache.get("key", load) == "old"
+    return clock, cache, load
+
+
 def test_entries_age_fresh_then_stale_then_missing() -> None:
     clock = Clock()
     cache: TtlCache[str, int] = TtlCache(10.0, 100, clock)
@@ -84,11 +94,7 @@ async def test_calls_that_miss_together_share_one_load() -> None:
 
 
 async def test_stale_entry_is_served_while_one_refresh_runs() -> None:
-    clock = Clock()
-    cache: LoadingCache[str, object] = LoadingCache(10.0, 100, clock)
-    load = Loads(["old", "new"])
-    load.release.set()
-    assert await cache.get("key", load) == "old"
+    clock, cache, load = await stored_old()
     clock.now += 6.0  # past REFRESH_AT of the TTL, not expired
     load.release.clear()
     got = [await cache.get("key", load) for _ in range(16)]  # none of them waits for the database
@@ -102,11 +108,7 @@ async def test_stale_entry_is_served_while_one_refresh_runs() -> None:
 
 
 async def test_expired_entry_waits_for_its_load() -> None:
-    clock = Clock()
-    cache: LoadingCache[str, object] = LoadingCache(10.0, 100, clock)
-    load = Loads(["old", "new"])
-    load.release.set()
-    await cache.get("key", load)
+    clock, cache, load = await stored_old()
     clock.now += 10.5
     assert await cache.get("key", load) == "new" and load.calls == 2
 
@@ -125,11 +127,7 @@ async def test_failed_load_reaches_every_waiter_and_stores_nothing() -> None:
 
 
 async def test_failed_refresh_keeps_the_entry_until_it_expires() -> None:
-    clock = Clock()
-    cache: LoadingCache[str, object] = LoadingCache(10.0, 100, clock)
-    load = Loads(["old", "new"])
-    load.release.set()
-    await cache.get("key", load)
+    clock, cache, load = await stored_old()
     clock.now += 6.0
     load.fail = ConnectionError("database down")
     assert await cache.get("key", load) == "old"
