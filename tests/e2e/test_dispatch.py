@@ -176,13 +176,15 @@ class Cluster:
     @contextlib.asynccontextmanager
     async def scheduler(self, router: Router | None = None, expect: Sequence[str] = WORKERS, *,
                         predictor: Predictor | None = None, stager: PredictiveStager | None = None,
-                        staging: StagingSettings = NO_STAGING) -> AsyncIterator[SchedulerService]:
+                        staging: StagingSettings = NO_STAGING, **placement: str,
+                        ) -> AsyncIterator[SchedulerService]:
         """An in-process scheduler with `router` (and `predictor`, with the staging settings' interval) for the
-        duration of the block (once it has heard from the workers in `expect`)."""
+        duration of the block (once it has heard from the workers in `expect`); `placement`: settings over
+        `scheduler_settings` (HEARTBEAT_TIMEOUT_S="60", ...)."""
         settings = SchedulerSettings(
             nats=self.services.nats_of("scheduler"), database=DatabaseSettings(url=self.services.database_url),
             scheduler=PlacementSettings.model_validate(
-                {k.lower(): v for k, v in scheduler_settings(self.services).items()}),
+                {k.lower(): v for k, v in (scheduler_settings(self.services) | placement).items()}),
             staging=staging,
         )
         service = SchedulerService(settings, router=router, scheduler_id=f"test-{secrets.token_hex(3)}",
@@ -617,18 +619,19 @@ async def test_a_worker_restarted_before_it_was_missed_hands_back_what_it_was_ru
     tenant = f"crash{secrets.token_hex(3)}"
     await cluster.push(tenant, "c", seed=9600)
     victim = "dw-2"
-    calls = [cluster.invocation(tenant, "c", max_tokens=400, prompt=f"crash {i}") for i in range(6)]
+    calls = [cluster.invocation(tenant, "c", max_tokens=1000, prompt=f"crash {i}") for i in range(6)]
     for inv in calls:
         cluster.calls[inv.id] = Call(inv.id, inv.id, deadline=time.monotonic() + 180, timeout_s=180)
     durable = subjects.work_consumer(victim)
     try:
-        async with cluster.scheduler(router=PinnedRouter(pins={f"{tenant}/c": victim})):
+        # This scheduler would not miss the victim for a minute; the next one starts after it is back.
+        async with cluster.scheduler(router=PinnedRouter(pins={f"{tenant}/c": victim}), HEARTBEAT_TIMEOUT_S="60"):
             replies = [await cluster.publish(inv) for inv in calls]
             await wait_for(lambda: all(r.chunks for r in replies), what="every call streaming on the victim")
-        assert (await cluster.js.consumer_info(subjects.WORK_STREAM, durable)).num_ack_pending == len(calls)
-        cluster.workers[victim].send_signal(signal.SIGKILL)
-        cluster.workers[victim].wait(10)
+            cluster.workers[victim].send_signal(signal.SIGKILL)
+            cluster.workers[victim].wait(10)
         assert not any(r.done.is_set() for r in replies)
+        assert (await cluster.js.consumer_info(subjects.WORK_STREAM, durable)).num_ack_pending == len(calls)
         cluster.spawn_worker(victim, LORAFN_CONSUMER__ACK_WAIT_S="7")
         await cluster.wait_workers([victim])
         async def handed_back() -> bool:  # to the invocations stream, for the next scheduler to dispatch
