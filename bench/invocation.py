@@ -105,6 +105,7 @@ from protocol.messages import (
 )
 from protocol.residency import ResidencySender, residency_headers
 from protocol.results import record_result
+from protocol.settings import split_nats_urls
 from protocol.streams import ALL_STREAMS, ensure_streams
 from storage.settings import ObjectStoreSettings
 
@@ -408,7 +409,7 @@ async def serve_echo(nats_url: str, prefix: str, count: int) -> None:
         workers: list[EchoWorker] = []
         for i in range(count):
             worker_id = f"{prefix}-{i}"
-            nc = await nats.connect(nats_url, connect_timeout=5, name=f"lorafn-echo-{worker_id}")
+            nc = await nats.connect(split_nats_urls(nats_url), connect_timeout=5, name=f"lorafn-echo-{worker_id}")
             # Closed, not drained: a worker's stop returns once it has answered all it took, and a drain would
             # wait on the subscription of the pull it cancelled.
             stack.push_async_callback(nc.close)
@@ -831,7 +832,7 @@ async def bench_stack(servers: Servers, options: BenchOptions, tenant: str, key:
                       work_dir: Path | None = None) -> AsyncIterator[BenchStack]:
     """Start the echo workers, then the scheduler (ready once it routes to all of them), then the gateway
     (ready once /readyz says so); stop them in the reverse order."""
-    nc = await nats.connect(servers.nats_url, connect_timeout=5)
+    nc = await nats.connect(split_nats_urls(servers.nats_url), connect_timeout=5)
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(nc.close)
         await ensure_streams(nc.jetstream())

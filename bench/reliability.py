@@ -68,6 +68,7 @@ from bench import launcher
 from bench.launcher import CALL_TIMEOUT_S, TENANT, Stack, wait_until
 from lorafn.gateway_client import push_adapter
 from protocol import subjects
+from protocol.settings import split_nats_urls
 
 log = logging.getLogger(__name__)
 
@@ -623,7 +624,7 @@ async def read_results(nats_url: str, ids: Sequence[str]) -> tuple[dict[str, int
     import nats
     import nats.js.errors
 
-    nc = await nats.connect(nats_url, connect_timeout=5)
+    nc = await nats.connect(split_nats_urls(nats_url), connect_timeout=5)
     counts: dict[str, int] = {}
     status: dict[str, str] = {}
     try:

@@ -51,6 +51,7 @@ from protocol.messages import (
     TokenChunk,
 )
 from protocol.nats_auth import tenant_inbox_prefix
+from protocol.settings import split_nats_urls
 from storage.adapter_format import write_peft_adapter
 from storage.backbone import default_backbone_spec
 
@@ -136,7 +137,7 @@ async def wait_ready(gateway: str, nats_url: str, procs: list[ManagedProcess], *
             seen.add(Heartbeat.decode(msg.data).worker_id)
 
     deadline = time.monotonic() + timeout_s
-    nc = await nats.connect(nats_url, connect_timeout=5)
+    nc = await nats.connect(split_nats_urls(nats_url), connect_timeout=5)
     try:
         await nc.subscribe(subjects.WORKER_EVENTS_ALL, cb=on_heartbeat)
         async with httpx.AsyncClient(base_url=gateway, timeout=2.0) as http:
@@ -277,7 +278,7 @@ async def call_nats(nats_url: str, tenant: str, name: str, console: Console) -> 
         elif kind == "result" and not done.done():
             done.set_result(InvocationResult.decode(msg.data))
 
-    nc = await nats.connect(nats_url, connect_timeout=5, inbox_prefix=tenant_inbox_prefix(tenant))
+    nc = await nats.connect(split_nats_urls(nats_url), connect_timeout=5, inbox_prefix=tenant_inbox_prefix(tenant))
     try:
         await nc.subscribe(reply_subject, cb=on_reply)  # before publishing, so no chunk is missed
         await nc.jetstream().publish(subjects.invoke(tenant, name), invocation.encode(),
