@@ -45,9 +45,8 @@ while N is measured) calls rotating over N adapters (call i goes to adapter i mo
 through the gateway (lean client), the two interleaved in rounds, the same number of calls and callers for
 every N, after a warm-up that calls each adapter once: invocations/s and p50/p99 per N, their ratios to the
 first N (the target: within 10%); a control row measures the first N a second time with callers of its own in
-the same rounds, so its ratios show how far two measurements of the same thing differ in this run (on 2 shared
-cores the p99 of one N moved by up to 30% between runs, in either direction); the JetStream consumers of each stream and each echo worker's NATS
-subscriptions (neither may grow with N), and the bytes an echo worker published per heartbeat during N's
+the same rounds, so its ratios show how far two measurements of the same thing differ in this run; the
+JetStream consumers of each stream and each echo worker's NATS subscriptions (neither may grow with N), and the bytes an echo worker published per heartbeat during N's
 warm-up (the largest over the workers; the residency's changes every heartbeat, the whole of it every fifth).
 
 `run()` starts NATS, Postgres and S3 with the `lorafn up` launcher on free ports in a temporary directory;

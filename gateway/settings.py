@@ -10,10 +10,10 @@ from __future__ import annotations
 import ipaddress
 
 from pydantic import BaseModel, Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings
 
 from protocol import subjects
-from protocol.settings import NatsSettings
+from protocol.settings import NatsSettings, service_settings_config
 from scheduler.metrics import MetricsSettings
 from storage.settings import DatabaseSettings, ObjectStoreSettings, RegistrySettings
 
@@ -164,9 +164,7 @@ class GatewayOptions(BaseModel):
 class GatewaySettings(BaseSettings):
     """Everything `python -m gateway` needs."""
 
-    # hide_input_in_errors: a rejected value may be a URL with its password, or a secret key
-    model_config = SettingsConfigDict(env_prefix="LORAFN_", env_nested_delimiter="__", extra="ignore",
-                                      hide_input_in_errors=True)
+    model_config = service_settings_config()
 
     gateway: GatewayOptions = Field(default_factory=GatewayOptions)
     # GET /metrics on a listener of its own (loopback by default): the metrics name every tenant's adapters.

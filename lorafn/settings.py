@@ -11,10 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from pydantic import BaseModel, Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings
 
 from lorafn.stack import StackEndpoints, StackPorts
-from protocol.settings import NatsSettings
+from protocol.settings import NatsSettings, service_settings_config
 from storage.settings import DatabaseSettings, ObjectStoreSettings, RegistrySettings
 
 
@@ -44,9 +44,7 @@ class StackSettings(BaseModel):
 class LorafnSettings(BaseSettings):
     """Everything the `lorafn` command needs."""
 
-    # hide_input_in_errors: a rejected value may be a URL with its password, or a secret key
-    model_config = SettingsConfigDict(env_prefix="LORAFN_", env_nested_delimiter="__", extra="ignore",
-                                      hide_input_in_errors=True)
+    model_config = service_settings_config()
 
     state_dir: Path = Field(Path(".lorafn"), description="where the local stack keeps its data and secrets")
     stack: StackSettings = Field(default_factory=StackSettings)

@@ -96,12 +96,13 @@ async def requeue_subject(js: JetStreamContext, worker_id: str, *, up_to: int | 
     before, when given) and delete it there; how many."""
     subject = subjects.work(worker_id)
     seq, count = 1, 0
-    while up_to is None or seq <= up_to:
+    while True:
         try:
             raw = await js.get_msg(subjects.WORK_STREAM, seq, subject=subject, next=True)
         except nats.js.errors.NotFoundError:
             return count
-        if up_to is not None and raw.seq is not None and raw.seq > up_to:
+        assert raw.seq is not None
+        if up_to is not None and raw.seq > up_to:
             return count
         data = raw.data or b""
         try:
@@ -111,9 +112,7 @@ async def requeue_subject(js: JetStreamContext, worker_id: str, *, up_to: int | 
         else:
             await requeue(js, data, inv, WorkHeaders.from_headers(dict(raw.headers or {})))
             count += 1
-        assert raw.seq is not None
         # NotFound: acked by its worker meanwhile (it finished); the requeued copy finds the recorded result.
         with contextlib.suppress(nats.js.errors.NotFoundError):
             await js.delete_msg(subjects.WORK_STREAM, raw.seq)
         seq = raw.seq + 1
-    return count

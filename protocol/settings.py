@@ -12,6 +12,16 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import SettingsConfigDict
+
+
+def service_settings_config() -> SettingsConfigDict:
+    """The config of every service's settings class (gateway, scheduler, workers, the `lorafn` command): read
+    from LORAFN_* variables, sections nested with "__", other variables ignored; a rejected value is named but
+    not printed, since it may be a URL with its password or a secret key."""
+    return SettingsConfigDict(env_prefix="LORAFN_", env_nested_delimiter="__", extra="ignore",
+                              hide_input_in_errors=True)
+
 
 NATS_SCHEMES = ("nats://", "tls://", "ws://", "wss://")
 
@@ -24,16 +34,19 @@ def split_nats_urls(value: str) -> list[str]:
         if not url:
             raise ValueError(f"NATS url list has an empty entry ({len(urls)} comma-separated entries)")
         if not url.startswith(NATS_SCHEMES):
-            raise ValueError(f"NATS url {redact_nats_url(url)!r} must start with nats://, tls://, ws:// or wss://"
+            raise ValueError(f"NATS url {redact_url(url)!r} must start with nats://, tls://, ws:// or wss://"
                              + (" (several servers are separated by commas)" if len(urls) > 1 else ""))
         if not url.partition("://")[2].rpartition("@")[2]:
-            raise ValueError(f"NATS url {redact_nats_url(url)!r} names no server")
+            raise ValueError(f"NATS url {redact_url(url)!r} names no server")
     return urls
 
 
-def redact_nats_url(url: str) -> str:
-    """One server URL without its credentials, for logs."""
+def redact_url(url: str) -> str:
+    """A server URL (NATS, Postgres, ...) without its credentials, for logs and errors: everything up to the last
+    '@' goes, so a password holding '/' or '@' never shows (a path or query holding '@' shows cut short)."""
     scheme, sep, rest = url.partition("://")
+    if not sep:  # no scheme (a malformed setting): the credentials are still cut
+        return url.rpartition("@")[2]
     return f"{scheme}{sep}{rest.rpartition('@')[2]}"
 
 
@@ -61,7 +74,7 @@ class NatsSettings(BaseModel):
     @property
     def redacted_url(self) -> str:
         """The URL(s) without their credentials, for logs."""
-        return ",".join(redact_nats_url(u) for u in self.servers)
+        return ",".join(redact_url(u) for u in self.servers)
 
     @field_validator("url")
     @classmethod

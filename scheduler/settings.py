@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings
 
-from protocol.settings import NatsCalloutSettings, NatsSettings
+from protocol.settings import NatsCalloutSettings, NatsSettings, service_settings_config
 from scheduler.metrics import MetricsSettings
 from storage.settings import DatabaseSettings
 
@@ -94,9 +94,7 @@ class StagingSettings(BaseModel):
 class SchedulerSettings(BaseSettings):
     """Everything the scheduler process needs."""
 
-    # hide_input_in_errors: a rejected value may be a URL with its password, or a secret key
-    model_config = SettingsConfigDict(env_prefix="LORAFN_", env_nested_delimiter="__", extra="ignore",
-                                      hide_input_in_errors=True)
+    model_config = service_settings_config()
 
     nats: NatsSettings = Field(default_factory=NatsSettings)
     nats_callout: NatsCalloutSettings = Field(default_factory=NatsCalloutSettings)

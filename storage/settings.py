@@ -6,14 +6,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-
-def redact_url(url: str) -> str:
-    """`url` without the credentials before its host (scheme://user:password@host -> scheme://host)."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url.rpartition("@")[2]
-    authority, slash, path = rest.partition("/")
-    return f"{scheme}{sep}{authority.rpartition('@')[2]}{slash}{path}"
+from protocol.settings import redact_url
 
 
 class DatabaseSettings(BaseModel):

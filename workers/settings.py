@@ -14,9 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from pydantic import BaseModel, Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings
 
-from protocol.settings import NatsSettings
+from protocol.settings import NatsSettings, service_settings_config
 from protocol.subjects import NAME_PATTERN
 from scheduler.metrics import MetricsSettings
 from storage.settings import ObjectStoreSettings
@@ -69,9 +69,7 @@ class ConsumerSettings(BaseModel):
 class WorkerSettings(BaseSettings):
     """Everything one worker process needs."""
 
-    # hide_input_in_errors: a rejected value may be a URL with its password, or a secret key
-    model_config = SettingsConfigDict(env_prefix="LORAFN_", env_nested_delimiter="__", extra="ignore",
-                                      hide_input_in_errors=True)
+    model_config = service_settings_config()
 
     worker_id: str | None = Field(None, description="worker name, a subject token, kept across restarts (None: the "
                                   "host name as a subject token; set it when several workers share a host)")

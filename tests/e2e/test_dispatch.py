@@ -215,6 +215,11 @@ class Cluster:
                           sampling=Sampling(temperature=0.0, max_tokens=max_tokens),
                           reply_to=subjects.gateway_reply(REPLIES_AS, inv_id, tenant=tenant))
 
+    def follow(self, invocations: Sequence[Invocation]) -> None:
+        """Follow each invocation with the gateway's own `Call` too, as a caller would (see `one_stream`)."""
+        for inv in invocations:
+            self.calls[inv.id] = Call(inv.id, inv.id, deadline=time.monotonic() + 180, timeout_s=180)
+
     async def publish(self, inv: Invocation) -> Reply:
         reply = self.replies[inv.id] = Reply()
         await self.js.publish(subjects.invoke(inv.tenant, inv.adapter or subjects.BASE_ADAPTER), inv.encode(),
@@ -585,8 +590,7 @@ async def test_a_paused_worker_is_rescued_and_the_caller_sees_one_stream(cluster
     await cluster.push(tenant, "s", seed=9500)
     victim = "dw-3"
     calls = [cluster.invocation(tenant, "s", max_tokens=200, prompt=f"long {i}") for i in range(6)]
-    for inv in calls:
-        cluster.calls[inv.id] = Call(inv.id, inv.id, deadline=time.monotonic() + 180, timeout_s=180)
+    cluster.follow(calls)
     async with cluster.scheduler(router=PinnedRouter(pins={f"{tenant}/s": victim}, fallback=AffinityRouter())):
         replies = [await cluster.publish(inv) for inv in calls]
         await wait_for(lambda: all(r.chunks for r in replies), what="every call streaming on the victim")
@@ -620,8 +624,7 @@ async def test_a_worker_restarted_before_it_was_missed_hands_back_what_it_was_ru
     await cluster.push(tenant, "c", seed=9600)
     victim = "dw-2"
     calls = [cluster.invocation(tenant, "c", max_tokens=1000, prompt=f"crash {i}") for i in range(6)]
-    for inv in calls:
-        cluster.calls[inv.id] = Call(inv.id, inv.id, deadline=time.monotonic() + 180, timeout_s=180)
+    cluster.follow(calls)
     durable = subjects.work_consumer(victim)
     try:
         # This scheduler would not miss the victim for a minute; the next one starts after it is back.
@@ -634,6 +637,7 @@ async def test_a_worker_restarted_before_it_was_missed_hands_back_what_it_was_ru
         assert (await cluster.js.consumer_info(subjects.WORK_STREAM, durable)).num_ack_pending == len(calls)
         cluster.spawn_worker(victim, LORAFN_CONSUMER__ACK_WAIT_S="7")
         await cluster.wait_workers([victim])
+
         async def handed_back() -> bool:  # to the invocations stream, for the next scheduler to dispatch
             subject = subjects.invoke(tenant, "c")
             info = await cluster.js.stream_info(subjects.INVOCATIONS_STREAM, subjects_filter=subject)

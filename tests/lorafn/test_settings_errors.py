@@ -10,9 +10,9 @@ from pydantic_settings import BaseSettings
 
 from gateway.settings import GatewaySettings
 from lorafn.settings import LorafnSettings
-from protocol.settings import NatsSettings
+from protocol.settings import NatsSettings, redact_url
 from scheduler.settings import SchedulerSettings
-from storage.settings import DatabaseSettings, redact_url
+from storage.settings import DatabaseSettings
 from workers.settings import WorkerSettings
 
 SECRET = "s3cret-Pw"

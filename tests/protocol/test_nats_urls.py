@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from protocol.settings import NatsCalloutSettings, NatsSettings, redact_nats_url, split_nats_urls
+from protocol.settings import NatsCalloutSettings, NatsSettings, redact_url, split_nats_urls
 
 
 def test_a_comma_separated_url_gives_every_server() -> None:
@@ -18,8 +18,8 @@ def test_a_comma_separated_url_gives_every_server() -> None:
 def test_every_server_is_redacted() -> None:
     s = NatsSettings(url="nats://u:s3cret@nats-0:4222,nats://u:s3cret@nats-1:4222")
     assert s.redacted_url == "nats://nats-0:4222,nats://nats-1:4222"
-    assert redact_nats_url("ws://a:b@host:80") == "ws://host:80"
-    assert redact_nats_url("nats://host:1") == "nats://host:1"
+    assert redact_url("ws://a:b@host:80") == "ws://host:80"
+    assert redact_url("nats://host:1") == "nats://host:1"
 
 
 @pytest.mark.parametrize("url, message", [
