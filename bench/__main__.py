@@ -9,7 +9,9 @@ and the scheduler's points file (`bench.operating_points`; its quick run in the 
 `python -m bench placement [--quick]`: rank-aware placement against rank-blind routing in the simulator.
 `python -m bench rank-burst`: a burst of rank-8 and rank-128 calls on the live stack, affinity against rank-aware.
 `python -m bench durability [--quick]`: a JetStream publish of an invocation on 1 server and on 3 (R3), default sync
-interval against `always` (`bench.durability`; its quick run in the default run)."""
+interval against `always` (`bench.durability`; its quick run in the default run).
+`python -m bench forecast [--counts N ...]`: the scheduler's event loop at a staging boundary, the demand forecast
+run on it against on the predictor thread (`bench.forecast`; in the default run)."""
 
 from __future__ import annotations
 
@@ -18,11 +20,12 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from bench import durability, engine, invocation, operating_points, pool, reliability, stall
+from bench import durability, engine, forecast, invocation, operating_points, pool, reliability, stall
 
 BENCHMARKS: dict[str, Callable[..., Any]] = {"pool": pool.run, "engine": engine.run, "invocation": invocation.run,
                                             "reliability": reliability.run, "stall": stall.run,
-                                            "operating-points": operating_points.run, "durability": durability.run}
+                                            "operating-points": operating_points.run, "durability": durability.run,
+                                            "forecast": forecast.run}
 
 
 def main() -> None:
@@ -53,6 +56,9 @@ def main() -> None:
         return
     if sys.argv[1:2] == ["operating-points"]:  # its own arguments; bare `python -m bench` runs the quick one
         operating_points.main(sys.argv[2:])
+        return
+    if sys.argv[1:2] == ["forecast"] and sys.argv[2:]:  # its own arguments
+        forecast.main(sys.argv[2:])
         return
     if sys.argv[1:2] == ["durability"] and sys.argv[2:]:  # its own arguments; bare `durability` runs the quick one
         durability.main(sys.argv[2:])

@@ -77,11 +77,13 @@ from scheduler.core import (
     InvocationArrived,
     InvocationFinished,
     Load,
+    Predict,
     Rescue,
     ResidentReport,
     SchedulerCore,
     Tick,
     WorkerReport,
+    predict,
 )
 from scheduler.policy import (
     AdapterSpec,
@@ -770,9 +772,10 @@ class _Simulation:
             raise ValueError("a simulation needs at least one worker")
         rows = [r for r in trace if duration_s is None or r.at_s < duration_s]
         self.rng = random.Random(seed)
-        self.core = SchedulerCore(router=router or AffinityRouter(), config=core_config, predictor=predictor,
-                                  stager=stager)
-        self.predictor = predictor
+        if (predictor is None) != (stager is None):
+            raise ValueError("pre-staging needs both a predictor and a stager (or neither)")
+        self.core = SchedulerCore(router=router or AffinityRouter(), config=core_config, stager=stager)
+        self.predictor = predictor  # the core's Predict commands are carried out with it inline
         self.cost, self.tick_s, self.max_drain_s, self.eager = cost, tick_s, max_drain_s, eager
         self.heap: list[tuple[float, int, _Kind, Any]] = []
         self.seq = itertools.count()
@@ -1031,6 +1034,9 @@ class _Simulation:
                     if w.alive:
                         self._touch(w)
                         w.evict(c.version, c.to_tier, now)
+                case Predict():
+                    assert self.predictor is not None
+                    self._apply(self.core.handle(predict(self.predictor, c, now)))
 
     def _wake(self, at: float) -> None:
         """Have a retry round at `at` (or earlier, if one is already due)."""

@@ -13,7 +13,8 @@ Events (each carries `at`, seconds on the driver's clock: unix time live, trace 
 - `LoadFinished`: a worker finished (or failed) bringing a version to its device;
 - `InvocationFinished`: a call's result was recorded;
 - `WorkerGone`: a worker said goodbye or the driver knows it died;
-- `Tick`: time passed (workers silent for `heartbeat_timeout_s` are declared gone).
+- `Tick`: time passed (workers silent for `heartbeat_timeout_s` are declared gone);
+- `Predicted`: the answer to a `Predict` (below).
 
 Commands:
 - `Dispatch(invocation, worker, reason)`: hand the call to that worker;
@@ -21,20 +22,26 @@ Commands:
 - `Fail(invocation, code, message)`: the call can never run (unknown adapter after the grace period,
   a rank no worker can hold, dispatched too many times);
 - `Rescue(worker)`: the worker is gone; its unfinished calls go back to be dispatched again;
-- `Fetch` / `Load` / `Evict`: staging verbs, from the staging policy (below).
+- `Fetch` / `Load` / `Evict`: staging verbs, from the staging policy (below);
+- `Predict(start, observed, keys)`: feed the demand predictor the counts of the intervals that closed, then score
+  `keys` for the interval starting at `start`, and answer with `Predicted`.
 
-Pre-staging (optional: a `Predictor` and a `Stager` injected together). Time is cut into intervals of
-`staging_interval_s` (aligned to multiples of it on the driver's clock). The core counts each version's calls
+Pre-staging (optional: a `Stager` injected; the `Predictor` belongs to the driver). Time is cut into intervals
+of `staging_interval_s` (aligned to multiples of it on the driver's clock). The core counts each version's calls
 (first dispatches) per interval; when an event's time passes an interval's end it closes every interval that
-ended (empty ones too): the predictor observes each one's counts, then predicts the probability of a call in the
-next interval for every version the core knows (seen in a call, or resident on a worker), and the stager turns
-those scores, the adapters' specs and the workers' budgets and residency (`StageView`) into Fetch / Load / Evict
-commands, returned before the event's own. A staged load counts as a placement in flight (calls are routed to
-it); an eviction takes the version off that worker's device (or both tiers) in the core's view at once. Each
-closed interval leaves an `IntervalRecord` in `intervals`: the predictor that answered, precision and recall of
-the versions it called likely (score >= `staging_cutoff`) against those called, what was staged, the bytes loaded
-for it and not used, the share of its calls that found their adapter on the device, and `workers_needed` (the
-scale-to-zero signal: `scheduler.staging.workers_needed` over the predicted load).
+ended (empty ones too) and asks for a prediction (`Predict`, returned before the event's own commands) of the
+probability of a call in the next interval for every version the core knows (seen in a call, or resident on a
+worker). The driver carries it out with `predict` (below) and feeds the answer back as `Predicted`: the
+simulator at once, the live dispatcher from a thread of its own, so that a forecast over thousands of adapters
+(an LSTM's forward: ~0.5 s for 10,000) never holds up dispatch; calls keep being routed meanwhile. On
+`Predicted` for the interval still open, the stager turns the scores, the adapters' specs and the workers'
+budgets and residency (`StageView`) into Fetch / Load / Evict commands (an answer for an interval that has
+closed since is dropped: decision `prediction_stale`). A staged load counts as a placement in flight (calls are
+routed to it); an eviction takes the version off that worker's device (or both tiers) in the core's view at
+once. Each closed interval leaves an `IntervalRecord` in `intervals`: the predictor that answered, precision and
+recall of the versions it called likely (score >= `staging_cutoff`) against those called, what was staged, the
+bytes loaded for it and not used, the share of its calls that found their adapter on the device, and
+`workers_needed` (the scale-to-zero signal: `scheduler.staging.workers_needed` over the predicted load).
 
 State (all rebuildable: from heartbeats, the work stream's per-subject counts, and the events of calls in
 flight): the live workers and their latest report; residency per version, with placements in flight (a
@@ -146,7 +153,19 @@ class Tick:
     at: float
 
 
-Event = InvocationArrived | WorkerReport | WorkQueues | LoadFinished | InvocationFinished | WorkerGone | Tick
+@dataclass(frozen=True)
+class Predicted:
+    """The answer to `Predict(start, ...)`: each version's probability of a call in the interval starting at
+    `start`, and the name of the predictor that answered (a fallback chain names its active member)."""
+
+    at: float
+    start: float
+    scores: Mapping[str, float]
+    predictor: str
+
+
+Event = (InvocationArrived | WorkerReport | WorkQueues | LoadFinished | InvocationFinished | WorkerGone | Tick
+         | Predicted)
 
 # -- commands ------------------------------------------------------------------------------------------------
 
@@ -200,7 +219,18 @@ class Evict:
     to_tier: Tier = Tier.host
 
 
-Command = Dispatch | Defer | Fail | Rescue | Fetch | Load | Evict
+@dataclass(frozen=True)
+class Predict:
+    """Feed the predictor `observed` ((end, calls per version) of each interval closed since the last
+    `Predict`, in order, empty ones included), then score `keys` for the interval starting at `start`; answer
+    with `Predicted` (`predict` does both)."""
+
+    start: float
+    observed: tuple[tuple[float, Mapping[str, int]], ...]
+    keys: tuple[str, ...]
+
+
+Command = Dispatch | Defer | Fail | Rescue | Fetch | Load | Evict | Predict
 
 # -- the core ------------------------------------------------------------------------------------------------
 
@@ -275,14 +305,11 @@ class SchedulerCore:
     """Routes calls and tracks workers; see the module docstring. Not thread-safe; one per driver."""
 
     def __init__(self, *, router: Router | None = None, config: CoreConfig | None = None,
-                 predictor: Predictor | None = None, stager: Stager | None = None) -> None:
-        if (predictor is None) != (stager is None):
-            raise ValueError("pre-staging needs both a predictor and a stager (or neither)")
+                 stager: Stager | None = None) -> None:
         self.router: Router = router or AffinityRouter()
         self.config = config or CoreConfig()
         if self.config.staging_interval_s <= 0:
             raise ValueError(f"staging_interval_s must be > 0 (got {self.config.staging_interval_s})")
-        self.predictor = predictor
         self.stager = stager
         self._workers: dict[str, _Worker] = {}
         self._resident: dict[str, dict[str, Tier]] = {}  # version -> worker -> tier (from heartbeats)
@@ -298,6 +325,7 @@ class SchedulerCore:
         self._interval_end: float | None = None
         self._counts: Counter[str] = Counter()
         self._last_counts: dict[str, int] = {}  # the counts of the last closed interval
+        self._unsent: list[tuple[float, dict[str, int]]] = []  # closed intervals not yet in a Predict
         self._adapters: dict[str, tuple[AdapterSpec, float]] = {}  # version -> (spec, last call)
         self._open: IntervalRecord | None = None
         self._scores: dict[str, float] = {}  # the scores the open interval was staged with
@@ -322,12 +350,12 @@ class SchedulerCore:
     # -- the one entry point ---------------------------------------------------------------------------------
 
     def handle(self, event: Event) -> list[Command]:
-        """Apply one event; the commands it calls for, in order (the staging commands of intervals that ended
-        come first, or right after a Tick's own)."""
+        """Apply one event; the commands it calls for, in order (the `Predict` of intervals that ended comes
+        first, or right after a Tick's own)."""
         self.now = max(self.now, event.at)
         if self.placer is not None and self._plan_due():
             self._replan()
-        if self.predictor is not None and (self._interval_end is None or self.now >= self._interval_end):
+        if self.stager is not None and (self._interval_end is None or self.now >= self._interval_end):
             if isinstance(event, Tick):  # gone workers and expired placements are settled before the plan
                 done = self._apply(event)
                 return done + self._close_intervals()
@@ -353,6 +381,8 @@ class SchedulerCore:
                 return self._gone(event.worker_id, "it said goodbye or died")
             case Tick():
                 return self._tick()
+            case Predicted():
+                return self._predicted(event)
         raise TypeError(f"not a scheduler event: {event!r}")
 
     # -- queries (for drivers, metrics and tests) --------------------------------------------------------------
@@ -429,7 +459,7 @@ class SchedulerCore:
             self._recent_specs[e.adapter.version] = e.adapter
             if self._demand_since is None:
                 self._demand_since = e.at
-        if self.predictor is not None and e.adapter is not None and e.epoch == 1:
+        if self.stager is not None and e.adapter is not None and e.epoch == 1:
             self._counts[e.adapter.version] += 1
             self._adapters[e.adapter.version] = (e.adapter, e.at)
             if self._open is not None:
@@ -610,8 +640,8 @@ class SchedulerCore:
     # -- pre-staging -------------------------------------------------------------------------------------------
 
     def _close_intervals(self) -> list[Command]:
-        """Close every interval that ended by `now`: feed the predictor, record, then stage the next one."""
-        assert self.predictor is not None and self.stager is not None
+        """Close every interval that ended by `now` and ask for the next one's prediction (`Predict`)."""
+        assert self.stager is not None
         interval = self.config.staging_interval_s
         if self._interval_end is None:
             self._interval_end = (math.floor(self.now / interval) + 1) * interval
@@ -623,10 +653,18 @@ class SchedulerCore:
         while self._interval_end <= self.now:
             self._record_interval(self._interval_end)
             self._last_counts = dict(self._counts)
-            self.predictor.observe(self._interval_end, self._last_counts)
+            self._unsent.append((self._interval_end, self._last_counts))
             self._counts.clear()
             self._interval_end += interval
-        return self._stage(self._interval_end - interval)
+        # The interval now open: its calls count in its record from here; its predictor and staging come with
+        # the answer.
+        self._open = IntervalRecord(end=self._interval_end, predictor="")
+        start = self._interval_end - interval
+        horizon = start - self.config.forget_adapter_s
+        for version in [v for v, (_, last) in self._adapters.items() if last < horizon]:
+            del self._adapters[version]
+        observed, self._unsent = tuple(self._unsent), []
+        return [Predict(start, observed, tuple(self._specs()))]
 
     def _record_interval(self, end: float) -> None:
         record = self._open if self._open is not None else IntervalRecord(end=end, predictor="")  # after a gap
@@ -639,21 +677,34 @@ class SchedulerCore:
         self.intervals_closed += 1
         self._open, self._scores, self._loaded = None, {}, {}
 
-    def _stage(self, now: float) -> list[Command]:
-        """Predict the interval starting at `now` and turn the stager's plan into commands."""
-        assert self.predictor is not None and self.stager is not None
-        horizon = now - self.config.forget_adapter_s
-        for version in [v for v, (_, last) in self._adapters.items() if last < horizon]:
-            del self._adapters[version]
+    def _specs(self) -> dict[str, AdapterSpec]:
+        """Every version the core knows: called within `forget_adapter_s`, or held by a worker (sized from its
+        report)."""
         specs = {v: spec for v, (spec, _) in self._adapters.items()}
-        for w in self._workers.values():  # versions held somewhere but not called lately: size from the report
+        for w in self._workers.values():
             for r in w.report.resident:
                 if r.version not in specs:
                     specs[r.version] = AdapterSpec("", "", r.version, r.rank, r.bytes)
-        scores = self.predictor.predict(now, specs.keys()) if specs else {}
+        return specs
+
+    def _predicted(self, e: Predicted) -> list[Command]:
+        """The scores for the interval starting at `e.start`: staged if that interval is still the open one."""
+        if self.stager is None or self._interval_end is None or self._open is None:
+            return []
+        now = self._interval_end - self.config.staging_interval_s
+        if e.start != now:
+            self.decisions["prediction_stale"] += 1
+            return []
+        return self._stage(now, e.scores, e.predictor)
+
+    def _stage(self, now: float, scores: Mapping[str, float], predictor: str) -> list[Command]:
+        """Turn the stager's plan for the interval starting at `now` into commands."""
+        assert self.stager is not None and self._open is not None
+        specs = self._specs()
         views = self._stage_views(specs)
         stages = self.stager.plan(now, scores, specs, views)
-        record = IntervalRecord(end=now + self.config.staging_interval_s, predictor=_predictor_name(self.predictor))
+        record = self._open
+        record.predictor = predictor
         commands: list[Command] = []
         for st in stages:
             if st.worker_id not in self._workers:
@@ -684,7 +735,7 @@ class SchedulerCore:
             version_bytes={v: s.bytes for v, s in specs.items()},
             device_bytes=max((v.device_bytes for v in views), default=0),
         )
-        self._open, self._scores = record, scores
+        self._scores = dict(scores)
         return commands
 
     def _stage_views(self, specs: Mapping[str, AdapterSpec]) -> list[StageView]:
@@ -729,10 +780,20 @@ class SchedulerCore:
                 self._drop_resident(version, worker_id)
 
 
-def _predictor_name(predictor: Predictor) -> str:
+def predict(predictor: Predictor, command: Predict, at: float) -> Predicted:
+    """Carry out `command` with `predictor`: the answer to feed the core (at `at` on the driver's clock). The
+    simulator calls it inline; the live dispatcher on a thread of its own (the predictor's only user)."""
+    for end, counts in command.observed:
+        predictor.observe(end, counts)
+    scores = predictor.predict(command.start, command.keys) if command.keys else {}
+    return Predicted(at, command.start, scores, predictor_name(predictor))
+
+
+def predictor_name(predictor: Predictor) -> str:
     """The name of the predictor answering now (a fallback chain names its active member)."""
     active = getattr(predictor, "active", None)
     return f"{predictor.name}:{active}" if isinstance(active, str) else predictor.name
+
 
 class _ResidencyView(Mapping[str, Mapping[str, Tier]]):
     def __init__(self, resident: dict[str, dict[str, Tier]], placing: dict[str, dict[str, float]]) -> None:

@@ -22,6 +22,10 @@ Mechanism (docs/nats.md, "Dispatch"):
   (`scheduler.leader`, the `leading` callable) carries them out. A follower's core decides the same way (its
   view stays whole, so it can lead at once); the follower drops its staging verbs and keeps its rescues until
   it leads (then carried out at its next tick) or until the worker heartbeats again.
+- Pre-staging: the demand predictor belongs to the dispatcher's `PredictorThread`, which carries out the core's
+  `Predict` commands in order on a thread of its own and feeds each answer back as `Predicted`; the event loop
+  keeps dispatching while a forecast runs (every replica predicts, so a follower that comes to lead has a warm
+  predictor; only the leader carries out the staging verbs that follow).
 - Everything the core knows is rebuilt after a restart: workers and residency from heartbeats (residency
   from each worker's next full one), their load from the work stream, calls in flight from the streams
   themselves.
@@ -36,7 +40,9 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import nats.errors
 import nats.js.errors
@@ -79,6 +85,8 @@ from scheduler.core import (
     InvocationFinished,
     Load,
     LoadFinished,
+    Predict,
+    Predicted,
     Rescue,
     ResidentReport,
     SchedulerCore,
@@ -86,11 +94,15 @@ from scheduler.core import (
     WorkerGone,
     WorkerReport,
     WorkQueues,
+    predict,
 )
 from scheduler.metrics import SchedulerMetrics
 from scheduler.policy import AdapterSpec
 from scheduler.settings import PlacementSettings
 from storage import repo
+
+if TYPE_CHECKING:
+    from scheduler.predict import Predictor, Switch
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +137,44 @@ def worker_report(hb: Heartbeat, at: float, resident: tuple[ResidentReport, ...]
         page_bytes=int(cap.get("page_bytes", 0)),
         resident=resident,
     )
+
+
+@dataclass(frozen=True)
+class PredictorAnswer:
+    """A `Predict` carried out: the event for the core, the predictor's health switches made on the way (a
+    fallback chain's; `scheduler.predict.Switch`), and the name of the predictor answering now."""
+
+    event: Predicted
+    switches: list[Switch]
+    active: str
+
+
+class PredictorThread:
+    """The demand predictor's one user: carries out the core's `Predict` commands in order, on a thread of its
+    own, so that a forecast (an LSTM's forward over 10,000 adapters: ~0.5 s on a CPU core) never holds up the
+    event loop. `close()` waits for the forecast running and closes the predictor (a background trainer)."""
+
+    def __init__(self, predictor: Predictor, clock: Callable[[], float] = time.time) -> None:
+        self.predictor, self.clock = predictor, clock
+        self.active = predictor.name
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorafn-predict")
+
+    def submit(self, command: Predict) -> asyncio.Future[PredictorAnswer]:
+        """Queue `command` behind those submitted before it (call on the event loop; await the answer)."""
+        return asyncio.get_running_loop().run_in_executor(self._pool, self._answer, command)
+
+    def _answer(self, command: Predict) -> PredictorAnswer:
+        event = predict(self.predictor, command, self.clock())
+        take = getattr(self.predictor, "take_switches", None)
+        active = getattr(self.predictor, "active", None)
+        return PredictorAnswer(event, take() if take is not None else [],
+                               active if isinstance(active, str) else self.predictor.name)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        close = getattr(self.predictor, "close", None)  # a background-trained predictor's thread
+        if close is not None:
+            close()
 
 
 class WorkerReports:
@@ -232,7 +282,7 @@ class Dispatcher:
     def __init__(self, *, nc: NatsClient, js: JetStreamContext, core: SchedulerCore, directory: AdapterDirectory,
                  cfg: PlacementSettings, fail: FailHook, demand: DemandHook | None = None,
                  clock: Callable[[], float] = time.time, metrics: SchedulerMetrics | None = None,
-                 leading: Callable[[], bool] = lambda: True) -> None:
+                 leading: Callable[[], bool] = lambda: True, predictor: PredictorThread | None = None) -> None:
         self.nc, self.js, self.core, self.directory, self.cfg = nc, js, core, directory, cfg
         self.leading = leading  # whether this replica carries out staging verbs and rescues now
         self.fail_hook = fail
@@ -247,6 +297,8 @@ class Dispatcher:
         self.dispatched = 0
         self.metrics = metrics  # refreshed on ticks: nothing per invocation
         self._intervals_seen = 0  # the core's interval records already in the metrics
+        self.predictor = predictor  # carries out the core's Predict commands (None: no pre-staging)
+        self._switches: list[tuple[str, str]] = []  # predictor health switches not yet in the metrics
 
     # -- events from NATS ----------------------------------------------------------------------------------
 
@@ -269,8 +321,26 @@ class Dispatcher:
                     self._spawn(self.stage(c), f"stage-{c.worker_id}")
                 else:
                     self._dropped(type(c).__name__.lower())
+            elif isinstance(c, Predict):
+                if self.predictor is None:
+                    raise RuntimeError("the core asked for a prediction and the dispatcher has no predictor")
+                self._spawn(self._predicted(self.predictor.submit(c)), "predict")  # submitted now: in order
         self._update_room()
         return commands
+
+    async def _predicted(self, answer: Awaitable[PredictorAnswer]) -> None:
+        """Feed the core a prediction when its thread is done (a failed one leaves that interval unstaged)."""
+        try:
+            got = await answer
+        except Exception:
+            logger.exception("demand prediction failed (this interval is not pre-staged)")
+            return
+        if self.predictor is not None:
+            self.predictor.active = got.active
+        for s in got.switches:
+            logger.warning("demand predictor %s -> %s at %.0f: %s", s.from_, s.to, s.at, s.reason)
+            self._switches.append((s.from_, s.to))
+        self.apply(got.event)
 
     def on_heartbeat(self, hb: Heartbeat) -> None:
         now = self.clock()
@@ -370,33 +440,21 @@ class Dispatcher:
         if self.leading():
             for worker_id, reason in list(self._unrescued.items()):
                 self._spawn(self.rescue(worker_id, reason), f"rescue-{worker_id}")
-        switches = self._staging_switches()
+        switches, self._switches = self._switches, []
         if self.metrics is not None:
             await self._observe(self.metrics, switches)
-
-    def _staging_switches(self) -> list[tuple[str, str]]:
-        """The predictor's health switches since the last tick, each said in a log line."""
-        take = getattr(self.core.predictor, "take_switches", None)
-        if take is None:
-            return []
-        out = []
-        for s in take():
-            logger.warning("demand predictor %s -> %s at %.0f: %s", s.from_, s.to, s.at, s.reason)
-            out.append((s.from_, s.to))
-        return out
 
     async def _observe(self, metrics: SchedulerMetrics, switches: list[tuple[str, str]]) -> None:
         """Copy the core's decisions, worker queues and staging records into the metrics, and read the
         invocations waiting per adapter subject (one request per tick, whatever the number of adapters)."""
         metrics.observe_decisions(self.core.decisions)
         metrics.observe_workers(self.core.views())
-        if self.core.predictor is not None:
+        if self.predictor is not None:
             new = min(self.core.intervals_closed - self._intervals_seen, len(self.core.intervals))
             self._intervals_seen = self.core.intervals_closed
             records = [self.core.intervals[-k] for k in range(new, 0, -1)]  # the newest, without copying them all
-            active = getattr(self.core.predictor, "active", None)
-            metrics.observe_staging(records, active=active if isinstance(active, str) else self.core.predictor.name,
-                                    workers_needed=self.core.workers_needed, switches=switches)
+            metrics.observe_staging(records, active=self.predictor.active, workers_needed=self.core.workers_needed,
+                                    switches=switches)
         try:
             info = await self.js.stream_info(subjects.INVOCATIONS_STREAM, subjects_filter=subjects.INVOKE_ALL)
         except nats.js.errors.NotFoundError:

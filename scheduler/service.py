@@ -58,7 +58,7 @@ from protocol.residency import ResidencyTracker
 from protocol.results import record_result
 from protocol.streams import ensure_streams
 from scheduler.core import CoreConfig, SchedulerCore
-from scheduler.dispatcher import AdapterDirectory, Dispatcher
+from scheduler.dispatcher import AdapterDirectory, Dispatcher, PredictorThread
 from scheduler.leader import Change, LeaderElection, LeaderLock
 from scheduler.metrics import MetricsEndpoint, SchedulerMetrics, serve_metrics
 from scheduler.nats_callout import NatsCallout
@@ -164,9 +164,9 @@ class SchedulerService:
         elif stager is None:
             stager = PredictiveStager()
         self.core = SchedulerCore(
-            router=router or build_router(self.cfg),
-            config=core_config(self.cfg, settings.staging), predictor=predictor, stager=stager,
+            router=router or build_router(self.cfg), config=core_config(self.cfg, settings.staging), stager=stager,
         )
+        self.predictor = predictor  # run by the dispatcher's PredictorThread (None: no pre-staging)
         self.state = WarmState(heartbeat_timeout_s=self.cfg.heartbeat_timeout_s)
         self.heartbeat_residency = ResidencyTracker.of_adapters()  # delta heartbeats made whole for `state`
         self.metrics = SchedulerMetrics()
@@ -207,10 +207,13 @@ class SchedulerService:
                                            ttl_s=self.cfg.leader_ttl_s, on_change=self._on_leader_change)
             stack.push_async_callback(self.election.close)  # after the last flush: a follower takes over
             await self.election.step()  # a lone scheduler leads from the start
+            predicting = PredictorThread(self.predictor) if self.predictor is not None else None
+            if predicting is not None:
+                stack.push_async_callback(asyncio.to_thread, predicting.close)  # after the dispatcher's last
             self.dispatcher = Dispatcher(nc=self.nc, js=self.js, core=self.core, directory=self._directory,
                                          cfg=self.cfg, fail=self._finish_failed, demand=self._count_demand,
                                          metrics=self.metrics if self.settings.metrics.enabled else None,
-                                         leading=self.leading)
+                                         leading=self.leading, predictor=predicting)
             await self.nc.subscribe(subjects.WORKER_EVENTS_ALL, cb=self._on_heartbeat)
             await self.nc.subscribe(subjects.RESULT_ALL, cb=self._on_result)
             await self.nc.subscribe(subjects.ADAPTER_EVENTS_ALL, cb=self._on_adapter_event)
@@ -228,9 +231,6 @@ class SchedulerService:
             logger.info("scheduler %s ready", self.scheduler_id)
             await stop.wait()
             await asyncio.gather(*loops, return_exceptions=True)
-            close = getattr(self.core.predictor, "close", None)  # a background-trained predictor's thread
-            if close is not None:
-                await asyncio.to_thread(close)
             try:
                 await self.flush(all_demand=True)
             except Exception:  # Postgres may be gone at shutdown; the next scheduler rewrites warm state

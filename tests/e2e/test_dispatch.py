@@ -21,8 +21,9 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -458,6 +459,49 @@ async def test_a_predicted_call_finds_its_adapter_staged_and_an_idle_one_is_rele
         rec = next(r for r in service.core.intervals if r.end == t0 + 7.0)
         assert (rec.loads, rec.calls, rec.device_hits, rec.hits, rec.precision) == (1, 1, 1, 1, 1.0)
         assert [r.end for r in service.core.intervals if r.loads] == [t0 + 7.0]  # loaded once, for its call
+
+
+class HeldForecast:
+    """A predictor whose forecasts wait until the test lets them go (as a forecast over many adapters takes
+    its time: an LSTM's over 10,000 takes about half a second)."""
+
+    name = "held"
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self.asked, self.go = threading.Event(), threading.Event()
+        self.answered = 0
+
+    def observe(self, end: float, counts: Mapping[str, int]) -> None:
+        pass
+
+    def predict(self, now: float, keys: Collection[str]) -> dict[str, float]:
+        self.asked.set()
+        self.go.wait(timeout=120)
+        self.answered += 1
+        return dict.fromkeys(keys, 0.0)
+
+
+async def test_a_forecast_under_way_does_not_hold_up_dispatch(cluster: Cluster) -> None:
+    """The scheduler's demand predictor runs beside its event loop: while a forecast is stuck, calls are
+    dispatched and served; once it answers, its interval is staged and recorded with it."""
+    tenant = f"held{secrets.token_hex(3)}"
+    await cluster.push(tenant, "busy", seed=6300)
+    held = HeldForecast(1.0)
+    try:
+        async with cluster.scheduler(predictor=held, stager=PredictiveStager(),
+                                     staging=StagingSettings(interval_s=1.0)) as service:
+            assert (await cluster.call(cluster.invocation(tenant, "busy"))).status == "succeeded"
+            await wait_for(held.asked.is_set, what="a forecast under way")  # (the adapter is a key to score now)
+            results = await cluster.call_all([cluster.invocation(tenant, "busy", prompt=f"p {i}") for i in range(8)],
+                                             concurrency=4)
+            assert [r.status for r in results] == ["succeeded"] * 8
+            assert held.answered == 0  # all of them served while the forecast waited
+            held.go.set()
+            await wait_for(lambda: any(r.predictor == "held" for r in service.core.intervals),
+                           what="an interval staged with the forecast")
+    finally:
+        held.go.set()
 
 
 async def test_a_busy_adapter_is_replicated_to_another_worker(cluster: Cluster) -> None:

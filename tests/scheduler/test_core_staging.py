@@ -1,26 +1,30 @@
 """Pre-staging in the scheduler core: interval boundaries, the predictor's observations, the stager's commands
 and what the core records per interval. Pure: a scripted predictor (scores set by the test) and the real
-`PredictiveStager`."""
+`PredictiveStager`; `Driven` carries out the core's `Predict` commands inline, as the simulator does."""
 
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-
-import pytest
+from typing import Any
 
 from protocol.messages import Tier
 from scheduler.core import (
+    Command,
     CoreConfig,
     Dispatch,
+    Event,
     Evict,
     Fetch,
     InvocationArrived,
     InvocationFinished,
     Load,
+    Predict,
+    Predicted,
     ResidentReport,
     SchedulerCore,
     Tick,
     WorkerReport,
+    predict,
 )
 from scheduler.policy import AdapterSpec
 from scheduler.staging import PredictiveStager
@@ -63,9 +67,29 @@ def call(name: str, at: float, n: int) -> InvocationArrived:
     return InvocationArrived(at=at, invocation_id=f"{name}-{n}", adapter=spec(name), prompt_tokens=8, max_tokens=8)
 
 
-def core_with(predictor: Scripted, stager: PredictiveStager | None = None, **config: float) -> SchedulerCore:
-    return SchedulerCore(predictor=predictor, stager=stager or PredictiveStager(),
-                         config=CoreConfig(staging_interval_s=60.0, **config))  # type: ignore[arg-type]
+class Driven:
+    """A core whose `Predict` commands are answered at once by `predictor` (the simulator's way): `handle`
+    returns the other commands, a prediction's staging commands in its place."""
+
+    def __init__(self, core: SchedulerCore, predictor: Scripted) -> None:
+        self.core, self.predictor = core, predictor
+
+    def handle(self, event: Event) -> list[Command]:
+        out: list[Command] = []
+        for c in self.core.handle(event):
+            if isinstance(c, Predict):
+                out += self.handle(predict(self.predictor, c, event.at))  # type: ignore[arg-type]
+            else:
+                out.append(c)
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.core, name)
+
+
+def core_with(predictor: Scripted, stager: PredictiveStager | None = None, **config: float) -> Driven:
+    core = SchedulerCore(stager=stager or PredictiveStager(), config=CoreConfig(staging_interval_s=60.0, **config))
+    return Driven(core, predictor)
 
 
 def test_intervals_are_aligned_and_every_one_is_observed_with_its_first_dispatches() -> None:
@@ -174,6 +198,49 @@ def test_staging_commands_only_name_live_workers_and_fetches_go_to_host_caches()
     assert staged == [Fetch("v-a", "w1")]
 
 
-def test_a_predictor_without_a_stager_is_refused() -> None:
-    with pytest.raises(ValueError, match="both"):
-        SchedulerCore(predictor=Scripted())
+def test_prediction_is_a_command_and_routing_goes_on_while_it_is_answered() -> None:
+    """The core asks for the prediction of an interval with every interval closed since the last ask, and
+    keeps routing calls before the answer comes (a live forecast runs on a thread of its own); the answer then
+    stages, and the calls made meanwhile count in the interval's record."""
+    core = SchedulerCore(stager=PredictiveStager(), config=CoreConfig(staging_interval_s=60.0))
+    core.handle(report("w1", 30.0))
+    core.handle(call("a", 40.0, 0))
+    core.handle(call("b", 41.0, 0))
+    core.handle(InvocationFinished(42.0, "b-0"))
+    out = core.handle(report("w1", 180.5, device=("a",)))  # closes (0, 60], (60, 120] and (120, 180]
+    asks = [c for c in out if isinstance(c, Predict)]
+    assert len(asks) == 1 and out[0] == asks[0]  # before the event's own commands
+    ask = asks[0]
+    assert ask.start == 180.0 and sorted(ask.keys) == ["v-a", "v-b"]
+    assert [(end, dict(counts)) for end, counts in ask.observed] == [
+        (60.0, {"v-a": 1, "v-b": 1}), (120.0, {}), (180.0, {})]
+    core.handle(Tick(181.0))  # b's placement on w1 (no heartbeat shows it) lapses
+    routed = core.handle(call("a", 182.0, 1))  # no answer yet: routed all the same
+    assert routed == [Dispatch("a-1", "w1", "device")]
+    staged = core.handle(Predicted(183.0, 180.0, {"v-b": 0.3}, "scripted"))  # likely: to a host cache
+    assert staged == [Fetch("v-b", "w1")]
+    core.handle(report("w1", 240.5, device=("a",)))
+    rec = next(r for r in core.intervals if r.end == 240.0)
+    assert (rec.predictor, rec.calls, rec.device_hits, rec.called, rec.predicted, rec.fetches) == (
+        "scripted", 1, 1, 1, 0, 1)
+
+
+def test_an_answer_for_an_interval_that_has_closed_is_dropped() -> None:
+    """A prediction that comes after its interval closed stages nothing; the next interval's ask carries only
+    the intervals closed since (each interval is observed once)."""
+    core = SchedulerCore(stager=PredictiveStager(), config=CoreConfig(staging_interval_s=60.0))
+    core.handle(report("w1", 30.0))
+    core.handle(call("a", 40.0, 0))
+    core.handle(InvocationFinished(41.0, "a-0"))
+    core.handle(report("w1", 59.5))
+    first = next(c for c in core.handle(Tick(60.5)) if isinstance(c, Predict))
+    core.handle(report("w1", 119.5))
+    second = next(c for c in core.handle(Tick(120.5)) if isinstance(c, Predict))
+    assert [end for end, _ in first.observed] == [60.0] and [end for end, _ in second.observed] == [120.0]
+    assert core.handle(Predicted(121.0, first.start, {"v-a": 0.3}, "late")) == []
+    assert core.decisions["prediction_stale"] == 1
+    staged = core.handle(Predicted(121.5, second.start, {"v-a": 0.3}, "on time"))
+    assert staged == [Fetch("v-a", "w1")]
+    core.handle(report("w1", 179.5))
+    core.handle(Tick(180.5))
+    assert [r.predictor for r in core.intervals if r.end in (120.0, 180.0)] == ["", "on time"]
