@@ -233,6 +233,14 @@ class Engine:
 
     # -- requests ----------------------------------------------------------------------------------------
 
+    def check_prompt(self, prompt_ids: Sequence[int]) -> None:
+        """Raise `EmptyPrompt` or `PromptTooLong` for a prompt `submit` would refuse (reads only the fixed
+        context window: safe from any thread)."""
+        if not prompt_ids:
+            raise EmptyPrompt()
+        if len(prompt_ids) >= self.max_len:
+            raise PromptTooLong(tokens=len(prompt_ids), max_tokens=self.max_len - 1)
+
     def submit(
         self,
         prompt: str | Sequence[int],
@@ -265,10 +273,7 @@ class Engine:
             prompt_ids = self.tokenizer.encode(prompt)
         else:
             prompt_ids = [int(t) for t in prompt]
-        if not prompt_ids:
-            raise EmptyPrompt()
-        if len(prompt_ids) >= self.max_len:
-            raise PromptTooLong(tokens=len(prompt_ids), max_tokens=self.max_len - 1)
+        self.check_prompt(prompt_ids)
         if adapter is not None and adapter not in self.adapters:
             raise UnknownAdapter(adapter)
         if params.stop and self.tokenizer is None:

@@ -128,6 +128,10 @@ class EngineThread:
         if generation is not None and completion is not None:
             generation.items.put_nowait(completion)
 
+    def check_prompt(self, prompt_ids: Sequence[int]) -> None:
+        """`Engine.check_prompt`, from the asyncio side (it reads only the fixed context window)."""
+        self.engine.check_prompt(prompt_ids)
+
     @property
     def tokenizer(self) -> Tokenizer | None:
         """The engine's tokenizer (read-only; safe from any thread)."""

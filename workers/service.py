@@ -690,12 +690,16 @@ class WorkerService:
         tier: Tier | None = None
         sha: str | None = None
         try:
+            # A prompt the engine would refuse fails here, before its adapter is loaded and before the caller
+            # is told the call started: a streaming caller gets the error as its HTTP status, not in a 200.
+            prompt_ids, params = self._prompt_ids(inv), self._params(inv)
+            self._check_prompt(prompt_ids)
             sha = self._version_of(inv)
             load_ms: float | None = None
             if sha is not None:
                 tier, load_ms = await self._bring_to_device(sha, arrived_at)
             try:
-                return await self._generate(inv, attempt, epoch, sha, tier, load_ms)
+                return await self._generate(inv, attempt, epoch, sha, tier, load_ms, prompt_ids, params)
             finally:
                 if sha is not None:
                     self.tiers.release(sha)
@@ -703,8 +707,17 @@ class WorkerService:
             logger.info("invocation %s failed (%s): %s", inv.id, e.code, e)
             return self._failed(inv, attempt, epoch, e.code, str(e), tier)
 
+    def _check_prompt(self, prompt_ids: list[int]) -> None:
+        try:
+            self.engine.check_prompt(prompt_ids)
+        except PromptTooLong as e:
+            raise InvocationFailed(ErrorCode.prompt_too_long, str(e)) from e
+        except EmptyPrompt as e:
+            raise InvocationFailed(ErrorCode.bad_request, str(e)) from e
+
     async def _generate(
-        self, inv: Invocation, attempt: int, epoch: int, sha: str | None, tier: Tier | None, load_ms: float | None
+        self, inv: Invocation, attempt: int, epoch: int, sha: str | None, tier: Tier | None, load_ms: float | None,
+        prompt_ids: list[int], params: SamplingParams,
     ) -> InvocationResult:
         assert self.nc is not None
         running = self._running[inv.id]
@@ -719,8 +732,6 @@ class WorkerService:
         # The caller gets it on its reply subject, where it arrives before the first chunk: the gateway sends
         # the adapter's tier in the response headers, which leave with the first event.
         await self._reply(inv, event, subjects.KIND_STARTED)
-        prompt_ids = self._prompt_ids(inv)
-        params = self._params(inv)
         request_id = f"{inv.id}#{epoch}.{attempt}"
         self._pending_submit += 1
         try:

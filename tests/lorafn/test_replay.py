@@ -205,11 +205,12 @@ async def test_a_second_replay_reuses_the_adapters_and_counts_failures(stack: In
     code, output, body = await replay(stack, trace, report, "--speed", "10")
     s = body["summary"]
     assert code == 1, output  # a call failed
-    # a streamed call the worker had started when it refused the prompt: 200, then the error in the stream
-    assert s["statuses"] == {"ok": 3, "stream_error:prompt_too_long": 1} and s["failed"] == 1
+    # a streamed call whose prompt the worker refuses: a 400 before any event of the stream
+    assert s["statuses"] == {"ok": 3, "http_400:prompt_too_long": 1} and s["failed"] == 1
     failed = next(c for c in body["calls"] if c["status"] != "ok")
     assert failed["prompt_tokens"] == 3000 and failed["error_code"] == "prompt_too_long" and failed["error"]
-    assert "| stream_error:prompt_too_long | 1 |" in output
+    assert failed["http_status"] == 400
+    assert "| http_400:prompt_too_long | 1 |" in output
     # the same three adapters (by popularity: chat, code, b) as the first test's: reused, still on the device
     assert [(a["name"], a["provisioned"]) for a in body["adapters"]] == [
         ("replay-000", "reused"), ("replay-001", "reused"), ("replay-002", "reused")]

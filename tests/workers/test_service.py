@@ -375,6 +375,8 @@ async def test_prompt_too_long_is_a_terminal_failure(cluster: Cluster) -> None:
     assert result.status == "failed" and result.error is not None
     assert result.error.code == "prompt_too_long" and "tokens" in result.error.message
     assert result.attempt == 1 and not reply.chunks
+    # refused before the caller is told it started (a streaming caller gets the error as its HTTP status)
+    assert not reply.started
 
 
 async def test_corrupted_adapter_fails_and_is_not_redelivered(
