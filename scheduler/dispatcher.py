@@ -459,7 +459,9 @@ class Dispatcher:
             info = await self.js.stream_info(subjects.INVOCATIONS_STREAM, subjects_filter=subjects.INVOKE_ALL)
         except nats.js.errors.NotFoundError:
             return
-        metrics.observe_pending(info.state.subjects or {})
+        pending = info.state.subjects or {}
+        metrics.observe_pending(pending)
+        metrics.observe_scale(self.core.views(), sum(pending.values()), self.core.workers_needed)
 
     # -- one batch -----------------------------------------------------------------------------------------
 

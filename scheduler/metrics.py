@@ -27,18 +27,28 @@ Metrics (see docs/ARCHITECTURE.md, "Metrics"):
   which the version was not called); these count what this replica's core called for, issued only by the leader;
 - leadership (`scheduler.leader`): `lorafn_scheduler_leader` (1 on the leader, 0 on the others) and
   `lorafn_scheduler_dropped_commands_total{kind}` (commands a follower's core called for and left to the leader).
+
+Beside /metrics a process may serve JSON routes (`serve_metrics(json_routes=...)`): the scheduler's `GET /scale`
+is what an autoscaler reads (`scale_signal`; KEDA's metrics-api scaler, docs/kubernetes.md): `calls`, the calls
+the workers hold (queued or running, as the work stream counts them) plus the invocations waiting for a worker,
+and `workers_needed`, the forecast's figure. 503 until the first tick has measured them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
-from collections.abc import AsyncIterator, Iterable, Mapping
+import socket
+import threading
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest, start_http_server
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest, make_wsgi_app
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, ThreadingWSGIServer
 from pydantic import BaseModel, Field
 
 from protocol import subjects
@@ -85,16 +95,57 @@ class MetricsEndpoint:
         return f"http://{host}:{self.port}/metrics"
 
 
+JsonRoute = Callable[[], Mapping[str, Any] | None]  # a JSON body, or None: not measured yet (503)
+SCALE_PATH = "/scale"  # the scheduler's autoscaling signal (`scale_signal`)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # a scrape every few seconds is not worth a log line
+
+
+def endpoint_app(registry: CollectorRegistry, json_routes: Mapping[str, JsonRoute]) -> Callable[..., Any]:
+    """The WSGI app of a metrics endpoint: `json_routes` by path, the registry's text format on every other."""
+    metrics = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        route = json_routes.get(environ.get("PATH_INFO", ""))
+        if route is None:
+            return metrics(environ, start_response)  # type: ignore[no-any-return]
+        body = route()
+        status = "200 OK" if body is not None else "503 Service Unavailable"
+        data = json.dumps(body if body is not None else {"error": "not measured yet"}).encode()
+        start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(data))),
+                                ("Cache-Control", "no-store")])
+        return [data]
+
+    return app
+
+
+def _start_server(host: str, port: int, app: Callable[..., Any]) -> tuple[ThreadingWSGIServer, threading.Thread]:
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+
+    class Server(ThreadingWSGIServer):
+        address_family = family
+
+    server = make_server(host, port, app, Server, handler_class=_QuietHandler)
+    thread = threading.Thread(target=server.serve_forever, name="metrics-endpoint", daemon=True)
+    thread.start()
+    return server, thread
+
+
 @contextlib.asynccontextmanager
-async def serve_metrics(registry: CollectorRegistry, settings: MetricsSettings, *,
-                        what: str) -> AsyncIterator[MetricsEndpoint | None]:
-    """Serve `registry` over HTTP while the context is open (None: disabled). `what` names the process in
-    the log line that gives the URL, which is the only way to learn a port picked by port=0."""
+async def serve_metrics(registry: CollectorRegistry, settings: MetricsSettings, *, what: str,
+                        json_routes: Mapping[str, JsonRoute] | None = None) -> AsyncIterator[MetricsEndpoint | None]:
+    """Serve `registry` over HTTP (and `json_routes`, path -> the body's source, called on the server's
+    threads: it must only read a value the service replaces whole) while the context is open (None: disabled).
+    `what` names the process in the log line that gives the URL, which is the only way to learn a port picked
+    by port=0."""
     if not settings.enabled:
         yield None
         return
     try:
-        server, thread = start_http_server(settings.port, addr=settings.host, registry=registry)
+        server, thread = _start_server(settings.host, settings.port, endpoint_app(registry, json_routes or {}))
     except OSError as e:
         raise MetricsUnavailable(settings.host, settings.port, e.strerror or str(e)) from e
     endpoint = MetricsEndpoint(settings.host, int(server.server_port))
@@ -106,6 +157,16 @@ async def serve_metrics(registry: CollectorRegistry, settings: MetricsSettings, 
         await asyncio.to_thread(server.shutdown)
         server.server_close()
         await asyncio.to_thread(thread.join, 5.0)
+
+
+def scale_signal(workers: Iterable[WorkerView], waiting: int, workers_needed: int) -> dict[str, int]:
+    """GET /scale's body: `calls` = `held` (calls the live workers hold, queued or running) + `waiting`
+    (invocations in the invocations stream, not yet handed to a worker); `workers` live and not draining;
+    `workers_needed` (the forecast's). Every scheduler replica reads the same streams, so any answers alike."""
+    views = list(workers)
+    held = sum(v.outstanding for v in views)
+    return {"calls": held + waiting, "held": held, "waiting": waiting,
+            "workers": sum(1 for v in views if not v.draining), "workers_needed": workers_needed}
 
 
 def pending_by_adapter(counts: Mapping[str, int], top: int) -> dict[str, int]:
@@ -182,6 +243,7 @@ class SchedulerMetrics:
         self._decisions_seen: dict[str, int] = {}
         self._workers: set[str] = set()
         self._adapters: set[str] = set()
+        self.scale: dict[str, int] | None = None  # GET /scale's body, replaced whole each tick
 
     def observe_decisions(self, decisions: Mapping[str, int]) -> None:
         """Add what the core's decision counts gained since the last call. A count below the one seen
@@ -208,6 +270,14 @@ class SchedulerMetrics:
             self.queue.remove(worker_id)
         self._workers = live
         self.live_workers.set(len(live))
+
+    def observe_scale(self, workers: Iterable[WorkerView], waiting: int, workers_needed: int) -> None:
+        """Measure GET /scale's body (replaced whole: the endpoint's threads read it)."""
+        self.scale = scale_signal(workers, waiting, workers_needed)
+
+    def scale_body(self) -> dict[str, int] | None:
+        """GET /scale's body (None until measured)."""
+        return self.scale
 
     def observe_pending(self, counts: Mapping[str, int]) -> None:
         """The invocations stream's per-subject counts (subject -> messages); see `pending_by_adapter`."""

@@ -60,7 +60,7 @@ from protocol.streams import ensure_streams
 from scheduler.core import CoreConfig, SchedulerCore
 from scheduler.dispatcher import AdapterDirectory, Dispatcher, PredictorThread
 from scheduler.leader import Change, LeaderElection, LeaderLock
-from scheduler.metrics import MetricsEndpoint, SchedulerMetrics, serve_metrics
+from scheduler.metrics import SCALE_PATH, MetricsEndpoint, SchedulerMetrics, serve_metrics
 from scheduler.nats_callout import NatsCallout
 from scheduler.operating_points import DEFAULT_PATH as DEFAULT_POINTS
 from scheduler.operating_points import OperatingPoints
@@ -201,7 +201,8 @@ class SchedulerService:
             await ensure_streams(self.js, replicas=self.settings.nats.stream_replicas,
                                  storage=self.settings.nats.stream_storage)
             self.metrics_endpoint = await stack.enter_async_context(serve_metrics(
-                self.metrics.registry, self.settings.metrics, what=f"scheduler {self.scheduler_id}"))
+                self.metrics.registry, self.settings.metrics, what=f"scheduler {self.scheduler_id}",
+                json_routes={SCALE_PATH: self.metrics.scale_body}))
             self._directory = AdapterDirectory(self.sessions, ttl_s=self.cfg.adapter_cache_s)
             self.election = LeaderElection(LeaderLock(self.settings.database, ttl_s=self.cfg.leader_ttl_s),
                                            ttl_s=self.cfg.leader_ttl_s, on_change=self._on_leader_change)

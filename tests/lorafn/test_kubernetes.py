@@ -39,6 +39,7 @@ from lorafn.settings import LorafnSettings
 from protocol import nats_auth, subjects
 from protocol.subjects import NAME_PATTERN
 from scheduler.dispatcher import Dispatcher
+from scheduler.metrics import SCALE_PATH, scale_signal
 from scheduler.settings import SchedulerSettings
 from workers.settings import WorkerSettings
 
@@ -66,6 +67,9 @@ TRIGGER = {"type", "name", "metadata", "authenticationRef", "metricType", "useCa
 JETSTREAM_METADATA = {"natsServerMonitoringEndpoint", "account", "stream", "consumer", "lagThreshold",
                       "activationLagThreshold", "useHttps"}
 JETSTREAM_REQUIRED = {"natsServerMonitoringEndpoint", "account", "stream", "consumer", "lagThreshold"}
+METRICS_API_METADATA = {"url", "valueLocation", "targetValue", "activationTargetValue", "format", "unsafeSsl",
+                        "authMode"}
+METRICS_API_REQUIRED = {"url", "valueLocation", "targetValue"}
 KUSTOMIZATION_FIELDS = {"apiVersion", "kind", "resources", "patches", "namespace", "labels", "images"}
 
 
@@ -542,8 +546,10 @@ def test_keda_scaled_object_uses_the_documented_nats_jetstream_scaler(docs, monk
                     "behavior": spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]}}
     kubernetes_validate.validate(hpa, K8S_VERSIONS[-1], strict=True)
 
-    (trigger,) = spec["triggers"]
-    assert set(trigger) <= TRIGGER and trigger["type"] == "nats-jetstream"
+    triggers = spec["triggers"]
+    assert all(set(t) <= TRIGGER for t in triggers)
+    assert sorted(t["type"] for t in triggers) == ["metrics-api", "metrics-api", "nats-jetstream"]
+    (trigger,) = [t for t in triggers if t["type"] == "nats-jetstream"]
     meta = trigger["metadata"]
     assert JETSTREAM_REQUIRED <= set(meta) <= JETSTREAM_METADATA, set(meta) ^ JETSTREAM_METADATA
     assert all(isinstance(v, str) for v in meta.values())  # KEDA's trigger metadata is a string map
@@ -562,6 +568,35 @@ def test_keda_scaled_object_uses_the_documented_nats_jetstream_scaler(docs, monk
     assert meta["natsServerMonitoringEndpoint"] == (
         f"{service['metadata']['name']}.{scaled['metadata']['namespace']}.svc.cluster.local:{monitor}")
     assert f'http: "0.0.0.0:{monitor}"' in config
+
+
+def test_keda_reads_the_schedulers_scale_signal(docs, monkeypatch) -> None:
+    """The metrics-api triggers read GET /scale of the scheduler Service: the calls held or waiting, one worker
+    per max_inflight of them, and the forecast's workers; a URL that reaches the scheduler's metrics port."""
+    scaled = one(docs, "ScaledObject", "worker")
+    triggers = {t["name"]: t for t in scaled["spec"]["triggers"] if t["type"] == "metrics-api"}
+    assert set(triggers) == {"calls", "forecast"}
+    fields = set(scale_signal([], waiting=0, workers_needed=0))
+    scheduler_env = environment(docs, container(docs, "Deployment", "scheduler"))
+    scheduler = settings_of(scheduler_env, SchedulerSettings, monkeypatch)
+    service = one(docs, "Service", "scheduler")
+    assert service["spec"]["selector"] == one(docs, "Deployment", "scheduler")["spec"]["selector"]["matchLabels"]
+    (svc_port,) = service["spec"]["ports"]
+    assert port(container(docs, "Deployment", "scheduler"), svc_port["targetPort"]) == scheduler.metrics.port
+    assert scheduler.metrics.enabled and scheduler.metrics.host == "0.0.0.0"
+    namespace = scaled["metadata"]["namespace"]
+    url = f"http://{service['metadata']['name']}.{namespace}.svc.cluster.local:{svc_port['port']}{SCALE_PATH}"
+    worker = settings_of(environment(docs, container(docs, "Deployment", "worker")), WorkerSettings, monkeypatch)
+    for t in triggers.values():
+        meta = t["metadata"]
+        assert METRICS_API_REQUIRED <= set(meta) <= METRICS_API_METADATA, set(meta) ^ METRICS_API_METADATA
+        assert all(isinstance(v, str) for v in meta.values())
+        assert meta["url"] == url and meta["valueLocation"] in fields
+        assert float(meta.get("activationTargetValue", "0")) == 0  # any call or forecast keeps workers up
+    assert triggers["calls"]["metadata"]["valueLocation"] == "calls"
+    assert int(triggers["calls"]["metadata"]["targetValue"]) == worker.consumer.max_inflight
+    assert triggers["forecast"]["metadata"]["valueLocation"] == "workers_needed"
+    assert triggers["forecast"]["metadata"]["targetValue"] == "1"
 
 
 # -- the NATS config on real servers ---------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import secrets
 import socket
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import httpx
 import nats
@@ -26,6 +26,7 @@ from scheduler.metrics import (
     MetricsUnavailable,
     SchedulerMetrics,
     pending_by_adapter,
+    scale_signal,
     serve_metrics,
 )
 from scheduler.policy import AdapterSpec, WorkerView
@@ -227,6 +228,18 @@ async def running(service: SchedulerService) -> AsyncIterator[str]:
         await asyncio.wait_for(task, 15)
 
 
+async def scale_when(metrics_url: str, check: Callable[[dict[str, int]], bool], what: str) -> dict[str, int]:
+    """GET /scale beside a scheduler's /metrics until `check` holds (it is measured at the scheduler's ticks)."""
+    deadline, got = time.monotonic() + 10, None
+    async with httpx.AsyncClient(trust_env=False) as client:
+        while time.monotonic() < deadline:
+            response = await client.get(metrics_url.removesuffix("/metrics") + "/scale")
+            if response.status_code == 200 and check(got := response.json()):
+                return dict(got)
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"GET /scale never showed {what}: last {got}")
+
+
 @pytest.mark.timeout(60)
 async def test_live_scheduler_metrics(services, database_settings: DatabaseSettings) -> None:  # type: ignore[no-untyped-def]
     """Pending calls of an adapter no worker serves, a base call dispatched to a (fake) worker, and the rescue of
@@ -263,6 +276,9 @@ async def test_live_scheduler_metrics(services, database_settings: DatabaseSetti
                 await publish("ghost")
             await poll(url, lambda p: value(p, "lorafn_pending_invocations", adapter=f"{tenant}/ghost") == 3,
                        what="3 pending calls of the ghost adapter")
+            # The autoscaler's signal counts them (>=: the shared streams may hold other tests' calls).
+            await scale_when(url, lambda s: s["waiting"] >= 3 and s["calls"] >= 3 and s["workers"] == 0,
+                             what="the 3 waiting calls")
 
             beats = asyncio.create_task(heartbeats())
             await publish(BASE_ADAPTER)
@@ -272,6 +288,9 @@ async def test_live_scheduler_metrics(services, database_settings: DatabaseSetti
                 what="the base call dispatched to the fake worker")
             assert value(page, "lorafn_live_workers") == 1
             assert value(page, "lorafn_scheduler_worker_events_total", event="up") == 1
+            # The call the worker holds counts too: a busy worker is not scaled away.
+            signal = await scale_when(url, lambda s: s["held"] >= 1 and s["workers"] == 1, what="the held call")
+            assert signal["calls"] == signal["held"] + signal["waiting"]
             # The ghost calls stay pending (deferred: the adapter does not exist yet).
             assert value(page, "lorafn_pending_invocations", adapter=f"{tenant}/ghost") == 3
 
@@ -295,3 +314,31 @@ async def test_live_scheduler_metrics(services, database_settings: DatabaseSetti
         await js.purge_stream(subjects.INVOCATIONS_STREAM, subject=f"{subjects.INVOKE_PREFIX}.{tenant}.>")
         await js.purge_stream(subjects.WORK_STREAM, subject=subjects.work(worker_id))
         await nc.drain()
+
+
+# -- the autoscaler's signal ------------------------------------------------------------------------------------
+
+
+def test_the_scale_signal_counts_calls_held_by_workers_and_waiting_for_one() -> None:
+    views = [WorkerView("w1", outstanding=5), WorkerView("w2", outstanding=0),
+             WorkerView("w3", outstanding=2, draining=True)]
+    assert scale_signal(views, waiting=4, workers_needed=3) == {
+        "calls": 11, "held": 7, "waiting": 4, "workers": 2, "workers_needed": 3}
+    assert scale_signal([], waiting=0, workers_needed=0)["calls"] == 0  # idle: scale to zero
+
+
+async def test_the_endpoint_serves_json_routes_beside_the_metrics() -> None:
+    m = SchedulerMetrics()
+    async with serve_metrics(m.registry, MetricsSettings(port=0), what="test",
+                             json_routes={"/scale": m.scale_body}) as endpoint:
+        assert endpoint is not None
+        base = f"http://127.0.0.1:{endpoint.port}"
+        async with httpx.AsyncClient(trust_env=False) as client:
+            before = await client.get(f"{base}/scale")
+            assert before.status_code == 503 and before.headers["content-type"] == "application/json"
+            m.observe_scale([WorkerView("w1", outstanding=3)], waiting=1, workers_needed=2)
+            after = await client.get(f"{base}/scale")
+            assert after.status_code == 200 and after.json() == {
+                "calls": 4, "held": 3, "waiting": 1, "workers": 1, "workers_needed": 2}
+            metrics = await client.get(endpoint.url)
+            assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
