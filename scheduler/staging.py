@@ -26,6 +26,12 @@ store).
      worker's host budget is unknown, 0).
   3. host: each version scoring at least `host_at` ("likely") that no worker holds gets fetched to one
      worker's host cache (same preferences, host budget, victims dropped to the object tier).
+  0. (before 2 and 3) host copies the cluster holds twice: a worker whose host cache is at least
+     `dedupe_host_at` full drops (to the object tier) the host-only copies of versions another worker holds
+     (host or device), least recently used first, until it is at most `dedupe_host_to` full; never the last
+     copy in the cluster, never one in use. A call of such a version goes to a holder (a host load, not a
+     cold start), so the copy is worth nearly nothing here, and the room keeps a version no other worker
+     holds from being dropped by the cache's own LRU: the cluster's host caches hold more distinct adapters.
   Hysteresis: a held copy is kept while its score stays at or above the release threshold of its tier,
   lower than the threshold that brings it, so a score wobbling between the two moves nothing. Transfers
   (fetches and loads) are capped at `max_stages_per_interval`, most valuable first (device candidates, then
@@ -203,6 +209,8 @@ class PredictiveStager:
     keep_alive_s: float = 1800.0
     max_replicas: int = 1
     max_stages_per_interval: int = 16
+    dedupe_host_at: float = 0.9  # a host cache this full drops copies other workers hold ... (> 1: never)
+    dedupe_host_to: float = 0.75  # ... until it is this full
     costs: TierCosts = field(default_factory=TierCosts)
 
     def __post_init__(self) -> None:
@@ -218,6 +226,9 @@ class PredictiveStager:
             raise ValueError(f"max_replicas ({self.max_replicas}) must be >= 1")
         if self.max_stages_per_interval < 0:
             raise ValueError(f"max_stages_per_interval ({self.max_stages_per_interval}) must be >= 0")
+        if not 0.0 <= self.dedupe_host_to <= self.dedupe_host_at:
+            raise ValueError(f"dedupe_host_to ({self.dedupe_host_to}) must be within 0..dedupe_host_at "
+                             f"({self.dedupe_host_at})")
 
     def plan(self, now: float, scores: Mapping[str, float], adapters: Mapping[str, AdapterSpec],
              workers: Sequence[StageView]) -> list[Stage]:
@@ -235,6 +246,7 @@ class PredictiveStager:
             if not w.draining
         ]
         stages = self._release(now, scores, planned)
+        stages += self._dedupe(planned)
         budget = self.max_stages_per_interval
         for version in self._candidates(scores, adapters, self.device_at, Tier.device):
             spec = adapters[version]
@@ -275,6 +287,30 @@ class PredictiveStager:
                     continue
                 p.touched.add(version)
                 stages.append(Stage("evict", version, p.view.worker_id, to_tier=to, reason="release"))
+        return stages
+
+    def _dedupe(self, planned: list[_Planned]) -> list[Stage]:
+        """Host copies that another worker also holds, dropped from host caches that are nearly full."""
+        holders: dict[str, set[str]] = {}
+        for p in planned:
+            for version in (*p.device, *p.host):
+                holders.setdefault(version, set()).add(p.view.worker_id)
+        stages: list[Stage] = []
+        for p in planned:
+            budget = p.view.host_bytes
+            if budget <= 0 or budget - p.host_free < self.dedupe_host_at * budget:
+                continue
+            twice = sorted((p.view.held[v].last_used if v in p.view.held else 0.0, v) for v in p.host
+                           if v not in p.touched and not p.in_use(v) and len(holders[v]) > 1)
+            for _, version in twice:
+                if budget - p.host_free <= self.dedupe_host_to * budget:
+                    break
+                if len(holders[version]) < 2:  # another worker's copy went first: this one is the last
+                    continue
+                del p.host[version]
+                holders[version].discard(p.view.worker_id)
+                p.touched.add(version)
+                stages.append(Stage("evict", version, p.view.worker_id, to_tier=Tier.object, reason="duplicate"))
         return stages
 
     def _candidates(self, scores: Mapping[str, float], adapters: Mapping[str, AdapterSpec], at: float,

@@ -288,6 +288,35 @@ def test_plans_are_deterministic() -> None:
     assert len(first) > 4
 
 
+def test_a_nearly_full_host_cache_drops_copies_another_worker_holds_never_the_last() -> None:
+    """w1's host cache is 95% full: it drops host-only copies that w2 also holds, least recently used first,
+    down to 75% full; it keeps what only it holds, what it has on its device, and what is in use."""
+    adapters = {v: spec(v) for v in "abcdefghij"}
+    w1 = worker("w1", host=100 * MB, held={
+        "a": HeldView(H, 10 * MB, last_used=5.0), "b": HeldView(H, 10 * MB, last_used=1.0),  # both on w2
+        "c": HeldView(H, 10 * MB, last_used=3.0), "d": HeldView(H, 10 * MB, last_used=2.0, in_use=1),  # on w2
+        "e": HeldView(D, 10 * MB, last_used=0.0),  # on w2 too, but on w1's device
+        **{v: HeldView(H, 10 * MB, last_used=0.0) for v in "fgh"},  # only here
+        "i": HeldView(H, 15 * MB, last_used=0.0)})  # only here: 95 MB in all
+    w2 = worker("w2", host=1000 * MB, held={v: HeldView(H, 10 * MB) for v in "abcde"})
+    stages = STAGER.plan(10.0, {}, adapters, [w1, w2])
+    # 95 -> 85 (b, oldest) -> 75 (c): done; a (newer) and d (in use) stay, e is on the device
+    assert kinds(stages) == [("evict", "b", "w1", OBJ), ("evict", "c", "w1", OBJ)]
+    assert all(s.reason == "duplicate" for s in stages)
+    after = apply(stages, [w1, w2], adapters)
+    assert used(after[0])[1] == 75 * MB
+    assert STAGER.plan(10.0, {}, adapters, after) == []  # 75% full: nothing more
+    # Two full workers holding the same copies: one of each pair goes, never both.
+    full = [worker(w, host=20 * MB, held={"a": HeldView(H, 10 * MB), "b": HeldView(H, 10 * MB)}) for w in ("w1", "w2")]
+    stages = STAGER.plan(10.0, {}, adapters, full)
+    left = apply(stages, full, adapters)
+    assert {v for w in left for v in w.held} == {"a", "b"}
+    # A draining worker's copies do not count as another holder; a stager told not to dedupe does not.
+    draining = replace(w2, draining=True)
+    assert STAGER.plan(10.0, {}, adapters, [w1, draining]) == []
+    assert PredictiveStager(dedupe_host_at=2.0, dedupe_host_to=2.0).plan(10.0, {}, adapters, [w1, w2]) == []
+
+
 def test_bad_input_is_refused_clearly() -> None:
     with pytest.raises(ValueError, match="not a probability"):
         STAGER.plan(0.0, {"v": 1.5}, {}, [])
@@ -299,6 +328,8 @@ def test_bad_input_is_refused_clearly() -> None:
         PredictiveStager(device_release_at=0.6)
     with pytest.raises(ValueError, match="max_replicas"):
         PredictiveStager(max_replicas=0)
+    with pytest.raises(ValueError, match="dedupe_host_to"):
+        PredictiveStager(dedupe_host_at=0.5, dedupe_host_to=0.6)
 
 
 # -- GreedyDual-Size-Frequency -------------------------------------------------------------------------------------
