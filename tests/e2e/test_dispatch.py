@@ -23,7 +23,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,7 +68,7 @@ from storage.backbone import BackboneSpec
 from storage.objectstore import ObjectStore
 from storage.registry import PushResult, Registry
 from storage.settings import DatabaseSettings, ObjectStoreSettings, RegistrySettings
-from tests.e2e.conftest import running_workers
+from tests.e2e.conftest import running_workers, wait_for
 from workers.tiny import write_tiny_backbone
 
 pytestmark = pytest.mark.timeout(300)
@@ -263,18 +263,6 @@ class Cluster:
             conns = (await http.get(url)).json()["connections"]
         return {c["name"].removeprefix("lorafn-worker-"): int(c.get("subscriptions", 0))
                 for c in conns if c.get("name", "").removeprefix("lorafn-worker-") in WORKERS}
-
-
-async def wait_for(check: Callable[[], Any], *, timeout: float = 30.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if isinstance(value, Awaitable):
-            value = await value
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what} not reached in {timeout} s"
-        await asyncio.sleep(0.1)
 
 
 @pytest_asyncio.fixture(scope="module")

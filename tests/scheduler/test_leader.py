@@ -220,7 +220,7 @@ class ScriptedCore:
     script: list[list[Command]] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
     decisions: dict[str, int] = field(default_factory=dict)
-    predictor: None = None
+    workers_needed: int = 0
 
     def views(self) -> list[Any]:
         return []
