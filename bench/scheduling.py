@@ -11,7 +11,8 @@ Policies (`POLICIES`):
 - reactive GreedyDual: no predictor, the workers evict by GreedyDual-Size-Frequency (`GreedyDualEviction`);
 - last_value, ewma, histogram, lstm, fallback (lstm -> histogram -> ewma), oracle: that predictor
   (`scheduler.predict.build_predictor`) with the predictive stager (`scheduler.staging.PredictiveStager`)
-  at each staging interval, the workers evicting by LRU when a call's load needs room.
+  at each staging interval, the workers evicting by LRU when a call's load needs room;
+- ewma + GreedyDual: the EWMA predictor and the stager, the workers evicting by GreedyDual-Size-Frequency.
 
 Traces (`default_setups`): the Alibaba GenAI trace with one adapter per model (77 models, 15 days) and the
 Azure LLM conversation trace (19,366 requests in an hour) with Zipf(1.0)-assigned adapters, each on a
@@ -65,6 +66,7 @@ POLICIES = (
     Policy("reactive GreedyDual", "none", "greedy_dual"),
     Policy("last_value", "last_value"),
     Policy("ewma", "ewma"),
+    Policy("ewma + GreedyDual", "ewma", "greedy_dual"),
     Policy("histogram", "histogram"),
     Policy("lstm", "lstm"),
     Policy("fallback", "fallback"),
@@ -307,11 +309,15 @@ def _markdown(setups: Sequence[Setup], results: dict[str, list[PolicyResult]], c
 def _release_note(stager: PredictiveStager) -> str:
     host = (f"below {stager.host_release_at:g} it leaves the worker" if stager.host_release_at > 0
             else "host blobs leave only when the host cache is full")
+    dedupe = ("" if stager.dedupe_host_at > 1 else
+              f" A host cache at least {stager.dedupe_host_at:.0%} full drops, down to {stager.dedupe_host_to:.0%}, "
+              "the host-only copies of adapters another worker holds (least recently used first, never the last "
+              "copy): a call of one goes to a holder, so the room keeps more distinct adapters in the cluster.")
     return ("The predictive policies also release: the stager takes a device copy back to the host cache when its "
             f"probability of a call in the next interval is below {stager.device_release_at:g} and no call has used "
             f"it for {stager.keep_alive_s / 60:g} min ({host}); the reactive policies keep whatever fits until a "
             "load needs the room. Releases save device memory-time and cost a host load when the adapter is "
-            "called again.")
+            "called again." + dedupe)
 
 
 def _size(nbytes: int) -> str:
