@@ -190,6 +190,9 @@ class SchedulerService:
         async with AsyncExitStack() as stack:
             engine = repo.create_engine(self.settings.database)
             stack.push_async_callback(engine.dispose)
+            predicting = PredictorThread(self.predictor) if self.predictor is not None else None
+            if predicting is not None:  # closed after NATS: no event can ask it for a forecast any more
+                stack.push_async_callback(asyncio.to_thread, predicting.close)
             self.sessions = repo.session_factory(engine)
             self.nc = await nats.connect(
                 self.settings.nats.servers, connect_timeout=self.settings.nats.connect_timeout_s,
@@ -208,9 +211,6 @@ class SchedulerService:
                                            ttl_s=self.cfg.leader_ttl_s, on_change=self._on_leader_change)
             stack.push_async_callback(self.election.close)  # after the last flush: a follower takes over
             await self.election.step()  # a lone scheduler leads from the start
-            predicting = PredictorThread(self.predictor) if self.predictor is not None else None
-            if predicting is not None:
-                stack.push_async_callback(asyncio.to_thread, predicting.close)  # after the dispatcher's last
             self.dispatcher = Dispatcher(nc=self.nc, js=self.js, core=self.core, directory=self._directory,
                                          cfg=self.cfg, fail=self._finish_failed, demand=self._count_demand,
                                          metrics=self.metrics if self.settings.metrics.enabled else None,
