@@ -19,6 +19,7 @@ import torch
 
 from protocol.messages import ErrorCode, Tier
 from scheduler.policy import EvictionPolicy, LruEviction, ResidentView
+from scheduler.staging import GreedyDualEviction
 from storage.adapter_format import (
     blob_sha256,
     canonical_blob,
@@ -169,6 +170,14 @@ async def test_the_tiers_evict_what_the_injected_policy_chooses(
             assert tiers.stats["evict"].count == 1
         for name in in_use:
             assert tiers.tier(adapters[name].sha) == Tier.device, "an adapter in use never leaves"
+
+
+def test_the_settings_choose_the_engines_eviction_policy(tiny: Backbone) -> None:
+    assert isinstance(Engine(tiny, _settings(tiny, 8)).eviction, LruEviction)  # the default
+    dual = Engine(tiny, _settings(tiny, 8).model_copy(update={"eviction": "greedy_dual"}))
+    assert isinstance(dual.eviction, GreedyDualEviction) and dual.eviction.page_bytes == dual.pool.page_bytes
+    policy = LargestFirst()
+    assert Engine(tiny, _settings(tiny, 8), eviction=policy).eviction is policy  # an injected one wins
 
 
 @pytest.mark.parametrize(("policy", "in_use", "expected", "why"), EVICTION_ROWS, ids=ROW_IDS)
