@@ -39,7 +39,7 @@ from scheduler.core import (
 )
 from scheduler.dispatcher import PredictorThread
 from scheduler.policy import AdapterSpec
-from scheduler.predict import Predictor
+from scheduler.predict import FallbackPredictor, Predictor
 from scheduler.settings import StagingSettings
 from scheduler.staging import staging_policies
 
@@ -113,9 +113,8 @@ class Stack:
 def lstm_answers(predictor: Predictor) -> bool:
     """Whether the fallback chain's LSTM has had a training round published (so that it, not its warm-up
     fallback, forecasts)."""
-    members = getattr(predictor, "_members", [])
-    lstm = next((m.predictor for m in members if m.predictor.name == "lstm"), None)
-    return lstm is not None and bool(lstm.ready)
+    lstm = predictor.member("lstm") if isinstance(predictor, FallbackPredictor) else None
+    return bool(getattr(lstm, "ready", False))
 
 
 async def measure(n: int, *, boundaries: int = BOUNDARIES, seed: int = 0,

@@ -324,19 +324,18 @@ class Dispatcher:
             elif isinstance(c, Predict):
                 if self.predictor is None:
                     raise RuntimeError("the core asked for a prediction and the dispatcher has no predictor")
-                self._spawn(self._predicted(self.predictor.submit(c)), "predict")  # submitted now: in order
+                self._spawn(self._predicted(self.predictor, self.predictor.submit(c)), "predict")  # in order
         self._update_room()
         return commands
 
-    async def _predicted(self, answer: Awaitable[PredictorAnswer]) -> None:
+    async def _predicted(self, thread: PredictorThread, answer: Awaitable[PredictorAnswer]) -> None:
         """Feed the core a prediction when its thread is done (a failed one leaves that interval unstaged)."""
         try:
             got = await answer
         except Exception:
             logger.exception("demand prediction failed (this interval is not pre-staged)")
             return
-        if self.predictor is not None:
-            self.predictor.active = got.active
+        thread.active = got.active
         for s in got.switches:
             logger.warning("demand predictor %s -> %s at %.0f: %s", s.from_, s.to, s.at, s.reason)
             self._switches.append((s.from_, s.to))

@@ -451,6 +451,10 @@ class FallbackPredictor:
         """The name of the member answering now."""
         return self._members[self._active].predictor.name
 
+    def member(self, name: str) -> Predictor | None:
+        """The member of that name (None: no such member)."""
+        return next((m.predictor for m in self._members if m.predictor.name == name), None)
+
     def health(self) -> dict[str, MemberHealth]:
         """Per member (by name, in chain order) its last scores and health."""
         return {m.predictor.name: MemberHealth(m.precision, m.recall, m.healthy, m.below, m.above)

@@ -298,16 +298,17 @@ class PredictiveStager:
         stages: list[Stage] = []
         for p in planned:
             budget = p.view.host_bytes
-            if budget <= 0 or budget - p.host_free < self.dedupe_host_at * budget:
+            used = budget - p.host_free
+            if budget <= 0 or used < self.dedupe_host_at * budget:
                 continue
-            twice = sorted((p.view.held[v].last_used if v in p.view.held else 0.0, v) for v in p.host
+            twice = sorted((p.view.held[v].last_used, v) for v in p.host
                            if v not in p.touched and not p.in_use(v) and len(holders[v]) > 1)
             for _, version in twice:
-                if budget - p.host_free <= self.dedupe_host_to * budget:
+                if used <= self.dedupe_host_to * budget:
                     break
                 if len(holders[version]) < 2:  # another worker's copy went first: this one is the last
                     continue
-                del p.host[version]
+                used -= p.host.pop(version)
                 holders[version].discard(p.view.worker_id)
                 p.touched.add(version)
                 stages.append(Stage("evict", version, p.view.worker_id, to_tier=Tier.object, reason="duplicate"))

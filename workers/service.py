@@ -84,7 +84,7 @@ from protocol.streams import ensure_streams
 from scheduler.metrics import MetricsEndpoint, serve_metrics
 from storage.objectstore import ObjectStore
 from workers.batcher import Completion, FinishReason, TokenEvent
-from workers.engine import EmptyPrompt, Engine, EngineError, PromptTooLong
+from workers.engine import Engine, EngineError, PromptTooLong
 from workers.engine_thread import EngineThread, StepFailed
 from workers.host_cache import HostCache
 from workers.metrics import WorkerMetrics
@@ -146,6 +146,13 @@ class IdTaken(Exception):
     def __init__(self, invocation_id: str, recorder: str) -> None:
         super().__init__(f"invocation id {invocation_id} is already used by another call; pick a new id")
         self.recorder = recorder
+
+
+def _refused(e: EngineError) -> InvocationFailed:
+    """What the engine refused (before generating: the prompt, the adapter, the parameters), as a terminal
+    failure: a prompt beyond the context window is `prompt_too_long`, anything else `bad_request`."""
+    return InvocationFailed(ErrorCode.prompt_too_long if isinstance(e, PromptTooLong) else ErrorCode.bad_request,
+                            str(e))
 
 
 class HandBack(Exception):
@@ -693,7 +700,10 @@ class WorkerService:
             # A prompt the engine would refuse fails here, before its adapter is loaded and before the caller
             # is told the call started: a streaming caller gets the error as its HTTP status, not in a 200.
             prompt_ids, params = self._prompt_ids(inv), self._params(inv)
-            self._check_prompt(prompt_ids)
+            try:
+                self.engine.check_prompt(prompt_ids)
+            except EngineError as e:
+                raise _refused(e) from e
             sha = self._version_of(inv)
             load_ms: float | None = None
             if sha is not None:
@@ -706,14 +716,6 @@ class WorkerService:
         except InvocationFailed as e:
             logger.info("invocation %s failed (%s): %s", inv.id, e.code, e)
             return self._failed(inv, attempt, epoch, e.code, str(e), tier)
-
-    def _check_prompt(self, prompt_ids: list[int]) -> None:
-        try:
-            self.engine.check_prompt(prompt_ids)
-        except PromptTooLong as e:
-            raise InvocationFailed(ErrorCode.prompt_too_long, str(e)) from e
-        except EmptyPrompt as e:
-            raise InvocationFailed(ErrorCode.bad_request, str(e)) from e
 
     async def _generate(
         self, inv: Invocation, attempt: int, epoch: int, sha: str | None, tier: Tier | None, load_ms: float | None,
@@ -737,10 +739,8 @@ class WorkerService:
         try:
             try:
                 generation = await self.engine.submit(prompt_ids, adapter=sha, params=params, request_id=request_id)
-            except PromptTooLong as e:
-                raise InvocationFailed(ErrorCode.prompt_too_long, str(e)) from e
-            except (EmptyPrompt, EngineError) as e:
-                raise InvocationFailed(ErrorCode.bad_request, str(e)) from e
+            except EngineError as e:
+                raise _refused(e) from e
             finally:
                 self._pending_submit -= 1
             running.request_id = request_id
