@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from protocol import subjects
@@ -40,8 +43,13 @@ RESULTS = StreamSpec(
 ALL_STREAMS: tuple[StreamSpec, ...] = (INVOCATIONS, WORK, RESULTS)
 
 
+# JetStream's error code for "no suitable peers for placement": fewer servers in the meta cluster than replicas.
+NO_PEERS_FOR_PLACEMENT = 10005
+
+
 async def ensure_streams(js: object, specs: tuple[StreamSpec, ...] = ALL_STREAMS, *, replicas: int = 1,
-                         storage: str = "file", reconfigure: bool = False) -> list[str]:
+                         storage: str = "file", reconfigure: bool = False,
+                         placement_wait_s: float = 30.0) -> list[str]:
     """Create each stream, or update it in place if it exists. Returns the names. Idempotent.
 
     A stream is created with `replicas` copies (JetStream's R: on that many servers of a cluster) in `storage`
@@ -49,10 +57,24 @@ async def ensure_streams(js: object, specs: tuple[StreamSpec, ...] = ALL_STREAMS
     every service calls this at start, and a service configured with fewer replicas than the operator chose
     must not scale the streams down. `reconfigure` (the operator's `lorafn init`, `lorafn up`) sets the
     replicas of existing streams to `replicas` too; a storage other than the stream's is an error then, as
-    JetStream cannot move a stream between storages.
+    JetStream cannot move a stream between storages. A create or update that finds too few servers for the
+    replicas is tried again for `placement_wait_s` (a cluster's last server may join after the others answer).
     """
     from nats.js.api import RetentionPolicy, StorageType, StreamConfig
-    from nats.js.errors import NotFoundError
+    from nats.js.errors import BadRequestError, NotFoundError
+
+    async def placed(call: Callable[[StreamConfig], Awaitable[object]], config: StreamConfig) -> None:
+        """`call(config)`, again while JetStream finds no peers for the replicas (a cluster just started: every server
+        answers the API once a majority elected a meta leader, before the last one has joined it)."""
+        deadline = time.monotonic() + placement_wait_s
+        while True:
+            try:
+                await call(config)
+                return
+            except BadRequestError as e:
+                if e.err_code != NO_PEERS_FOR_PLACEMENT or time.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(0.25)
 
     if not 1 <= replicas <= 5:
         raise ValueError(f"stream replicas must be 1..5 (got {replicas})")
@@ -72,7 +94,7 @@ async def ensure_streams(js: object, specs: tuple[StreamSpec, ...] = ALL_STREAMS
         try:
             info = await js.stream_info(spec.name)  # type: ignore[attr-defined]
         except NotFoundError:
-            await js.add_stream(config)  # type: ignore[attr-defined]
+            await placed(js.add_stream, config)  # type: ignore[attr-defined]
         else:
             current = info.config
             kept = StorageType(current.storage or storage)
@@ -83,6 +105,6 @@ async def ensure_streams(js: object, specs: tuple[StreamSpec, ...] = ALL_STREAMS
             if not reconfigure:
                 config.num_replicas = current.num_replicas or 1
                 config.storage = kept
-            await js.update_stream(config)  # type: ignore[attr-defined]
+            await placed(js.update_stream, config)  # type: ignore[attr-defined]
         names.append(spec.name)
     return names
