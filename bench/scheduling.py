@@ -6,13 +6,16 @@ per worker. The trace is split by time (`traces.split`): the calls of the earlie
 span by default) run like the others, warming the caches and training the predictors, and are not scored;
 the figures are those of the later part.
 
-Policies (`POLICIES`):
-- reactive LRU: no predictor, the workers evict the least recently used adapter (the baseline);
-- reactive GreedyDual: no predictor, the workers evict by GreedyDual-Size-Frequency (`GreedyDualEviction`);
+Policies (`POLICIES`); every one but the baseline has the workers' host caches drop blobs by
+GreedyDual-Size-Frequency over the host tier (`GreedyDualEviction(tier=host)`, the live worker's default):
+- reactive LRU: no predictor, the workers evict the least recently used adapter from the device pool and
+  the host cache (the baseline);
+- reactive, GreedyDual host: no predictor, device pools LRU;
+- reactive GreedyDual: no predictor, device pools by GreedyDual-Size-Frequency too;
 - last_value, ewma, histogram, lstm, fallback (lstm -> histogram -> ewma), oracle: that predictor
   (`scheduler.predict.build_predictor`) with the predictive stager (`scheduler.staging.PredictiveStager`)
-  at each staging interval, the workers evicting by LRU when a call's load needs room;
-- ewma + GreedyDual: the EWMA predictor and the stager, the workers evicting by GreedyDual-Size-Frequency.
+  at each staging interval, the device pools LRU when a call's load needs room;
+- ewma + GreedyDual: the EWMA predictor and the stager, device pools by GreedyDual-Size-Frequency.
 
 Traces (`default_setups`): the Alibaba GenAI trace with one adapter per model (77 models, 15 days) and the
 Azure LLM conversation trace (19,366 requests in an hour) with Zipf(1.0)-assigned adapters, each on a
@@ -40,6 +43,7 @@ from bench.simulate import (
     WorkerConfig,
     build_staging,
     eviction_factory,
+    host_eviction_factory,
     load_cost,
     simulate,
 )
@@ -59,10 +63,12 @@ class Policy:
     name: str
     predictor: str  # bench.simulate.PREDICTOR_NAMES ("none": reactive)
     eviction: str = "lru"  # the workers' device-pool eviction: lru or greedy_dual
+    host_eviction: str = "greedy_dual"  # the workers' host-cache eviction (the live worker's default)
 
 
 POLICIES = (
-    Policy("reactive LRU", "none", "lru"),
+    Policy("reactive LRU", "none", "lru", "lru"),
+    Policy("reactive, GreedyDual host", "none", "lru"),
     Policy("reactive GreedyDual", "none", "greedy_dual"),
     Policy("last_value", "last_value"),
     Policy("ewma", "ewma"),
@@ -134,7 +140,8 @@ def run_policy(setup: Setup, policy: Policy, *, cost: CostModel, seed: int = 0) 
     try:
         report = simulate(rows, workers=[worker] * setup.workers, cost=cost, seed=seed,
                           core_config=CoreConfig(staging_interval_s=setup.interval_s),
-                          eviction=eviction_factory(policy.eviction, cost), predictor=predictor, stager=stager,
+                          eviction=eviction_factory(policy.eviction, cost),
+                          host_eviction=host_eviction_factory(policy.host_eviction, cost), predictor=predictor, stager=stager,
                           score_from_s=score_from)
     finally:
         close = getattr(predictor, "close", None)

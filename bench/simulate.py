@@ -18,8 +18,9 @@ a cluster of simulated workers would produce, and carries out the commands the c
   is on the device. An adapter not on the device is loaded first: from the host cache, or fetched from the
   object store into the host cache and then loaded. A load makes room in the device pool (a byte budget)
   with the eviction policy (`LruEviction` by default: never an adapter a call still needs) and waits while
-  it cannot; the host cache drops its least recently used blobs beyond its byte budget (never the blob of a
-  version on the device or on its way there). Loads run beside the decode steps;
+  it cannot; the host cache drops blobs beyond its byte budget, by its own eviction policy (`host_eviction`:
+  GreedyDual over the host tier) or least recently used first, never the blob of a version on the device or
+  on its way there. Loads run beside the decode steps;
 - `Defer`: the call is offered again at `retry_at` or, when no worker had room, at the first moment after
   `retry_at` at which a worker may have some (a call finished, a worker came up, a tick): between those
   events nothing the core decides on has changed, so polling would only defer it again. The core's
@@ -331,8 +332,11 @@ class _Worker:
     """A simulated worker: residency per tier, loads in flight, a queue and a continuously batched step."""
 
     def __init__(self, worker_id: str, config: WorkerConfig, cost: CostModel, eviction: EvictionPolicy,
-                 schedule: Callable[[float, _Kind, Any], None], specs: Mapping[str, AdapterSpec]) -> None:
+                 schedule: Callable[[float, _Kind, Any], None], specs: Mapping[str, AdapterSpec],
+                 host_eviction: EvictionPolicy | None = None) -> None:
         self.id, self.config, self.cost, self.eviction = worker_id, config, cost, eviction
+        self.host_eviction = host_eviction  # None: the host cache is LRU
+        self.used_at: dict[str, float] = {}  # version -> when a call here last asked for it
         self.schedule, self.specs = schedule, specs
         self.alive = True
         self.record = WorkerRecord()
@@ -391,6 +395,7 @@ class _Worker:
         """A dispatched call: queue it, after a load of its adapter when it is not on the device."""
         v = call.spec.version
         self.refs[v] += 1
+        self.used_at[v] = now
         self._changed()
         self.doomed.pop(v, None)  # wanted again: an eviction waiting for its calls to end is called off
         if v in self.device:
@@ -439,13 +444,29 @@ class _Worker:
             self.host[version] = nbytes
             self.host_used += nbytes
             self._changed()
-            if self.host_used > self.config.host_cache_bytes:
+            if self.host_used > self.config.host_cache_bytes and self.host_eviction is not None:
+                self._host_evict(version, nbytes)
+            elif self.host_used > self.config.host_cache_bytes:
                 for v in [v for v in self.host if v != version and not self._pinned(v)]:
                     self.host_used -= self.host.pop(v)
                     if self.host_used <= self.config.host_cache_bytes:
                         break
             self.record.peak_host_bytes = max(self.record.peak_host_bytes, self.host_used)
         self.host.move_to_end(version)
+
+    def _host_evict(self, version: str, nbytes: int) -> None:
+        """Make room in the host cache for `version` (just added, `nbytes`) with the host eviction policy; when it
+        cannot make all the room (blobs pinned by the device), every unpinned blob leaves, as under LRU."""
+        assert self.host_eviction is not None
+        page = POOL_PAGE_BYTES
+        others = [ResidentView(v, -(-b // page), self.used_at.get(v, 0.0), int(self._pinned(v)), b,
+                               self.specs[v].rank) for v, b in self.host.items() if v != version]
+        free = (self.config.host_cache_bytes - (self.host_used - nbytes)) // page
+        victims = self.host_eviction.choose_victims(-(-nbytes // page), max(free, 0), others)
+        if victims is None:
+            victims = [r.version for r in others if not r.in_use]
+        for v in victims:
+            self.host_used -= self.host.pop(v)
 
     def _load(self, version: str, now: float) -> None:
         """Host -> device, once the eviction policy has made room: a call's load waits for room, behind other
@@ -734,6 +755,7 @@ def simulate(
     seed: int = 0,
     core_config: CoreConfig | None = None,
     eviction: Callable[[], EvictionPolicy] = LruEviction,
+    host_eviction: Callable[[], EvictionPolicy] | None = None,
     predictor: Predictor | None = None,
     stager: Stager | None = None,
     ranks: Sequence[int] = DEFAULT_RANKS,
@@ -754,15 +776,15 @@ def simulate(
     last arrival at the latest. `eager`: every heartbeat and every tick an event (slow; the same report: the
     tests compare the two)."""
     return _Simulation(trace, workers=workers, router=router, cost=cost or CostModel(), seed=seed,
-                       core_config=core_config, eviction=eviction, predictor=predictor, stager=stager, ranks=ranks,
-                       adapter_ranks=adapter_ranks, duration_s=duration_s, score_from_s=score_from_s, tick_s=tick_s,
+                       core_config=core_config, eviction=eviction, host_eviction=host_eviction, predictor=predictor,
+                       stager=stager, ranks=ranks, adapter_ranks=adapter_ranks, duration_s=duration_s, score_from_s=score_from_s, tick_s=tick_s,
                        failures=failures, max_drain_s=max_drain_s, eager=eager).run()
 
 
 class _Simulation:
     def __init__(self, trace: Sequence[TraceRequest], *, workers: int | Sequence[WorkerConfig], router: Router | None,
                  cost: CostModel, seed: int, core_config: CoreConfig | None, eviction: Callable[[], EvictionPolicy],
-                 predictor: Predictor | None, stager: Stager | None, ranks: Sequence[int],
+                 host_eviction: Callable[[], EvictionPolicy] | None, predictor: Predictor | None, stager: Stager | None, ranks: Sequence[int],
                  adapter_ranks: Mapping[str, int] | None, duration_s: float | None, score_from_s: float | None,
                  tick_s: float, failures: Sequence[tuple[float, str]], max_drain_s: float, eager: bool) -> None:
         if tick_s <= 0:
@@ -806,7 +828,8 @@ class _Simulation:
 
         self.workers: dict[str, _Worker] = {}
         for i, config in enumerate(configs):
-            w = _Worker(f"w{i}", config, cost, eviction(), self._schedule, self.specs)
+            w = _Worker(f"w{i}", config, cost, eviction(), self._schedule, self.specs,
+                        host_eviction() if host_eviction is not None else None)
             w.window = (max(self.score_from, self.now), self.trace_s)
             w.device_since = self.now
             self.workers[w.id] = w
@@ -1144,6 +1167,17 @@ def eviction_factory(name: str, cost: CostModel) -> Callable[[], EvictionPolicy]
     raise ValueError(f"unknown eviction policy {name!r}; known: {', '.join(EVICTIONS)}")
 
 
+def host_eviction_factory(name: str, cost: CostModel) -> Callable[[], EvictionPolicy] | None:
+    """A worker's host-cache eviction policy by name, as `simulate` takes it: `lru` (None: the cache's own
+    least-recently-used order) or `greedy_dual` (GreedyDualEviction over the host tier, weighing object-store
+    fetches with `cost`, like the live worker's `HostCacheSettings.eviction`)."""
+    if name == "lru":
+        return None
+    if name == "greedy_dual":
+        return lambda: GreedyDualEviction(costs=cost.tier_costs(), page_bytes=POOL_PAGE_BYTES, tier=Tier.host)
+    raise ValueError(f"unknown eviction policy {name!r}; known: {', '.join(EVICTIONS)}")
+
+
 def build_staging(predictor: str, stager: str, *, interval_s: float, cost: CostModel, workers: int = 1,
                   trace: Sequence[TraceRequest] = (), ranks: Sequence[int] = DEFAULT_RANKS, seed: int = 0,
                   adapter_ranks: Mapping[str, int] | None = None) -> tuple[Predictor | None, Stager | None]:
@@ -1225,6 +1259,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stager", choices=STAGERS, default="auto",
                         help="staging policy (default auto: predictive when there is a predictor)")
     parser.add_argument("--eviction", choices=EVICTIONS, default="lru", help="workers' device-pool eviction (default lru)")
+    parser.add_argument("--host-eviction", choices=EVICTIONS, default="lru",
+                        help="workers' host-cache eviction (default lru; the live worker's default is greedy_dual)")
     parser.add_argument("--interval-s", type=float, default=CoreConfig.staging_interval_s,
                         help=f"pre-staging interval (default {CoreConfig.staging_interval_s:g})")
     parser.add_argument("--device-bytes", type=_positive_int, default=WorkerConfig.device_pool_bytes,
@@ -1298,7 +1334,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     try:
         report = simulate(trace, workers=[worker] * args.workers, router=build_router(args.router, args.pin),
                           cost=cost, seed=args.seed, core_config=core, ranks=args.ranks,
-                          eviction=eviction_factory(args.eviction, cost), predictor=predictor, stager=stager,
+                          eviction=eviction_factory(args.eviction, cost),
+                          host_eviction=host_eviction_factory(args.host_eviction, cost), predictor=predictor, stager=stager,
                           score_from_s=score_from)
     except ValueError as e:
         raise SystemExit(str(e)) from e
@@ -1332,7 +1369,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         ["events", report.events], ["wall s (load trace + simulate)", f"{loaded - started:.2f} + {finished - loaded:.2f}"],
     ]
     rows += [[f"decision: {k}", v] for k, v in report.decisions.items()]
-    policy = f"router {args.router}, predictor {args.predictor}, eviction {args.eviction}"
+    policy = (f"router {args.router}, predictor {args.predictor}, eviction {args.eviction}, "
+              f"host eviction {args.host_eviction}")
     print_table(f"simulated {args.trace.name}: {args.workers} workers, {policy}, seed {args.seed}",
                 ["figure", "value"], rows)
     print_table("per worker", ["worker", "dispatched", "completed", "adapters", "fetches", "loads", "evictions",

@@ -298,6 +298,7 @@ class _Worker:
     last_seen: float
     backlog: int = 0  # from WorkQueues: calls in its work subject
     held: dict[str, Tier] = field(default_factory=dict)  # version -> tier, from its latest report
+    host_free: int = 0  # bytes its host cache has free by its latest report (0 when its budget is unknown)
     outstanding: dict[str, tuple[str | None, float]] = field(default_factory=dict)  # call -> (version, at)
 
 
@@ -396,7 +397,7 @@ class SchedulerCore:
                 worker_id=worker_id, total_pages=r.total_pages, free_pages=r.free_pages, max_rank=r.max_rank,
                 capacity=r.max_inflight + self.config.queue_per_worker,
                 outstanding=max(len(w.outstanding), w.backlog), running=r.running,
-                tokens_per_s=r.tokens_per_s, draining=r.draining,
+                tokens_per_s=r.tokens_per_s, draining=r.draining, host_free_bytes=w.host_free,
             ))
         return out
 
@@ -534,6 +535,8 @@ class SchedulerCore:
                 if tier == Tier.device and version in self._placing:
                     self._placing[version].pop(r.worker_id, None)
         w.held = held
+        if r.resident is not before:
+            w.host_free = max(r.host_bytes - sum(x.bytes for x in r.resident), 0) if r.host_bytes else 0
         return []
 
     def _drop_resident(self, version: str, worker_id: str) -> None:

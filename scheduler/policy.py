@@ -9,7 +9,9 @@ dispatcher and the simulator carry them out.
 - `Router.route`: which worker serves one invocation. `AffinityRouter` (the default): a worker that holds
   the adapter on its device, the least loaded of them; a second holder when the best one is busy
   (`replicate_at` calls and another worker is `replicate_margin` calls lighter); else a worker with the
-  blob in its host cache; else the least loaded worker (a cold start). Workers at capacity, draining, or
+  blob in its host cache; else the least loaded worker (a cold start), among equals the one with the most
+  room left in its host cache (the blob it fetches then pushes out no other adapter's, and the cluster's
+  host caches fill evenly). Workers at capacity, draining, or
   whose pool cannot take the adapter's rank are never chosen.
 - `EvictionPolicy.choose_victims`: which device-resident adapters of a worker to evict so that an
   adapter of `needed_pages` fits. `LruEviction`: least recently used first, never one in use.
@@ -63,6 +65,7 @@ class WorkerView:
     running: int = 0
     tokens_per_s: float = 0.0
     draining: bool = False
+    host_free_bytes: int = 0  # room left in its host cache (0: none, or unknown)
 
     @property
     def load(self) -> int:
@@ -123,7 +126,7 @@ class AffinityRouter:
             return Route(min(candidates, key=lambda w: (w.load, w.worker_id)).worker_id, "base")
         holders = residency.get(call.adapter.version, {})
         on_device = [w for w in candidates if holders.get(w.worker_id) == Tier.device]
-        lightest = min(candidates, key=lambda w: (w.load, -w.free_pages, w.worker_id))
+        lightest = min(candidates, key=lambda w: (w.load, -w.host_free_bytes, -w.free_pages, w.worker_id))
         if on_device:
             best = min(on_device, key=lambda w: (w.load, w.worker_id))
             if best.load >= self.replicate_at and lightest.load + self.replicate_margin <= best.load:

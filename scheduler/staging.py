@@ -19,8 +19,9 @@ store).
      tier, one below `host_release_at` (device or host) leaves the worker (to the object tier); never one
      in use. This is how an idle worker gives its adapters back.
   2. device: each version scoring at least `device_at` ("very likely") gets up to `max_replicas` device
-     copies. A new copy goes to a worker holding the blob in its host cache first, else to the one where it
-     fits without evicting, least loaded (outstanding / capacity), most free device bytes, then by id. Room
+     copies. A new copy goes to a worker holding the blob in its host cache when one does (never to another:
+     that would fetch a second blob while the holder's stays), else to the one where it fits without
+     evicting, least loaded (outstanding / capacity), most free device bytes, then by id. Room
      is made only by evicting (to host) unused device copies worth less than the newcomer, least valuable
      first; the load's implied fetch is made room for in the host cache likewise (not checked when the
      worker's host budget is unknown, 0).
@@ -326,6 +327,8 @@ class PredictiveStager:
         size, score = spec.bytes, scores[version]
         options = [p for p in planned if p.view.device_bytes > 0 and p.takes_rank(spec.rank)
                    and version not in p.device]
+        if any(version in p.host for p in options):  # a worker without the blob would fetch a second copy
+            options = [p for p in options if version in p.host]
         options.sort(key=lambda p: (version not in p.host, size > p.device_free, p.busy, -p.device_free,
                                     p.view.worker_id))
         for p in options:
@@ -416,13 +419,15 @@ class _Seen:
 
 @dataclass
 class GreedyDualEviction:
-    """GreedyDual-Size-Frequency over a worker's device pool (Cherkasova 1998): each resident version has
+    """GreedyDual-Size-Frequency over a worker's device pool, or its host cache with `tier` host (Cherkasova
+    1998; pages are then whatever unit the cache sizes blobs in): each resident version has
     priority H = L + frequency x cost / size; the lowest unused ones are evicted until the newcomer fits, and
     the inflation L becomes the H of the last victim, so a newcomer or a version just used starts above what
     was evicted and what sits unused sinks relative to it.
 
     - size: pages (what the pool is short of; one pool's pages are proportional to bytes);
-    - cost: seconds to reload it from the host cache, `costs.load_s(bytes)`. Bytes unknown (0): `pages x
+    - cost: seconds to reload it from the tier below, `costs.reload_s(bytes, tier)` (device: a load from the
+      host cache; host: a fetch from the object store). Bytes unknown (0): `pages x
       page_bytes` when `page_bytes` is set, else estimated from the residents whose bytes are known (their
       bytes per page), else cost = size for all (then H = L + frequency: LFU with aging);
     - frequency: counted from what the policy sees: a version is counted once when first seen, and once more
@@ -433,6 +438,7 @@ class GreedyDualEviction:
 
     costs: TierCosts = field(default_factory=TierCosts)
     page_bytes: int = 0  # bytes per pool page, for versions of unknown bytes (0: estimate, see above)
+    tier: Tier = Tier.device  # the tier it keeps: a version's cost is its reload from the tier below
     inflation: float = 0.0  # L
     _seen: dict[str, _Seen] = field(default_factory=dict, repr=False)
 
@@ -450,7 +456,7 @@ class GreedyDualEviction:
             frequency = 1 if seen is None else seen.frequency + 1
             pages = max(r.pages, 1)
             nbytes = r.bytes or pages * per_page
-            cost_per_page = self.costs.load_s(round(nbytes)) / pages if nbytes else 1.0
+            cost_per_page = self.costs.reload_s(round(nbytes), self.tier) / pages if nbytes else 1.0
             self._seen[r.version] = _Seen(frequency, r.last_used, self.inflation + frequency * cost_per_page)
 
     def choose_victims(self, needed_pages: int, free_pages: int, resident: Sequence[ResidentView]) -> list[str] | None:

@@ -2,8 +2,9 @@
 
 Blobs are content-addressed (their sha256 is their name), so a blob is either right or dropped: a disk
 copy that no longer hashes to its name is deleted on read and the caller fetches it again from the
-object store. Both levels are LRU; the disk is the larger, slower level and RAM holds the hottest
-blobs. Every method is synchronous and touches local files only: async callers use `asyncio.to_thread`.
+object store. RAM is LRU and holds the hottest blobs; the disk, the larger, slower level, drops blobs by an
+`EvictionPolicy` when one is given (`scheduler.staging.GreedyDualEviction` over the host tier: use count x
+fetch cost / size, aged; the worker's default) and least recently used first otherwise. Every method is synchronous and touches local files only: async callers use `asyncio.to_thread`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+from protocol.messages import Tier
 from protocol.subjects import NAME_PATTERN
+from scheduler.policy import EvictionPolicy, ResidentView
+from scheduler.staging import GreedyDualEviction
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +32,15 @@ _HEX = frozenset("0123456789abcdef")
 
 def _is_sha256(name: str) -> bool:
     return len(name) == _SHA_LEN and _HEX.issuperset(name)
+
+
+def host_eviction(name: str) -> EvictionPolicy | None:
+    """The disk level's eviction policy by name (`HostCacheSettings.eviction`): greedy_dual, or lru (None)."""
+    if name == "greedy_dual":
+        return GreedyDualEviction(page_bytes=1, tier=Tier.host)
+    if name == "lru":
+        return None
+    raise ValueError(f"unknown host cache eviction {name!r}; known: greedy_dual, lru")
 
 
 @dataclass(frozen=True)
@@ -40,12 +53,15 @@ class CachedBlob:
 
 
 class HostCache:
-    """LRU blobs in RAM (`ram_bytes`) over LRU files in `directory` (`disk_bytes`). Thread-safe."""
+    """LRU blobs in RAM (`ram_bytes`) over files in `directory` (`disk_bytes`), dropped by `eviction` (whose
+    pages are bytes) or least recently used first. Thread-safe."""
 
-    def __init__(self, directory: Path, *, disk_bytes: int, ram_bytes: int) -> None:
+    def __init__(self, directory: Path, *, disk_bytes: int, ram_bytes: int,
+                 eviction: EvictionPolicy | None = None) -> None:
         self.directory = directory
         self.disk_bytes = disk_bytes
         self.ram_bytes = ram_bytes
+        self.eviction = eviction
         self._lock = threading.Lock()
         self._ram: OrderedDict[str, bytes] = OrderedDict()  # least recently used first
         self._disk: OrderedDict[str, int] = OrderedDict()  # sha -> size, least recently used first
@@ -138,7 +154,7 @@ class HostCache:
                 self._disk.move_to_end(sha256)
             self._remember_in_ram(sha256, blob)
             self._touch(sha256)
-            victims = self._trim_disk()
+            victims = self._trim_disk(keep=sha256)
         for victim in victims:
             with contextlib.suppress(FileNotFoundError):
                 (self.directory / victim).unlink()
@@ -169,13 +185,28 @@ class HostCache:
             _, old = self._ram.popitem(last=False)
             used -= len(old)
 
-    def _trim_disk(self) -> list[str]:
-        """Forget least recently used disk blobs beyond the budget; returns their names to delete."""
-        victims: list[str] = []
+    def _trim_disk(self, keep: str | None = None) -> list[str]:
+        """Forget disk blobs beyond the budget, never `keep` (the blob just put) while others can go: those
+        the eviction policy chooses, else (no policy, or it cannot make the room) least recently used first.
+        Returns their names to delete."""
         used = sum(self._disk.values())
-        while used > self.disk_bytes and self._disk:
-            sha, size = self._disk.popitem(last=False)
-            used -= size
+        if used <= self.disk_bytes:
+            return []
+        chosen: list[str] = []
+        last = [keep] if keep is not None and keep in self._disk else []
+        if self.eviction is not None and last:
+            size = self._disk[last[0]]
+            others = [ResidentView(sha, n, self._last_used.get(sha, 0.0), 0, n)
+                      for sha, n in self._disk.items() if sha != keep]
+            chosen = self.eviction.choose_victims(size, max(self.disk_bytes - (used - size), 0), others) or []
+        order = [*chosen, *(sha for sha in self._disk if sha != keep), *last]
+        victims: list[str] = []
+        for sha in order:
+            if used <= self.disk_bytes:
+                break
+            if sha not in self._disk:
+                continue
+            used -= self._disk.pop(sha)
             victims.append(sha)
             if sha not in self._ram:
                 self._last_used.pop(sha, None)

@@ -86,7 +86,7 @@ from storage.objectstore import ObjectStore
 from workers.batcher import Completion, FinishReason, TokenEvent
 from workers.engine import Engine, EngineError, PromptTooLong
 from workers.engine_thread import EngineThread, StepFailed
-from workers.host_cache import HostCache
+from workers.host_cache import HostCache, host_eviction
 from workers.metrics import WorkerMetrics
 from workers.sampling import SamplingParams, SamplingParamsInvalid
 from workers.settings import WorkerSettings
@@ -937,7 +937,8 @@ async def open_worker(settings: WorkerSettings, *, worker_id: str | None = None)
         directory = settings.host_cache.directory
         if directory is None:
             directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lorafn-host-cache-")))
-        cache = HostCache(directory, disk_bytes=settings.host_cache.disk_bytes, ram_bytes=settings.host_cache.ram_bytes)
+        cache = HostCache(directory, disk_bytes=settings.host_cache.disk_bytes, ram_bytes=settings.host_cache.ram_bytes,
+                          eviction=host_eviction(settings.host_cache.eviction))
         metrics = WorkerMetrics()
         tiers = AdapterTiers(engine=thread, store=ObjectStore(settings.object_store), cache=cache,
                              on_load=metrics.observe_load)

@@ -12,6 +12,7 @@ The adapter pool's page dtype is LORAFN_ENGINE__ADAPTER_DTYPE (auto, float32, bf
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings
@@ -38,11 +39,16 @@ class BackboneSettings(BaseModel):
 
 
 class HostCacheSettings(BaseModel):
-    """The host tier: adapter blobs on local disk and in RAM, each bounded in bytes (LRU)."""
+    """The host tier: adapter blobs on local disk and in RAM, each bounded in bytes."""
 
     directory: Path | None = Field(None, description="disk cache directory (None: a temporary one per process)")
     disk_bytes: int = Field(8 << 30, ge=0, description="bytes of blobs kept on disk")
-    ram_bytes: int = Field(1 << 30, ge=0, description="bytes of blobs kept in RAM")
+    ram_bytes: int = Field(1 << 30, ge=0, description="bytes of blobs kept in RAM (least recently used leave)")
+    eviction: Literal["lru", "greedy_dual"] = Field(
+        "greedy_dual", description="which blobs leave the disk when it is full: greedy_dual (GreedyDual-Size-"
+        "Frequency: use count x object-store fetch cost / size, aged; fewer cold starts than lru in the "
+        "scheduling bench, README 'Pre-staging') or lru (least recently used)",
+    )
 
 
 class ConsumerSettings(BaseModel):

@@ -25,6 +25,7 @@ from bench.simulate import (
     adapter_specs,
     build_staging,
     eviction_factory,
+    host_eviction_factory,
     percentiles,
     simulate,
 )
@@ -143,6 +144,22 @@ def test_a_small_device_pool_evicts_and_reloads_from_the_host_cache() -> None:
     assert w.fetches == 6  # each blob came from the object store once, then stayed in the host cache
     assert w.evictions >= 60 - 6 - 3 and r.host_loads >= 60 - 6 - 3
     assert r.cold_starts == 6
+
+
+@pytest.mark.parametrize("host_eviction", ["lru", "greedy_dual"])
+def test_the_host_cache_drops_by_its_eviction_policy(host_eviction: str) -> None:
+    # One worker; its device pool holds the rank-64 adapter or two rank-8 ones, its host cache all but one small
+    # one. When s2 comes, the unpinned host blobs are s0 (older) and big: LRU drops s0, GreedyDual big (a byte of
+    # it is worth less: its fetch costs less per byte); s0's next call is then cold under LRU only.
+    trace = [TraceRequest(10.0 * i, "t", a, 16, 2) for i, a in enumerate(["s0", "big", "s1", "s2", "s0"])]
+    small, big = adapter_bytes(8), adapter_bytes(64)
+    worker = WorkerConfig(device_pool_bytes=big + small // 2, host_cache_bytes=big + 2 * small + small // 2)
+    r = simulate(trace, workers=[worker], adapter_ranks={"s0": 8, "s1": 8, "s2": 8, "big": 64},
+                 host_eviction=host_eviction_factory(host_eviction, CostModel()))
+    assert r.completed == 5
+    assert [c.tier for c in r.calls] == ["object"] * 4 + ["object" if host_eviction == "lru" else "host"]
+    with pytest.raises(ValueError, match="unknown eviction policy"):
+        host_eviction_factory("fifo", CostModel())
 
 
 def test_a_worker_that_dies_has_its_calls_rescued() -> None:

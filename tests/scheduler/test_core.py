@@ -276,3 +276,21 @@ def test_a_placement_in_flight_expires_when_no_call_holds_it() -> None:
     assert dict(core.residency()["v-a"]) == {"w1": Tier.device}  # within the grace: the load may be under way
     replay(core, [report("w1", 6.5), report("w2", 6.5), Tick(6.5)])
     assert "v-a" not in core.residency()  # its worker never reported it and no call of it is there
+
+
+def test_a_cold_call_goes_to_the_worker_with_the_most_host_cache_left() -> None:
+    def held(worker_id: str, at: float, host_bytes: int, *blobs: int) -> WorkerReport:
+        resident = tuple(ResidentReport(f"v-{worker_id}{i}", Tier.host, bytes=b) for i, b in enumerate(blobs))
+        return WorkerReport(at=at, worker_id=worker_id, total_pages=1000, free_pages=1000, max_rank=128,
+                            host_bytes=host_bytes, resident=resident)
+
+    core = SchedulerCore()
+    replay(core, [held("w1", 0.0, 1000, 300), held("w2", 0.0, 1000, 600), loads(w1=0, w2=0)])
+    assert [v.host_free_bytes for v in core.views()] == [700, 400]
+    assert [(c.worker_id, c.reason) for c in core.handle(call("x", 1.0)) if isinstance(c, Dispatch)] == [("w1", "cold")]
+    core.handle(held("w1", 2.0, 1000, 300, 500))  # it fetched x (and more): w2 has the room now
+    assert [v.host_free_bytes for v in core.views()] == [200, 400]
+    core.handle(loads(w1=0, w2=0))
+    assert [(c.worker_id, c.reason) for c in core.handle(call("y", 3.0)) if isinstance(c, Dispatch)] == [("w2", "cold")]
+    core.handle(held("w2", 4.0, 0, 600))  # a host budget it does not report: no room known
+    assert [v.host_free_bytes for v in core.views()] == [200, 0]

@@ -21,9 +21,9 @@ D, H = Tier.device, Tier.host
 
 
 def w(worker_id: str, *, load: int = 0, free: int = 1000, capacity: int = 64, max_rank: int = 0,
-      draining: bool = False) -> WorkerView:
+      draining: bool = False, host_free: int = 0) -> WorkerView:
     return WorkerView(worker_id=worker_id, total_pages=1000, free_pages=free, outstanding=load, capacity=capacity,
-                      max_rank=max_rank, draining=draining)
+                      max_rank=max_rank, draining=draining, host_free_bytes=host_free)
 
 
 @pytest.mark.parametrize(
@@ -38,6 +38,9 @@ def w(worker_id: str, *, load: int = 0, free: int = 1000, capacity: int = 64, ma
         ([w("w1", max_rank=8), w("w2", load=5)], {}, ("w2", "cold")),  # w1's pool cannot hold rank 16
         ([w("w1"), w("w2")], {}, ("w1", "cold")),  # ties: the name decides, deterministically
         ([w("w1", free=100), w("w2", free=900)], {}, ("w2", "cold")),  # ties: more free pages
+        # ties: more room in the host cache first (the fetched blob pushes out no other), then free pages
+        ([w("w1", free=900, host_free=10), w("w2", free=100, host_free=500)], {}, ("w2", "cold")),
+        ([w("w1", load=1, host_free=500), w("w2", host_free=10)], {}, ("w2", "cold")),  # load comes first
         ([w("w1"), w("w2")], {"v1": {"w2": H}}, ("w2", "host")),  # the blob is in w2's host cache
         ([w("w1"), w("w2", load=3)], {"v1": {"w2": H}}, ("w2", "host")),  # ... worth a little extra load
         ([w("w1"), w("w2", load=4)], {"v1": {"w2": H}}, ("w1", "cold")),  # ... not replicate_margin more

@@ -197,6 +197,10 @@ def test_a_worker_already_holding_the_version_is_preferred() -> None:
     assert STAGER.plan(0.0, {"v": 0.9}, adapters, [worker("w1"), busy_holder, on_device]) == []
     # a likely version any worker holds is not fetched again
     assert STAGER.plan(0.0, {"v": 0.3}, adapters, [worker("w1"), busy_holder]) == []
+    # a holder whose device cannot take it (everything there is in use): no second blob fetched elsewhere
+    in_use = {"u": HeldView(D, 100 * MB, 16, in_use=1)}
+    stuck_holder = worker("w2", held={**on_host, **in_use})
+    assert STAGER.plan(0.0, {"v": 0.9}, {**adapters, "u": spec("u", 100 * MB)}, [worker("w1"), stuck_holder]) == []
 
 
 def test_new_copies_spread_by_load_and_free_budget() -> None:
