@@ -258,6 +258,8 @@ def _markdown(setups: Sequence[Setup], results: dict[str, list[PolicyResult]], c
         "probability >= 0.5 against the versions called in the interval (the core's interval records);",
         "- vs reactive: cold starts of the policy / cold starts of reactive LRU.",
         "",
+        HOST_NOTE,
+        "",
         _release_note(PredictiveStager()),
         "",
         f"Cost model: {', '.join(f'{k} {v:g}' for k, v in asdict(cost).items())}.",
@@ -311,6 +313,12 @@ def _markdown(setups: Sequence[Setup], results: dict[str, list[PolicyResult]], c
     if plots:
         out += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     return "\n".join(out)
+
+
+HOST_NOTE = ("Every policy routes a cold call, among equally loaded workers, to the one with the most room left "
+             "in its host cache. Every policy but reactive LRU has the host caches drop blobs by "
+             "GreedyDual-Size-Frequency over the host tier (use count x object-store fetch seconds / bytes, aged; "
+             "the live worker's default), reactive LRU least recently used first.")
 
 
 def _release_note(stager: PredictiveStager) -> str:
