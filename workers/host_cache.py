@@ -4,7 +4,8 @@ Blobs are content-addressed (their sha256 is their name), so a blob is either ri
 copy that no longer hashes to its name is deleted on read and the caller fetches it again from the
 object store. RAM is LRU and holds the hottest blobs; the disk, the larger, slower level, drops blobs by an
 `EvictionPolicy` when one is given (`scheduler.staging.GreedyDualEviction` over the host tier: use count x
-fetch cost / size, aged; the worker's default) and least recently used first otherwise. Every method is synchronous and touches local files only: async callers use `asyncio.to_thread`.
+fetch cost / size, aged; the worker's default) and least recently used first otherwise. Every method is
+synchronous and touches local files only: async callers use `asyncio.to_thread`.
 """
 
 from __future__ import annotations
