@@ -697,9 +697,12 @@ async def test_a_drained_worker_hands_back_its_queue(cluster: Cluster) -> None:
     victim = "dw-1"
     calls = [cluster.invocation(tenant, "q", max_tokens=300, prompt=f"drain {i}") for i in range(60)]
     try:
-        async with cluster.scheduler(router=PinnedRouter(pins={f"{tenant}/q": victim})):
+        async with cluster.scheduler(router=PinnedRouter(pins={f"{tenant}/q": victim})) as pinned:
             replies = [await cluster.publish(inv) for inv in calls]
-            await wait_for(lambda: sum(bool(r.chunks) for r in replies) >= 5, what="calls running on the worker")
+            # every call handed to the victim before this scheduler goes (one left in the stream would be
+            # dispatched first elsewhere once the victim drains), and some of them running
+            await wait_for(lambda: pinned.core.decisions["pinned"] >= len(calls)
+                           and sum(bool(r.chunks) for r in replies) >= 5, what="calls dispatched and running")
         async with cluster.scheduler(router=AffinityRouter()):
             request = ControlRequest(verb=ControlVerb.drain)
             reply = ControlReply.decode((await cluster.nc.request(subjects.control(victim, "drain"),
