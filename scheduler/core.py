@@ -115,7 +115,7 @@ class WorkerReport:
     draining: bool = False
     resident: tuple[ResidentReport, ...] = ()
     device_bytes: int = 0  # capacity of its device adapter pool (0: unknown: nothing is staged to its device)
-    host_bytes: int = 0  # capacity of its host cache, RAM and disk (0: unknown: nothing is fetched ahead)
+    host_bytes: int = 0  # capacity of its host cache (0: unknown: nothing is fetched ahead)
     page_bytes: int = 0  # bytes of one pool page (a resident adapter's device footprint is pages x this)
 
 

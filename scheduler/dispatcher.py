@@ -133,7 +133,8 @@ def worker_report(hb: Heartbeat, at: float, resident: tuple[ResidentReport, ...]
         running=hb.running, queue_depth=hb.queue_depth, tokens_per_s=hb.tokens_per_s,
         draining=hb.draining or hb.gone,
         device_bytes=int(cap.get("pool_pages", 0)) * int(cap.get("page_bytes", 0)),
-        host_bytes=int(cap.get("host_ram_bytes", 0)) + int(cap.get("host_disk_bytes", 0)),
+        # RAM holds copies of the hottest disk blobs: the cache holds as many bytes as its larger level
+        host_bytes=max(int(cap.get("host_ram_bytes", 0)), int(cap.get("host_disk_bytes", 0))),
         page_bytes=int(cap.get("page_bytes", 0)),
         resident=resident,
     )

@@ -6,7 +6,7 @@ from __future__ import annotations
 from protocol.messages import Heartbeat, ResidentAdapter, Tier
 from protocol.residency import ResidencySender, ResidencyTracker, residency_headers
 from scheduler.core import SchedulerCore
-from scheduler.dispatcher import WorkerReports
+from scheduler.dispatcher import WorkerReports, worker_report
 from scheduler.service import LAST_USED_PRECISION_S, residency_changes, whole_heartbeat
 
 A, B, C = "a" * 64, "b" * 64, "c" * 64
@@ -101,3 +101,11 @@ def test_a_flush_writes_only_the_residency_rows_that_changed() -> None:
     now, rows, dropped = residency_changes(moved, marks)
     assert {(r.sha256, r.tier) for r in rows} == {(B, Tier.device), (C, Tier.host)}
     assert dropped == [(B, Tier.host)] and set(now) == {(A, Tier.device), (B, Tier.device), (C, Tier.host)}
+
+
+def test_a_reports_host_budget_is_its_larger_level_since_ram_holds_copies_of_disk_blobs() -> None:
+    hb = beat().model_copy(update={"capacity": {"host_ram_bytes": 1 << 30, "host_disk_bytes": 8 << 30}})
+    assert worker_report(hb, 1.0, ()).host_bytes == 8 << 30
+    ram_only = beat().model_copy(update={"capacity": {"host_ram_bytes": 1 << 30, "host_disk_bytes": 0}})
+    assert worker_report(ram_only, 1.0, ()).host_bytes == 1 << 30
+    assert worker_report(beat(), 1.0, ()).host_bytes == 0  # none reported: unknown
