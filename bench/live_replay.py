@@ -476,7 +476,8 @@ def simulate_policy(rows: Sequence[TraceRequest], policy: str, *, workers: int, 
     try:
         return sim.simulate(rows, workers=[worker] * workers, cost=cost, seed=seed,
                             router=AffinityRouter(replicate_at=placement.replicate_at,
-                                                  replicate_margin=placement.replicate_margin),
+                                                  replicate_margin=placement.replicate_margin,
+                                                  host_margin=placement.host_margin),
                             core_config=core_config(placement, staging), predictor=predictor, stager=stager,
                             adapter_ranks=ranks)
     finally:

@@ -8,11 +8,13 @@ dispatcher and the simulator carry them out.
 
 - `Router.route`: which worker serves one invocation. `AffinityRouter` (the default): a worker that holds
   the adapter on its device, the least loaded of them; a second holder when the best one is busy
-  (`replicate_at` calls and another worker is `replicate_margin` calls lighter); else a worker with the
-  blob in its host cache; else the least loaded worker (a cold start), among equals the one with the most
-  room left in its host cache (the blob it fetches then pushes out no other adapter's, and the cluster's
-  host caches fill evenly). Workers at capacity, draining, or
-  whose pool cannot take the adapter's rank are never chosen.
+  (`replicate_at` calls and another worker is `replicate_margin` calls lighter), one with the blob in its
+  host cache when there is such a lighter one; else a worker with the blob in its host cache unless it has
+  `host_margin` calls more than the lightest (a fetch from the object store costs more than a few calls'
+  wait in a continuous batch); else the least loaded worker (a cold start), among equals the one with the
+  most room left in its host cache (the blob it fetches then pushes out no other adapter's, and the
+  cluster's host caches fill evenly). Workers at capacity, draining, or whose pool cannot take the
+  adapter's rank are never chosen.
 - `EvictionPolicy.choose_victims`: which device-resident adapters of a worker to evict so that an
   adapter of `needed_pages` fits. `LruEviction`: least recently used first, never one in use.
 """
@@ -117,6 +119,9 @@ class AffinityRouter:
     replicate_at: int = 8  # a holder with this many calls outstanding counts as busy ...
     replicate_margin: int = 4  # ... when another worker has at least this many fewer
     prefer_host_cached: bool = True
+    # a worker with the blob in its host cache takes the call (a host load) unless it has this many more calls
+    # than the lightest worker (which would fetch the blob from the object store: a cold start)
+    host_margin: int = 8
 
     def route(self, call: CallView, workers: Sequence[WorkerView], residency: Residency) -> Route | None:
         candidates = [w for w in workers if w.takes(call.adapter)]
@@ -127,17 +132,20 @@ class AffinityRouter:
         holders = residency.get(call.adapter.version, {})
         on_device = [w for w in candidates if holders.get(w.worker_id) == Tier.device]
         lightest = min(candidates, key=lambda w: (w.load, -w.host_free_bytes, -w.free_pages, w.worker_id))
+        cached = [w for w in candidates if holders.get(w.worker_id) == Tier.host] if self.prefer_host_cached else []
+        host = min(cached, key=lambda w: (w.load, w.worker_id)) if cached else None
+        if host is not None and host.load >= lightest.load + self.host_margin:
+            host = None  # too busy: a cold start on the lightest costs less than the wait
         if on_device:
             best = min(on_device, key=lambda w: (w.load, w.worker_id))
             if best.load >= self.replicate_at and lightest.load + self.replicate_margin <= best.load:
+                # a second copy: from a host cache that has it when that worker is lighter too, else cold
+                if host is not None and host.load + self.replicate_margin <= best.load:
+                    return Route(host.worker_id, "replicate")
                 return Route(lightest.worker_id, "replicate")
             return Route(best.worker_id, "device")
-        if self.prefer_host_cached:
-            cached = [w for w in candidates if holders.get(w.worker_id) == Tier.host]
-            if cached:
-                best = min(cached, key=lambda w: (w.load, w.worker_id))
-                if best.load < lightest.load + self.replicate_margin:
-                    return Route(best.worker_id, "host")
+        if host is not None:
+            return Route(host.worker_id, "host")
         return Route(lightest.worker_id, "cold")
 
 

@@ -91,7 +91,8 @@ def core_config(cfg: PlacementSettings, staging: StagingSettings | None = None) 
 
 def build_router(cfg: PlacementSettings) -> Router:
     """The routing policy the settings name (a bad operating points file is a clear error at start-up)."""
-    affinity = AffinityRouter(replicate_at=cfg.replicate_at, replicate_margin=cfg.replicate_margin)
+    affinity = AffinityRouter(replicate_at=cfg.replicate_at, replicate_margin=cfg.replicate_margin,
+                              host_margin=cfg.host_margin)
     if cfg.router == "rank_aware":
         points = OperatingPoints.read(cfg.operating_points or DEFAULT_POINTS)
         return RankAwareRouter(points, fallback=affinity)

@@ -39,6 +39,8 @@ class PlacementSettings(BaseModel):
     replicate_at: int = Field(8, ge=1, description="a holder with this many calls outstanding is busy: a call may "
                                                    "go to another worker that is replicate_margin calls lighter")
     replicate_margin: int = Field(4, ge=1, description="see replicate_at")
+    host_margin: int = Field(8, ge=0, description="a worker with the adapter in its host cache takes a call unless "
+                             "it has this many calls more than the least loaded worker (a cold start there)")
     dispatch_ack_wait_s: float = Field(
         10.0, gt=0, description="seconds before an invocation a dispatcher took and never acked (it died) goes "
         "to another dispatcher")

@@ -42,10 +42,13 @@ def w(worker_id: str, *, load: int = 0, free: int = 1000, capacity: int = 64, ma
         ([w("w1", free=900, host_free=10), w("w2", free=100, host_free=500)], {}, ("w2", "cold")),
         ([w("w1", load=1, host_free=500), w("w2", host_free=10)], {}, ("w2", "cold")),  # load comes first
         ([w("w1"), w("w2")], {"v1": {"w2": H}}, ("w2", "host")),  # the blob is in w2's host cache
-        ([w("w1"), w("w2", load=3)], {"v1": {"w2": H}}, ("w2", "host")),  # ... worth a little extra load
-        ([w("w1"), w("w2", load=4)], {"v1": {"w2": H}}, ("w1", "cold")),  # ... not replicate_margin more
+        ([w("w1"), w("w2", load=7)], {"v1": {"w2": H}}, ("w2", "host")),  # ... worth some extra load
+        ([w("w1"), w("w2", load=8)], {"v1": {"w2": H}}, ("w1", "cold")),  # ... not host_margin more
         ([w("w1"), w("w2", load=7)], {"v1": {"w2": D}}, ("w2", "device")),  # on a device: keep it there
         ([w("w1"), w("w2", load=8)], {"v1": {"w2": D}}, ("w1", "replicate")),  # a busy holder: replicate
+        # ... to a worker with the blob in its host cache when it is lighter too (a host load, not a cold start)
+        ([w("w1"), w("w2", load=8), w("w3", load=3)], {"v1": {"w2": D, "w3": H}}, ("w3", "replicate")),
+        ([w("w1"), w("w2", load=8), w("w3", load=5)], {"v1": {"w2": D, "w3": H}}, ("w1", "replicate")),
         ([w("w1", load=5), w("w2", load=8)], {"v1": {"w2": D}}, ("w2", "device")),  # not much lighter: stay
         ([w("w1", load=9), w("w2", load=8)], {"v1": {"w1": D, "w2": D}}, ("w2", "device")),  # lighter holder
         ([w("w1"), w("w2", load=7, draining=True)], {"v1": {"w2": D}}, ("w1", "cold")),
