@@ -464,10 +464,10 @@ def simulate_policy(rows: Sequence[TraceRequest], policy: str, *, workers: int, 
                     budgets_: Budgets, interval_s: float, keep_alive_s: float, cost: sim.CostModel,
                     seed: int = 0) -> sim.SimReport:
     """The compressed slice through the simulator with the live stack's policies and settings."""
-    from scheduler.policy import AffinityRouter
-    from scheduler.service import core_config
+    from scheduler.service import build_router, core_config
     from scheduler.settings import PlacementSettings
     from scheduler.staging import staging_policies
+    from workers.settings import HostCacheSettings
 
     staging = StagingSettings(predictor=policy, interval_s=interval_s, keep_alive_s=keep_alive_s)
     placement = PlacementSettings()
@@ -475,11 +475,9 @@ def simulate_policy(rows: Sequence[TraceRequest], policy: str, *, workers: int, 
     worker = sim.WorkerConfig(device_pool_bytes=budgets_.sim_device_bytes, host_cache_bytes=budgets_.sim_host_bytes)
     try:
         return sim.simulate(rows, workers=[worker] * workers, cost=cost, seed=seed,
-                            router=AffinityRouter(replicate_at=placement.replicate_at,
-                                                  replicate_margin=placement.replicate_margin,
-                                                  host_margin=placement.host_margin),
-                            core_config=core_config(placement, staging), predictor=predictor, stager=stager,
-                            adapter_ranks=ranks)
+                            router=build_router(placement), core_config=core_config(placement, staging),
+                            host_eviction=sim.host_eviction_factory(HostCacheSettings().eviction, cost),
+                            predictor=predictor, stager=stager, adapter_ranks=ranks)
     finally:
         close = getattr(predictor, "close", None)
         if close is not None:
