@@ -141,8 +141,8 @@ def run_policy(setup: Setup, policy: Policy, *, cost: CostModel, seed: int = 0) 
         report = simulate(rows, workers=[worker] * setup.workers, cost=cost, seed=seed,
                           core_config=CoreConfig(staging_interval_s=setup.interval_s),
                           eviction=eviction_factory(policy.eviction, cost),
-                          host_eviction=host_eviction_factory(policy.host_eviction, cost), predictor=predictor, stager=stager,
-                          score_from_s=score_from)
+                          host_eviction=host_eviction_factory(policy.host_eviction, cost), predictor=predictor,
+                          stager=stager, score_from_s=score_from)
     finally:
         close = getattr(predictor, "close", None)
         if close is not None:

@@ -777,14 +777,16 @@ def simulate(
     tests compare the two)."""
     return _Simulation(trace, workers=workers, router=router, cost=cost or CostModel(), seed=seed,
                        core_config=core_config, eviction=eviction, host_eviction=host_eviction, predictor=predictor,
-                       stager=stager, ranks=ranks, adapter_ranks=adapter_ranks, duration_s=duration_s, score_from_s=score_from_s, tick_s=tick_s,
-                       failures=failures, max_drain_s=max_drain_s, eager=eager).run()
+                       stager=stager, ranks=ranks, adapter_ranks=adapter_ranks, duration_s=duration_s,
+                       score_from_s=score_from_s, tick_s=tick_s, failures=failures, max_drain_s=max_drain_s,
+                       eager=eager).run()
 
 
 class _Simulation:
     def __init__(self, trace: Sequence[TraceRequest], *, workers: int | Sequence[WorkerConfig], router: Router | None,
                  cost: CostModel, seed: int, core_config: CoreConfig | None, eviction: Callable[[], EvictionPolicy],
-                 host_eviction: Callable[[], EvictionPolicy] | None, predictor: Predictor | None, stager: Stager | None, ranks: Sequence[int],
+                 host_eviction: Callable[[], EvictionPolicy] | None, predictor: Predictor | None,
+                 stager: Stager | None, ranks: Sequence[int],
                  adapter_ranks: Mapping[str, int] | None, duration_s: float | None, score_from_s: float | None,
                  tick_s: float, failures: Sequence[tuple[float, str]], max_drain_s: float, eager: bool) -> None:
         if tick_s <= 0:
@@ -1335,8 +1337,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         report = simulate(trace, workers=[worker] * args.workers, router=build_router(args.router, args.pin),
                           cost=cost, seed=args.seed, core_config=core, ranks=args.ranks,
                           eviction=eviction_factory(args.eviction, cost),
-                          host_eviction=host_eviction_factory(args.host_eviction, cost), predictor=predictor, stager=stager,
-                          score_from_s=score_from)
+                          host_eviction=host_eviction_factory(args.host_eviction, cost), predictor=predictor,
+                          stager=stager, score_from_s=score_from)
     except ValueError as e:
         raise SystemExit(str(e)) from e
     finally:
