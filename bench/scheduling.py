@@ -213,7 +213,7 @@ def report(setups: Sequence[Setup], policies: Sequence[Policy] = POLICIES, *, ou
                 progress(f"{setup.name} / {policy.name}: {result.scored} scored, {result.cold_starts} cold starts, "
                          f"TTFT p50 {result.ttft_s['p50']:.3f} s, {result.wall_s:.1f} s")
     plots = _plots(setups, results, out_dir)
-    (out_dir / "scheduling.md").write_text(_markdown(setups, results, cost, plots, seed))
+    (out_dir / "scheduling.md").write_text(_markdown(setups, results, cost, plots, seed, policies))
     _write_json(setups, results, cost, seed, out_dir)
     return results
 
@@ -238,7 +238,7 @@ def _fmt(x: float | None, digits: int = 3) -> str:
 
 
 def _markdown(setups: Sequence[Setup], results: dict[str, list[PolicyResult]], cost: CostModel,
-              plots: list[str], seed: int) -> str:
+              plots: list[str], seed: int, policies: Sequence[Policy] = POLICIES) -> str:
     out = [
         "# Pre-staging policies on real traces",
         "",
@@ -258,7 +258,7 @@ def _markdown(setups: Sequence[Setup], results: dict[str, list[PolicyResult]], c
         "probability >= 0.5 against the versions called in the interval (the core's interval records);",
         "- vs reactive: cold starts of the policy / cold starts of reactive LRU.",
         "",
-        HOST_NOTE,
+        _host_note(policies),
         "",
         _release_note(PredictiveStager()),
         "",
@@ -315,10 +315,19 @@ def _markdown(setups: Sequence[Setup], results: dict[str, list[PolicyResult]], c
     return "\n".join(out)
 
 
-HOST_NOTE = ("Every policy routes a cold call, among equally loaded workers, to the one with the most room left "
-             "in its host cache. Every policy but reactive LRU has the host caches drop blobs by "
-             "GreedyDual-Size-Frequency over the host tier (use count x object-store fetch seconds / bytes, aged; "
-             "the live worker's default), reactive LRU least recently used first.")
+def _host_note(policies: Sequence[Policy]) -> str:
+    """How the policies' host caches drop blobs (`Policy.host_eviction`), and the routing all of them share."""
+    lru = ", ".join(p.name for p in policies if p.host_eviction == "lru")
+    greedy = ("GreedyDual-Size-Frequency over the host tier (use count x object-store fetch seconds / bytes, aged; "
+              "the live worker's default)")
+    if not lru:
+        caches = f"Every policy has the host caches drop blobs by {greedy}."
+    elif all(p.host_eviction == "lru" for p in policies):
+        caches = "Every policy has the host caches drop their least recently used blobs first."
+    else:
+        caches = f"Every policy but {lru} has the host caches drop blobs by {greedy}, {lru} least recently used first."
+    return ("Every policy routes a cold call, among equally loaded workers, to the one with the most room left in "
+            "its host cache. " + caches)
 
 
 def _release_note(stager: PredictiveStager) -> str:

@@ -99,6 +99,7 @@ from scheduler.policy import (
 from scheduler.predict import PREDICTORS, Predictor
 from scheduler.settings import StagingSettings
 from scheduler.staging import GreedyDualEviction, PredictiveStager, Stager, TierCosts, staging_policies
+from workers.host_cache import host_eviction
 
 # SmolLM2-135M: 30 layers; LoRA A and B on q, k, v, o (hidden 576 -> 576 / kv 192) and gate, up, down (576 <-> 1536)
 SMOLLM2_LAYERS = 30
@@ -458,11 +459,10 @@ class _Worker:
         """Make room in the host cache for `version` (just added, `nbytes`) with the host eviction policy; when it
         cannot make all the room (blobs pinned by the device), every unpinned blob leaves, as under LRU."""
         assert self.host_eviction is not None
-        page = POOL_PAGE_BYTES
-        others = [ResidentView(v, -(-b // page), self.used_at.get(v, 0.0), int(self._pinned(v)), b,
-                               self.specs[v].rank) for v, b in self.host.items() if v != version]
-        free = (self.config.host_cache_bytes - (self.host_used - nbytes)) // page
-        victims = self.host_eviction.choose_victims(-(-nbytes // page), max(free, 0), others)
+        others = [ResidentView(v, b, self.used_at.get(v, 0.0), int(self._pinned(v)), b, self.specs[v].rank)
+                  for v, b in self.host.items() if v != version]
+        free = self.config.host_cache_bytes - (self.host_used - nbytes)
+        victims = self.host_eviction.choose_victims(nbytes, max(free, 0), others)  # sized in bytes
         if victims is None:
             victims = [r.version for r in others if not r.in_use]
         for v in victims:
@@ -1170,14 +1170,19 @@ def eviction_factory(name: str, cost: CostModel) -> Callable[[], EvictionPolicy]
 
 
 def host_eviction_factory(name: str, cost: CostModel) -> Callable[[], EvictionPolicy] | None:
-    """A worker's host-cache eviction policy by name, as `simulate` takes it: `lru` (None: the cache's own
-    least-recently-used order) or `greedy_dual` (GreedyDualEviction over the host tier, weighing object-store
-    fetches with `cost`, like the live worker's `HostCacheSettings.eviction`)."""
-    if name == "lru":
+    """A worker's host-cache eviction policy by name, as `simulate` takes it: the live worker's
+    (`workers.host_cache.host_eviction`) weighing fetches with `cost`; None for `lru` (the cache's own order)."""
+    if name not in EVICTIONS:
+        raise ValueError(f"unknown eviction policy {name!r}; known: {', '.join(EVICTIONS)}")
+    if host_eviction(name) is None:
         return None
-    if name == "greedy_dual":
-        return lambda: GreedyDualEviction(costs=cost.tier_costs(), page_bytes=POOL_PAGE_BYTES, tier=Tier.host)
-    raise ValueError(f"unknown eviction policy {name!r}; known: {', '.join(EVICTIONS)}")
+
+    def policy() -> EvictionPolicy:  # one per worker (the policy keeps state)
+        made = host_eviction(name, cost.tier_costs())
+        assert made is not None
+        return made
+
+    return policy
 
 
 def build_staging(predictor: str, stager: str, *, interval_s: float, cost: CostModel, workers: int = 1,

@@ -132,21 +132,27 @@ class AffinityRouter:
         holders = residency.get(call.adapter.version, {})
         on_device = [w for w in candidates if holders.get(w.worker_id) == Tier.device]
         lightest = min(candidates, key=lambda w: (w.load, -w.host_free_bytes, -w.free_pages, w.worker_id))
-        cached = [w for w in candidates if holders.get(w.worker_id) == Tier.host] if self.prefer_host_cached else []
-        host = min(cached, key=lambda w: (w.load, w.worker_id)) if cached else None
-        if host is not None and host.load >= lightest.load + self.host_margin:
-            host = None  # too busy: a cold start on the lightest costs less than the wait
         if on_device:
             best = min(on_device, key=lambda w: (w.load, w.worker_id))
             if best.load >= self.replicate_at and lightest.load + self.replicate_margin <= best.load:
                 # a second copy: from a host cache that has it when that worker is lighter too, else cold
+                host = self._host_holder(candidates, holders, lightest)
                 if host is not None and host.load + self.replicate_margin <= best.load:
                     return Route(host.worker_id, "replicate")
                 return Route(lightest.worker_id, "replicate")
             return Route(best.worker_id, "device")
+        host = self._host_holder(candidates, holders, lightest)
         if host is not None:
             return Route(host.worker_id, "host")
         return Route(lightest.worker_id, "cold")
+
+    def _host_holder(self, candidates: Sequence[WorkerView], holders: Mapping[str, Tier],
+                     lightest: WorkerView) -> WorkerView | None:
+        """The least loaded candidate with the blob in its host cache, unless it has `host_margin` calls more than
+        the lightest (a cold start there costs less than the wait)."""
+        cached = [w for w in candidates if holders.get(w.worker_id) == Tier.host] if self.prefer_host_cached else []
+        host = min(cached, key=lambda w: (w.load, w.worker_id)) if cached else None
+        return host if host is not None and host.load < lightest.load + self.host_margin else None
 
 
 @dataclass

@@ -23,7 +23,7 @@ from pathlib import Path
 from protocol.messages import Tier
 from protocol.subjects import NAME_PATTERN
 from scheduler.policy import EvictionPolicy, ResidentView
-from scheduler.staging import GreedyDualEviction
+from scheduler.staging import GreedyDualEviction, TierCosts
 
 logger = logging.getLogger(__name__)
 
@@ -35,10 +35,12 @@ def _is_sha256(name: str) -> bool:
     return len(name) == _SHA_LEN and _HEX.issuperset(name)
 
 
-def host_eviction(name: str) -> EvictionPolicy | None:
-    """The disk level's eviction policy by name (`HostCacheSettings.eviction`): greedy_dual, or lru (None)."""
+def host_eviction(name: str, costs: TierCosts | None = None) -> EvictionPolicy | None:
+    """The host tier's eviction policy by name (`HostCacheSettings.eviction`), sizing blobs in bytes: greedy_dual
+    (weighing object-store fetches with `costs`, the simulator's by default), or lru (None: the cache's own
+    least recently used order). The simulator's host caches use it too."""
     if name == "greedy_dual":
-        return GreedyDualEviction(page_bytes=1, tier=Tier.host)
+        return GreedyDualEviction(costs=costs or TierCosts(), page_bytes=1, tier=Tier.host)
     if name == "lru":
         return None
     raise ValueError(f"unknown host cache eviction {name!r}; known: greedy_dual, lru")
