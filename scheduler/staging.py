@@ -249,7 +249,9 @@ class PredictiveStager:
         stages = self._release(now, scores, planned)
         stages += self._dedupe(planned)
         budget = self.max_stages_per_interval
-        for version in self._candidates(scores, adapters, self.device_at, Tier.device):
+        for version in self._candidates(scores, adapters, self.device_at, Tier.device) if budget else ():
+            if not budget:
+                break
             spec = adapters[version]
             while budget and sum(version in p.device for p in planned) < self.max_replicas:
                 placed = self._place_on_device(version, spec, scores, planned)
@@ -257,7 +259,7 @@ class PredictiveStager:
                     break
                 stages += placed
                 budget -= 1
-        for version in self._candidates(scores, adapters, self.host_at, Tier.host):
+        for version in self._candidates(scores, adapters, self.host_at, Tier.host) if budget else ():
             if not budget:
                 break
             if any(version in p.device or version in p.host for p in planned):
@@ -317,10 +319,22 @@ class PredictiveStager:
 
     def _candidates(self, scores: Mapping[str, float], adapters: Mapping[str, AdapterSpec], at: float,
                     tier: Tier) -> list[str]:
-        """Versions scoring at least `at` with a known size, most valuable (in `tier`) first."""
-        found = [(v, s) for v, s in scores.items() if s >= at and s > 0 and v in adapters and adapters[v].bytes > 0]
-        return [v for v, s in sorted(found, key=lambda vs: (-self.costs.value(vs[1], adapters[vs[0]].bytes, tier),
-                                                             vs[0]))]
+        """Versions scoring at least `at` with a known size, most valuable (in `tier`) first (value as
+        `TierCosts.value` has it; the reload time is worked out once per size: thousands of versions, a few
+        sizes)."""
+        reload_s: dict[int, float] = {}
+        found: list[tuple[float, str]] = []
+        for version, score in scores.items():
+            spec = adapters.get(version) if score >= at and score > 0 else None
+            if spec is None or spec.bytes <= 0:
+                continue
+            nbytes = spec.bytes
+            seconds = reload_s.get(nbytes)
+            if seconds is None:
+                seconds = reload_s[nbytes] = self.costs.reload_s(nbytes, tier)
+            found.append((-(score * seconds / nbytes), version))
+        found.sort()
+        return [version for _, version in found]
 
     def _place_on_device(self, version: str, spec: AdapterSpec, scores: Mapping[str, float],
                          planned: list[_Planned]) -> list[Stage]:
