@@ -24,7 +24,7 @@ from gateway.callbacks import CallbackDispatcher
 from gateway.invoker import Invoker
 from gateway.metrics import GatewayMetrics
 from gateway.quotas import Limiter
-from gateway.settings import GatewaySettings
+from gateway.settings import POSTGRES_NAME, GatewaySettings
 from gateway.state import GatewayState
 from protocol import subjects
 from protocol.messages import AdapterEvent, InvocationResult, KeyEvent, MessageInvalid
@@ -81,9 +81,9 @@ def create_app(settings: GatewaySettings, *, registry: Any | None = None) -> Fas
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         options = settings.gateway
-        engine = repo.create_engine(settings.database)
+        engine = repo.create_engine(settings.database, name=POSTGRES_NAME)
         sessions = repo.session_factory(engine)
-        rows = repo.create_fast_write_engine(settings.database)  # invocation rows, one statement each
+        rows = repo.create_fast_write_engine(settings.database, name=POSTGRES_NAME)  # invocation rows, one statement each
         metrics = GatewayMetrics()
         link = NatsLink(settings.nats, reconnect_wait_s=options.nats_reconnect_wait_s)
         resolver = AdapterResolver(sessions, options.cache)

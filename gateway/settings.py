@@ -161,6 +161,9 @@ class GatewayOptions(BaseModel):
     )
 
 
+POSTGRES_NAME = "lorafn-gateway"  # the application_name of a gateway's Postgres connections
+
+
 class GatewaySettings(BaseSettings):
     """Everything `python -m gateway` needs."""
 
@@ -175,3 +178,8 @@ class GatewaySettings(BaseSettings):
     # Adapter uploads are read under these limits: per concurrent upload the gateway's peak RSS grows by at most
     # 16 MiB while it is read (a refused bomb never costs more), then at most 5x the weights of a valid one.
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
+
+    def postgres_connections(self) -> int:
+        """The most Postgres connections one gateway process holds: the pools of its registry engine and of its
+        invocation rows' engine (gateway.app), `pool_size` each."""
+        return 2 * self.database.pool_size

@@ -53,6 +53,10 @@ class LorafnSettings(BaseSettings):
     object_store: ObjectStoreSettings = Field(default_factory=ObjectStoreSettings)
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
 
+    def postgres_connections(self) -> int:
+        """The most Postgres connections one `lorafn` command holds (`lorafn init` included): one engine's pool."""
+        return self.database.pool_size
+
     def with_running_stack(self) -> LorafnSettings:
         """Fill the service endpoints that were not set explicitly from a running stack's stack.json."""
         path = self.state_dir / "stack.json"

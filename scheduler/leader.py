@@ -130,10 +130,11 @@ class Election:
 class LeaderLock:
     """The Postgres side: one connection of its own that takes, then holds, the session advisory lock `key`."""
 
-    def __init__(self, database: DatabaseSettings, *, key: int = LEADER_LOCK_KEY, ttl_s: float = 5.0) -> None:
+    def __init__(self, database: DatabaseSettings, *, key: int = LEADER_LOCK_KEY, ttl_s: float = 5.0,
+                 name: str = "lorafn") -> None:
         self.key = key
         self.engine: AsyncEngine = repo.create_lock_engine(
-            database, keepalive_s=max(1, round(ttl_s / CHECKS_PER_TTL)))
+            database, keepalive_s=max(1, round(ttl_s / CHECKS_PER_TTL)), name=name)
         self._conn: AsyncConnection | None = None
         self._held = False
 

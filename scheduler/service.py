@@ -67,7 +67,7 @@ from scheduler.operating_points import OperatingPoints
 from scheduler.placement import RankAwareRouter
 from scheduler.policy import AffinityRouter, Router
 from scheduler.predict import Predictor
-from scheduler.settings import PlacementSettings, SchedulerSettings, StagingSettings
+from scheduler.settings import POSTGRES_NAME, PlacementSettings, SchedulerSettings, StagingSettings
 from scheduler.staging import PredictiveStager, Stager, staging_policies
 from scheduler.state import WarmState
 from storage import repo
@@ -189,7 +189,7 @@ class SchedulerService:
 
     async def run(self, stop: asyncio.Event) -> None:
         async with AsyncExitStack() as stack:
-            engine = repo.create_engine(self.settings.database)
+            engine = repo.create_engine(self.settings.database, name=POSTGRES_NAME)
             stack.push_async_callback(engine.dispose)
             predicting = PredictorThread(self.predictor) if self.predictor is not None else None
             if predicting is not None:  # closed after NATS: no event can ask it for a forecast any more
@@ -208,7 +208,8 @@ class SchedulerService:
                 self.metrics.registry, self.settings.metrics, what=f"scheduler {self.scheduler_id}",
                 json_routes={SCALE_PATH: self.metrics.scale_body}))
             self._directory = AdapterDirectory(self.sessions, ttl_s=self.cfg.adapter_cache_s)
-            self.election = LeaderElection(LeaderLock(self.settings.database, ttl_s=self.cfg.leader_ttl_s),
+            self.election = LeaderElection(LeaderLock(self.settings.database, ttl_s=self.cfg.leader_ttl_s,
+                                                           name=POSTGRES_NAME),
                                            ttl_s=self.cfg.leader_ttl_s, on_change=self._on_leader_change)
             stack.push_async_callback(self.election.close)  # after the last flush: a follower takes over
             await self.election.step()  # a lone scheduler leads from the start

@@ -93,6 +93,9 @@ class StagingSettings(BaseModel):
     service_s: float = Field(2.0, gt=0, description="expected seconds of one call (the workers-needed signal)")
 
 
+POSTGRES_NAME = "lorafn-scheduler"  # the application_name of a scheduler's Postgres connections
+
+
 class SchedulerSettings(BaseSettings):
     """Everything the scheduler process needs."""
 
@@ -104,3 +107,8 @@ class SchedulerSettings(BaseSettings):
     scheduler: PlacementSettings = Field(default_factory=PlacementSettings)
     staging: StagingSettings = Field(default_factory=StagingSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+
+    def postgres_connections(self) -> int:
+        """The most Postgres connections one scheduler process holds: its engine's pool (scheduler.service)
+        and the leader lock's own connection (scheduler.leader)."""
+        return self.database.pool_size + 1

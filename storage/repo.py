@@ -59,9 +59,17 @@ API_KEY_PREFIX = "lfn_"
 NATS_CREDENTIAL_PREFIX = "lfnats_"
 
 
-def create_engine(settings: DatabaseSettings) -> AsyncEngine:
-    """The process's async engine (created in main/lifespan, disposed on exit)."""
-    return create_async_engine(settings.url, pool_size=settings.pool_size, pool_pre_ping=True)
+def create_engine(settings: DatabaseSettings, *, name: str = "lorafn") -> AsyncEngine:
+    """The process's async engine (created in main/lifespan, disposed on exit). Its pool never grows past
+    `pool_size` (as `create_fast_write_engine`'s, for the same reason: no overflow connection opened and closed
+    again per burst), so that a process holds a known number of Postgres connections however busy it is: what
+    its replicas may hold together must fit the server's max_connections (docs/ARCHITECTURE.md, "Postgres
+    connections"). A statement that waits longer than `pool_timeout_s` raises sqlalchemy's TimeoutError (the
+    gateway answers 503). `name`: the connections' application_name (pg_stat_activity says whose they are)."""
+    return create_async_engine(
+        settings.url, pool_size=settings.pool_size, max_overflow=0, pool_timeout=settings.pool_timeout_s,
+        pool_pre_ping=True, connect_args={"application_name": name},
+    )
 
 
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
@@ -515,7 +523,7 @@ _PG_LOCKS = table("pg_locks", column("locktype"), column("pid"), column("granted
                   column("objid"), column("objsubid"))
 
 
-def create_lock_engine(settings: DatabaseSettings, *, keepalive_s: int) -> AsyncEngine:
+def create_lock_engine(settings: DatabaseSettings, *, keepalive_s: int, name: str = "lorafn") -> AsyncEngine:
     """An engine for ONE long-lived connection that holds a session advisory lock: no pool (the connection is
     the lock), autocommit (never idle in a transaction), and TCP keepalives on both ends every `keepalive_s`
     (3 probes), so that the server ends the session of a holder whose host vanished, and the holder's own
@@ -527,7 +535,8 @@ def create_lock_engine(settings: DatabaseSettings, *, keepalive_s: int) -> Async
     return create_async_engine(
         settings.url, poolclass=NullPool, isolation_level="AUTOCOMMIT",
         connect_args={"keepalives": 1, "keepalives_idle": idle, "keepalives_interval": idle,
-                      "keepalives_count": 3, "tcp_user_timeout": 4 * idle * 1000, "options": server},
+                      "keepalives_count": 3, "tcp_user_timeout": 4 * idle * 1000, "options": server,
+                      "application_name": name},
     )
 
 
@@ -887,7 +896,7 @@ _INSERT_INVOCATION = (
 )
 
 
-def create_fast_write_engine(settings: DatabaseSettings) -> AsyncEngine:
+def create_fast_write_engine(settings: DatabaseSettings, *, name: str = "lorafn") -> AsyncEngine:
     """An engine for rows written on the request path whose loss in a Postgres crash is tolerable because
     the source of truth is elsewhere (an invocation row: the invocation itself is durable in JetStream).
 
@@ -901,11 +910,12 @@ def create_fast_write_engine(settings: DatabaseSettings) -> AsyncEngine:
     closes again as soon as it is returned. With the default overflow, 16 concurrent callers of the gateway
     made Postgres start a backend process for about one call in five (550 sessions per 3,000 calls), a
     fork and an authentication each, on the same CPUs as the calls. A wait longer than `pool_timeout_s`
-    raises sqlalchemy's TimeoutError (the gateway answers 503).
+    raises sqlalchemy's TimeoutError (the gateway answers 503). `name`: the connections' application_name.
     """
     return create_async_engine(
         settings.url, pool_size=settings.pool_size, max_overflow=0, pool_timeout=settings.pool_timeout_s,
-        pool_pre_ping=False, isolation_level="AUTOCOMMIT", connect_args={"options": "-c synchronous_commit=off"},
+        pool_pre_ping=False, isolation_level="AUTOCOMMIT",
+        connect_args={"options": "-c synchronous_commit=off", "application_name": name},
     )
 
 

@@ -124,3 +124,50 @@ def test_a_postgres_pool_that_stays_busy_is_503_with_retry_after() -> None:
     status, body, headers = error_status(PoolTimeout("QueuePool limit of size 5 overflow 0 reached"))
     assert (status, headers) == (503, {"Retry-After": "1"})
     assert body["error"]["code"] == "unavailable" and "busy" in body["error"]["message"]
+
+
+async def test_a_busy_gateway_holds_no_more_postgres_connections_than_it_declares(
+        gateway_factory: GatewayFactory, services: Any, object_store_settings: Any, sessions: Any, keys: Keys,
+        adapters: Pushed, worker: Any) -> None:
+    """Its pools never grow past pool_size (storage.repo; before, the registry engine opened up to 10 overflow
+    connections per burst and closed them again): rounds of 16 asynchronous calls, 16 reads of invocations and
+    16 adapter listings at once, on a gateway with pool_size 2, never find more than postgres_connections() (4)
+    of its connections open in pg_stat_activity, and every request is answered."""
+    from sqlalchemy import text
+
+    from gateway.settings import POSTGRES_NAME
+
+    base = make_settings(services, object_store_settings)
+    settings = base.model_copy(update={"database": base.database.model_copy(update={"pool_size": 2})})
+    gw = await gateway_factory(settings=settings)
+    peak, stop = 0, asyncio.Event()
+
+    async def watch() -> None:
+        nonlocal peak
+        query = text("SELECT count(*) FROM pg_stat_activity WHERE application_name = :name")
+        async with sessions() as session:
+            while not stop.is_set():
+                peak = max(peak, int((await session.execute(query, {"name": POSTGRES_NAME})).scalar_one()))
+                await session.rollback()  # a fresh snapshot of pg_stat_activity each time
+                await asyncio.sleep(0.002)
+
+    watching = asyncio.create_task(watch())
+    statuses: list[int] = []
+    try:
+        async with gw.client(headers=keys.auth()) as c:
+            first = await c.post("/v1/functions/acme/bot/invocations", json={"prompt": "hi"},
+                                 headers={"Prefer": "respond-async"})
+            assert first.status_code == 202, first.text
+            for _ in range(4):
+                answers = await asyncio.gather(
+                    *(c.post("/v1/functions/acme/bot/invocations", json={"prompt": "hi"},
+                             headers={"Prefer": "respond-async"}) for _ in range(16)),
+                    *(c.get(f"/v1/invocations/{first.json()['id']}") for _ in range(16)),
+                    *(c.get("/v1/adapters") for _ in range(16)),
+                )
+                statuses += [r.status_code for r in answers]
+    finally:
+        stop.set()
+        await watching
+    assert sorted(set(statuses)) == [200, 202], statuses
+    assert 0 < peak <= settings.postgres_connections() == 4, peak

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import itertools
 import json
 import os
 import re
@@ -339,6 +340,50 @@ def test_services_budgets_and_autoscalers_select_real_pods(docs) -> None:
     assert all("cpu" in c["resources"]["requests"] for c in target["spec"]["template"]["spec"]["containers"])
     assert "replicas" not in target["spec"] and hpa["spec"]["minReplicas"] >= 2
     assert one(docs, "Deployment", "scheduler")["spec"]["replicas"] == 2
+
+
+def most_replicas(docs: list[dict[str, Any]], workload: dict[str, Any]) -> int:
+    """The most pods of `workload` at once: its autoscaler's maximum (HPA or KEDA ScaledObject), else its
+    replicas (a Job: its parallelism)."""
+    name, kind = workload["metadata"]["name"], workload["kind"]
+    for scaler in docs:
+        if scaler["kind"] in ("HorizontalPodAutoscaler", "ScaledObject"):
+            ref = scaler["spec"]["scaleTargetRef"]
+            if ref["name"] == name and ref.get("kind", "Deployment") == kind:
+                return int(scaler["spec"].get("maxReplicas", scaler["spec"].get("maxReplicaCount", 100)))
+    if kind == "Job":
+        return int(workload["spec"].get("parallelism", 1))
+    return int(workload["spec"].get("replicas", 1))
+
+
+def server_option(c: dict[str, Any], name: str) -> str | None:
+    """A Postgres server option set on the container's command line (`-c name=value`)."""
+    args = [*c.get("command", ()), *c.get("args", ())]
+    found = [a.split("=", 1)[1] for k, a in itertools.pairwise(args) if k == "-c" and a.startswith(f"{name}=")]
+    return found[-1] if found else None
+
+
+def test_postgres_takes_every_connection_the_services_may_hold_at_their_most_replicas(docs, gpu_docs,
+                                                                                      monkeypatch) -> None:
+    """Every pool is fixed at its pool_size (storage.repo), so what the services may hold at once is known: their
+    autoscalers' maxima times each process's connections must fit the bundled server's max_connections less its
+    superuser reserve, with room left for an operator (at Postgres's default of 100 the gateways' autoscaler
+    alone reached it, and a gateway scaled out under load was refused connections)."""
+    operator_sessions = 10
+    for variant in (docs, gpu_docs):
+        server = container(variant, "StatefulSet", "postgres")
+        max_connections = int(server_option(server, "max_connections") or 100)
+        reserved = int(server_option(server, "superuser_reserved_connections") or 3)
+        held: dict[str, int] = {}
+        for workload, c in lorafn_containers(variant):
+            _, cls = COMMANDS[tuple(c["command"])]
+            settings = settings_of(environment(variant, c), cls, monkeypatch)
+            if not hasattr(settings, "database"):
+                continue
+            held[workload["metadata"]["name"]] = most_replicas(variant, workload) * settings.postgres_connections()
+        assert set(held) == {"gateway", "scheduler", "lorafn-init"}, held
+        assert held["gateway"] == 10 * 2 * 5  # the autoscaler's 10 replicas, two pools of 5 each
+        assert sum(held.values()) + reserved + operator_sessions <= max_connections, (held, max_connections)
 
 
 def test_every_secret_and_configmap_reference_names_an_existing_key(docs) -> None:
