@@ -62,6 +62,10 @@ def test_report_writes_the_tables_and_the_plots(tmp_path: Path) -> None:
     assert by_name["reactive LRU"].precision is None and by_name["ewma"].precision is not None
     assert by_name["oracle"].precision == pytest.approx(1.0) and by_name["oracle"].recall > 0.9
     assert by_name["oracle"].staged_loads > 0
+    # What staging can remove from the mean TTFT at all: the calls' wait for their adapter, a part of it.
+    base = by_name["reactive LRU"]
+    assert 0 < base.load_wait_s["mean"] < base.ttft_s["mean"]
+    assert f"a mean TTFT of about {base.ttft_s['mean'] - base.load_wait_s['mean']:.3f} s" in text
 
 
 def test_same_seed_same_figures(tmp_path: Path) -> None:
