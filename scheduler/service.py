@@ -101,6 +101,11 @@ def build_router(cfg: PlacementSettings) -> Router:
 
 # How often the leader deletes the rows of workers silent for `worker_prune_after_s`.
 PRUNE_EVERY_S = 60.0
+# How long a follower keeps the invocation starts it saw (the leader writes them): longer than a takeover (a
+# killed leader's lock goes at once, a vanished host's within about leader_ttl_s) and a short Postgres outage;
+# at most STARTED_KEEP_MAX of them (the newest), whatever the rate.
+STARTED_KEEP_S = 60.0
+STARTED_KEEP_MAX = 100_000
 # A resident adapter's last use is written to Postgres when it moved by this much (a row per adapter and second
 # for every worker would be written otherwise; the live decisions use the heartbeats, not these rows).
 LAST_USED_PRECISION_S = 30
@@ -178,7 +183,10 @@ class SchedulerService:
         self.dispatcher: Dispatcher | None = None
         self._directory: AdapterDirectory | None = None
         self._demand: dict[tuple[str, str, datetime], int] = defaultdict(int)
-        self._started: list[InvocationStarted] = []
+        # Starts seen and not yet written, with when they came (time.monotonic()): the leader writes them; a
+        # follower keeps the last STARTED_KEEP_S of them, so that starts a takeover's gap leaves unwritten are
+        # written by the next leader (a start the previous leader wrote is written again, to the same effect).
+        self._started: list[tuple[float, InvocationStarted]] = []
         self._demand_flushed = 0.0  # time.monotonic() of the last demand write
         self.election: LeaderElection | None = None  # set by run()
         self._pruned = -PRUNE_EVERY_S  # time.monotonic() of the last pruning of workers' rows
@@ -319,7 +327,7 @@ class SchedulerService:
 
     async def _on_started(self, msg: Msg) -> None:
         try:
-            self._started.append(InvocationStarted.decode(msg.data))
+            self._started.append((time.monotonic(), InvocationStarted.decode(msg.data)))
         except MessageInvalid as e:
             logger.debug("ignoring an undecodable started event: %s", e)
 
@@ -349,7 +357,10 @@ class SchedulerService:
             # update per flush, not one per second.
             demand, self._demand = self._demand, defaultdict(int)
             self._demand_flushed = time.monotonic()
-        started, self._started = (self._started if leading else []), []
+        if leading:
+            started, self._started = self._started, []
+        else:
+            started, self._started = [], _recent(self._started, time.monotonic() - STARTED_KEEP_S)
         if not (heartbeats or gone or demand or started or prune):
             return
         try:
@@ -367,13 +378,14 @@ class SchedulerService:
                 await repo.record_demand_many(session, counts=counts, bucket_seconds=self.cfg.demand_bucket_s)
                 await repo.mark_invocations_running(session, started=[
                     (s.invocation_id, s.worker_id, s.attempt, datetime.fromtimestamp(s.started_at, UTC))
-                    for s in started])
+                    for _, s in started])
                 pruned = await repo.prune_workers(session, silent_since=datetime.now(UTC) - timedelta(
                     seconds=self.cfg.worker_prune_after_s)) if prune else []
         except BaseException:
             for key, count in demand.items():  # keep what could not be written for the next flush
                 self._demand[key] += count
-            self._started[:0] = started
+            self._started[:0] = started  # kept for the next flush (while it fails: the last STARTED_KEEP_MAX)
+            del self._started[:-STARTED_KEEP_MAX]
             self.state.unwritten(heartbeats, gone)
             raise
         if prune:
@@ -493,3 +505,9 @@ class SchedulerService:
                                              **self._result_fields(result, datetime.now(UTC)))
         except Exception:
             logger.exception("could not mark %s failed in Postgres (the results consumer will)", inv.id)
+
+
+def _recent(started: list[tuple[float, InvocationStarted]], since: float) -> list[tuple[float, InvocationStarted]]:
+    """The starts seen at `since` (time.monotonic()) or later, at most the newest STARTED_KEEP_MAX (oldest first)."""
+    kept = [(at, s) for at, s in started if at >= since]
+    return kept[-STARTED_KEEP_MAX:]

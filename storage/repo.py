@@ -796,11 +796,13 @@ async def write_worker_residency(session: AsyncSession, *, worker_id: str, rows:
 async def mark_invocation_running(
     session: AsyncSession, *, invocation_id: str, worker_id: str, attempt: int, started_at: datetime
 ) -> None:
-    """An attempt of an invocation started on a worker (ignored once the invocation has finished)."""
+    """An attempt of an invocation started on a worker (ignored once the invocation has finished, and when a
+    later attempt's start is written already)."""
     await session.execute(
         update(Invocation)
         .where(Invocation.id == invocation_id,
-               Invocation.status.in_([InvocationStatus.queued, InvocationStatus.running]))
+               Invocation.status.in_([InvocationStatus.queued, InvocationStatus.running]),
+               Invocation.attempts <= attempt)
         .values(status=InvocationStatus.running, worker_id=worker_id, attempts=attempt, started_at=started_at)
     )
 
@@ -809,14 +811,15 @@ _MARK_RUNNING = (
     "UPDATE invocations AS i SET status = 'running', worker_id = s.worker_id, attempts = s.attempt, "
     "started_at = s.started_at FROM unnest(%(id)s::text[], %(worker_id)s::text[], %(attempt)s::int[], "
     "%(started_at)s::timestamptz[]) AS s(id, worker_id, attempt, started_at) "
-    "WHERE i.id = s.id AND i.status IN ('queued', 'running')"
+    "WHERE i.id = s.id AND i.status IN ('queued', 'running') AND i.attempts <= s.attempt"
 )
 
 
 async def mark_invocations_running(session: AsyncSession, *,
                                     started: Sequence[tuple[str, str, int, datetime]]) -> None:
     """`mark_invocation_running` for many (invocation id, worker id, attempt, started at), in one statement of
-    fixed text (driver SQL over arrays, as _FINISH_INVOCATIONS: one row per invocation the scheduler saw start)."""
+    fixed text (driver SQL over arrays, as _FINISH_INVOCATIONS: one row per invocation the scheduler saw start).
+    A start of an earlier attempt than the row's (written again by a new leader) changes nothing."""
     if not started:
         return
     latest = {inv: (w, a, t) for inv, w, a, t in sorted(started, key=lambda s: s[3])}  # the last start wins

@@ -370,3 +370,44 @@ async def test_only_the_leader_writes_warm_state_and_prunes_silent_workers(
     await service.flush()
     assert await worker_ids() == ["w-live"]  # written whole; the silent one's row deleted
     assert "lorafn_scheduler_leader 1.0" in service.metrics.render()[0].decode()
+
+
+async def test_starts_seen_while_following_are_written_by_the_next_leader(
+        sessions: Any, database_settings: DatabaseSettings) -> None:
+    """A call that starts while this replica follows is the leader's to mark running; when the leader dies
+    before writing it (the takeover's gap), this replica writes it once it leads. Starts older than
+    STARTED_KEEP_S are let go while following."""
+    import time
+    from types import SimpleNamespace
+
+    from protocol.messages import InvocationStarted
+    from scheduler.service import STARTED_KEEP_S
+    from storage.models import InvocationStatus
+
+    service = SchedulerService(SchedulerSettings(database=database_settings))
+    service.sessions = sessions
+    election = FixedElection()
+    service.election = election  # type: ignore[assignment]
+    async with sessions() as session, session.begin():
+        acme = await repo.get_or_create_tenant(session, name="acme")
+        for name in ("gap", "old"):
+            await repo.create_invocation(session, invocation_id=name, tenant=acme, adapter=None)
+    await service._on_started(SimpleNamespace(data=InvocationStarted(  # type: ignore[arg-type]
+        invocation_id="gap", worker_id="w1", attempt=2, started_at=1_700_000_000.0).encode()))
+    service._started.insert(0, (time.monotonic() - STARTED_KEEP_S - 1, InvocationStarted(
+        invocation_id="old", worker_id="w1", started_at=1_699_999_000.0)))
+
+    async def status(invocation_id: str) -> tuple[Any, ...]:
+        async with sessions() as session:
+            row = await repo.get_invocation(session, invocation_id=invocation_id)
+        return row.status, row.worker_id, row.attempts
+
+    await service.flush()  # following: nothing written, the recent start kept, the old one let go
+    assert await status("gap") == (InvocationStatus.queued, None, 0)
+    assert [s.invocation_id for _, s in service._started] == ["gap"]
+
+    election.leader = True
+    await service.flush()
+    assert await status("gap") == (InvocationStatus.running, "w1", 2)
+    assert await status("old") == (InvocationStatus.queued, None, 0)
+    assert service._started == []

@@ -274,6 +274,13 @@ async def test_invocations_marked_running_in_one_statement(sessions) -> None:
         InvocationStatus.running, "w2", t + timedelta(seconds=1))  # the later start wins
     assert (rows["run1"].status, rows["run1"].attempts) == (InvocationStatus.running, 2)
     assert rows["run2"].status == InvocationStatus.succeeded  # a finished one stays finished
+    async with sessions() as session, session.begin():  # an earlier attempt's start, written again later
+        await repo.mark_invocations_running(session, started=[("run1", "w0", 1, t + timedelta(seconds=9))])
+        await repo.mark_invocation_running(session, invocation_id="run1", worker_id="w0", attempt=1,
+                                           started_at=t + timedelta(seconds=9))
+    async with sessions() as session:
+        again = await repo.get_invocation(session, invocation_id="run1")
+    assert (again.worker_id, again.attempts, again.started_at) == ("w1", 2, t)  # the later attempt stays
     # Outcomes of many in one statement: the start time already set is kept; worker and attempts left as they
     # are when an outcome does not name them.
     end = t + timedelta(seconds=5)
