@@ -576,6 +576,23 @@ def load_canonical(blob: bytes) -> ParsedAdapter:
     )
 
 
+def narrowed_blob(blob: bytes, dtype: torch.dtype) -> bytes:
+    """A canonical blob with its floating tensors wider than `dtype` cast to it: what a worker whose adapter pool
+    holds `dtype` keeps in its host tier (workers.tiers). A float32 blob takes half the bytes in bfloat16 or
+    float16, and the pool's pages come out bit for bit the same: the pool rounds a tensor to its dtype when it
+    copies one in (round to nearest even), and this rounds it the same way, only earlier. The same blob when no
+    tensor is wider than `dtype` (or `dtype` is 32-bit). Still a canonical blob: `load_canonical` reads it."""
+    if dtype.itemsize >= 4:
+        return blob
+    tensors = load_canonical(blob).tensors
+    if all(not t.is_floating_point() or t.element_size() <= dtype.itemsize for t in tensors.values()):
+        return blob
+    metadata = parse_safetensors_header(blob).get("__metadata__")
+    narrowed = {k: t.to(dtype) if t.is_floating_point() and t.element_size() > dtype.itemsize else t
+                for k, t in sorted(tensors.items())}
+    return save_safetensors(narrowed, metadata=metadata)
+
+
 def refusal_summary(error: AdapterInvalid) -> dict[str, Any]:
     """A JSON-able description of a refusal (for the CLI and the HTTP API)."""
     return {"code": error.code, "message": str(error), **error.detail}

@@ -1,7 +1,9 @@
-"""The host tier of a worker: canonical adapter blobs on local disk and in RAM, each with a byte budget.
+"""The host tier of a worker: adapter blobs on local disk and in RAM, each with a byte budget.
 
-Blobs are content-addressed (their sha256 is their name), so a blob is either right or dropped: a disk
-copy that no longer hashes to its name is deleted on read and the caller fetches it again from the
+A blob is kept under its adapter version's name (the sha256 of the canonical blob in the object store); what
+is kept may be a narrower copy of it (`storage.adapter_format.narrowed_blob`: the pool's dtype, half the bytes
+of a float32 adapter), so a disk copy starts with the sha256 of the bytes that follow and is either right or
+dropped: one that no longer matches it is deleted on read and the caller fetches the blob again from the
 object store. RAM is LRU and holds the hottest blobs; the disk, the larger, slower level, drops blobs by an
 `EvictionPolicy` when one is given (`scheduler.staging.GreedyDualEviction` over the host tier: use count x
 fetch cost / size, aged; the worker's default) and least recently used first otherwise. Every method is
@@ -28,6 +30,7 @@ from scheduler.staging import GreedyDualEviction, TierCosts
 logger = logging.getLogger(__name__)
 
 _SHA_LEN = 64
+_DIGEST_BYTES = 32  # a disk copy: sha256(blob) (raw), then the blob
 _HEX = frozenset("0123456789abcdef")
 
 
@@ -78,7 +81,7 @@ class HostCache:
         sha256 digests count; a half-written temporary file or a stray file is not a blob."""
         files = [p for p in self.directory.iterdir() if p.is_file() and _is_sha256(p.name)]
         for path in sorted(files, key=lambda p: p.stat().st_mtime):
-            self._disk[path.name] = path.stat().st_size
+            self._disk[path.name] = max(path.stat().st_size - _DIGEST_BYTES, 0)
             self._last_used[path.name] = path.stat().st_mtime
         for victim in self._trim_disk():
             with contextlib.suppress(FileNotFoundError):
@@ -125,10 +128,11 @@ class HostCache:
             return None
         path = self.directory / sha256
         try:
-            blob = path.read_bytes()
+            stored = path.read_bytes()
         except FileNotFoundError:
-            blob = None
-        if blob is None or hashlib.sha256(blob).hexdigest() != sha256:
+            stored = None
+        blob = stored[_DIGEST_BYTES:] if stored is not None else None
+        if stored is None or blob is None or hashlib.sha256(blob).digest() != stored[:_DIGEST_BYTES]:
             logger.warning("host cache: dropping damaged or vanished disk copy of %s", sha256)
             self.drop(sha256)
             return None
@@ -142,14 +146,17 @@ class HostCache:
         return blob
 
     def put(self, sha256: str, blob: bytes) -> None:
-        """Keep a verified blob on disk and in RAM (idempotent), evicting least recently used blobs."""
+        """Keep a verified blob (or a narrower copy of it) of version `sha256` on disk and in RAM (idempotent),
+        evicting blobs beyond the budgets."""
         self._check(sha256)
         path = self.directory / sha256
         with self._lock:
             known = sha256 in self._disk
         if not known and len(blob) <= self.disk_bytes:
             tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
-            tmp.write_bytes(blob)
+            with tmp.open("wb") as f:
+                f.write(hashlib.sha256(blob).digest())
+                f.write(blob)
             tmp.replace(path)  # atomic: a reader never sees half a blob
         with self._lock:
             if len(blob) <= self.disk_bytes:

@@ -2,7 +2,10 @@
 
 `AdapterTiers` moves adapter versions (identified by the sha256 of their canonical blob) between tiers:
 - `fetch`: object store -> host cache (the object store verifies the hash; a tampered object raises
-  `AdapterUnavailable(adapter_corrupted)` and is never cached);
+  `AdapterUnavailable(adapter_corrupted)` and is never cached). The cache keeps the blob narrowed to the
+  pool's dtype (`narrowed_blob`: a float32 adapter in half the bytes when the pool holds bfloat16 or float16,
+  the pool's pages bit for bit the same), so the host tier holds twice as many float32 adapters and a load
+  parses and copies half the bytes;
 - `load`: host cache -> device pool (fetching first if needed). The adapter is parsed and validated
   against the pool BEFORE anything is evicted, so a bad adapter never costs a good one its place; then
   the injected `EvictionPolicy` (the engine's, `LruEviction` by default) chooses, among the adapters no
@@ -46,7 +49,7 @@ from typing import Any
 
 from protocol.messages import ErrorCode, Tier
 from scheduler.policy import EvictionPolicy, ResidentView
-from storage.adapter_format import load_canonical
+from storage.adapter_format import load_canonical, narrowed_blob
 from storage.errors import AdapterInvalid, ObjectCorrupted, ObjectMissing, StorageUnavailable
 from storage.objectstore import ObjectStore
 from workers.adapter_pool import AdapterPoolError, PendingLoad, PoolFull
@@ -314,8 +317,13 @@ class AdapterTiers:
 
     async def _fetch(self, sha: str) -> float:
         started = time.perf_counter()
+        dtype = self._pool.dtype
+
+        def get() -> bytes:
+            return narrowed_blob(self.store.get_blob(sha), dtype)
+
         try:
-            blob = await asyncio.to_thread(self.store.get_blob, sha)
+            blob = await asyncio.to_thread(get)
         except ObjectCorrupted as e:
             raise AdapterUnavailable(ErrorCode.adapter_corrupted, str(e), terminal=True) from e
         except ObjectMissing as e:
@@ -324,6 +332,8 @@ class AdapterTiers:
             ) from e
         except StorageUnavailable as e:
             raise AdapterUnavailable(ErrorCode.unavailable, str(e), terminal=False) from e
+        except AdapterInvalid as e:  # the stored blob is not a canonical adapter (never cached)
+            raise AdapterUnavailable(ErrorCode.adapter_invalid, f"adapter version {sha}: {e}", terminal=True) from e
         await asyncio.to_thread(self.cache.put, sha, blob)
         ms = (time.perf_counter() - started) * 1e3
         self.stats["fetch"].add(ms)

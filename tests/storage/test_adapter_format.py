@@ -20,6 +20,7 @@ from storage.adapter_format import (
     blob_sha256,
     canonical_blob,
     load_canonical,
+    narrowed_blob,
     read_upload,
     validate,
 )
@@ -279,6 +280,28 @@ def test_canonical_blob_is_deterministic_and_round_trips() -> None:
     for k, t in a.tensors.items():
         assert torch.equal(back.tensors[k], t)
     assert len(blob_sha256(blob)) == 64
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_narrowed_blob_holds_the_tensors_as_a_pool_of_that_dtype_would(dtype: torch.dtype) -> None:
+    """What a worker's host tier keeps: the float32 blob's tensors rounded to the pool's dtype, exactly as the
+    pool's own conversion rounds them, in about half the bytes; settings and modules unchanged."""
+    f = files()
+    a = validate(UploadFiles(config=f["adapter_config.json"], weights=f["adapter_model.safetensors"]), SPEC)
+    blob = canonical_blob(a)
+    narrow = narrowed_blob(blob, dtype)
+    assert len(narrow) < 0.55 * len(blob)
+    back, wide = load_canonical(narrow), load_canonical(blob)
+    assert (back.modules, back.lora_alpha, back.use_rslora, back.base_model) == (
+        wide.modules, wide.lora_alpha, wide.use_rslora, wide.base_model)
+    assert back.dtype == {torch.bfloat16: "BF16", torch.float16: "F16"}[dtype] and wide.dtype == "F32"
+    assert set(back.tensors) == set(wide.tensors)
+    for k, t in wide.tensors.items():
+        pool = torch.empty(t.shape, dtype=dtype)
+        pool.copy_(t)  # how the adapter pool converts what it copies in
+        assert back.tensors[k].dtype == dtype and torch.equal(back.tensors[k], pool), k
+    assert narrowed_blob(narrow, dtype) is narrow  # nothing wider left: the same blob
+    assert narrowed_blob(blob, torch.float32) is blob
 
 
 @pytest.mark.parametrize("packing", ["directory", "tar.gz", "zip", "tar.gz-nested-dir"])

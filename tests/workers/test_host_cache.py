@@ -71,3 +71,26 @@ def test_the_worker_drops_host_blobs_by_greedy_dual_unless_configured_otherwise(
     assert host_eviction("lru") is None
     with pytest.raises(ValueError, match="unknown host cache eviction"):
         host_eviction("fifo")
+
+
+def test_a_disk_copy_is_checked_against_the_digest_stored_with_it(tmp_path: Path) -> None:
+    """A kept blob need not hash to its version's name (the host tier keeps it narrowed to the pool's dtype):
+    each disk copy carries the sha256 of its own bytes; a restarted cache serves an intact copy, and drops a
+    damaged one (the caller fetches it again) or one written before copies carried their digest."""
+    version = hashlib.sha256(b"the canonical blob").hexdigest()
+    kept = b"a narrower copy of it" * 100
+    intact, damaged = hashlib.sha256(b"other").hexdigest(), hashlib.sha256(b"third").hexdigest()
+    legacy = blob("old", 600)
+    cache = HostCache(tmp_path, disk_bytes=1 << 20, ram_bytes=0)
+    for sha in (version, intact, damaged):
+        cache.put(sha, kept)
+    (tmp_path / legacy[0]).write_bytes(legacy[1])  # a bare blob, as an earlier version kept it
+    data = bytearray((tmp_path / damaged).read_bytes())
+    data[-1] ^= 1
+    (tmp_path / damaged).write_bytes(bytes(data))
+
+    restarted = HostCache(tmp_path, disk_bytes=1 << 20, ram_bytes=0)
+    assert {e.sha256: e.bytes for e in restarted.entries()}[version] == len(kept)
+    assert restarted.get(version) == kept and restarted.get(intact) == kept
+    assert restarted.get(damaged) is None and damaged not in restarted and damaged not in on_disk(tmp_path)
+    assert restarted.get(legacy[0]) is None and legacy[0] not in on_disk(tmp_path)

@@ -462,3 +462,38 @@ async def test_a_load_that_fails_or_is_cancelled_while_writing_gives_its_pages_b
         await tiers.load(b.sha)
         assert await _generate(tiers, b.sha, SHORT, "b") == reference["b"][:SHORT]
         assert await _generate(tiers, a.sha, SHORT, "a") == reference["a"][:SHORT]
+
+
+async def test_the_host_tier_keeps_a_float32_adapter_in_the_pools_dtype(
+    tiny: Backbone, adapters: dict[str, Adapter], store: ObjectStore, tmp_path: Path
+) -> None:
+    """With a bfloat16 pool, a fetched float32 adapter is kept in the host cache in bfloat16 (about half the
+    bytes, reported as such), and its load writes the very pages that loading the float32 blob writes."""
+    b = adapters["b"]
+    store.put_blob(b.blob)
+    settings = EngineSettings(kv_cache_bytes=1 << 20, block_size=4, adapter_dtype="bfloat16", max_rank=MAX_RANK,
+                              adapter_pool_bytes=1 << 20)
+    pages = []
+    for fetched in (True, False):
+        engine = Engine(tiny, settings)
+        thread = EngineThread(engine, asyncio.get_running_loop())
+        thread.start()
+        try:
+            cache = HostCache(tmp_path / f"cache-{fetched}", disk_bytes=1 << 26, ram_bytes=1 << 26)
+            tiers = AdapterTiers(engine=thread, store=store, cache=cache)
+            if not fetched:
+                cache.put(b.sha, b.blob)  # the float32 blob itself: the pool converts it
+            await tiers.load(b.sha)
+            kept = cache.get(b.sha)
+            assert kept is not None
+            if fetched:
+                assert len(kept) < 0.55 * len(b.blob) and load_canonical(kept).dtype == "BF16"
+                assert {e.version: e.bytes for e in tiers.resident()} == {b.sha: len(kept)}
+            else:
+                assert kept == b.blob
+            pool = engine.pool
+            assert pool.dtype == torch.bfloat16
+            pages.append(pool.storage[pool.pages_of(b.sha).long()].clone())
+        finally:
+            await thread.stop()
+    assert torch.equal(pages[0], pages[1])
