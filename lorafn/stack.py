@@ -288,8 +288,8 @@ def free_stack_ports(host: str = "127.0.0.1", *, nats: int | None = None, nats_m
                 runs[name] = base
             if len(runs) < len(n_runs):
                 continue
-        # The S3 server needs 8 consecutive ports; probe a random base in the ephemeral-free range.
-        base = s3 if s3 is not None else 20000 + secrets.randbelow(30000)
+        # The S3 server needs 8 consecutive ports; probe a random base below the ephemeral ports.
+        base = s3 if s3 is not None else _run_base(8)
         s3_ports = set(range(base, base + 8))
         s3_ok = s3 is not None or (all(port_is_free(host, p) for p in s3_ports) and not s3_ports & given)
         if s3_ok and not new & (given | s3_ports):
@@ -298,11 +298,31 @@ def free_stack_ports(host: str = "127.0.0.1", *, nats: int | None = None, nats_m
     raise StackError("could not find free ports for the stack")
 
 
+def _ephemeral_ports() -> tuple[int, int]:
+    """The range the kernel draws the local ports of outgoing connections from (Linux's default otherwise)."""
+    try:
+        low, high = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        return 32768, 60999
+    return low, high
+
+
+def _run_base(length: int) -> int:
+    """A random first port of `length` consecutive ports outside the ephemeral range: a port found free there
+    may be taken by any process's outgoing connection before the server that was to listen on it starts (it
+    happened to SeaweedFS's S3 gRPC port while the test suite's clients connected). 10000 up to the ephemeral
+    range; above it when the range starts too low to leave room below."""
+    low, high = _ephemeral_ports()
+    if low - length > 10000 + 1000:
+        return 10000 + secrets.randbelow(low - length - 10000)
+    return high + 1 + secrets.randbelow(max(1, 65535 - length - high))
+
+
 def _free_run(host: str, length: int, *, taken: Collection[int]) -> int | None:
     """The first of `length` consecutive ports that are free now and not in `taken` (a random base in the
     range below the ephemeral ports), or None after a few tries."""
     for _ in range(20):
-        base = 20000 + secrets.randbelow(30000)
+        base = _run_base(length)
         run = range(base, base + length)
         if not set(run) & set(taken) and all(port_is_free(host, p) for p in run):
             return base

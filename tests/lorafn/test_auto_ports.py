@@ -27,6 +27,19 @@ def test_free_stack_ports_keeps_the_ports_given() -> None:
     assert again.s3 == s3 and not {again.nats, again.nats_monitor, again.postgres} & set(range(s3, s3 + 8))
 
 
+def test_port_runs_are_picked_outside_the_ephemeral_range() -> None:
+    """A port found free in the kernel's range for outgoing connections can be taken by any client before its
+    server listens (SeaweedFS's S3 gRPC port was, once, in a full test run): the runs of consecutive ports the
+    stack picks itself (the S3 server's 8, a NATS cluster's) lie outside it."""
+    low, high = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    for _ in range(20):
+        ports = free_stack_ports(HOST, nats_servers=3)
+        runs = [ports.s3, *ports.s3_internal(), *(p for s in ports.nats_servers(3)
+                                                  for p in (s.client, s.cluster, s.monitor))]
+        assert all(p < low or p > high for p in runs), (low, high, runs)
+        assert all(0 < p <= 65535 for p in runs)
+
+
 def test_up_with_auto_ports_honours_explicit_ports(tmp_path: Path) -> None:
     gateway, postgres = free_ports(HOST, 2)
     state = tmp_path / "state"
