@@ -311,11 +311,14 @@ def _run_base(length: int) -> int:
     """A random first port of `length` consecutive ports outside the ephemeral range: a port found free there
     may be taken by any process's outgoing connection before the server that was to listen on it starts (it
     happened to SeaweedFS's S3 gRPC port while the test suite's clients connected). 10000 up to the ephemeral
-    range; above it when the range starts too low to leave room below."""
+    range; above it when the range starts too low to leave room below; anywhere in 20000-49999 when it leaves
+    no room on either side."""
     low, high = _ephemeral_ports()
     if low - length > 10000 + 1000:
         return 10000 + secrets.randbelow(low - length - 10000)
-    return high + 1 + secrets.randbelow(max(1, 65535 - length - high))
+    if 65535 - length - high > 1000:
+        return high + 1 + secrets.randbelow(65535 - length - high)
+    return 20000 + secrets.randbelow(30000)
 
 
 def _free_run(host: str, length: int, *, taken: Collection[int]) -> int | None:

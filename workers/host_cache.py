@@ -127,12 +127,13 @@ class HostCache:
         if not on_disk:
             return None
         path = self.directory / sha256
+        digest = blob = None
         try:
-            stored = path.read_bytes()
+            with path.open("rb") as f:  # the digest, then the blob read straight into its own bytes
+                digest, blob = f.read(_DIGEST_BYTES), f.read()
         except FileNotFoundError:
-            stored = None
-        blob = stored[_DIGEST_BYTES:] if stored is not None else None
-        if stored is None or blob is None or hashlib.sha256(blob).digest() != stored[:_DIGEST_BYTES]:
+            pass
+        if blob is None or hashlib.sha256(blob).digest() != digest:
             logger.warning("host cache: dropping damaged or vanished disk copy of %s", sha256)
             self.drop(sha256)
             return None
