@@ -319,20 +319,14 @@ class PredictiveStager:
 
     def _candidates(self, scores: Mapping[str, float], adapters: Mapping[str, AdapterSpec], at: float,
                     tier: Tier) -> list[str]:
-        """Versions scoring at least `at` with a known size, most valuable (in `tier`) first (value as
-        `TierCosts.value` has it; the reload time is worked out once per size: thousands of versions, a few
-        sizes)."""
-        reload_s: dict[int, float] = {}
+        """Versions scoring at least `at` with a known size, most valuable (in `tier`) first (sorted on plain
+        tuples: no key function per version)."""
+        value = self.costs.value
         found: list[tuple[float, str]] = []
         for version, score in scores.items():
             spec = adapters.get(version) if score >= at and score > 0 else None
-            if spec is None or spec.bytes <= 0:
-                continue
-            nbytes = spec.bytes
-            seconds = reload_s.get(nbytes)
-            if seconds is None:
-                seconds = reload_s[nbytes] = self.costs.reload_s(nbytes, tier)
-            found.append((-(score * seconds / nbytes), version))
+            if spec is not None and spec.bytes > 0:
+                found.append((-value(score, spec.bytes, tier), version))
         found.sort()
         return [version for _, version in found]
 

@@ -315,15 +315,14 @@ class AdapterTiers:
             flight.add_done_callback(lambda _: self._flights.pop(key, None))
         return await asyncio.shield(flight)
 
+    def _download(self, sha: str) -> bytes:
+        """The verified blob from the object store, narrowed to the pool's dtype (what the host tier keeps)."""
+        return narrowed_blob(self.store.get_blob(sha), self._pool.dtype)
+
     async def _fetch(self, sha: str) -> float:
         started = time.perf_counter()
-        dtype = self._pool.dtype
-
-        def get() -> bytes:
-            return narrowed_blob(self.store.get_blob(sha), dtype)
-
         try:
-            blob = await asyncio.to_thread(get)
+            blob = await asyncio.to_thread(self._download, sha)
         except ObjectCorrupted as e:
             raise AdapterUnavailable(ErrorCode.adapter_corrupted, str(e), terminal=True) from e
         except ObjectMissing as e:
@@ -348,7 +347,7 @@ class AdapterTiers:
             await self.fetch(sha)
             blob = await asyncio.to_thread(self.cache.get, sha)
             if blob is None:  # the cache budget is smaller than the blob: take it straight from the store
-                blob = await asyncio.to_thread(self.store.get_blob, sha)
+                blob = await asyncio.to_thread(self._download, sha)
         pool = self._pool
 
         def parse() -> PendingLoad:

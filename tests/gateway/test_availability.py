@@ -9,7 +9,10 @@ import tempfile
 import time
 from typing import Any
 
+from sqlalchemy import text
+
 from gateway.bus import NatsLink
+from gateway.settings import POSTGRES_NAME
 from lorafn.stack import find_binary, free_ports
 from protocol import subjects
 from protocol.messages import SchedulerHeartbeat
@@ -133,10 +136,6 @@ async def test_a_busy_gateway_holds_no_more_postgres_connections_than_it_declare
     connections per burst and closed them again): rounds of 16 asynchronous calls, 16 reads of invocations and
     16 adapter listings at once, on a gateway with pool_size 2, never find more than postgres_connections() (4)
     of its connections open in pg_stat_activity, and every request is answered."""
-    from sqlalchemy import text
-
-    from gateway.settings import POSTGRES_NAME
-
     base = make_settings(services, object_store_settings)
     settings = base.model_copy(update={"database": base.database.model_copy(update={"pool_size": 2})})
     gw = await gateway_factory(settings=settings)

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 from typing import Any
 
 import nats
@@ -17,16 +19,24 @@ from sqlalchemy import select, text, update
 
 from protocol import subjects
 from protocol.dispatch import WorkHeaders, dispatch
-from protocol.messages import ControlReply, ControlRequest, ControlVerb, Heartbeat, Invocation, Sampling
+from protocol.messages import (
+    ControlReply,
+    ControlRequest,
+    ControlVerb,
+    Heartbeat,
+    Invocation,
+    InvocationStarted,
+    Sampling,
+)
 from protocol.streams import ensure_streams
 from scheduler.core import Command, Event, Load, Rescue, WorkerGone
 from scheduler.dispatcher import AdapterDirectory, Dispatcher
 from scheduler.leader import Change, Check, Election, LeaderElection, LeaderLock
 from scheduler.metrics import SchedulerMetrics
-from scheduler.service import SchedulerService
+from scheduler.service import STARTED_KEEP_S, SchedulerService
 from scheduler.settings import PlacementSettings, SchedulerSettings
 from storage import repo
-from storage.models import Worker
+from storage.models import InvocationStatus, Worker
 from storage.settings import DatabaseSettings
 
 pytestmark = pytest.mark.timeout(60)
@@ -377,13 +387,6 @@ async def test_starts_seen_while_following_are_written_by_the_next_leader(
     """A call that starts while this replica follows is the leader's to mark running; when the leader dies
     before writing it (the takeover's gap), this replica writes it once it leads. Starts older than
     STARTED_KEEP_S are let go while following."""
-    import time
-    from types import SimpleNamespace
-
-    from protocol.messages import InvocationStarted
-    from scheduler.service import STARTED_KEEP_S
-    from storage.models import InvocationStatus
-
     service = SchedulerService(SchedulerSettings(database=database_settings))
     service.sessions = sessions
     election = FixedElection()
